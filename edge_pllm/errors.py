@@ -1,0 +1,124 @@
+"""Typed errors. Every error carries the facts as fields and a plain sentence as its message.
+
+Callers (the CLI, the server) map these by type, never by message text.
+"""
+
+from __future__ import annotations
+
+
+class EdgePLLMError(Exception):
+    """Base class of every error edge-pllm raises on purpose."""
+
+
+class InvalidInputError(EdgePLLMError, ValueError):
+    """Input that cannot be stored or used as given (empty text, bad bytes, too large, ...)."""
+
+    def __init__(self, message: str, *, field: str | None = None, index: int | None = None):
+        self.field = field
+        self.index = index
+        where = f" (item {index})" if index is not None else ""
+        super().__init__(message + where)
+
+
+class UnknownUserError(EdgePLLMError, LookupError):
+    """The named user has no history in this store."""
+
+    def __init__(self, user: str):
+        self.user = user
+        super().__init__(
+            f"No user named {user!r} in this store; add history first with "
+            f"`edge-pllm add {user} TEXT`."
+        )
+
+
+class ItemNotFoundError(EdgePLLMError, LookupError):
+    """A history item id that does not exist (or belongs to another user)."""
+
+    def __init__(self, item_id: int, user: str | None = None):
+        self.item_id = item_id
+        self.user = user
+        owner = f" for user {user!r}" if user else ""
+        super().__init__(f"No history item with id {item_id}{owner}.")
+
+
+class ExtensionLoadingError(EdgePLLMError, RuntimeError):
+    """No SQLite reachable from this Python can load the sqlite-vec extension."""
+
+    def __init__(self, detail: str):
+        self.detail = detail
+        super().__init__(
+            "This Python's sqlite3 cannot load extensions, so sqlite-vec is unavailable "
+            f"({detail}); install a SQLite that can: `pip install pysqlite3-binary` on Linux, "
+            "or use a Python built with loadable-extension support (python.org or Homebrew builds)."
+        )
+
+
+class StoreMismatchError(EdgePLLMError, RuntimeError):
+    """The database was made for embeddings of another width than the embedder gives."""
+
+    def __init__(self, path: str, stored_dim: int, wanted_dim: int):
+        self.path = path
+        self.stored_dim = stored_dim
+        self.wanted_dim = wanted_dim
+        super().__init__(
+            f"The history database {path} holds {stored_dim}-dim embeddings but the embedder "
+            f"makes {wanted_dim}-dim ones; use the bundle it was made with, or start a new "
+            "database with --home."
+        )
+
+
+class BundleError(EdgePLLMError, RuntimeError):
+    """A model bundle that is missing, incomplete, tampered with or inconsistent."""
+
+    def __init__(self, message: str, *, bundle: str | None = None, file: str | None = None):
+        self.bundle = bundle
+        self.file = file
+        super().__init__(message)
+
+
+class MissingDependencyError(EdgePLLMError, ImportError):
+    """An optional dependency that this action needs is not installed."""
+
+    def __init__(self, package: str, extra: str, purpose: str):
+        self.package = package
+        self.extra = extra
+        super().__init__(
+            f"{purpose} needs {package}, which is not installed; "
+            f"run `pip install 'edge-pllm[{extra}]'`."
+        )
+
+
+class ContextOverflowError(EdgePLLMError, ValueError):
+    """The prompt (plus the tokens asked for) does not fit the model's context window."""
+
+    def __init__(self, *, prompt_tokens: int, max_tokens: int, n_ctx: int, soft_tokens: int = 0):
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.n_ctx = n_ctx
+        self.soft_tokens = soft_tokens
+        super().__init__(
+            f"The prompt needs {prompt_tokens} tokens ({soft_tokens} of them soft) plus "
+            f"{max_tokens} to generate, but the context holds {n_ctx}; shorten the prompt, "
+            "lower max_tokens, or raise n_ctx."
+        )
+
+
+class SoftTokenShapeError(EdgePLLMError, ValueError):
+    """Soft-token embeddings whose shape does not match the model."""
+
+    def __init__(self, shape: tuple[int, ...], n_embd: int):
+        self.shape = shape
+        self.n_embd = n_embd
+        super().__init__(
+            f"Soft tokens must be a 2-D float array of shape (k, {n_embd}) for this model; "
+            f"got shape {shape}."
+        )
+
+
+class UnknownStrategyError(EdgePLLMError, ValueError):
+    """A strategy name that is not registered."""
+
+    def __init__(self, name: str, known: list[str]):
+        self.name = name
+        self.known = known
+        super().__init__(f"Unknown strategy {name!r}; choose one of: {', '.join(known)}.")

@@ -1,0 +1,305 @@
+"""A thin wrapper over llama-cpp-python: chat template, generation, and soft-token prefixes.
+
+Soft tokens are fed the way llama.cpp's multimodal paths do it: a `llama_batch` whose `embd`
+array is filled instead of `token`, decoded at the positions that follow the KV cache.
+Then `Llama.n_tokens` and `Llama.input_ids` are advanced over placeholder ids, so that
+`Llama.generate` (which prefix-matches the prompt against `input_ids`) keeps the soft
+prefix in the cache instead of silently evaluating the prompt without it.
+
+Every call starts from an empty KV cache: a cached prefix from a previous call may carry
+another user's soft tokens, so it is never reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BundleError, ContextOverflowError, EdgePLLMError, SoftTokenShapeError
+
+# Architectures whose input embeddings llama.cpp multiplies by sqrt(n_embd) for tokens
+# but not for embeddings passed in a batch: the caller must apply the scale.
+_SCALED_INPUT_ARCHS = {"gemma", "gemma2", "gemma3", "gemma3n"}
+_PLACEHOLDER_ID = 0
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """How to load the model. n_threads=None lets llama.cpp pick."""
+
+    n_ctx: int = 2048
+    n_batch: int = 512
+    n_threads: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample. temperature 0 is greedy and deterministic."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 0.95
+    top_k: int = 40
+    repeat_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Completion:
+    """A finished generation and what it cost."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    soft_tokens: int
+    completion_tokens: int
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.completion_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+class LLMError(EdgePLLMError, RuntimeError):
+    """llama.cpp refused an operation."""
+
+    def __init__(self, message: str, *, code: int | None = None):
+        self.code = code
+        super().__init__(message)
+
+
+class LLM:
+    """A GGUF model loaded in llama.cpp, with soft-token prefix support."""
+
+    def __init__(self, model_path: str | Path, config: LLMConfig | None = None):
+        import llama_cpp  # imported here: loading the shared library is not free
+
+        self._lc = llama_cpp
+        self.config = config or LLMConfig()
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            raise BundleError(f"The model file {self.path} does not exist.", file=str(self.path))
+        try:
+            with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+                self._llama = llama_cpp.Llama(
+                    model_path=str(self.path),
+                    n_ctx=self.config.n_ctx,
+                    n_batch=self.config.n_batch,
+                    n_ubatch=self.config.n_batch,
+                    n_threads=self.config.n_threads,
+                    seed=self.config.seed,
+                    verbose=False,
+                )
+        except ValueError as exc:
+            raise BundleError(
+                f"llama.cpp could not load {self.path} ({exc}); the file may be corrupt or of "
+                "an unsupported architecture.",
+                file=str(self.path),
+            ) from exc
+        meta = self._llama.metadata
+        self.architecture: str = meta.get("general.architecture", "unknown")
+        self.chat_template: str | None = meta.get("tokenizer.chat_template")
+        self.n_embd: int = self._llama.n_embd()
+        self.n_ctx: int = self._llama.n_ctx()
+        self.embed_scale: float = (
+            math.sqrt(self.n_embd) if self.architecture in _SCALED_INPUT_ARCHS else 1.0
+        )
+        self._formatter = None
+        if self.chat_template:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            model = self._llama._model
+            eos, bos = self._llama.token_eos(), self._llama.token_bos()
+            self._formatter = Jinja2ChatFormatter(
+                template=self.chat_template,
+                eos_token=model.token_get_text(eos) if eos != -1 else "",
+                bos_token=model.token_get_text(bos) if bos != -1 else "",
+                stop_token_ids=[eos] if eos != -1 else None,
+            )
+
+    @property
+    def llama(self) -> Any:
+        """The underlying llama_cpp.Llama (for benchmarks and tests)."""
+        return self._llama
+
+    # --- text <-> tokens ----------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
+        """Render `messages` with the GGUF's own chat template, ending with the assistant turn."""
+        if self._formatter is None:
+            # A base model without a template: plain completion of the last message.
+            return "\n\n".join(m["content"] for m in messages)
+        return self._formatter(messages=list(messages)).prompt
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids for `text`, with BOS when the model wants one (never twice)."""
+        llama = self._llama
+        ids = llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        bos = llama.token_bos()
+        if llama._model.add_bos_token() and bos != -1 and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        return ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._llama.detokenize(list(ids)).decode("utf-8", errors="replace")
+
+    # --- soft tokens --------------------------------------------------------------------------
+
+    def _check_soft(self, soft: np.ndarray | None) -> np.ndarray | None:
+        if soft is None:
+            return None
+        arr = np.asarray(soft)
+        if arr.ndim != 2 or arr.shape[1] != self.n_embd or arr.shape[0] == 0:
+            raise SoftTokenShapeError(tuple(arr.shape), self.n_embd)
+        if not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all():
+            raise SoftTokenShapeError(tuple(arr.shape), self.n_embd)
+        return np.ascontiguousarray(arr, dtype=np.float32) * np.float32(self.embed_scale)
+
+    def _decode_embeddings(self, rows: np.ndarray, want_logits: bool = False) -> None:
+        """Decode embedding rows at the positions after the KV cache, in n_batch chunks."""
+        lc, llama = self._lc, self._llama
+        n_past = llama.n_tokens
+        llama._ctx.kv_cache_seq_rm(-1, n_past, -1)
+        n_batch = self.config.n_batch
+        for start in range(0, len(rows), n_batch):
+            chunk = np.ascontiguousarray(rows[start : start + n_batch])
+            batch = lc.llama_batch_init(len(chunk), self.n_embd, 1)
+            try:
+                ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
+                for i in range(len(chunk)):
+                    batch.pos[i] = n_past + start + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = want_logits and start + i == len(rows) - 1
+                batch.n_tokens = len(chunk)
+                code = lc.llama_decode(llama.ctx, batch)
+            finally:
+                lc.llama_batch_free(batch)
+            if code != 0:
+                raise LLMError(f"llama_decode failed on soft tokens (code {code}).", code=code)
+        # Advance llama-cpp-python's bookkeeping over placeholders so eval() keeps them.
+        llama.input_ids[n_past : n_past + len(rows)] = _PLACEHOLDER_ID
+        llama.n_tokens = n_past + len(rows)
+
+    def _layout(self, ids: list[int], soft: np.ndarray | None) -> tuple[list[int], int]:
+        """Where soft tokens go: after a leading BOS, else first. Returns (head ids, k)."""
+        if soft is None:
+            return [], 0
+        bos = self._llama.token_bos()
+        adds_bos = self._llama._model.add_bos_token()
+        head = ids[:1] if adds_bos and ids and bos != -1 and ids[0] == bos else []
+        return head, len(soft)
+
+    def _prefill_soft(self, ids: list[int], soft: np.ndarray | None) -> list[int]:
+        """Reset, decode [head ids][soft rows]; return the full token list for generate()."""
+        self._llama.reset()
+        head, k = self._layout(ids, soft)
+        if k == 0:
+            return ids
+        if head:
+            self._llama.eval(head)
+        self._decode_embeddings(soft)  # type: ignore[arg-type]
+        return [*head, *([_PLACEHOLDER_ID] * k), *ids[len(head) :]]
+
+    def next_token_logits(self, ids: Sequence[int], soft: np.ndarray | None = None) -> np.ndarray:
+        """Logits for the token after [head][soft][rest of ids] (soft placed as in generation)."""
+        ids = list(ids)
+        soft = self._check_soft(soft)
+        tokens = self._prefill_soft(ids, soft)
+        self._check_fits(len(tokens), 0, 0 if soft is None else len(soft))
+        rest = tokens[self._llama.n_tokens :]
+        if rest:
+            self._llama.eval(rest)
+        ptr = self._lc.llama_get_logits_ith(self._llama.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self._llama.n_vocab(),)).copy()
+
+    def logits_for_embeddings(self, rows: np.ndarray) -> np.ndarray:
+        """Logits after feeding raw input-embedding rows (no scale applied): parity checks."""
+        self._llama.reset()
+        self._decode_embeddings(np.ascontiguousarray(rows, dtype=np.float32), want_logits=True)
+        ptr = self._lc.llama_get_logits_ith(self._llama.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self._llama.n_vocab(),)).copy()
+
+    # --- generation ---------------------------------------------------------------------------
+
+    def _check_fits(self, n_prompt: int, max_tokens: int, n_soft: int) -> None:
+        if n_prompt + max_tokens > self.n_ctx:
+            raise ContextOverflowError(
+                prompt_tokens=n_prompt, max_tokens=max_tokens, n_ctx=self.n_ctx, soft_tokens=n_soft
+            )
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text))
+
+    def _start(
+        self, prompt: str, soft: np.ndarray | None, sampling: SamplingConfig, stream: bool
+    ) -> tuple[Any, int, int]:
+        soft = self._check_soft(soft)
+        ids = self.tokenize(prompt)
+        n_soft = 0 if soft is None else len(soft)
+        self._check_fits(len(ids) + n_soft, sampling.max_tokens, n_soft)
+        tokens = self._prefill_soft(ids, soft)
+        result = self._llama.create_completion(
+            prompt=tokens,
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            repeat_penalty=sampling.repeat_penalty,
+            stop=list(sampling.stop) or None,
+            stream=stream,
+            seed=self.config.seed,
+        )
+        return result, len(tokens), n_soft
+
+    def stream(
+        self, prompt: str, soft: np.ndarray | None = None, sampling: SamplingConfig | None = None
+    ) -> Iterator[str]:
+        """Yield the completion of `prompt` (already templated) piece by piece."""
+        chunks, _, _ = self._start(prompt, soft, sampling or SamplingConfig(), stream=True)
+        for chunk in chunks:
+            text = chunk["choices"][0]["text"]
+            if text:
+                yield text
+
+    def complete(
+        self, prompt: str, soft: np.ndarray | None = None, sampling: SamplingConfig | None = None
+    ) -> Completion:
+        """Complete `prompt` (already templated), optionally after soft tokens."""
+        sampling = sampling or SamplingConfig()
+        started = time.perf_counter()
+        chunks, n_prompt, n_soft = self._start(prompt, soft, sampling, stream=True)
+        pieces: list[str] = []
+        first_at = None
+        finish = "stop"
+        for chunk in chunks:
+            choice = chunk["choices"][0]
+            if first_at is None:
+                first_at = time.perf_counter()
+            pieces.append(choice["text"])
+            finish = choice.get("finish_reason") or finish
+        ended = time.perf_counter()
+        # Every sampled token but the last is evaluated into the cache.
+        n_out = max(0, self._llama.n_tokens - n_prompt + 1)
+        first_at = first_at or ended
+        return Completion(
+            text="".join(pieces),
+            finish_reason=finish,
+            prompt_tokens=n_prompt,
+            soft_tokens=n_soft,
+            completion_tokens=n_out,
+            prefill_seconds=first_at - started,
+            decode_seconds=ended - first_at,
+        )

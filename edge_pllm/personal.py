@@ -1,0 +1,186 @@
+"""`PersonalLLM`: the one class most callers need.
+
+from edge_pllm import PersonalLLM
+pllm = PersonalLLM()                       # default bundle, default home
+pllm.add("alice", ["...", "..."])          # history, embedded once at insert
+print(pllm.generate("alice", "...").text)  # personalized by retrieval (rag)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import paths
+from .bundle import Bundle, load_bundle
+from .defaults import ensure_default_bundle
+from .embedder import Embedder
+from .items import NewItem, validate_items, validate_user
+from .llm import LLM, Completion, LLMConfig, SamplingConfig
+from .prompts import fit_prompt
+from .store import HistoryStore
+from .strategies import Personalization, Request, Strategy, get_strategy
+
+DEFAULT_STRATEGY = "rag"
+
+
+@dataclass
+class Response:
+    """A personalized generation: the text, and what personalized it."""
+
+    text: str
+    user: str
+    strategy: str
+    context_ids: list[int] = field(default_factory=list)
+    dropped_context: int = 0
+    soft_tokens: int = 0
+    completion: Completion | None = None
+
+
+@dataclass
+class Prepared:
+    """A prompt ready to generate from (templated text plus optional soft tokens)."""
+
+    prompt: str
+    personalization: Personalization
+    strategy: str
+    dropped_context: int
+
+
+class PersonalLLM:
+    """A frozen local LLM personalized by each user's on-device history."""
+
+    def __init__(
+        self,
+        bundle: str | Path | None = None,
+        *,
+        home: str | Path | None = None,
+        llm_config: LLMConfig | None = None,
+        system_prompt: str | None = None,
+    ):
+        self.home = paths.home(home)
+        bundle_path = Path(bundle) if bundle is not None else ensure_default_bundle(self.home)
+        self.bundle: Bundle = load_bundle(bundle_path)
+        spec = self.bundle.embedder
+        self.embedder = Embedder(
+            self.bundle.file(spec.file), self.bundle.file(spec.tokenizer), spec.config
+        )
+        self.store = HistoryStore(paths.database_path(self.home), spec.config.dim)
+        self.llm_config = llm_config or LLMConfig()
+        self.system_prompt = system_prompt
+        self._llm: LLM | None = None
+        self._llm_lock = threading.RLock()
+
+    @property
+    def llm(self) -> LLM:
+        """The language model, loaded on first use (adding history does not need it)."""
+        with self._llm_lock:
+            if self._llm is None:
+                self._llm = LLM(self.bundle.file(self.bundle.llm.file), self.llm_config)
+            return self._llm
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> PersonalLLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- history ------------------------------------------------------------------------------
+
+    def add(
+        self,
+        user: str,
+        items: str | NewItem | dict[str, Any] | Sequence[str | NewItem | dict[str, Any]],
+        progress: Callable[[int], None] | None = None,
+    ) -> list[int]:
+        """Add history for `user`, embedding it once; all items land, or none do."""
+        if isinstance(items, str | bytes | NewItem | dict):
+            items = [items]  # type: ignore[list-item]
+        user = validate_user(user)
+        checked = validate_items(items)
+        vectors = self.embedder.embed([i.text for i in checked], progress=progress)
+        return self.store.add(user, checked, vectors)
+
+    # --- generation ---------------------------------------------------------------------------
+
+    def prepare(
+        self,
+        user: str,
+        prompt: str,
+        strategy: str | Strategy = DEFAULT_STRATEGY,
+        sampling: SamplingConfig | None = None,
+    ) -> Prepared:
+        """Personalize `prompt` for `user`: the templated text and soft tokens to generate from."""
+        user = validate_user(user)
+        query = validate_items([prompt])[0].text
+        chosen = get_strategy(strategy)
+        sampling = sampling or SamplingConfig()
+        found = chosen.personalize(Request(user, query, self.store, self.embedder))
+        llm = self.llm
+        n_soft = 0 if found.soft_tokens is None else len(found.soft_tokens)
+        text, kept = fit_prompt(
+            query,
+            found.context,
+            render=llm.apply_chat_template,
+            count_tokens=llm.count_tokens,
+            budget=llm.n_ctx - sampling.max_tokens - n_soft,
+            n_ctx=llm.n_ctx,
+            max_tokens=sampling.max_tokens,
+            soft_tokens=n_soft,
+            system=self.system_prompt,
+        )
+        dropped = len(found.context) - len(kept)
+        found.context = kept
+        return Prepared(text, found, chosen.name, dropped)
+
+    def generate(
+        self,
+        user: str,
+        prompt: str,
+        *,
+        strategy: str | Strategy = DEFAULT_STRATEGY,
+        sampling: SamplingConfig | None = None,
+    ) -> Response:
+        """Generate an answer to `prompt` personalized by `user`'s history."""
+        sampling = sampling or SamplingConfig()
+        with self._llm_lock:
+            prepared = self.prepare(user, prompt, strategy, sampling)
+            completion = self.llm.complete(
+                prepared.prompt, prepared.personalization.soft_tokens, sampling
+            )
+        return self._response(user, prepared, completion)
+
+    def stream(
+        self,
+        user: str,
+        prompt: str,
+        *,
+        strategy: str | Strategy = DEFAULT_STRATEGY,
+        sampling: SamplingConfig | None = None,
+    ) -> Iterator[str]:
+        """Like `generate`, yielding text as it is produced."""
+        sampling = sampling or SamplingConfig()
+        with self._llm_lock:
+            prepared = self.prepare(user, prompt, strategy, sampling)
+            yield from self.llm.stream(
+                prepared.prompt, prepared.personalization.soft_tokens, sampling
+            )
+
+    @staticmethod
+    def _response(user: str, prepared: Prepared, completion: Completion) -> Response:
+        found = prepared.personalization
+        return Response(
+            text=completion.text,
+            user=user,
+            strategy=prepared.strategy,
+            context_ids=[i.id for i in found.context],
+            dropped_context=prepared.dropped_context,
+            soft_tokens=0 if found.soft_tokens is None else len(found.soft_tokens),
+            completion=completion,
+        )

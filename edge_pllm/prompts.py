@@ -1,0 +1,71 @@
+"""Prompt construction, in one place for every strategy: strategies only choose what
+personalization goes in (history items, soft tokens); this module decides how it is shown.
+
+History shown in the prompt is cut to fit the context: whole items are dropped from the
+end of the strategy's list (the least relevant or oldest), never the user's own request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from .errors import ContextOverflowError
+from .items import HistoryItem
+
+MAX_ITEM_CHARS_IN_PROMPT = 1_000
+HISTORY_HEADER = "Earlier writing by this user, for context and style:"
+
+
+def render_item(item: HistoryItem) -> str:
+    text = item.text.strip()
+    if len(text) > MAX_ITEM_CHARS_IN_PROMPT:
+        text = text[:MAX_ITEM_CHARS_IN_PROMPT].rstrip() + " …"
+    return text
+
+
+def user_message(query: str, context: Sequence[HistoryItem]) -> str:
+    if not context:
+        return query
+    shown = "\n\n".join(f"[{i}] {render_item(item)}" for i, item in enumerate(context, 1))
+    return f"{HISTORY_HEADER}\n\n{shown}\n\n---\n\n{query}"
+
+
+def build_messages(
+    query: str, context: Sequence[HistoryItem], system: str | None = None
+) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": user_message(query, context)})
+    return messages
+
+
+def fit_prompt(
+    query: str,
+    context: Sequence[HistoryItem],
+    *,
+    render: Callable[[list[dict[str, str]]], str],
+    count_tokens: Callable[[str], int],
+    budget: int,
+    n_ctx: int,
+    max_tokens: int,
+    soft_tokens: int = 0,
+    system: str | None = None,
+) -> tuple[str, list[HistoryItem]]:
+    """The templated prompt with as much of `context` as fits in `budget` tokens.
+
+    Returns the prompt and the items kept. Raises ContextOverflowError when even the
+    bare request does not fit.
+    """
+    kept = list(context)
+    while True:
+        prompt = render(build_messages(query, kept, system))
+        n = count_tokens(prompt)
+        if n <= budget:
+            return prompt, kept
+        if not kept:
+            raise ContextOverflowError(
+                prompt_tokens=n + soft_tokens,
+                max_tokens=max_tokens,
+                n_ctx=n_ctx,
+                soft_tokens=soft_tokens,
+            )
+        kept.pop()

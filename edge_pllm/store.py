@@ -1,0 +1,311 @@
+"""The history store: users, their history items and the items' embeddings, in one SQLite file.
+
+Embeddings live in a sqlite-vec `vec0` table whose partition key is the user, so a KNN
+search is always restricted to one user's vectors. An item's row and its vector are
+written in the same transaction and deleted together.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import db
+from .errors import InvalidInputError, StoreMismatchError, UnknownUserError
+from .items import HistoryItem, NewItem, content_hash, now_iso, validate_items, validate_user
+
+_ITEM_COLUMNS = (
+    "h.id, u.name, h.kind, h.text, h.created_at, h.written_at, h.metadata, h.content_hash"
+)
+
+
+@dataclass(frozen=True)
+class UserInfo:
+    """A user and the extent of their history."""
+
+    name: str
+    items: int
+    first: str | None
+    last: str | None
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """A history item found by vector search, with its cosine distance to the query."""
+
+    item: HistoryItem
+    distance: float
+
+
+def _row_to_item(row: Sequence[Any]) -> HistoryItem:
+    return HistoryItem(
+        id=row[0],
+        user=row[1],
+        kind=row[2],
+        text=row[3],
+        created_at=row[4],
+        written_at=row[5],
+        metadata=json.loads(row[6]),
+        content_hash=row[7],
+    )
+
+
+class HistoryStore:
+    """Per-user history with embeddings. Safe to share between threads (one lock per store)."""
+
+    def __init__(self, path: str | Path, dim: int):
+        self.path = str(path)
+        self.dim = int(dim)
+        self._lock = threading.RLock()
+        self._conn = db.connect(self.path)
+        try:
+            db.migrate(self._conn, {"dim": self.dim})
+            stored = int(self._meta("embedding_dim"))
+            if stored != self.dim:
+                raise StoreMismatchError(self.path, stored, self.dim)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    def _meta(self, key: str) -> str:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0]
+
+    @property
+    def driver(self) -> str:
+        """Which DB-API module is in use (sqlite3 or pysqlite3)."""
+        return db.driver_name(self._conn)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> HistoryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _user_id(self, user: str) -> int:
+        row = self._conn.execute("SELECT id FROM users WHERE name = ?", (user,)).fetchone()
+        if row is None:
+            raise UnknownUserError(user)
+        return row[0]
+
+    def _check_vectors(self, vectors: np.ndarray, n: int) -> np.ndarray:
+        arr = np.asarray(vectors, dtype=np.float32)
+        if arr.shape != (n, self.dim):
+            raise InvalidInputError(
+                f"Expected {n} vectors of width {self.dim}, got an array of shape {arr.shape}.",
+                field="vectors",
+            )
+        if not np.isfinite(arr).all():
+            raise InvalidInputError("Vectors contain NaN or infinity.", field="vectors")
+        return np.ascontiguousarray(arr)
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def add(
+        self, user: str, items: Sequence[NewItem | str | dict[str, Any]], vectors: np.ndarray
+    ) -> list[int]:
+        """Add items with their embeddings in one transaction; return their ids.
+
+        An item already stored for this user (same kind and text) is not stored twice: its
+        existing id is returned. If any item is invalid nothing is written.
+        """
+        user = validate_user(user)
+        checked = validate_items(items)
+        arr = self._check_vectors(vectors, len(checked))
+        written = now_iso()
+        ids: list[int] = []
+        with self._lock, db.transaction(self._conn) as conn:
+            row = conn.execute("SELECT id FROM users WHERE name = ?", (user,)).fetchone()
+            if row is None:
+                uid = conn.execute(
+                    "INSERT INTO users (name, created_at) VALUES (?, ?)", (user, written)
+                ).lastrowid
+            else:
+                uid = row[0]
+            for item, vec in zip(checked, arr, strict=True):
+                digest = content_hash(item.kind, item.text)
+                existing = conn.execute(
+                    "SELECT id FROM history WHERE user_id = ? AND kind = ? AND content_hash = ?",
+                    (uid, item.kind, digest),
+                ).fetchone()
+                if existing is not None:
+                    ids.append(existing[0])
+                    continue
+                item_id = conn.execute(
+                    "INSERT INTO history (user_id, kind, text, metadata, content_hash, created_at,"
+                    " written_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        uid,
+                        item.kind,
+                        item.text,
+                        json.dumps(item.metadata, ensure_ascii=False),
+                        digest,
+                        item.created_at or written,
+                        written,
+                    ),
+                ).lastrowid
+                conn.execute(
+                    "INSERT INTO history_vec (rowid, user_id, embedding) VALUES (?, ?, ?)",
+                    (item_id, uid, vec.tobytes()),
+                )
+                ids.append(item_id)
+        return ids
+
+    def delete(self, user: str, ids: Sequence[int]) -> int:
+        """Delete the given items of `user` (text and vector); return how many were deleted."""
+        with self._lock, db.transaction(self._conn) as conn:
+            uid = self._user_id(user)
+            deleted = 0
+            for item_id in ids:
+                cur = conn.execute(
+                    "DELETE FROM history WHERE id = ? AND user_id = ?", (int(item_id), uid)
+                )
+                if cur.rowcount:
+                    conn.execute("DELETE FROM history_vec WHERE rowid = ?", (int(item_id),))
+                    deleted += 1
+        return deleted
+
+    def forget(self, user: str) -> int:
+        """Remove a user with all their items and vectors; return how many items went."""
+        with self._lock, db.transaction(self._conn) as conn:
+            uid = self._user_id(user)
+            ids = [r[0] for r in conn.execute("SELECT id FROM history WHERE user_id = ?", (uid,))]
+            for item_id in ids:
+                conn.execute("DELETE FROM history_vec WHERE rowid = ?", (item_id,))
+            conn.execute("DELETE FROM history WHERE user_id = ?", (uid,))
+            conn.execute("DELETE FROM users WHERE id = ?", (uid,))
+        return len(ids)
+
+    def backup(self, dest: str | Path) -> Path:
+        """Write a consistent copy of the whole database to `dest` (VACUUM INTO)."""
+        dest = Path(dest)
+        if dest.exists():
+            raise InvalidInputError(f"{dest} already exists; choose a new file name.", field="dest")
+        with self._lock:
+            self._conn.execute("VACUUM INTO ?", (str(dest),))
+        return dest
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def has_user(self, user: str) -> bool:
+        row = self._conn.execute("SELECT 1 FROM users WHERE name = ?", (user,)).fetchone()
+        return row is not None
+
+    def users(self) -> list[UserInfo]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT u.name, COUNT(h.id), MIN(h.created_at), MAX(h.created_at) FROM users u"
+                " LEFT JOIN history h ON h.user_id = u.id GROUP BY u.id ORDER BY u.name"
+            ).fetchall()
+        return [UserInfo(*row) for row in rows]
+
+    def count(self, user: str | None = None) -> int:
+        with self._lock:
+            if user is None:
+                return self._conn.execute("SELECT COUNT(*) FROM history").fetchone()[0]
+            return self._conn.execute(
+                "SELECT COUNT(*) FROM history WHERE user_id = ?", (self._user_id(user),)
+            ).fetchone()[0]
+
+    def vector_count(self, user: str | None = None) -> int:
+        """How many vectors are stored (for one user, or all): equals count() when consistent."""
+        with self._lock:
+            if user is None:
+                return self._conn.execute("SELECT COUNT(*) FROM history_vec").fetchone()[0]
+            row = self._conn.execute("SELECT id FROM users WHERE name = ?", (user,)).fetchone()
+            if row is None:
+                return 0
+            return self._conn.execute(
+                "SELECT COUNT(*) FROM history_vec WHERE user_id = ?", (row[0],)
+            ).fetchone()[0]
+
+    def items(
+        self, user: str, *, limit: int | None = None, offset: int = 0, newest_first: bool = True
+    ) -> list[HistoryItem]:
+        """A user's items ordered by creation time."""
+        order = "DESC" if newest_first else "ASC"
+        with self._lock:
+            uid = self._user_id(user)
+            rows = self._conn.execute(
+                f"SELECT {_ITEM_COLUMNS} FROM history h JOIN users u ON u.id = h.user_id"
+                f" WHERE h.user_id = ? ORDER BY h.created_at {order}, h.id {order}"
+                " LIMIT ? OFFSET ?",
+                (uid, -1 if limit is None else int(limit), int(offset)),
+            ).fetchall()
+        return [_row_to_item(r) for r in rows]
+
+    def iter_items(self, user: str, batch: int = 1000) -> Iterator[HistoryItem]:
+        """All of a user's items, oldest first, read in batches."""
+        offset = 0
+        while True:
+            chunk = self.items(user, limit=batch, offset=offset, newest_first=False)
+            yield from chunk
+            if len(chunk) < batch:
+                return
+            offset += batch
+
+    def search(self, user: str, query: np.ndarray, k: int) -> list[SearchHit]:
+        """The `k` items of `user` nearest to `query` (cosine), nearest first."""
+        vec = self._check_vectors(np.asarray(query, dtype=np.float32).reshape(1, -1), 1)[0]
+        if k < 1:
+            raise InvalidInputError("k must be at least 1.", field="k")
+        with self._lock:
+            uid = self._user_id(user)
+            hits = self._conn.execute(
+                "SELECT rowid, distance FROM history_vec"
+                " WHERE embedding MATCH ? AND k = ? AND user_id = ? ORDER BY distance",
+                (vec.tobytes(), int(k), uid),
+            ).fetchall()
+            if not hits:
+                return []
+            marks = ",".join("?" * len(hits))
+            rows = self._conn.execute(
+                f"SELECT {_ITEM_COLUMNS} FROM history h JOIN users u ON u.id = h.user_id"
+                f" WHERE h.id IN ({marks}) AND h.user_id = ?",
+                (*[h[0] for h in hits], uid),
+            ).fetchall()
+        by_id = {r[0]: _row_to_item(r) for r in rows}
+        return [SearchHit(by_id[i], float(d)) for i, d in hits if i in by_id]
+
+    def vectors(self, user: str, limit: int | None = 512) -> tuple[list[int], np.ndarray]:
+        """The user's newest `limit` item ids and embeddings (oldest first), for aggregation."""
+        with self._lock:
+            uid = self._user_id(user)
+            rows = self._conn.execute(
+                "SELECT h.id, v.embedding FROM history h JOIN history_vec v ON v.rowid = h.id"
+                " WHERE h.user_id = ? AND v.user_id = ? ORDER BY h.created_at DESC, h.id DESC"
+                " LIMIT ?",
+                (uid, uid, -1 if limit is None else int(limit)),
+            ).fetchall()
+        rows.reverse()
+        if not rows:
+            return [], np.zeros((0, self.dim), dtype=np.float32)
+        matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
+        return [r[0] for r in rows], matrix.reshape(len(rows), self.dim).copy()
+
+    def integrity(self) -> dict[str, int | str]:
+        """Counts that must agree, and SQLite's own integrity check."""
+        with self._lock:
+            check = self._conn.execute("PRAGMA integrity_check").fetchone()[0]
+            orphans = self._conn.execute(
+                "SELECT COUNT(*) FROM history h WHERE NOT EXISTS"
+                " (SELECT 1 FROM history_vec v WHERE v.rowid = h.id)"
+            ).fetchone()[0]
+        return {
+            "integrity_check": check,
+            "items": self.count(),
+            "vectors": self.vector_count(),
+            "items_without_vector": orphans,
+        }

@@ -1,0 +1,126 @@
+"""Personalization strategies behind one seam.
+
+A strategy looks at the user's stored history and returns a `Personalization`: history
+items to show in the prompt and/or soft-token embeddings to put in front of it. How those
+are turned into a prompt is `prompts.py`'s job, so strategies differ only in what they add.
+
+Strategies are named by a spec string: `none`, `recent`, `recent:5`, `rag`, `rag:3`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from .embedder import Embedder
+from .errors import InvalidInputError, UnknownStrategyError, UnknownUserError
+from .items import HistoryItem
+from .store import HistoryStore
+
+DEFAULT_K = 3
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a strategy gets to work with: one user, one query, and that user's store."""
+
+    user: str
+    query: str
+    store: HistoryStore
+    embedder: Embedder
+
+
+@dataclass
+class Personalization:
+    """What a strategy adds: history items for the prompt, soft tokens, and notes for logs."""
+
+    context: list[HistoryItem] = field(default_factory=list)
+    soft_tokens: np.ndarray | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Strategy(Protocol):
+    name: str
+
+    def personalize(self, request: Request) -> Personalization: ...
+
+
+def _require_user(request: Request) -> None:
+    if not request.store.has_user(request.user):
+        raise UnknownUserError(request.user)
+
+
+@dataclass(frozen=True)
+class NoPersonalization:
+    """The plain prompt: the baseline every other strategy is measured against."""
+
+    name: str = "none"
+
+    def personalize(self, request: Request) -> Personalization:
+        return Personalization()
+
+
+@dataclass(frozen=True)
+class Recent:
+    """The user's k most recent history items, newest first, in the prompt."""
+
+    k: int = DEFAULT_K
+    name: str = "recent"
+
+    def personalize(self, request: Request) -> Personalization:
+        _require_user(request)
+        items = request.store.items(request.user, limit=self.k)
+        return Personalization(context=items, info={"item_ids": [i.id for i in items]})
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """The k history items most similar to the query (cosine, within the user), in the prompt."""
+
+    k: int = DEFAULT_K
+    name: str = "rag"
+
+    def personalize(self, request: Request) -> Personalization:
+        _require_user(request)
+        query_vec = request.embedder.embed_one(request.query)
+        hits = request.store.search(request.user, query_vec, self.k)
+        return Personalization(
+            context=[h.item for h in hits],
+            info={"item_ids": [h.item.id for h in hits], "distances": [h.distance for h in hits]},
+        )
+
+
+StrategyFactory = Callable[[int | None], Strategy]
+
+REGISTRY: dict[str, StrategyFactory] = {
+    "none": lambda k: NoPersonalization(),
+    "recent": lambda k: Recent(k=k or DEFAULT_K),
+    "rag": lambda k: Retrieval(k=k or DEFAULT_K),
+}
+
+
+def register(name: str, factory: StrategyFactory) -> None:
+    """Make a strategy available by name (e.g. `plug`)."""
+    REGISTRY[name] = factory
+
+
+def get_strategy(spec: str | Strategy, k: int | None = None) -> Strategy:
+    """Resolve `spec` ("rag", "rag:5", or a Strategy object) to a strategy."""
+    if not isinstance(spec, str):
+        return spec
+    name, _, k_text = spec.strip().partition(":")
+    if name not in REGISTRY:
+        raise UnknownStrategyError(name, sorted(REGISTRY))
+    if k_text:
+        try:
+            k = int(k_text)
+        except ValueError:
+            raise InvalidInputError(
+                f"In strategy {spec!r}, k must be an integer.", field="strategy"
+            ) from None
+    if k is not None and k < 1:
+        raise InvalidInputError(f"k must be at least 1 (got {k}).", field="k")
+    return REGISTRY[name](k)

@@ -1,0 +1,166 @@
+"""Assemble a bundle folder (LLM GGUF + ONNX embedder + manifest) atomically.
+
+The bundle is built in a temporary folder beside the destination and renamed into place
+only when complete, so an interrupted build never leaves a half bundle under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from edge_pllm.bundle import FORMAT, MANIFEST, file_entries, load_bundle
+from edge_pllm.errors import BundleError, MissingDependencyError
+
+from .embedder import export_embedder
+
+LLM_FILE = "llm.gguf"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def tool_versions() -> dict[str, str | None]:
+    names = [
+        "edge-pllm",
+        "llama-cpp-python",
+        "gguf",
+        "onnxruntime",
+        "optimum",
+        "optimum-onnx",
+        "transformers",
+        "torch",
+        "sentence-transformers",
+        "tokenizers",
+    ]
+    return {"python": platform.python_version(), **{n: _version(n) for n in names}}
+
+
+def gguf_info(path: Path) -> dict[str, Any]:
+    """Architecture, embedding width, quantization and chat template from a GGUF header."""
+    try:
+        import gguf
+    except ImportError as exc:
+        raise MissingDependencyError("gguf", "export", "Reading GGUF metadata") from exc
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # the reader raises bare ValueError/struct errors on junk
+        raise BundleError(f"{path} is not a readable GGUF file ({exc}).", file=str(path)) from exc
+
+    def field(key: str) -> Any:
+        f = reader.fields.get(key)
+        if f is None:
+            return None
+        value = f.contents()
+        return value
+
+    arch = field("general.architecture")
+    if arch is None:
+        raise BundleError(f"{path} has no general.architecture; not a model GGUF.", file=str(path))
+    n_embd = field(f"{arch}.embedding_length")
+    file_type = field("general.file_type")
+    try:
+        quant = (
+            gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_")
+            if file_type is not None
+            else "unknown"
+        )
+    except ValueError:
+        quant = f"file_type {file_type}"
+    return {
+        "architecture": arch,
+        "n_embd": int(n_embd),
+        "quantization": quant,
+        "chat_template": field("tokenizer.chat_template"),
+        "n_ctx_train": field(f"{arch}.context_length"),
+    }
+
+
+def _copy_with_progress(src: Path, dst: Path, label: str) -> None:
+    size = src.stat().st_size
+    with (
+        open(src, "rb") as fin,
+        open(dst, "wb") as fout,
+        tqdm(total=size, unit="B", unit_scale=True, desc=label, leave=False) as bar,
+    ):
+        while chunk := fin.read(4 << 20):
+            fout.write(chunk)
+            bar.update(len(chunk))
+        fout.flush()
+        os.fsync(fout.fileno())
+
+
+def build_bundle(
+    dest: str | Path,
+    *,
+    llm_gguf: str | Path,
+    embedder_source: str | Path,
+    name: str | None = None,
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Build a bundle in `dest` from a GGUF file and a sentence-transformers folder."""
+    dest, llm_gguf = Path(dest), Path(llm_gguf)
+    if dest.exists() and not overwrite:
+        raise BundleError(f"{dest} already exists; pass overwrite=True (--rebuild) to replace it.")
+    if not llm_gguf.is_file():
+        raise BundleError(f"The LLM file {llm_gguf} does not exist.", file=str(llm_gguf))
+    info = gguf_info(llm_gguf)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    steps = tqdm(total=4, desc="Building bundle", unit="step")
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        steps.set_postfix_str("copying LLM")
+        _copy_with_progress(llm_gguf, work / LLM_FILE, "LLM")
+        steps.update()
+        steps.set_postfix_str("exporting embedder to ONNX int8")
+        emb = export_embedder(embedder_source, work)
+        emb.onnx_fp32.unlink()  # the device needs only the int8 model
+        steps.update()
+        steps.set_postfix_str("hashing")
+        names = [LLM_FILE, emb.onnx_int8.name, emb.tokenizer.name]
+        manifest = {
+            "format": FORMAT,
+            "name": name or dest.name,
+            "llm": {"file": LLM_FILE, "source": llm_gguf.name, **info},
+            "embedder": {
+                "file": emb.onnx_int8.name,
+                "tokenizer": emb.tokenizer.name,
+                "int8": True,
+                "source": Path(embedder_source).name,
+                "dim": emb.config.dim,
+                "pooling": emb.config.pooling,
+                "normalize": emb.config.normalize,
+                "max_seq_length": emb.config.max_seq_length,
+            },
+            "plug": None,
+            "files": file_entries(work, names),
+            "tools": tool_versions(),
+            **(extra or {}),
+        }
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+        steps.update()
+        steps.set_postfix_str("verifying")
+        load_bundle(work)
+        steps.update()
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(work, dest)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    finally:
+        steps.close()
+    return dest

@@ -1,0 +1,57 @@
+"""Shared fixtures. Every test gets an isolated EDGE_PLLM_HOME; nothing touches the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("EDGE_PLLM_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def default_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default bundle, built once per session through the real export path."""
+    pytest.importorskip("optimum", reason="building a bundle needs the [export] extra")
+    from edge_pllm.defaults import ensure_default_bundle
+
+    return ensure_default_bundle(tmp_path_factory.mktemp("bundle-home"))
+
+
+@pytest.fixture(scope="session")
+def llm(default_bundle: Path):
+    from edge_pllm.bundle import load_bundle
+    from edge_pllm.llm import LLM, LLMConfig
+
+    bundle = load_bundle(default_bundle)
+    return LLM(bundle.file(bundle.llm.file), LLMConfig(n_ctx=1024, n_batch=64, n_threads=2))
+
+
+@pytest.fixture(scope="session")
+def token_embd(default_bundle: Path):
+    """The LLM's input-embedding table, dequantized from the GGUF (export side: gguf)."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(str(default_bundle / "llm.gguf"))
+    tensor = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    return dequantize(tensor.data, tensor.tensor_type)
+
+
+@pytest.fixture
+def pllm(default_bundle: Path, isolated_home: Path):
+    from edge_pllm import LLMConfig, PersonalLLM
+
+    with PersonalLLM(
+        default_bundle, home=isolated_home, llm_config=LLMConfig(n_ctx=1024, n_threads=2)
+    ) as p:
+        yield p
