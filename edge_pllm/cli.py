@@ -70,6 +70,10 @@ def cli(ctx: click.Context, home: str | None, bundle: str | None, n_ctx: int) ->
     ctx.obj = Context(home, bundle, n_ctx)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _progress(total: int, desc: str) -> tuple[Any, Callable[[int], None]]:
     bar = tqdm(total=total, desc=desc, unit="item", disable=total < 64, leave=False)
     return bar, bar.update
@@ -83,7 +87,7 @@ def _add(obj: Context, user: str, items: list[NewItem | dict[str, Any]]) -> None
         before = pllm.store.count(user) if pllm.store.has_user(user) else 0
         ids = pllm.add(user, checked, progress=update)
     new = pllm.store.count(user) - before
-    click.echo(f"Added {new} item(s) for {user} ({len(ids) - new} already stored).")
+    click.echo(f"Added {_count(new, 'item')} for {user} ({len(ids) - new} already stored).")
 
 
 @cli.command()
@@ -118,7 +122,8 @@ def add(
         if jsonl:
             items.extend(read_jsonl(source))
         else:
-            items.append(NewItem(text=source.read(), kind=kind))  # bytes: validated as UTF-8
+            raw = source.read().rstrip(b"\r\n")  # bytes: validated as UTF-8 on add
+            items.append(NewItem(text=raw, kind=kind))
     if not items:
         raise click.UsageError("Give at least one TEXT, '-' for stdin, or --file.")
     _add(obj, user, items)
@@ -209,7 +214,8 @@ def ask(
 def users(obj: Context) -> None:
     """List users with their item counts."""
     for info in obj.pllm().store.users():
-        click.echo(f"{info.name}\t{info.items} items\t{info.first or '-'} .. {info.last or '-'}")
+        span = f"{info.first or '-'} .. {info.last or '-'}"
+        click.echo(f"{info.name}\t{_count(info.items, 'item')}\t{span}")
 
 
 @cli.command()
@@ -249,7 +255,7 @@ def search(obj: Context, user: str, query: str, k: int) -> None:
 def delete(obj: Context, user: str, ids: tuple[int, ...]) -> None:
     """Delete history items of USER by id (text and vector)."""
     n = obj.pllm().store.delete(user, ids)
-    click.echo(f"Deleted {n} item(s).")
+    click.echo(f"Deleted {_count(n, 'item')}.")
 
 
 @cli.command()
@@ -262,9 +268,9 @@ def forget(obj: Context, user: str, yes: bool) -> None:
     store = obj.pllm().store
     n = store.count(user)
     if not yes:
-        click.confirm(f"Erase {user} and {n} item(s)?", abort=True)
+        click.confirm(f"Erase {user} and {_count(n, 'item')}?", abort=True)
     store.forget(user)
-    click.echo(f"Forgot {user}: {n} item(s) erased.")
+    click.echo(f"Forgot {user}: {_count(n, 'item')} erased.")
 
 
 @cli.command("export")
@@ -280,8 +286,12 @@ def forget(obj: Context, user: str, yes: bool) -> None:
 @plain_errors
 def export_user(obj: Context, user: str, output: Any) -> None:
     """Export USER's history as JSON lines (re-importable with `import`)."""
+    n = 0
     for item in obj.pllm().store.iter_items(user):
         output.write(json.dumps(item.to_json(), ensure_ascii=False) + "\n")
+        n += 1
+    if output.name != "<stdout>":
+        click.echo(f"Exported {_count(n, 'item')} of {user} to {output.name}.", err=True)
 
 
 @cli.command("import")
@@ -351,7 +361,7 @@ SAMPLE_USER = "sample-author"
 # The sample is 40 commits of one NumPy author (public git history, from the
 # commit_subjects evaluation data); the request is a later commit of theirs.
 SAMPLE_QUERY = (
-    "Write the subject line of a git commit with this body:\n\n"
+    "Reply with only a one-line git commit subject for this commit message body:\n\n"
     "Restores the good performance of unpackbits we had since 1.13.\n"
     "Added a second lookup table for the new little bitorder flag and changed\n"
     "it to be stored in little endian as it is the more common endian."

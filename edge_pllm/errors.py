@@ -25,10 +25,7 @@ class UnknownUserError(EdgePLLMError, LookupError):
 
     def __init__(self, user: str):
         self.user = user
-        super().__init__(
-            f"No user named {user!r} in this store; add history first with "
-            f"`edge-pllm add {user} TEXT`."
-        )
+        super().__init__(f"No user named {user!r} in this store; add history for {user!r} first.")
 
 
 class ItemNotFoundError(EdgePLLMError, LookupError):

@@ -58,6 +58,17 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def normalize_time(value: str) -> str:
+    """ISO 8601 in UTC (`2024-01-02T03:04:05+00:00`), so that text order is time order.
+
+    A date or time without a zone is taken as UTC.
+    """
+    parsed = datetime.fromisoformat(value.strip())
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC).isoformat(timespec="seconds")
+
+
 def content_hash(kind: str, text: str) -> str:
     return hashlib.sha256(f"{kind}\x1f{text}".encode()).hexdigest()
 
@@ -151,7 +162,7 @@ def validate_item(
     if created is not None:
         created = _as_text(created, "created_at", index)
         try:
-            datetime.fromisoformat(created)
+            created = normalize_time(created)
         except ValueError:
             raise InvalidInputError(
                 f"created_at {created!r} is not an ISO 8601 date or time (e.g. 2024-05-01).",

@@ -50,7 +50,7 @@ class SamplingConfig:
     temperature: float = 0.0
     top_p: float = 0.95
     top_k: int = 40
-    repeat_penalty: float = 1.0
+    repeat_penalty: float = 1.1
     stop: tuple[str, ...] = ()
 
 

@@ -13,7 +13,10 @@ from .errors import ContextOverflowError
 from .items import HistoryItem
 
 MAX_ITEM_CHARS_IN_PROMPT = 1_000
-HISTORY_HEADER = "Earlier writing by this user, for context and style:"
+HISTORY_HEADER = (
+    "Below are earlier texts written by the user you are helping. Use them only to match "
+    "the user's style and conventions; do not repeat them."
+)
 
 
 def render_item(item: HistoryItem) -> str:
@@ -23,18 +26,18 @@ def render_item(item: HistoryItem) -> str:
     return text
 
 
-def user_message(query: str, context: Sequence[HistoryItem]) -> str:
-    if not context:
-        return query
-    shown = "\n\n".join(f"[{i}] {render_item(item)}" for i, item in enumerate(context, 1))
-    return f"{HISTORY_HEADER}\n\n{shown}\n\n---\n\n{query}"
+def history_block(context: Sequence[HistoryItem]) -> str:
+    shown = "\n\n".join(f"<text>\n{render_item(item)}\n</text>" for item in context)
+    return f"{HISTORY_HEADER}\n\n{shown}"
 
 
 def build_messages(
     query: str, context: Sequence[HistoryItem], system: str | None = None
 ) -> list[dict[str, str]]:
-    messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": user_message(query, context)})
+    """History goes in the system turn, the request alone in the user turn."""
+    parts = [p for p in (system, history_block(context) if context else None) if p]
+    messages = [{"role": "system", "content": "\n\n".join(parts)}] if parts else []
+    messages.append({"role": "user", "content": query})
     return messages
 
 

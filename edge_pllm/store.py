@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import db
-from .errors import InvalidInputError, StoreMismatchError, UnknownUserError
+from .errors import InvalidInputError, ItemNotFoundError, StoreMismatchError, UnknownUserError
 from .items import HistoryItem, NewItem, content_hash, now_iso, validate_items, validate_user
 
 _ITEM_COLUMNS = (
@@ -164,18 +164,17 @@ class HistoryStore:
         return ids
 
     def delete(self, user: str, ids: Sequence[int]) -> int:
-        """Delete the given items of `user` (text and vector); return how many were deleted."""
+        """Delete items of `user` (text and vector); all of them, or none if one is not theirs."""
         with self._lock, db.transaction(self._conn) as conn:
             uid = self._user_id(user)
-            deleted = 0
-            for item_id in ids:
+            for item_id in dict.fromkeys(int(i) for i in ids):
                 cur = conn.execute(
-                    "DELETE FROM history WHERE id = ? AND user_id = ?", (int(item_id), uid)
+                    "DELETE FROM history WHERE id = ? AND user_id = ?", (item_id, uid)
                 )
-                if cur.rowcount:
-                    conn.execute("DELETE FROM history_vec WHERE rowid = ?", (int(item_id),))
-                    deleted += 1
-        return deleted
+                if not cur.rowcount:
+                    raise ItemNotFoundError(item_id, user)  # rolls the whole call back
+                conn.execute("DELETE FROM history_vec WHERE rowid = ?", (item_id,))
+        return len(set(ids))
 
     def forget(self, user: str) -> int:
         """Remove a user with all their items and vectors; return how many items went."""

@@ -12,6 +12,7 @@ from edge_pllm import db
 from edge_pllm.errors import (
     ExtensionLoadingError,
     InvalidInputError,
+    ItemNotFoundError,
     StoreMismatchError,
     UnknownUserError,
 )
@@ -72,13 +73,34 @@ def test_forget_removes_rows_and_vectors(store: HistoryStore):
 def test_delete_removes_text_and_vector(store: HistoryStore):
     rng = np.random.default_rng(2)
     ids = store.add("alice", ["one", "two", "three"], unit(rng, 3))
-    assert store.delete("alice", [ids[1], 999_999]) == 1
+    assert store.delete("alice", [ids[1]]) == 1
     assert [i.text for i in store.items("alice", newest_first=False)] == ["one", "three"]
     assert store.vector_count("alice") == 2
-    # Deleting another user's id through the wrong user does nothing.
+
+
+def test_delete_of_an_id_not_theirs_deletes_nothing(store: HistoryStore):
+    rng = np.random.default_rng(2)
+    ids = store.add("alice", ["one", "two"], unit(rng, 2))
     store.add("bob", ["bee"], unit(rng, 1))
-    assert store.delete("bob", [ids[0]]) == 0
-    assert store.count("alice") == 2
+    with pytest.raises(ItemNotFoundError) as err:
+        store.delete("bob", [ids[0]])  # alice's item, through bob
+    assert err.value.item_id == ids[0]
+    with pytest.raises(ItemNotFoundError):
+        store.delete("alice", [ids[1], 999_999])  # one good id, one unknown: neither goes
+    assert store.count("alice") == 2 and store.vector_count("alice") == 2
+
+
+def test_times_are_ordered_as_instants_across_zones(store: HistoryStore):
+    rng = np.random.default_rng(9)
+    items = [
+        NewItem("tokyo morning", created_at="2024-01-02T10:00:00+09:00"),  # 01:00 UTC
+        NewItem("utc three", created_at="2024-01-02T03:00:00Z"),
+        NewItem("date only", created_at="2024-01-01"),
+    ]
+    store.add("alice", items, unit(rng, 3))
+    newest = store.items("alice")
+    assert [i.text for i in newest] == ["utc three", "tokyo morning", "date only"]
+    assert newest[1].created_at == "2024-01-02T01:00:00+00:00"
 
 
 @pytest.mark.parametrize(

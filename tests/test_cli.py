@@ -1,0 +1,126 @@
+"""The `edge-pllm` CLI end to end on a temporary home, through click's runner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edge_pllm.cli import cli
+
+
+@pytest.fixture
+def run(default_bundle: Path, isolated_home: Path):
+    runner = CliRunner()
+
+    def invoke(*args: str, input: str | bytes | None = None, ok: bool = True):
+        result = runner.invoke(
+            cli, ["--bundle", str(default_bundle), "--n-ctx", "1024", *args], input=input
+        )
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+
+    return invoke
+
+
+def test_add_list_search_ask_export_import_forget(run, tmp_path: Path):
+    assert "Added 2 items" in run("add", "alice", "fix: typo in docs", "feat: add json flag").output
+    assert "Added 1 item " in run("add", "alice", "-", input="refactor: split the store\n").output
+    jsonl = tmp_path / "h.jsonl"
+    jsonl.write_text(
+        json.dumps({"text": "perf: cache vectors", "created_at": "2024-02-01"})
+        + "\n\n"
+        + json.dumps("chore: bump deps")
+        + "\n"
+    )
+    assert "Added 2 items" in run("add", "alice", "-f", str(jsonl), "--jsonl").output
+    assert "0 already stored" not in run("add", "alice", "fix: typo in docs").output
+
+    users = run("users").output
+    assert users.startswith("alice\t5 items")
+    listed = [json.loads(line) for line in run("items", "alice", "--json").output.splitlines()]
+    assert len(listed) == 5 and {"id", "text", "kind", "created_at", "metadata"} <= set(listed[0])
+    assert "refactor: split the store" in [i["text"] for i in listed]  # no trailing newline
+    hits = run("search", "alice", "caching vectors", "-k", "1").output
+    assert "perf: cache vectors" in hits
+
+    answer = run("ask", "alice", "Write a commit subject for: fixed a typo.", "-n", "12").output
+    assert answer.strip()
+    shown = run("ask", "alice", "json flag", "-s", "recent:2", "-n", "4", "--show-context").output
+    assert "[context #" in shown
+
+    exported = tmp_path / "alice.jsonl"
+    run("export", "alice", "-o", str(exported))
+    assert len(exported.read_text().splitlines()) == 5
+    assert "Added 5 items" in run("import", "alice2", str(exported)).output
+    assert sorted(i["text"] for i in map(json.loads, exported.read_text().splitlines())) == sorted(
+        i["text"] for i in listed
+    )
+
+    first_id = str(listed[0]["id"])
+    assert "Deleted 1 item." in run("delete", "alice", first_id).output
+    assert "Forgot alice: 4 items erased" in run("forget", "alice", "--yes").output
+    assert "alice\t" not in run("users").output
+    status = run("status").output
+    assert "items:     5 (vectors 5, integrity ok)" in status
+
+
+def test_ingest_lamp_profiles_one_user_per_question(run, tmp_path: Path):
+    questions = [
+        {
+            "id": "q1",
+            "input": "x",
+            "profile": [{"title": "T1", "text": "body one", "date": "2020-01-01"}],
+        },
+        {
+            "id": "q2",
+            "input": "y",
+            "profile": [{"title": "T2", "text": "body two"}, {"text": "b3"}],
+        },
+    ]
+    path = tmp_path / "dev_questions.json"
+    path.write_text(json.dumps(questions))
+    run("ingest", str(path), "--user-prefix", "lamp-")
+    users = run("users").output
+    assert "lamp-q1\t1 item\t" in users and "lamp-q2\t2 items" in users
+    assert "T1\n\nbody one" in run("items", "lamp-q1", "--json").output.replace("\\n", "\n")
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "message"),
+    [
+        (("add", "alice", "   "), None, "empty or only whitespace"),
+        (("add", "alice", "-"), b"\xff\xfe\xfd", "not valid UTF-8"),
+        (("ask", "nobody", "hi"), None, "No user named 'nobody'"),
+        (("ask", "alice", "hi", "-s", "telepathy"), None, "Unknown strategy 'telepathy'"),
+        (("forget", "nobody", "--yes"), None, "No user named 'nobody'"),
+        (("add", "alice"), None, "Give at least one TEXT"),
+        (("delete", "alice", "999999"), None, "No history item with id 999999"),
+    ],
+)
+def test_errors_are_one_plain_sentence(run, args, stdin, message):
+    run("add", "alice", "seed item")
+    result = run(*args, input=stdin, ok=False)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert run("users").output.startswith("alice\t1 item\t")
+
+
+def test_big_item_is_refused(run, tmp_path: Path):
+    big = tmp_path / "big.txt"
+    big.write_text("x" * 1_000_000)
+    result = run("add", "alice", "-f", str(big), ok=False)
+    assert "over the limit" in result.output and "split it" in result.output
+
+
+def test_backup_and_path(run, isolated_home: Path, tmp_path: Path):
+    run("add", "alice", "something")
+    assert run("path").output.strip() == str(isolated_home)
+    dest = tmp_path / "copy.db"
+    assert "Backed up" in run("backup", str(dest)).output
+    assert dest.stat().st_size > 0
+    assert "already exists" in run("backup", str(dest), ok=False).output

@@ -1,0 +1,139 @@
+"""The llama.cpp wrapper on the real default model: soft tokens, template, streaming."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_pllm.errors import BundleError, ContextOverflowError, SoftTokenShapeError
+from edge_pllm.llm import LLM, LLMConfig, SamplingConfig
+
+TEXT = "Persona-Plug feeds a user embedding to a frozen model as a soft token."
+
+
+def test_token_embedding_rows_as_soft_tokens_match_tokens_exactly(llm, token_embd):
+    ids = llm.tokenize(TEXT)
+    by_tokens = llm.next_token_logits(ids)
+    by_rows = llm.logits_for_embeddings(token_embd[ids])
+    np.testing.assert_array_equal(by_tokens, by_rows)
+
+
+def test_soft_prefix_then_tokens_matches_tokens(llm, token_embd):
+    """The generation path: k soft rows, then the rest as tokens, KV cache kept between."""
+    ids = llm.tokenize(TEXT)
+    by_tokens = llm.next_token_logits(ids)
+    for k in (1, 3, 7):
+        mixed = llm.next_token_logits(ids[k:], soft=token_embd[ids[:k]])
+        np.testing.assert_array_equal(by_tokens, mixed)
+
+
+def test_soft_tokens_longer_than_n_batch_are_chunked(default_bundle, token_embd):
+    small = LLM(default_bundle / "llm.gguf", LLMConfig(n_ctx=256, n_batch=8, n_threads=2))
+    ids = small.tokenize(TEXT * 2)
+    assert len(ids) > 2 * 8
+    np.testing.assert_array_equal(
+        small.next_token_logits(ids), small.logits_for_embeddings(token_embd[ids])
+    )
+
+
+def test_random_soft_token_changes_logits(llm):
+    ids = llm.tokenize(TEXT)
+    plain = llm.next_token_logits(ids)
+    soft = np.random.default_rng(0).normal(0, 0.05, (2, llm.n_embd)).astype(np.float32)
+    with_soft = llm.next_token_logits(ids, soft=soft)
+    assert np.abs(plain - with_soft).max() > 0.1
+
+
+def test_generation_keeps_the_soft_prefix(llm, token_embd):
+    """Greedy generation after soft rows equal to the prompt's first tokens = plain generation,
+    and differs once the soft rows are something else: the prefix reaches generate()."""
+    prompt = llm.apply_chat_template([{"role": "user", "content": "Name three colors."}])
+    ids = llm.tokenize(prompt)
+    sampling = SamplingConfig(max_tokens=16)
+    plain = llm.complete(prompt, sampling=sampling).text
+    # Prompt text without its first k tokens, with those tokens fed as soft rows instead.
+    k = 4
+    rest = llm.llama.detokenize(ids[k:], special=True).decode()
+    assert llm.tokenize(rest) == ids[k:]
+    same = llm.complete(rest, soft=token_embd[ids[:k]], sampling=sampling)
+    assert same.text == plain and same.soft_tokens == k
+    noise = np.random.default_rng(1).normal(0, 0.5, (k, llm.n_embd)).astype(np.float32)
+    assert llm.complete(rest, soft=noise, sampling=sampling).text != plain
+
+
+def test_previous_soft_prefix_never_leaks_into_next_call(llm):
+    prompt = llm.apply_chat_template([{"role": "user", "content": "Say hello."}])
+    sampling = SamplingConfig(max_tokens=12)
+    plain = llm.complete(prompt, sampling=sampling).text
+    noise = np.random.default_rng(2).normal(0, 0.5, (3, llm.n_embd)).astype(np.float32)
+    llm.complete(prompt, soft=noise, sampling=sampling)
+    assert llm.complete(prompt, sampling=sampling).text == plain
+
+
+def test_stream_equals_complete_at_temperature_zero(llm):
+    prompt = llm.apply_chat_template([{"role": "user", "content": "Write a haiku about git."}])
+    sampling = SamplingConfig(max_tokens=40, temperature=0.0)
+    soft = np.random.default_rng(3).normal(0, 0.05, (2, llm.n_embd)).astype(np.float32)
+    for s in (None, soft):
+        whole = llm.complete(prompt, soft=s, sampling=sampling).text
+        streamed = "".join(llm.stream(prompt, soft=s, sampling=sampling))
+        assert whole and streamed == whole
+
+
+def test_chat_template_matches_llama_cpp_builtin(llm):
+    """Our Jinja rendering of the GGUF template equals llama.cpp's own C++ renderer."""
+    import llama_cpp
+
+    messages = [
+        {"role": "system", "content": "You write commit subjects."},
+        {"role": "user", "content": "Body: fix the crash on empty input."},
+    ]
+    ours = llm.apply_chat_template(messages)
+    chat = (llama_cpp.llama_chat_message * len(messages))()
+    for slot, m in zip(chat, messages, strict=True):
+        slot.role, slot.content = m["role"].encode(), m["content"].encode()
+    buf = ctypes.create_string_buffer(4096)
+    n = llama_cpp.llama_chat_apply_template(
+        llm.chat_template.encode(), chat, len(messages), True, buf, len(buf)
+    )
+    assert n > 0
+    assert ours == buf.raw[:n].decode()
+    assert ours.startswith("<|im_start|>system\nYou write commit subjects.<|im_end|>")
+
+
+@pytest.mark.parametrize(
+    "shape", [(2, 575), (2, 577), (0, 576), (576,), (1, 2, 576)], ids=lambda s: str(s)
+)
+def test_soft_tokens_of_wrong_shape_are_refused(llm, shape):
+    with pytest.raises(SoftTokenShapeError) as err:
+        llm.complete("hi", soft=np.zeros(shape, dtype=np.float32))
+    assert err.value.n_embd == 576
+
+
+def test_non_finite_soft_tokens_are_refused(llm):
+    soft = np.zeros((1, llm.n_embd), dtype=np.float32)
+    soft[0, 3] = np.nan
+    with pytest.raises(SoftTokenShapeError):
+        llm.complete("hi", soft=soft)
+
+
+def test_context_overflow_is_an_error_with_the_numbers(llm):
+    prompt = "word " * 1200
+    with pytest.raises(ContextOverflowError) as err:
+        llm.complete(prompt, sampling=SamplingConfig(max_tokens=10))
+    assert err.value.n_ctx == 1024 and err.value.prompt_tokens > 1024
+    with pytest.raises(ContextOverflowError) as err:
+        llm.complete("short", sampling=SamplingConfig(max_tokens=1024))
+    assert err.value.max_tokens == 1024
+
+
+def test_corrupt_gguf_is_a_bundle_error(tmp_path: Path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(BundleError):
+        LLM(bad)
+    with pytest.raises(BundleError, match="does not exist"):
+        LLM(tmp_path / "missing.gguf")

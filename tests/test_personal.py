@@ -1,0 +1,110 @@
+"""PersonalLLM end to end on the default bundle: strategies, isolation, bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge_pllm import (
+    ContextOverflowError,
+    InvalidInputError,
+    SamplingConfig,
+    UnknownStrategyError,
+    UnknownUserError,
+)
+from edge_pllm.strategies import get_strategy
+
+ALICE = [
+    "fix(parser): handle blank lines at the end of the file",
+    "docs: explain how the cache directory is chosen",
+    "feat(cli): add a --json flag to the status command",
+    "refactor(store): write rows and vectors in one transaction",
+]
+BOB = [
+    "My grandmother's apple pie needs a pinch of cinnamon.",
+    "Parser for sourdough starters: feed it twice a day.",
+    "The cache of jam jars in the cellar is running low.",
+]
+
+
+@pytest.fixture
+def loaded(pllm):
+    pllm.add("alice", ALICE)
+    pllm.add("bob", BOB)
+    return pllm
+
+
+def test_rag_context_comes_only_from_the_requesting_user(loaded):
+    for user, own in (("alice", ALICE), ("bob", BOB)):
+        for query in ("the parser and the cache", "apple pie recipe", "json status flag"):
+            prepared = loaded.prepare(user, query, "rag:10")
+            texts = [item.text for item in prepared.personalization.context]
+            assert texts and set(texts) <= set(own)
+            assert all(item.user == user for item in prepared.personalization.context)
+            other = BOB if user == "alice" else ALICE
+            assert not any(t in prepared.prompt for t in other)
+
+
+def test_rag_ranks_the_relevant_item_first(loaded):
+    prepared = loaded.prepare("alice", "How is the cache directory picked?", "rag:2")
+    assert prepared.personalization.context[0].text == ALICE[1]
+
+
+def test_recent_uses_newest_items_first(pllm):
+    pllm.add("carol", [{"text": f"note {i}", "created_at": f"2024-01-0{i}"} for i in range(1, 6)])
+    prepared = pllm.prepare("carol", "anything", "recent:2")
+    assert [i.text for i in prepared.personalization.context] == ["note 5", "note 4"]
+
+
+def test_none_adds_nothing(loaded):
+    prepared = loaded.prepare("alice", "Say hi.", "none")
+    assert prepared.personalization.context == [] and prepared.personalization.soft_tokens is None
+    assert not any(t in prepared.prompt for t in ALICE)
+
+
+def test_generate_and_stream_agree_and_report_context(loaded):
+    sampling = SamplingConfig(max_tokens=24)
+    response = loaded.generate("alice", "Write a commit subject for a json fix.", sampling=sampling)
+    streamed = "".join(
+        loaded.stream("alice", "Write a commit subject for a json fix.", sampling=sampling)
+    )
+    assert response.text == streamed and response.text.strip()
+    assert response.strategy == "rag" and len(response.context_ids) == 3
+    assert response.completion.completion_tokens > 0
+
+
+def test_history_that_overflows_the_context_is_cut_whole_items_first(pllm):
+    long_items = [f"item {i}: " + "lorem ipsum dolor sit amet " * 35 for i in range(12)]
+    pllm.add("dave", long_items)
+    prepared = pllm.prepare("dave", "Summarize.", "recent:12", SamplingConfig(max_tokens=256))
+    kept = len(prepared.personalization.context)
+    assert 0 < kept < 12 and prepared.dropped_context == 12 - kept
+    assert prepared.prompt.rstrip().endswith("assistant")  # the request itself is intact
+    assert "Summarize." in prepared.prompt
+    assert pllm.llm.count_tokens(prepared.prompt) + 256 <= pllm.llm.n_ctx
+
+
+def test_request_too_long_even_without_history_is_an_error(pllm):
+    with pytest.raises(ContextOverflowError):
+        pllm.generate("anyone", "word " * 2000, strategy="none")
+
+
+def test_bad_input_leaves_the_store_unchanged(loaded):
+    before = [(u.name, u.items) for u in loaded.store.users()], loaded.store.vector_count()
+    for bad in (["ok", "   "], [b"\xc3\x28"], ["x" * 1_000_000], []):
+        with pytest.raises(InvalidInputError):
+            loaded.add("alice", bad)
+    with pytest.raises(InvalidInputError):
+        loaded.add("  ", ["fine"])
+    after = [(u.name, u.items) for u in loaded.store.users()], loaded.store.vector_count()
+    assert after == before
+
+
+def test_unknown_user_and_strategy_are_typed_errors(loaded):
+    with pytest.raises(UnknownUserError):
+        loaded.generate("nobody", "hi", strategy="rag")
+    with pytest.raises(UnknownStrategyError, match="choose one of"):
+        loaded.generate("alice", "hi", strategy="telepathy")
+    with pytest.raises(InvalidInputError):
+        get_strategy("rag:zero")
+    with pytest.raises(InvalidInputError):
+        loaded.generate("alice", "   ", strategy="none")
