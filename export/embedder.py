@@ -8,14 +8,44 @@ default here.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge_pllm.embedder import EmbedderConfig
 from edge_pllm.errors import BundleError, MissingDependencyError
+
+
+@contextmanager
+def quiet_third_party() -> Iterator[None]:
+    """Silence the tracer/deprecation chatter of torch, transformers and onnxruntime's
+    quantizer (it logs on the root logger); our own progress bars say what is happening."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                from transformers.utils import logging as hf_logging
+
+                verbosity = hf_logging.get_verbosity()
+                hf_logging.set_verbosity_error()
+            except ImportError:
+                hf_logging = None
+            try:
+                yield
+            finally:
+                if hf_logging is not None:
+                    hf_logging.set_verbosity(verbosity)
+    finally:
+        root.setLevel(level)
 
 
 @dataclass(frozen=True)
@@ -80,7 +110,7 @@ def export_embedder(
     config = read_sentence_transformers_config(source)
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+    with quiet_third_party(), tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         main_export(
             str(source),
             output=tmp,
@@ -92,7 +122,8 @@ def export_embedder(
         fp32 = out_dir / "embedder.fp32.onnx"
         shutil.move(str(Path(tmp) / "model.onnx"), fp32)
     int8 = out_dir / "embedder.onnx"
-    quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8, per_channel=per_channel)
+    with quiet_third_party():
+        quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8, per_channel=per_channel)
     tokenizer = out_dir / "tokenizer.json"
     shutil.copyfile(source / "tokenizer.json", tokenizer)
     return ExportedEmbedder(onnx_fp32=fp32, onnx_int8=int8, tokenizer=tokenizer, config=config)

@@ -1,0 +1,69 @@
+"""Slow end-to-end cases (run with `pytest -m slow`; CI runs them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "commit_subjects"
+
+
+def edge_pllm(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "EDGE_PLLM_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "edge_pllm.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=check,
+        timeout=900,
+    )
+
+
+def test_demo_on_a_fresh_home_builds_the_bundle_once(tmp_path: Path):
+    home = tmp_path / "fresh"
+    first = edge_pllm("demo", home=home)
+    assert "Added 40 items for sample-author" in first.stdout
+    assert "--- none ---" in first.stdout and "--- rag ---" in first.stdout
+    manifest = json.loads((home / "bundles" / "default" / "manifest.json").read_text())
+    assert manifest["llm"]["quantization"] == "Q4_1"
+    again = edge_pllm("demo", "-s", "recent:2", home=home)
+    assert "Added 0 items for sample-author (40 already stored)" in again.stdout
+    assert "Building bundle" not in again.stderr
+    assert "items:     40 (vectors 40, integrity ok)" in edge_pllm("status", home=home).stdout
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="shared/data/commit_subjects is not beside the repo")
+def test_lamp_ingest_and_rag_stay_within_each_question_user(tmp_path: Path, default_bundle: Path):
+    questions = json.loads((DATA / "dev_questions.json").read_text())[:4]
+    sample = tmp_path / "dev_questions.json"
+    sample.write_text(json.dumps(questions))
+    home = tmp_path / "home"
+    bundle = ["--bundle", str(default_bundle)]
+    edge_pllm(*bundle, "ingest", str(sample), home=home)
+    for q in questions:
+        shown = edge_pllm(
+            *bundle,
+            "ask",
+            q["id"],
+            q["input"][:1500],
+            "-s",
+            "rag:3",
+            "-n",
+            "24",
+            "--show-context",
+            home=home,
+        )
+        context = [line for line in shown.stderr.splitlines() if line.startswith("[context #")]
+        assert len(context) == 3
+        subjects = {p["title"] for p in q["profile"]}
+        for line in context:
+            assert line.split("] ", 1)[1].split("\n")[0].strip() in {s[:200] for s in subjects}
+        assert shown.stdout.strip()
