@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -129,45 +131,31 @@ def add(
     _add(obj, user, items)
 
 
-def _lamp_items(profile: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    items = []
-    for entry in profile:
-        parts = [
-            str(entry[k])
-            for k in ("title", "text", "abstract", "description", "tag", "score")
-            if entry.get(k) not in (None, "")
-        ]
-        date = entry.get("date")
-        created = date if isinstance(date, str) and date[:4].isdigit() else None
-        items.append(
-            {
-                "text": "\n\n".join(parts),
-                "kind": "lamp",
-                "created_at": created,
-                "metadata": {k: v for k, v in entry.items() if k != "text"},
-            }
-        )
-    return items
-
-
 @cli.command()
 @click.argument("questions", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--task",
+    help="Task name (LaMP_1 … LaMP_7, commit_subject); default: read from "
+    "the outputs file beside QUESTIONS.",
+)
 @click.option("--user-prefix", default="", help="Prefix for user names (one user per question id).")
 @click.option("--limit", type=int, help="Only the first N questions.")
 @pass_ctx
 @plain_errors
-def ingest(obj: Context, questions: str, user_prefix: str, limit: int | None) -> None:
+def ingest(
+    obj: Context, questions: str, task: str | None, user_prefix: str, limit: int | None
+) -> None:
     """Ingest the profiles of a LaMP-format *_questions.json file, one user per question."""
-    try:
-        data = json.loads(Path(questions).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInputError(f"{questions} is not a LaMP questions JSON file ({exc}).") from None
-    if not isinstance(data, list):
-        raise InvalidInputError(f"{questions} must hold a JSON list of questions.")
-    for question in data[:limit]:
-        if not isinstance(question, dict) or "id" not in question or "profile" not in question:
-            raise InvalidInputError("Every LaMP question needs 'id' and 'profile'.")
-        _add(obj, f"{user_prefix}{question['id']}", _lamp_items(question["profile"]))
+    from .lamp import load_split
+
+    path = Path(questions)
+    if not path.name.endswith("_questions.json"):
+        raise InvalidInputError(f"{path.name} is not a LaMP *_questions.json file.")
+    split = load_split(path.parent, path.name.removesuffix("_questions.json"), task)
+    for question in split.questions(limit):
+        items = [i for i in split.spec.profile_items(question.profile) if i.text.strip()]
+        if items:
+            _add(obj, f"{user_prefix}{question.id}", items)
 
 
 @cli.command()
@@ -394,6 +382,100 @@ def demo(obj: Context, strategies: tuple[str, ...]) -> None:
         ):
             click.echo(piece, nl=False)
         click.echo()
+
+
+DEFAULT_EVAL_STRATEGIES = "none,recent:1,recent:3,rag:1,rag:3"
+
+
+@cli.command("eval")
+@click.argument("task_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--split",
+    "splits",
+    multiple=True,
+    default=("dev",),
+    show_default=True,
+    help="Split(s) to run; repeatable.",
+)
+@click.option(
+    "-s",
+    "--strategy",
+    "strategies",
+    default=DEFAULT_EVAL_STRATEGIES,
+    show_default=True,
+    help="Comma-separated strategies.",
+)
+@click.option("--limit", type=int, help="Only the first N queries of each split.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    help="Run folder (default: <home>/eval/<task folder>); a rerun resumes it.",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False),
+    help="Also write the Markdown report here (e.g. docs/EVAL.md).",
+)
+@click.option("--task", help="Task name if the outputs file does not say (e.g. LaMP_4).")
+@click.option("--no-floors", is_flag=True, help="Skip the trivial floor baselines.")
+@pass_ctx
+@plain_errors
+def eval_command(
+    obj: Context,
+    task_dir: str,
+    splits: tuple[str, ...],
+    strategies: str,
+    limit: int | None,
+    out_dir: str | None,
+    report_path: str | None,
+    task: str | None,
+    no_floors: bool,
+) -> None:
+    """Evaluate strategies on a LaMP-format TASK_DIR; writes predictions and metrics."""
+    from . import evaluate
+    from .lamp import load_split
+
+    started = time.perf_counter()
+    folder = Path(task_dir)
+    out = Path(out_dir) if out_dir else obj.home / "eval" / folder.resolve().name
+    config = evaluate.RunConfig(
+        task_dir=folder,
+        splits=list(splits),
+        out_dir=out,
+        limit=limit,
+        task=task,
+        strategies=[s.strip() for s in strategies.split(",") if s.strip()],
+        floors=not no_floors,
+    )
+    pllm = obj.pllm()
+    results = evaluate.run(config, pllm)
+    spec = load_split(folder, splits[0], task).spec
+    b = pllm.bundle
+    command = " ".join(
+        ["edge-pllm eval", task_dir, *(f"--split {s}" for s in splits), f"--strategy {strategies}"]
+        + ([f"--limit {limit}"] if limit else [])
+    )
+    text = evaluate.report(
+        results,
+        spec,
+        {
+            "bundle": f"{b.name}: {b.manifest['llm'].get('source', b.llm.file)} "
+            f"({b.llm.quantization}), embedder "
+            f"{b.embedder.config.dim}-d{' int8' if b.embedder.int8 else ''}",
+            "decoding": "greedy (temperature 0), repeat penalty 1.1",
+            "reproduce": f"`{command}`",
+            "wall time of this invocation": f"{time.perf_counter() - started:.0f} s "
+            f"({os.cpu_count()} CPU cores)",
+            "run folder": "predictions.jsonl, *_outputs.json (LaMP format), *_metrics.json",
+        },
+    )
+    click.echo(text)
+    if report_path:
+        Path(report_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(report_path).write_text(text)
+        click.echo(f"Report written to {report_path}.", err=True)
 
 
 def main() -> None:

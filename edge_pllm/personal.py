@@ -20,7 +20,7 @@ from .defaults import ensure_default_bundle
 from .embedder import Embedder
 from .items import NewItem, validate_items, validate_user
 from .llm import LLM, Completion, LLMConfig, SamplingConfig
-from .prompts import fit_prompt
+from .prompts import DEFAULT_STYLE, PromptStyle, fit_prompt
 from .store import HistoryStore
 from .strategies import Personalization, Request, Strategy, get_strategy
 
@@ -115,6 +115,7 @@ class PersonalLLM:
         prompt: str,
         strategy: str | Strategy = DEFAULT_STRATEGY,
         sampling: SamplingConfig | None = None,
+        style: PromptStyle = DEFAULT_STYLE,
     ) -> Prepared:
         """Personalize `prompt` for `user`: the templated text and soft tokens to generate from."""
         user = validate_user(user)
@@ -134,6 +135,7 @@ class PersonalLLM:
             max_tokens=sampling.max_tokens,
             soft_tokens=n_soft,
             system=self.system_prompt,
+            style=style,
         )
         dropped = len(found.context) - len(kept)
         found.context = kept
@@ -146,11 +148,12 @@ class PersonalLLM:
         *,
         strategy: str | Strategy = DEFAULT_STRATEGY,
         sampling: SamplingConfig | None = None,
+        style: PromptStyle = DEFAULT_STYLE,
     ) -> Response:
         """Generate an answer to `prompt` personalized by `user`'s history."""
         sampling = sampling or SamplingConfig()
         with self._llm_lock:
-            prepared = self.prepare(user, prompt, strategy, sampling)
+            prepared = self.prepare(user, prompt, strategy, sampling, style)
             completion = self.llm.complete(
                 prepared.prompt, prepared.personalization.soft_tokens, sampling
             )
@@ -163,11 +166,12 @@ class PersonalLLM:
         *,
         strategy: str | Strategy = DEFAULT_STRATEGY,
         sampling: SamplingConfig | None = None,
+        style: PromptStyle = DEFAULT_STYLE,
     ) -> Iterator[str]:
         """Like `generate`, yielding text as it is produced."""
         sampling = sampling or SamplingConfig()
         with self._llm_lock:
-            prepared = self.prepare(user, prompt, strategy, sampling)
+            prepared = self.prepare(user, prompt, strategy, sampling, style)
             yield from self.llm.stream(
                 prepared.prompt, prepared.personalization.soft_tokens, sampling
             )

@@ -8,6 +8,7 @@ end of the strategy's list (the least relevant or oldest), never the user's own 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from .errors import ContextOverflowError
 from .items import HistoryItem
@@ -26,16 +27,30 @@ def render_item(item: HistoryItem) -> str:
     return text
 
 
-def history_block(context: Sequence[HistoryItem]) -> str:
-    shown = "\n\n".join(f"<text>\n{render_item(item)}\n</text>" for item in context)
-    return f"{HISTORY_HEADER}\n\n{shown}"
+@dataclass(frozen=True)
+class PromptStyle:
+    """How history is introduced and how each item is shown (tasks bring their own)."""
+
+    header: str = HISTORY_HEADER
+    render_item: Callable[[HistoryItem], str] = render_item
+
+
+DEFAULT_STYLE = PromptStyle()
+
+
+def history_block(context: Sequence[HistoryItem], style: PromptStyle = DEFAULT_STYLE) -> str:
+    shown = "\n\n".join(f"<text>\n{style.render_item(item)}\n</text>" for item in context)
+    return f"{style.header}\n\n{shown}"
 
 
 def build_messages(
-    query: str, context: Sequence[HistoryItem], system: str | None = None
+    query: str,
+    context: Sequence[HistoryItem],
+    system: str | None = None,
+    style: PromptStyle = DEFAULT_STYLE,
 ) -> list[dict[str, str]]:
     """History goes in the system turn, the request alone in the user turn."""
-    parts = [p for p in (system, history_block(context) if context else None) if p]
+    parts = [p for p in (system, history_block(context, style) if context else None) if p]
     messages = [{"role": "system", "content": "\n\n".join(parts)}] if parts else []
     messages.append({"role": "user", "content": query})
     return messages
@@ -52,6 +67,7 @@ def fit_prompt(
     max_tokens: int,
     soft_tokens: int = 0,
     system: str | None = None,
+    style: PromptStyle = DEFAULT_STYLE,
 ) -> tuple[str, list[HistoryItem]]:
     """The templated prompt with as much of `context` as fits in `budget` tokens.
 
@@ -60,7 +76,7 @@ def fit_prompt(
     """
     kept = list(context)
     while True:
-        prompt = render(build_messages(query, kept, system))
+        prompt = render(build_messages(query, kept, system, style))
         n = count_tokens(prompt)
         if n <= budget:
             return prompt, kept

@@ -83,10 +83,13 @@ def test_ingest_lamp_profiles_one_user_per_question(run, tmp_path: Path):
     ]
     path = tmp_path / "dev_questions.json"
     path.write_text(json.dumps(questions))
-    run("ingest", str(path), "--user-prefix", "lamp-")
+    run("ingest", str(path), "--user-prefix", "lamp-", "--task", "LaMP_4")
     users = run("users").output
     assert "lamp-q1\t1 item\t" in users and "lamp-q2\t2 items" in users
-    assert "T1\n\nbody one" in run("items", "lamp-q1", "--json").output.replace("\\n", "\n")
+    (item,) = [json.loads(line) for line in run("items", "lamp-q1", "--json").output.splitlines()]
+    assert item["text"] == "body one" and item["metadata"]["title"] == "T1"
+    assert item["created_at"] == "2020-01-01T00:00:00+00:00"
+    assert "Unknown task" in run("ingest", str(path), ok=False).output
 
 
 @pytest.mark.parametrize(

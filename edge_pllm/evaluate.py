@@ -1,0 +1,300 @@
+"""The evaluation runner: every strategy on a LaMP-format task, resumable, with a report.
+
+Each question's profile becomes one user's history (user `split:id`), so the history a
+query sees is exactly its own profile. Embeddings are computed once per distinct item text
+and cached in the run folder. Predictions are appended to `predictions.jsonl` as they are
+made; a killed run started again skips what is already there.
+
+Besides LLM strategies, two trivial floors give every number context (generation tasks
+with an output field): `floor:first-line` (the input document's first line) and
+`floor:latest` (the output the user wrote most recently).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import metrics
+from .errors import InvalidInputError
+from .lamp import Question, TaskSpec, TaskSplit, load_split
+from .llm import SamplingConfig
+from .personal import PersonalLLM
+from .strategies import get_strategy
+
+FLOORS = ("floor:first-line", "floor:latest")
+PREDICTIONS = "predictions.jsonl"
+
+
+class EmbeddingCache:
+    """Vectors by content hash, in a plain SQLite file of the run folder."""
+
+    def __init__(self, path: Path, embed: Callable[[list[str]], np.ndarray], dim: int):
+        self._conn = sqlite3.connect(path)
+        self._conn.execute("CREATE TABLE IF NOT EXISTS vec (hash TEXT PRIMARY KEY, v BLOB)")
+        self._embed, self.dim = embed, dim
+        self.hits = self.misses = 0
+
+    def vectors(self, texts: Sequence[str]) -> np.ndarray:
+        keys = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
+        found: dict[str, np.ndarray] = {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for k, v in self._conn.execute(
+                f"SELECT hash, v FROM vec WHERE hash IN ({marks})", chunk
+            ):
+                found[k] = np.frombuffer(v, dtype=np.float32)
+        missing = list(dict.fromkeys(k for k in keys if k not in found))
+        if missing:
+            by_key = dict(zip(keys, texts, strict=True))
+            new = self._embed([by_key[k] for k in missing])
+            with self._conn:
+                self._conn.executemany(
+                    "INSERT OR REPLACE INTO vec VALUES (?, ?)",
+                    [
+                        (k, v.astype(np.float32).tobytes())
+                        for k, v in zip(missing, new, strict=True)
+                    ],
+                )
+            found.update(zip(missing, new, strict=True))
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        return np.stack([found[k] for k in keys]) if keys else np.zeros((0, self.dim), np.float32)
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def floor_answer(strategy: str, spec: TaskSpec, question: Question) -> str:
+    if strategy == "floor:first-line":
+        body = question.input.split(":", 1)[1] if ":" in question.input else question.input
+        lines = [line.strip() for line in body.splitlines() if line.strip()]
+        return lines[0] if lines else ""
+    dated = [p for p in question.profile if spec.output_field and p.get(spec.output_field)]
+    if not dated:
+        return ""
+    latest = max(enumerate(dated), key=lambda ip: (str(ip[1].get("date", "")), ip[0]))[1]
+    return str(latest[spec.output_field])
+
+
+@dataclass
+class RunConfig:
+    """What to evaluate and where to keep the run."""
+
+    task_dir: Path
+    splits: list[str]
+    strategies: list[str]
+    out_dir: Path
+    limit: int | None = None
+    floors: bool = True
+    task: str | None = None
+    max_tokens: int | None = None
+
+
+@dataclass
+class SplitResult:
+    split: str
+    n: int
+    metrics: dict[str, dict[str, metrics.Estimate]] = field(default_factory=dict)
+    vs_none: dict[str, dict[str, metrics.Estimate]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _load_done(path: Path) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """Rows already written; a last line cut short by a kill is removed (it is redone)."""
+    done: dict[tuple[str, str, str], dict[str, Any]] = {}
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as fh:
+                fh.truncate(data.rfind(b"\n") + 1)
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill: redone
+                done[(row["split"], row["strategy"], row["id"])] = row
+    return done
+
+
+def _ingest(
+    pllm: PersonalLLM, cache: EmbeddingCache, spec: TaskSpec, user: str, q: Question
+) -> None:
+    items = spec.profile_items(q.profile)
+    items = [i for i in items if i.text.strip()]
+    if not items:
+        return
+    if pllm.store.has_user(user) and pllm.store.count(user) >= len({i.text for i in items}):
+        return
+    pllm.store.add(user, items, cache.vectors([i.text for i in items]))
+
+
+def run(config: RunConfig, pllm: PersonalLLM, progress: bool = True) -> list[SplitResult]:
+    """Evaluate every strategy on every split; returns the metrics (also written to disk)."""
+    for s in config.strategies:
+        get_strategy(s)  # fail fast on a bad name
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    pred_path = config.out_dir / PREDICTIONS
+    done = _load_done(pred_path)
+    cache = EmbeddingCache(
+        config.out_dir / "embeddings.sqlite", pllm.embedder.embed, pllm.embedder.dim
+    )
+    results = []
+    try:
+        with open(pred_path, "a", encoding="utf-8") as out:
+            for split in config.splits:
+                task = load_split(config.task_dir, split, config.task)
+                results.append(_run_split(config, pllm, cache, task, done, out, progress))
+    finally:
+        cache.close()
+    return results
+
+
+def _run_split(
+    config: RunConfig,
+    pllm: PersonalLLM,
+    cache: EmbeddingCache,
+    task: TaskSplit,
+    done: dict[tuple[str, str, str], dict[str, Any]],
+    out: Any,
+    progress: bool,
+) -> SplitResult:
+    spec = task.spec
+    floors = (
+        list(FLOORS) if config.floors and spec.output_field and spec.answer_kind == "text" else []
+    )
+    strategies = floors + config.strategies
+    questions = list(task.questions(config.limit))
+    missing_gold = [q.id for q in questions if q.id not in task.golds]
+    if missing_gold:
+        raise InvalidInputError(
+            f"{len(missing_gold)} questions of {task.split} have no gold output "
+            f"(first: {missing_gold[0]}); check {task.split}_outputs.json."
+        )
+    sampling = SamplingConfig(max_tokens=config.max_tokens or spec.max_tokens)
+    total = len(questions) * len(strategies)
+    todo = [(q, s) for q in questions for s in strategies if (task.split, s, q.id) not in done]
+    bar = tqdm(
+        total=total,
+        initial=total - len(todo),
+        desc=f"{spec.name} {task.split}",
+        unit="answer",
+        disable=not progress,
+    )
+    with bar:
+        for q in questions:
+            user = f"{task.split}:{q.id}"
+            pending = [s for s in strategies if (task.split, s, q.id) not in done]
+            if not pending:
+                continue
+            if any(not s.startswith("floor:") for s in pending):
+                _ingest(pllm, cache, spec, user, q)
+            for s in pending:
+                started = time.perf_counter()
+                if s.startswith("floor:"):
+                    raw = floor_answer(s, spec, q)
+                else:
+                    has_history = pllm.store.has_user(user)
+                    strategy = s if has_history or s == "none" else "none"
+                    raw = pllm.generate(
+                        user,
+                        spec.query(q.input),
+                        strategy=strategy,
+                        sampling=sampling,
+                        style=spec.style,
+                    ).text
+                row = {
+                    "split": task.split,
+                    "strategy": s,
+                    "id": q.id,
+                    "raw": raw,
+                    "output": spec.clean(raw),
+                    "seconds": time.perf_counter() - started,
+                }
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                out.flush()
+                done[(task.split, s, q.id)] = row
+                bar.update()
+    return _score(config, task, questions, strategies, done)
+
+
+def _score(config, task, questions, strategies, done) -> SplitResult:  # type: ignore[no-untyped-def]
+    spec = task.spec
+    golds = [task.golds[q.id] for q in questions]
+    result = SplitResult(task.split, len(questions))
+    rows_by = {}
+    for s in strategies:
+        preds = [done[(task.split, s, q.id)]["output"] for q in questions]
+        rows_by[s] = spec.metric.per_example(preds, golds)
+        result.metrics[s] = metrics.bootstrap(spec.metric, rows_by[s])
+        result.seconds[s] = sum(done[(task.split, s, q.id)]["seconds"] for q in questions)
+        outputs = {
+            "task": spec.name,
+            "golds": [{"id": q.id, "output": p} for q, p in zip(questions, preds, strict=True)],
+        }
+        name = s.replace(":", "-")
+        (config.out_dir / f"{task.split}_{name}_outputs.json").write_text(
+            json.dumps(outputs, ensure_ascii=False, indent=1)
+        )
+    if "none" in rows_by:
+        for s in strategies:
+            if s != "none":
+                result.vs_none[s] = metrics.paired_difference(
+                    spec.metric, rows_by[s], rows_by["none"]
+                )
+    (config.out_dir / f"{task.split}_metrics.json").write_text(
+        json.dumps(_as_json(result), indent=1)
+    )
+    return result
+
+
+def _as_json(result: SplitResult) -> dict[str, Any]:
+    def est(e: metrics.Estimate) -> dict[str, float]:
+        return {"value": e.value, "low": e.low, "high": e.high}
+
+    return {
+        "split": result.split,
+        "n": result.n,
+        "metrics": {s: {m: est(e) for m, e in ms.items()} for s, ms in result.metrics.items()},
+        "vs_none": {s: {m: est(e) for m, e in ms.items()} for s, ms in result.vs_none.items()},
+        "seconds": result.seconds,
+    }
+
+
+def report(results: list[SplitResult], spec: TaskSpec, context: dict[str, str]) -> str:
+    """A Markdown report: one table per split, strategies × metrics with 95 % intervals."""
+    lines = [f"# Evaluation: {spec.name}", ""]
+    lines += [f"- {k}: {v}" for k, v in context.items()]
+    lines += [f"- generated: {datetime.now(UTC).isoformat(timespec='seconds')}", ""]
+    names = spec.metric.names
+    for r in results:
+        lines += [f"## {r.split} ({r.n} queries)", ""]
+        head = ["strategy", *names, f"Δ {names[0]} vs none", "s/query"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for s, ms in r.metrics.items():
+            cells = [f"`{s}`"]
+            cells += [f"{ms[m].value:.3f} [{ms[m].low:.3f}, {ms[m].high:.3f}]" for m in names]
+            d = r.vs_none.get(s, {}).get(names[0])
+            cells.append(f"{d.value:+.3f} [{d.low:+.3f}, {d.high:+.3f}]" if d else "")
+            cells.append(f"{r.seconds[s] / max(r.n, 1):.2f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [
+        "Intervals: 95 % percentile bootstrap over queries (1,000 resamples); Δ is the paired",
+        "difference against `none` on the same queries. Floors: `floor:first-line` copies the",
+        "input document's first line, `floor:latest` the user's most recent output.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,257 @@
+"""LaMP-format tasks: reading them, and how each task's profile and prompts look.
+
+A task folder holds `{split}_questions.json` (a list of {id, input, profile}) and
+`{split}_outputs.json` ({task, golds: [{id, output}]}). Each profile entry's fields depend
+on the task (LaMP-1 title+abstract, LaMP-2 description+tag, LaMP-3 text+score, LaMP-4
+title+text, LaMP-5 title+abstract, LaMP-6 title+text, LaMP-7 text; commit_subject
+title+text, where title is the subject and text the body).
+
+Prompt construction for a task lives here and only here: every strategy shares it, so
+strategies differ only in which history they add.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import metrics
+from .errors import InvalidInputError
+from .items import HistoryItem, NewItem, normalize_time
+from .prompts import PromptStyle
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One LaMP-style task: its profile fields, metric, and how prompts are written."""
+
+    name: str
+    metric: metrics.MetricSpec
+    input_field: str  # the profile field that is embedded and shown (the "document")
+    output_field: str | None  # the field the user wrote for it (a title, a tag, a score)
+    input_label: str
+    output_label: str | None
+    answer_instruction: str
+    max_tokens: int
+    answer_kind: str  # "text", "label" or "rating"
+    labels: tuple[str, ...] = ()
+
+    @property
+    def style(self) -> PromptStyle:
+        return PromptStyle(
+            header=(
+                "Below are earlier examples from the user you are helping. Follow the user's "
+                "own style and conventions."
+            ),
+            render_item=self.render_item,
+        )
+
+    def render_item(self, item: HistoryItem) -> str:
+        text = item.text.strip()[:1000]
+        out = item.metadata.get(self.output_field) if self.output_field else None
+        if out in (None, ""):
+            return f"{self.input_label}: {text}"
+        return f"{self.input_label}: {text}\n{self.output_label}: {out}"
+
+    def query(self, question_input: str) -> str:
+        return f"{question_input.strip()}\n\n{self.answer_instruction}"
+
+    def profile_items(self, profile: list[dict[str, Any]]) -> list[NewItem]:
+        items = []
+        for i, entry in enumerate(profile):
+            if not isinstance(entry, dict):
+                raise InvalidInputError(f"Profile entry {i} is not a JSON object.", index=i)
+            text = entry.get(self.input_field) or entry.get("text") or entry.get("title") or ""
+            meta = {k: v for k, v in entry.items() if k != self.input_field}
+            items.append(
+                NewItem(text=str(text), kind="lamp", created_at=_date(entry), metadata=meta)
+            )
+        return items
+
+    def clean(self, raw: str) -> str:
+        """The answer as LaMP's scorer should see it."""
+        text = raw.strip()
+        if self.answer_kind == "label":
+            low = text.lower()
+            found = [label for label in self.labels if label in low]
+            return max(found, key=len) if found else text
+        if self.answer_kind == "rating":
+            digit = re.search(r"[1-5]", text)
+            return digit.group(0) if digit else text
+        text = re.sub(r"</?text>", "\n", text)
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        # Skip a preamble line ("The subject line for this commit is:") when more follows.
+        while len(lines) > 1 and lines[0].endswith(":"):
+            lines.pop(0)
+        first = lines[0] if lines else ""
+        labels = [self.output_label] if self.output_label else []
+        for label in [*labels, "subject line", "subject", "title", "headline", "answer"]:
+            first = re.sub(rf"^\W*{re.escape(label)}\s*:\s*", "", first, flags=re.I)
+        return first.strip().strip('"“”`*').strip()
+
+
+def _date(entry: dict[str, Any]) -> str | None:
+    value = entry.get("date")
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        return normalize_time(value)
+    except ValueError:
+        for fmt in ("%Y-%m-%d %H:%M:%S", "%d %B %Y", "%B %d, %Y"):
+            try:
+                return datetime.strptime(value.strip(), fmt).replace(tzinfo=UTC).isoformat()
+            except ValueError:
+                continue
+    return None
+
+
+def _gen(
+    name: str,
+    input_field: str,
+    output_field: str | None,
+    input_label: str,
+    output_label: str | None,
+    instruction: str,
+    max_tokens: int = 48,
+) -> TaskSpec:
+    return TaskSpec(
+        name,
+        metrics.GENERATION,
+        input_field,
+        output_field,
+        input_label,
+        output_label,
+        instruction,
+        max_tokens,
+        "text",
+    )
+
+
+TASKS: dict[str, TaskSpec] = {
+    "LaMP_1": TaskSpec(
+        "LaMP_1",
+        metrics.CLASSIFY_LAMP1,
+        "abstract",
+        "title",
+        "Abstract",
+        "Title",
+        "Answer with only [1] or [2].",
+        8,
+        "label",
+        metrics.LAMP1_LABELS,
+    ),
+    "LaMP_2": TaskSpec(
+        "LaMP_2",
+        metrics.CLASSIFY_LAMP2,
+        "description",
+        "tag",
+        "Description",
+        "Tag",
+        "Answer with only the tag.",
+        8,
+        "label",
+        metrics.LAMP2_LABELS,
+    ),
+    "LaMP_3": TaskSpec(
+        "LaMP_3",
+        metrics.RATING,
+        "text",
+        "score",
+        "Review",
+        "Score",
+        "Answer with only the score, a number from 1 to 5.",
+        4,
+        "rating",
+        metrics.LAMP3_LABELS,
+    ),
+    "LaMP_4": _gen(
+        "LaMP_4", "text", "title", "Article", "Headline", "Answer with only the headline."
+    ),
+    "LaMP_5": _gen(
+        "LaMP_5", "abstract", "title", "Abstract", "Title", "Answer with only the title."
+    ),
+    "LaMP_6": _gen("LaMP_6", "text", "title", "Email", "Subject", "Answer with only the subject."),
+    "LaMP_7": _gen(
+        "LaMP_7", "text", None, "Tweet", None, "Answer with only the paraphrased tweet.", 64
+    ),
+    "commit_subject": _gen(
+        "commit_subject",
+        "text",
+        "title",
+        "Commit message body",
+        "Subject line",
+        "Answer with only the subject line.",
+    ),
+}
+_ALIASES = {
+    "lamp1": "LaMP_1",
+    "lamp2": "LaMP_2",
+    "lamp3": "LaMP_3",
+    "lamp4": "LaMP_4",
+    "lamp5": "LaMP_5",
+    "lamp6": "LaMP_6",
+    "lamp7": "LaMP_7",
+    "commitsubject": "commit_subject",
+    "commitsubjects": "commit_subject",
+}
+
+
+def task_spec(name: str) -> TaskSpec:
+    key = re.sub(r"[^a-z0-9]", "", name.lower())
+    key = re.sub(r"^lamp(\d).*", r"lamp\1", key)
+    if key in _ALIASES:
+        return TASKS[_ALIASES[key]]
+    raise InvalidInputError(
+        f"Unknown task {name!r}; known: {', '.join(TASKS)} (LaMP-2N/2M read as LaMP_2)."
+    )
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    input: str
+    profile: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class TaskSplit:
+    """One split of a task folder: its questions (streamed) and their gold outputs."""
+
+    folder: Path
+    split: str
+    spec: TaskSpec
+    golds: dict[str, str]
+
+    def questions(self, limit: int | None = None) -> Iterator[Question]:
+        path = self.folder / f"{self.split}_questions.json"
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        if not isinstance(data, list):
+            raise InvalidInputError(f"{path} must hold a JSON list of questions.")
+        for n, q in enumerate(data):
+            if limit is not None and n >= limit:
+                return
+            if not isinstance(q, dict) or not {"id", "input", "profile"} <= set(q):
+                raise InvalidInputError(f"Question {n} of {path} needs id, input and profile.")
+            yield Question(str(q["id"]), str(q["input"]), list(q["profile"]))
+
+
+def load_split(folder: str | Path, split: str, task: str | None = None) -> TaskSplit:
+    """Open `{split}_questions.json` / `{split}_outputs.json` in `folder`."""
+    folder = Path(folder)
+    questions = folder / f"{split}_questions.json"
+    outputs = folder / f"{split}_outputs.json"
+    if not questions.is_file():
+        raise InvalidInputError(f"No {questions.name} in {folder}; is this a LaMP task folder?")
+    golds: dict[str, str] = {}
+    name = task
+    if outputs.is_file():
+        data = json.loads(outputs.read_text(encoding="utf-8"))
+        name = name or data.get("task")
+        golds = {str(g["id"]): str(g["output"]) for g in data.get("golds", [])}
+    return TaskSplit(folder, split, task_spec(name or folder.name), golds)

@@ -1,0 +1,116 @@
+"""The evaluation runner end to end on a tiny LaMP-format fixture, including a real kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_pllm import LLMConfig, PersonalLLM
+from edge_pllm.evaluate import RunConfig, run
+
+PROFILES = {
+    "u1": [
+        ("fix: handle empty files", "The reader crashed on empty input."),
+        ("docs: describe the cache", "Explain where the cache lives."),
+    ],
+    "u2": [
+        ("BUG: fix overflow in sum", "Integer sums overflowed on 32-bit."),
+        ("ENH: add axis keyword", "unique() now takes an axis."),
+    ],
+    "u3": [("gitk: fix typo", "A label was misspelled.")],
+    "u4": [],
+}
+
+
+def make_task(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    questions, golds = [], []
+    for i, (user, profile) in enumerate(PROFILES.items()):
+        questions.append(
+            {
+                "id": user,
+                "input": f"Generate a subject line for the following commit message: {i}.\nMore.",
+                "profile": [
+                    {"id": f"{user}-{j}", "title": t, "text": b, "date": f"2024-01-0{j + 1}"}
+                    for j, (t, b) in enumerate(profile)
+                ],
+            }
+        )
+        golds.append({"id": user, "output": profile[-1][0] if profile else "Change"})
+    (folder / "dev_questions.json").write_text(json.dumps(questions))
+    (folder / "dev_outputs.json").write_text(json.dumps({"task": "commit_subject", "golds": golds}))
+    return folder
+
+
+def test_runner_writes_lamp_outputs_metrics_and_keeps_users_apart(default_bundle, tmp_path):
+    task = make_task(tmp_path / "task")
+    out = tmp_path / "run"
+    with PersonalLLM(
+        default_bundle, home=tmp_path / "home", llm_config=LLMConfig(n_ctx=1024, n_threads=2)
+    ) as pllm:
+        config = RunConfig(task, ["dev"], ["none", "rag:2"], out, max_tokens=12)
+        (result,) = run(config, pllm, progress=False)
+        # Each query's history is exactly its own profile.
+        for user, profile in PROFILES.items():
+            name = f"dev:{user}"
+            if not profile:
+                assert not pllm.store.has_user(name)
+                continue
+            texts = sorted(i.text for i in pllm.store.items(name))
+            assert texts == sorted(b for _, b in profile)
+    assert set(result.metrics) == {"floor:first-line", "floor:latest", "none", "rag:2"}
+    assert result.metrics["floor:latest"]["rouge-1"].value == pytest.approx(0.75)  # u4 misses
+    outputs = json.loads((out / "dev_rag-2_outputs.json").read_text())
+    assert outputs["task"] == "commit_subject" and len(outputs["golds"]) == 4
+    saved = json.loads((out / "dev_metrics.json").read_text())
+    assert saved["n"] == 4 and "rag:2" in saved["vs_none"]
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 16
+
+
+def test_killed_run_resumes_where_it_stopped(default_bundle, tmp_path):
+    task = make_task(tmp_path / "task")
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "edge_pllm.cli",
+        "--bundle",
+        str(default_bundle),
+        "--n-ctx",
+        "1024",
+        "eval",
+        str(task),
+        "-s",
+        "none,recent:2,rag:1",
+        "--out",
+        str(out),
+    ]
+    env = {**os.environ, "EDGE_PLLM_HOME": str(tmp_path / "home")}
+    preds = out / "predictions.jsonl"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if preds.is_file() and len(preds.read_text().splitlines()) >= 7:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = [json.loads(line) for line in preds.read_text().splitlines() if line.endswith("}")]
+    assert 7 <= len(before) < 20, "the kill should land mid-run"
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    keys = [(r["strategy"], r["id"]) for r in rows]
+    assert len(set(keys)) == 20  # 4 queries x (2 floors + 3 strategies), none lost
+    assert len(keys) - len(set(keys)) <= 1  # at most the answer cut by the kill was redone
+    first = {(r["strategy"], r["id"]): r["output"] for r in reversed(rows)}
+    assert all(first[(r["strategy"], r["id"])] == r["output"] for r in before)
+    assert "| `rag:1` |" in done.stdout
