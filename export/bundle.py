@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from edge_pllm.bundle import FORMAT, MANIFEST, file_entries, load_bundle
 from edge_pllm.errors import BundleError, MissingDependencyError
 
-from .embedder import export_embedder
+from .embedder import embedder_report, export_embedder
 
 LLM_FILE = "llm.gguf"
 
@@ -110,8 +110,14 @@ def build_bundle(
     name: str | None = None,
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
+    report: bool = True,
 ) -> Path:
-    """Build a bundle in `dest` from a GGUF file and a sentence-transformers folder."""
+    """Build a bundle in `dest` from a GGUF file and a sentence-transformers folder.
+
+    With `report`, the embedder's parity report (cosine and top-5 overlap against
+    sentence-transformers, throughput) is measured and recorded in the manifest, and an
+    LLM parity report found beside the GGUF (`*.parity.json`, from `export llm`) is too.
+    """
     dest, llm_gguf = Path(dest), Path(llm_gguf)
     if dest.exists() and not overwrite:
         raise BundleError(f"{dest} already exists; pass overwrite=True (--rebuild) to replace it.")
@@ -127,6 +133,13 @@ def build_bundle(
         steps.update()
         steps.set_postfix_str("exporting embedder to ONNX int8")
         emb = export_embedder(embedder_source, work)
+        parity: dict[str, Any] = {}
+        if report:
+            steps.set_postfix_str("embedder parity report")
+            parity["embedder"] = embedder_report(embedder_source, emb)
+            llm_report = llm_gguf.with_name(llm_gguf.name + ".parity.json")
+            if llm_report.is_file():
+                parity["llm"] = json.loads(llm_report.read_text())
         emb.onnx_fp32.unlink()  # the device needs only the int8 model
         steps.update()
         steps.set_postfix_str("hashing")
@@ -146,6 +159,7 @@ def build_bundle(
                 "max_seq_length": emb.config.max_seq_length,
             },
             "plug": None,
+            "parity": parity,
             "files": file_entries(work, names),
             "tools": tool_versions(),
             **(extra or {}),

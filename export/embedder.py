@@ -127,3 +127,75 @@ def export_embedder(
     tokenizer = out_dir / "tokenizer.json"
     shutil.copyfile(source / "tokenizer.json", tokenizer)
     return ExportedEmbedder(onnx_fp32=fp32, onnx_int8=int8, tokenizer=tokenizer, config=config)
+
+
+REPORT_SENTENCES = [
+    "Fix the crash when the config file is empty.",
+    "Add a --json flag to the status command.",
+    "docs: explain how the cache is invalidated",
+    "Refactor the store so that vectors and rows are written in one transaction.",
+    "BUG: fix undefined macro on big-endian platforms",
+    "Bump the minimum supported Python to 3.11.",
+    "Was heißt das auf Deutsch? Ça marche très bien.",
+    "MAINT: update the vendored meson to 1.4",
+    "Remove a stray debug print from the parser.",
+    "ENH: add axis keyword to unique",
+    "TST: mark the network tests as slow",
+    "git-gui: fix typo in the commit dialog",
+    "CI: cache pip downloads between runs",
+    "scipy.optimize: guard against division by zero in line search",
+    "Teach `git log` to show notes by default.",
+    "Lower the memory use of rev-list on large repositories.",
+]
+
+
+def _sample_corpus() -> list[str]:
+    from importlib import resources
+
+    sample = resources.files("edge_pllm").joinpath("sample_history.jsonl")
+    with sample.open("r", encoding="utf-8") as fh:
+        return [json.loads(line)["text"] for line in fh if line.strip()]
+
+
+def embedder_report(
+    source: str | Path, exported: ExportedEmbedder, texts: list[str] | None = None, k: int = 5
+) -> dict[str, object]:
+    """Cosine of ONNX fp32 and int8 against sentence-transformers fp32, top-k retrieval
+    overlap on a small corpus, and encode throughput of each (same texts, same process)."""
+    import time
+
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from edge_pllm.embedder import Embedder
+
+    corpus = texts or [*REPORT_SENTENCES, *_sample_corpus()]
+    queries = REPORT_SENTENCES
+    with quiet_third_party():
+        st = SentenceTransformer(str(source), device="cpu")
+
+    def timed(fn) -> tuple[np.ndarray, float]:  # type: ignore[no-untyped-def]
+        fn(corpus[:4])  # warm-up: first-call costs are not throughput
+        started = time.perf_counter()
+        out = fn(corpus)
+        return np.asarray(out, dtype=np.float32), len(corpus) / (time.perf_counter() - started)
+
+    ref, st_rate = timed(lambda t: st.encode(t, normalize_embeddings=True, batch_size=32))
+    report: dict[str, object] = {"texts": len(corpus), "sentence_transformers_items_per_s": st_rate}
+    ref_q = np.asarray(st.encode(queries, normalize_embeddings=True), dtype=np.float32)
+    ref_top = np.argsort(-ref_q @ ref.T, axis=1)[:, :k]
+    for name, path in (("fp32", exported.onnx_fp32), ("int8", exported.onnx_int8)):
+        emb = Embedder(path, exported.tokenizer, exported.config)
+        vecs, rate = timed(emb.embed)
+        cos = (vecs * ref).sum(axis=1)
+        top = np.argsort(-emb.embed(queries) @ vecs.T, axis=1)[:, :k]
+        overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(top, ref_top, strict=True)])
+        report[name] = {
+            "cosine_mean": float(cos.mean()),
+            "cosine_min": float(cos.min()),
+            f"top{k}_overlap": float(overlap),
+            "items_per_s": rate,
+            "speed_vs_sentence_transformers": rate / st_rate,
+            "file_size": path.stat().st_size,
+        }
+    return report

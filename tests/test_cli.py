@@ -53,9 +53,9 @@ def test_add_list_search_ask_export_import_forget(run, tmp_path: Path):
     assert "[context #" in shown
 
     exported = tmp_path / "alice.jsonl"
-    run("export", "alice", "-o", str(exported))
+    run("dump", "alice", "-o", str(exported))
     assert len(exported.read_text().splitlines()) == 5
-    assert "Added 5 items" in run("import", "alice2", str(exported)).output
+    assert "Added 5 items" in run("load", "alice2", str(exported)).output
     assert sorted(i["text"] for i in map(json.loads, exported.read_text().splitlines())) == sorted(
         i["text"] for i in listed
     )

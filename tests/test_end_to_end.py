@@ -67,3 +67,78 @@ def test_lamp_ingest_and_rag_stay_within_each_question_user(tmp_path: Path, defa
         for line in context:
             assert line.split("] ", 1)[1].split("\n")[0].strip() in {s[:200] for s in subjects}
         assert shown.stdout.strip()
+
+
+def test_export_cli_tiny_model_to_bundle_to_generation(tmp_path: Path):
+    """HF folder -> GGUF f16 + Q8_0 with parity reports -> bundle -> personalized answer."""
+    from edge_pllm import LLMConfig, PersonalLLM, SamplingConfig
+    from edge_pllm.defaults import default_embedder_source
+    from export.llm import convert_hf
+
+    from .tiny_models import make_tiny_llama
+
+    tiny = make_tiny_llama(tmp_path / "tiny-llama")
+    home = tmp_path / "home"
+    # The tiny tokenizer's pre-tokenizer fingerprint is unknown to llama.cpp's table, so the
+    # f16 step goes through the API with pre="gpt-2"; the CLI takes that GGUF from there on.
+    f16 = convert_hf(tiny, tmp_path / "out" / "tiny.f16.gguf", pre="gpt-2", progress=False)
+    edge_pllm(
+        "export",
+        "llm",
+        str(f16),
+        "-o",
+        str(tmp_path / "out2"),
+        "-q",
+        "Q8_0",
+        "--no-report",
+        home=home,
+    )
+    q8 = tmp_path / "out2" / "tiny.f16.Q8_0.gguf"
+    assert q8.is_file()
+    bundle = tmp_path / "models" / "tiny"
+    dry = edge_pllm(
+        "export",
+        "bundle",
+        "--llm",
+        str(q8),
+        "--embedder",
+        str(default_embedder_source()),
+        "-o",
+        str(bundle),
+        "--dry-run",
+        home=home,
+    )
+    assert "Would build" in dry.stdout and not bundle.exists()
+    edge_pllm(
+        "export",
+        "bundle",
+        "--llm",
+        str(q8),
+        "--embedder",
+        str(default_embedder_source()),
+        "-o",
+        str(bundle),
+        home=home,
+    )
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["llm"]["quantization"] == "Q8_0" and manifest["llm"]["n_embd"] == 64
+    assert manifest["parity"]["embedder"]["int8"]["cosine_mean"] >= 0.99
+    with PersonalLLM(bundle, home=home, llm_config=LLMConfig(n_ctx=256)) as pllm:
+        pllm.add("u", ["fix(parser): handle blank lines", "docs: explain the cache"])
+        out = pllm.generate(
+            "u", "fix the cache", strategy="rag:1", sampling=SamplingConfig(max_tokens=5)
+        )
+        assert out.completion.prompt_tokens > 0 and out.context_ids
+    exists = edge_pllm(
+        "export",
+        "bundle",
+        "--llm",
+        str(q8),
+        "--embedder",
+        str(default_embedder_source()),
+        "-o",
+        str(bundle),
+        home=home,
+        check=False,
+    )
+    assert exists.returncode == 1 and "already exists" in exists.stderr
