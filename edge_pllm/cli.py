@@ -519,6 +519,103 @@ def export_default_command(ctx: click.Context, out_dir: str | None, dry_run: boo
     click.echo(f"Default bundle rebuilt at {path}.", err=True)
 
 
+@cli.command("train-plug")
+@click.argument("task_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--split", "splits", multiple=True, default=("train",), show_default=True)
+@click.option("--task", help="Task name if the outputs file does not say.")
+@click.option("--steps", default=400, show_default=True)
+@click.option("--batch-size", default=4, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--limit", type=int, help="Only the first N questions of each split.")
+@click.option(
+    "--no-profile-examples",
+    is_flag=True,
+    help="Train on the questions only, not on examples drawn from the profiles.",
+)
+@click.option(
+    "--llm-source",
+    type=click.Path(exists=True, file_okay=False),
+    help="Train against this HF folder instead of the bundle's GGUF (dequantized).",
+)
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    help="Checkpoints and the exported head (default: <home>/plug-train).",
+)
+@click.option(
+    "--attach/--no-attach",
+    default=True,
+    show_default=True,
+    help="Put the trained head into the bundle.",
+)
+@click.pass_context
+@plain_errors
+def train_plug(
+    ctx: click.Context,
+    task_dir: str,
+    splits: tuple[str, ...],
+    task: str | None,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    limit: int | None,
+    no_profile_examples: bool,
+    llm_source: str | None,
+    out_dir: str | None,
+    attach: bool,
+) -> None:
+    """Train a Persona-Plug head for the bundle on a LaMP-format task (needs [export])."""
+    from export import pplug
+
+    from .lamp import load_split
+
+    obj = ctx.find_object(Context)
+    bundle = Path(obj.bundle) if obj.bundle else ensure_default_bundle(obj.home)
+    spec = load_split(task_dir, splits[0], task).spec
+    examples = [
+        e
+        for s in splits
+        for e in pplug.lamp_examples(
+            Path(task_dir), s, spec, from_profiles=not no_profile_examples, limit=limit
+        )
+    ]
+    out = Path(out_dir) if out_dir else obj.home / "plug-train"
+    click.echo(f"{len(examples)} training examples from {', '.join(splits)}.", err=True)
+    config = pplug.TrainConfig(steps=steps, batch_size=batch_size, lr=lr)
+    head, result = pplug.train(bundle, examples, spec, out, config, llm_source=llm_source)
+    onnx_path = pplug.export_onnx(head, out / "plug.onnx")
+    command = " ".join(
+        [
+            "edge-pllm train-plug",
+            task_dir,
+            *(f"--split {s}" for s in splits),
+            f"--steps {steps} --batch-size {batch_size} --lr {lr}",
+        ]
+        + ([f"--limit {limit}"] if limit else [])
+    )
+    info = {
+        "task": spec.name,
+        "examples": len(examples),
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "train_seconds": round(result.seconds, 1),
+        "final_loss": round(result.final_loss, 4),
+        "threads": os.cpu_count(),
+        "command": command,
+    }
+    (out / "plug.json").write_text(json.dumps(info, indent=2))
+    click.echo(
+        f"Trained in {result.seconds:.0f} s; final loss {result.final_loss:.3f}; "
+        f"head at {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB)."
+    )
+    if attach:
+        pplug.attach_head(bundle, onnx_path, head, info)
+        click.echo(f"Head attached to the bundle {bundle}.")
+
+
 DEFAULT_EVAL_STRATEGIES = "none,recent:1,recent:3,rag:1,rag:3"
 
 

@@ -8,6 +8,10 @@ made; a killed run started again skips what is already there.
 Besides LLM strategies, two trivial floors give every number context (generation tasks
 with an output field): `floor:first-line` (the input document's first line) and
 `floor:latest` (the output the user wrote most recently).
+
+The ablation `STRATEGY@other` runs a strategy with the history of another query's user (the
+next query in the split): the gap between `plug` and `plug@other` is the personalization
+itself; the rest is task adaptation.
 """
 
 from __future__ import annotations
@@ -144,7 +148,12 @@ def _ingest(
 def run(config: RunConfig, pllm: PersonalLLM, progress: bool = True) -> list[SplitResult]:
     """Evaluate every strategy on every split; returns the metrics (also written to disk)."""
     for s in config.strategies:
-        get_strategy(s)  # fail fast on a bad name
+        base, _, variant = s.partition("@")
+        get_strategy(base)  # fail fast on a bad name
+        if variant not in ("", "other"):
+            raise InvalidInputError(
+                f"Unknown variant @{variant} in {s!r}; the one known is @other."
+            )
     config.out_dir.mkdir(parents=True, exist_ok=True)
     pred_path = config.out_dir / PREDICTIONS
     done = _load_done(pred_path)
@@ -194,7 +203,7 @@ def _run_split(
         disable=not progress,
     )
     with bar:
-        for q in questions:
+        for n, q in enumerate(questions):
             user = f"{task.split}:{q.id}"
             pending = [s for s in strategies if (task.split, s, q.id) not in done]
             if not pending:
@@ -206,10 +215,16 @@ def _run_split(
                 if s.startswith("floor:"):
                     raw = floor_answer(s, spec, q)
                 else:
-                    has_history = pllm.store.has_user(user)
-                    strategy = s if has_history or s == "none" else "none"
+                    base, _, variant = s.partition("@")
+                    history_user = user
+                    if variant == "other":
+                        other = questions[(n + 1) % len(questions)]
+                        history_user = f"{task.split}:{other.id}"
+                        _ingest(pllm, cache, spec, history_user, other)
+                    has_history = pllm.store.has_user(history_user)
+                    strategy = base if has_history or base == "none" else "none"
                     raw = pllm.generate(
-                        user,
+                        history_user,
                         spec.query(q.input),
                         strategy=strategy,
                         sampling=sampling,

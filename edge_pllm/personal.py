@@ -20,6 +20,7 @@ from .defaults import ensure_default_bundle
 from .embedder import Embedder
 from .items import NewItem, validate_items, validate_user
 from .llm import LLM, Completion, LLMConfig, SamplingConfig
+from .plug import PlugHead
 from .prompts import DEFAULT_STYLE, PromptStyle, fit_prompt
 from .store import HistoryStore
 from .strategies import Personalization, Request, Strategy, get_strategy
@@ -72,6 +73,7 @@ class PersonalLLM:
         self.llm_config = llm_config or LLMConfig()
         self.system_prompt = system_prompt
         self._llm: LLM | None = None
+        self._plug: PlugHead | None = None
         self._llm_lock = threading.RLock()
 
     @property
@@ -81,6 +83,13 @@ class PersonalLLM:
             if self._llm is None:
                 self._llm = LLM(self.bundle.file(self.bundle.llm.file), self.llm_config)
             return self._llm
+
+    @property
+    def plug(self) -> PlugHead | None:
+        """The bundle's Persona-Plug head (None if it has none); checked against the bundle."""
+        if self._plug is None and self.bundle.manifest.get("plug"):
+            self._plug = PlugHead(self.bundle)
+        return self._plug
 
     def close(self) -> None:
         self.store.close()
@@ -122,7 +131,8 @@ class PersonalLLM:
         query = validate_items([prompt])[0].text
         chosen = get_strategy(strategy)
         sampling = sampling or SamplingConfig()
-        found = chosen.personalize(Request(user, query, self.store, self.embedder))
+        plug = self.plug if chosen.name.startswith("plug") else None
+        found = chosen.personalize(Request(user, query, self.store, self.embedder, plug))
         llm = self.llm
         n_soft = 0 if found.soft_tokens is None else len(found.soft_tokens)
         text, kept = fit_prompt(

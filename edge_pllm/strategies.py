@@ -4,7 +4,8 @@ A strategy looks at the user's stored history and returns a `Personalization`: h
 items to show in the prompt and/or soft-token embeddings to put in front of it. How those
 are turned into a prompt is `prompts.py`'s job, so strategies differ only in what they add.
 
-Strategies are named by a spec string: `none`, `recent`, `recent:5`, `rag`, `rag:3`.
+Strategies are named by a spec string: `none`, `recent`, `recent:5`, `rag`, `rag:3`, `plug`,
+`plug+rag`, `plug+rag:3`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from .embedder import Embedder
 from .errors import InvalidInputError, UnknownStrategyError, UnknownUserError
 from .items import HistoryItem
+from .plug import Plug, PlugHead
 from .store import HistoryStore
 
 DEFAULT_K = 3
@@ -31,6 +33,7 @@ class Request:
     query: str
     store: HistoryStore
     embedder: Embedder
+    plug: PlugHead | None = None
 
 
 @dataclass
@@ -48,7 +51,7 @@ class Strategy(Protocol):
     def personalize(self, request: Request) -> Personalization: ...
 
 
-def _require_user(request: Request) -> None:
+def require_user(request: Request) -> None:
     if not request.store.has_user(request.user):
         raise UnknownUserError(request.user)
 
@@ -71,7 +74,7 @@ class Recent:
     name: str = "recent"
 
     def personalize(self, request: Request) -> Personalization:
-        _require_user(request)
+        require_user(request)
         items = request.store.items(request.user, limit=self.k)
         return Personalization(context=items, info={"item_ids": [i.id for i in items]})
 
@@ -84,7 +87,7 @@ class Retrieval:
     name: str = "rag"
 
     def personalize(self, request: Request) -> Personalization:
-        _require_user(request)
+        require_user(request)
         query_vec = request.embedder.embed_one(request.query)
         hits = request.store.search(request.user, query_vec, self.k)
         return Personalization(
@@ -99,6 +102,8 @@ REGISTRY: dict[str, StrategyFactory] = {
     "none": lambda k: NoPersonalization(),
     "recent": lambda k: Recent(k=k or DEFAULT_K),
     "rag": lambda k: Retrieval(k=k or DEFAULT_K),
+    "plug": lambda k: Plug(),
+    "plug+rag": lambda k: Plug(rag=k or DEFAULT_K, name="plug+rag"),
 }
 
 

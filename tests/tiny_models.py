@@ -22,7 +22,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tiny_llama(folder: Path, seed: int = 0, hidden: int = 64) -> Path:
+def make_tiny_llama(folder: Path, seed: int = 0, hidden: int = 64, std: float = 0.05) -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -70,6 +70,6 @@ def make_tiny_llama(folder: Path, seed: int = 0, hidden: int = 64) -> Path:
     with torch.no_grad():  # larger weights than the default init: peaked, decisive logits
         for p in model.parameters():
             if p.ndim == 2:
-                p.normal_(0, 0.05)
+                p.normal_(0, std)
     model.save_pretrained(str(folder), safe_serialization=True)
     return folder

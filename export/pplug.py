@@ -1,0 +1,426 @@
+"""Persona-Plug: the head that turns a user's history into soft tokens, trained against the
+frozen LLM the device runs, and exported to ONNX for onnxruntime.
+
+Model (PPlug, arXiv 2409.11901, with the cheap input encoder):
+    x   = A q                         q: the request's embedding (frozen encoder), A learned
+    w_i = softmax_i(h_i · x)          h_i: the user's history embeddings (frozen, from the store)
+    P   = Σ_i w_i Proj(h_i)           Proj = Linear(d_enc→d_llm) → GELU → Linear(d_llm→d_llm)
+    I   = Proj_I(v)                   v: a learned instruction vector, its own projector
+    soft tokens = [I; P], each rescaled to the mean row norm of the LLM's token embeddings,
+    so they live where the LLM's input embeddings live. The LLM input is [I; P; prompt].
+
+Training: LLM and history encoder frozen; cross-entropy on the gold output with teacher
+forcing; AdamW with warmup and linear decay; history-dropout augmentation (copies of each
+example that drop a random 1–50 % of the history); resumable checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from edge_pllm.bundle import Bundle, file_entries, load_bundle
+from edge_pllm.embedder import Embedder
+from edge_pllm.errors import InvalidInputError
+from edge_pllm.lamp import TaskSpec, load_split
+from edge_pllm.llm import LLM, LLMConfig
+from edge_pllm.plug import HEAD_FILE, N_SOFT
+from edge_pllm.prompts import build_messages
+
+from .embedder import quiet_third_party
+
+
+@dataclass
+class HeadConfig:
+    d_enc: int
+    d_llm: int
+    embed_norm: float
+    max_history: int = 512
+
+
+class PPlugHead(nn.Module):
+    """Input-aware aggregation of history embeddings into [instruction, persona] soft tokens."""
+
+    def __init__(self, config: HeadConfig):
+        super().__init__()
+        self.config = config
+        d_enc, d_llm = config.d_enc, config.d_llm
+        self.query_map = nn.Linear(d_enc, d_enc, bias=False)
+        nn.init.eye_(self.query_map.weight)
+        self.proj = nn.Sequential(nn.Linear(d_enc, d_llm), nn.GELU(), nn.Linear(d_llm, d_llm))
+        self.instruction = nn.Parameter(torch.randn(d_enc) / math.sqrt(d_enc))
+        self.proj_instruction = nn.Sequential(
+            nn.Linear(d_enc, d_llm), nn.GELU(), nn.Linear(d_llm, d_llm)
+        )
+        self.register_buffer("embed_norm", torch.tensor(float(config.embed_norm)))
+
+    def forward(
+        self, query: torch.Tensor, history: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """query (B, d_enc), history (B, N, d_enc), mask (B, N) of 1/0 -> (B, 2, d_llm)."""
+        x = self.query_map(query)
+        scores = torch.einsum("bnd,bd->bn", history, x)
+        scores = scores.masked_fill(mask <= 0, -1e9)
+        weights = torch.softmax(scores, dim=-1)
+        persona = torch.einsum("bn,bnd->bd", weights, self.proj(history))
+        instruction = self.proj_instruction(self.instruction).expand_as(persona)
+        tokens = torch.stack([instruction, persona], dim=1)
+        return tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-6) * self.embed_norm
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    user: str
+    query: str  # the request as the runtime passes it to the strategy
+    history: list[str]  # the user's history texts, oldest first
+    target: str
+
+
+def lamp_examples(
+    task_dir: Path, split: str, spec: TaskSpec, from_profiles: bool = True, limit: int | None = None
+) -> list[Example]:
+    """The split's questions, and (from_profiles) one example per profile item whose output
+    is known, with only the *earlier* items of that profile as history: never the future."""
+    task = load_split(task_dir, split, spec.name)
+    out = []
+    for q in task.questions(limit):
+        items = [p for p in q.profile if p.get(spec.input_field)]
+        items.sort(key=lambda p: str(p.get("date", "")))
+        texts = [str(p[spec.input_field]) for p in items]
+        if q.id in task.golds and texts:
+            out.append(Example(q.id, spec.query(q.input), texts, task.golds[q.id]))
+        if not from_profiles or not spec.output_field:
+            continue
+        prefix = q.input.split(":", 1)[0] + ": " if ":" in q.input else ""
+        for j in range(1, len(items)):
+            gold = items[j].get(spec.output_field)
+            if gold:
+                out.append(Example(q.id, spec.query(prefix + texts[j]), texts[:j], str(gold)))
+    return out
+
+
+class VectorTable:
+    """Embeddings of every distinct text, computed once with the bundle's (device) embedder."""
+
+    def __init__(self, embedder: Embedder, texts: Sequence[str], progress: bool = True):
+        unique = list(dict.fromkeys(texts))
+        self.index = {t: i for i, t in enumerate(unique)}
+        bar = tqdm(total=len(unique), desc="Embedding", unit="text", disable=not progress)
+        with bar:
+            self.matrix = embedder.embed(unique, progress=bar.update)
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        return self.matrix[[self.index[t] for t in texts]]
+
+
+# --- the frozen LLM in torch ------------------------------------------------------------------
+
+
+def load_frozen_llm(bundle: Bundle, source: Path | None = None) -> nn.Module:
+    """The bundle's LLM in transformers: its GGUF dequantized (the weights the device runs),
+    or the Hugging Face folder it was exported from."""
+    from transformers import AutoModelForCausalLM
+
+    with quiet_third_party():
+        if source is not None:
+            model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+        else:
+            gguf = bundle.file(bundle.llm.file)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            )
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def token_embedding_norm(model: nn.Module) -> float:
+    """Mean row norm of the input-embedding table, in the space the runtime feeds (unscaled)."""
+    table = model.get_input_embeddings().weight.detach()
+    return float(table.norm(dim=-1).mean())
+
+
+@dataclass
+class Encoded:
+    head_ids: list[int]  # tokens before the soft tokens (a BOS, if the model adds one)
+    prompt_ids: list[int]
+    target_ids: list[int]
+
+
+class PromptEncoder:
+    """Token ids exactly as the runtime makes them (llama.cpp's tokenizer and chat template)."""
+
+    def __init__(self, runtime_llm: LLM, spec: TaskSpec, max_prompt_tokens: int):
+        self.llm, self.spec, self.max_prompt_tokens = runtime_llm, spec, max_prompt_tokens
+        llama = runtime_llm.llama
+        self.bos = llama.token_bos()
+        self.adds_bos = llama._model.add_bos_token()
+        self.eos = llama.token_eos()
+
+    def __call__(self, example: Example) -> Encoded:
+        prompt = self.llm.apply_chat_template(
+            build_messages(example.query, [], None, self.spec.style)
+        )
+        ids = self.llm.tokenize(prompt)
+        head = ids[:1] if self.adds_bos and ids and ids[0] == self.bos else []
+        rest = ids[len(head) :]
+        if len(rest) > self.max_prompt_tokens:  # keep the end: it holds the turn markers
+            rest = rest[-self.max_prompt_tokens :]
+        target = self.llm.llama.tokenize(example.target.encode(), add_bos=False, special=False)
+        return Encoded(head, rest, [*target, self.eos])
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup: float = 0.05
+    dropout_copies: int = 10  # history-dropout copies per example (paper: 10)
+    max_history: int = 512
+    max_prompt_tokens: int = 160
+    seed: int = 0
+    checkpoint_every: int = 50
+    threads: int = 0
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    final_loss: float
+    losses: list[float] = field(default_factory=list)
+
+
+def _batch(
+    head: PPlugHead,
+    llm: nn.Module,
+    encoded: list[Encoded],
+    queries: np.ndarray,
+    histories: list[np.ndarray],
+    embed_scale: float,
+) -> torch.Tensor:
+    """The teacher-forced loss of a batch: [head ids][I; P][prompt][target] -> CE on target."""
+    n_hist = max(len(h) for h in histories)
+    d = queries.shape[1]
+    hist = np.zeros((len(histories), n_hist, d), dtype=np.float32)
+    mask = np.zeros((len(histories), n_hist), dtype=np.float32)
+    for i, h in enumerate(histories):
+        hist[i, : len(h)] = h
+        mask[i, : len(h)] = 1
+    soft = head(torch.from_numpy(queries), torch.from_numpy(hist), torch.from_numpy(mask))
+    embed = llm.get_input_embeddings()
+    rows, labels = [], []
+    for i, e in enumerate(encoded):
+        ids_before = torch.tensor(e.head_ids, dtype=torch.long)
+        ids_after = torch.tensor([*e.prompt_ids, *e.target_ids], dtype=torch.long)
+        parts = [embed(ids_before), soft[i] * embed_scale, embed(ids_after)]
+        rows.append(torch.cat(parts, dim=0))
+        n_ignore = len(e.head_ids) + N_SOFT + len(e.prompt_ids)
+        labels.append([-100] * n_ignore + e.target_ids)
+    width = max(len(r) for r in rows)
+    inputs = torch.zeros(len(rows), width, rows[0].shape[1])
+    attention = torch.zeros(len(rows), width, dtype=torch.long)
+    label_t = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (r, lab) in enumerate(zip(rows, labels, strict=True)):
+        inputs[i, : len(r)] = r
+        attention[i, : len(r)] = 1
+        label_t[i, : len(lab)] = torch.tensor(lab)
+    out = llm(inputs_embeds=inputs, attention_mask=attention)
+    logits = out.logits[:, :-1]
+    return nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), label_t[:, 1:].reshape(-1), ignore_index=-100
+    )
+
+
+def train(
+    bundle_dir: str | Path,
+    examples: list[Example],
+    spec: TaskSpec,
+    out_dir: str | Path,
+    config: TrainConfig | None = None,
+    llm_source: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> tuple[PPlugHead, TrainResult]:
+    """Train a head for the bundle's LLM and embedder on `examples`; resumes from out_dir."""
+    config = config or TrainConfig()
+    if not examples:
+        raise InvalidInputError("No training examples: check the task folder and split.")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bundle = load_bundle(bundle_dir)
+    spec_emb = bundle.embedder
+    embedder = Embedder(
+        bundle.file(spec_emb.file), bundle.file(spec_emb.tokenizer), spec_emb.config
+    )
+    runtime = LLM(bundle.file(bundle.llm.file), LLMConfig(n_ctx=512))
+    llm = load_frozen_llm(bundle, Path(llm_source) if llm_source else None)
+    head_config = HeadConfig(
+        d_enc=spec_emb.config.dim,
+        d_llm=runtime.n_embd,
+        embed_norm=token_embedding_norm(llm) / runtime.embed_scale,
+        max_history=config.max_history,
+    )
+    texts = [t for e in examples for t in (e.query, *e.history[-config.max_history :])]
+    table = VectorTable(embedder, texts, progress)
+    encode = PromptEncoder(runtime, spec, config.max_prompt_tokens)
+    encoded = [encode(e) for e in examples]
+
+    torch.manual_seed(config.seed)
+    head = PPlugHead(head_config)
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    warm = max(1, int(config.warmup * config.steps))
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (config.steps - step) / max(1, config.steps - warm))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    ckpt = out_dir / "checkpoint.pt"
+    start, losses, elapsed = 0, [], 0.0
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start, losses, elapsed = state["step"], state["losses"], state["seconds"]
+        random.setstate(state["py_rng"])
+    else:
+        random.seed(config.seed)
+
+    # Each example once as is, plus `dropout_copies` copies with 1-50 % of history dropped.
+    def sample_history(hist: list[str]) -> list[str]:
+        hist = hist[-config.max_history :]
+        if random.random() < config.dropout_copies / (config.dropout_copies + 1) and len(hist) > 1:
+            keep = max(1, round(len(hist) * (1 - random.uniform(0.01, 0.5))))
+            chosen = sorted(random.sample(range(len(hist)), keep))
+            hist = [hist[i] for i in chosen]
+        return hist
+
+    bar = tqdm(
+        total=config.steps,
+        initial=start,
+        desc="Training PPlug head",
+        unit="step",
+        disable=not progress,
+    )
+    started = time.perf_counter()
+    head.train()
+    with bar:
+        for step in range(start, config.steps):
+            idx = [random.randrange(len(examples)) for _ in range(config.batch_size)]
+            hists = [table(sample_history(examples[i].history)) for i in idx]
+            queries = table([examples[i].query for i in idx])
+            loss = _batch(head, llm, [encoded[i] for i in idx], queries, hists, runtime.embed_scale)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            bar.update()
+            done = step + 1
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                seconds = elapsed + time.perf_counter() - started
+                torch.save(
+                    {
+                        "head": head.state_dict(),
+                        "opt": opt.state_dict(),
+                        "sched": sched.state_dict(),
+                        "step": done,
+                        "losses": losses,
+                        "seconds": seconds,
+                        "py_rng": random.getstate(),
+                        "head_config": asdict(head_config),
+                    },
+                    ckpt,
+                )
+    head.eval()
+    seconds = elapsed + time.perf_counter() - started
+    result = TrainResult(
+        config.steps, seconds, float(np.mean(losses[-20:])) if losses else 0.0, losses
+    )
+    if log:
+        log(f"trained {config.steps} steps in {seconds:.0f} s, final loss {result.final_loss:.3f}")
+    return head, result
+
+
+# --- export -----------------------------------------------------------------------------------
+
+
+def export_onnx(head: PPlugHead, path: str | Path) -> Path:
+    """The head as ONNX: query (B, d_enc), history (B, N, d_enc), mask (B, N) -> soft tokens."""
+    path = Path(path)
+    d = head.config.d_enc
+    args = (torch.zeros(1, d), torch.zeros(1, 3, d), torch.ones(1, 3))
+    head.eval()
+    with quiet_third_party(), torch.no_grad():
+        torch.onnx.export(
+            head,
+            args,
+            str(path),
+            input_names=["query", "history", "mask"],
+            output_names=["soft_tokens"],
+            dynamic_axes={
+                "query": {0: "batch"},
+                "history": {0: "batch", 1: "n"},
+                "mask": {0: "batch", 1: "n"},
+                "soft_tokens": {0: "batch"},
+            },
+            opset_version=17,
+            dynamo=False,
+        )
+    return path
+
+
+def attach_head(
+    bundle_dir: str | Path, onnx_path: str | Path, head: PPlugHead, info: dict[str, Any]
+) -> Path:
+    """Put the head into the bundle; the manifest records the LLM and embedder it was
+    trained for (their sha256), so the runtime refuses it with any other."""
+    bundle_dir = Path(bundle_dir)
+    bundle = load_bundle(bundle_dir)
+    shutil.copyfile(onnx_path, bundle_dir / HEAD_FILE)
+    manifest = dict(bundle.manifest)
+    files = manifest["files"]
+    manifest["plug"] = {
+        "file": HEAD_FILE,
+        "n_soft": N_SOFT,
+        "d_enc": head.config.d_enc,
+        "d_llm": head.config.d_llm,
+        "max_history": head.config.max_history,
+        "input_encoder": "frozen encoder + learned linear map",
+        "llm_sha256": files[bundle.llm.file]["sha256"],
+        "embedder_sha256": files[bundle.embedder.file]["sha256"],
+        **info,
+    }
+    files.update(file_entries(bundle_dir, [HEAD_FILE]))
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+    load_bundle(bundle_dir)
+    return bundle_dir
