@@ -681,7 +681,9 @@ def eval_command(
         strategies=[s.strip() for s in strategies.split(",") if s.strip()],
         floors=not no_floors,
     )
-    pllm = obj.pllm()
+    # The run keeps its own store in the run folder: eval users never mix with real ones.
+    base = obj.pllm()
+    pllm = PersonalLLM(base.bundle.path, home=out, llm_config=base.llm_config)
     results = evaluate.run(config, pllm)
     spec = load_split(folder, splits[0], task).spec
     b = pllm.bundle

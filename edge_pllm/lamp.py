@@ -51,12 +51,22 @@ class TaskSpec:
             render_item=self.render_item,
         )
 
+    def item_text(self, entry: dict[str, Any]) -> str:
+        """What is stored and embedded for a profile entry: the whole thing the user wrote,
+        output first ("subject\n\nbody"), as PPlug's history encoder sees each behaviour."""
+        document = str(entry.get(self.input_field) or entry.get("text") or "").strip()
+        out = str(entry.get(self.output_field) or "").strip() if self.output_field else ""
+        return f"{out}\n\n{document}".strip() if out else document
+
     def render_item(self, item: HistoryItem) -> str:
-        text = item.text.strip()[:1000]
-        out = item.metadata.get(self.output_field) if self.output_field else None
-        if out in (None, ""):
-            return f"{self.input_label}: {text}"
-        return f"{self.input_label}: {text}\n{self.output_label}: {out}"
+        out = str(item.metadata.get(self.output_field) or "") if self.output_field else ""
+        document = item.text.strip()
+        if out and document.startswith(out):
+            document = document[len(out) :].strip()
+        document = document[:1000]
+        if not out:
+            return f"{self.input_label}: {document}"
+        return f"{self.input_label}: {document}\n{self.output_label}: {out}"
 
     def query(self, question_input: str) -> str:
         return f"{question_input.strip()}\n\n{self.answer_instruction}"
@@ -66,10 +76,11 @@ class TaskSpec:
         for i, entry in enumerate(profile):
             if not isinstance(entry, dict):
                 raise InvalidInputError(f"Profile entry {i} is not a JSON object.", index=i)
-            text = entry.get(self.input_field) or entry.get("text") or entry.get("title") or ""
             meta = {k: v for k, v in entry.items() if k != self.input_field}
             items.append(
-                NewItem(text=str(text), kind="lamp", created_at=_date(entry), metadata=meta)
+                NewItem(
+                    text=self.item_text(entry), kind="lamp", created_at=_date(entry), metadata=meta
+                )
             )
         return items
 

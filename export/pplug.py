@@ -101,7 +101,7 @@ def lamp_examples(
     for q in task.questions(limit):
         items = [p for p in q.profile if p.get(spec.input_field)]
         items.sort(key=lambda p: str(p.get("date", "")))
-        texts = [str(p[spec.input_field]) for p in items]
+        texts = [spec.item_text(p) for p in items]
         if q.id in task.golds and texts:
             out.append(Example(q.id, spec.query(q.input), texts, task.golds[q.id]))
         if not from_profiles or not spec.output_field:
@@ -110,7 +110,8 @@ def lamp_examples(
         for j in range(1, len(items)):
             gold = items[j].get(spec.output_field)
             if gold:
-                out.append(Example(q.id, spec.query(prefix + texts[j]), texts[:j], str(gold)))
+                document = str(items[j][spec.input_field])
+                out.append(Example(q.id, spec.query(prefix + document), texts[:j], str(gold)))
     return out
 
 

@@ -87,7 +87,7 @@ def test_ingest_lamp_profiles_one_user_per_question(run, tmp_path: Path):
     users = run("users").output
     assert "lamp-q1\t1 item\t" in users and "lamp-q2\t2 items" in users
     (item,) = [json.loads(line) for line in run("items", "lamp-q1", "--json").output.splitlines()]
-    assert item["text"] == "body one" and item["metadata"]["title"] == "T1"
+    assert item["text"] == "T1\n\nbody one" and item["metadata"]["title"] == "T1"
     assert item["created_at"] == "2020-01-01T00:00:00+00:00"
     assert "Unknown task" in run("ingest", str(path), ok=False).output
 

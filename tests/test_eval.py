@@ -64,7 +64,7 @@ def test_runner_writes_lamp_outputs_metrics_and_keeps_users_apart(default_bundle
                 assert not pllm.store.has_user(name)
                 continue
             texts = sorted(i.text for i in pllm.store.items(name))
-            assert texts == sorted(b for _, b in profile)
+            assert texts == sorted(f"{t}\n\n{b}" for t, b in profile)
     assert set(result.metrics) == {"floor:first-line", "floor:latest", "none", "rag:2"}
     assert result.metrics["floor:latest"]["rouge-1"].value == pytest.approx(0.75)  # u4 misses
     outputs = json.loads((out / "dev_rag-2_outputs.json").read_text())

@@ -1,0 +1,161 @@
+"""Persona-Plug through the real path: tiny Llama -> GGUF -> bundle -> head (torch) ->
+ONNX -> onnxruntime -> soft tokens -> llama.cpp."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="training needs the [export] extra")
+
+from edge_pllm import BundleError, LLMConfig, PersonalLLM, SamplingConfig  # noqa: E402
+from edge_pllm.bundle import load_bundle  # noqa: E402
+from edge_pllm.defaults import default_embedder_source  # noqa: E402
+from edge_pllm.lamp import task_spec  # noqa: E402
+from edge_pllm.llm import LLM  # noqa: E402
+from edge_pllm.plug import PlugHead  # noqa: E402
+from export import pplug  # noqa: E402
+from export.bundle import build_bundle  # noqa: E402
+from export.llm import convert_hf  # noqa: E402
+
+from .tiny_models import make_tiny_llama  # noqa: E402
+
+SPEC = task_spec("LaMP_7")
+HISTORY = {
+    "ann": ["Tomatoes need full sun.", "Compost the leaves in autumn.", "Pruning roses today."],
+    "bob": ["SELECT count(*) FROM users;", "Add an index on email.", "Vacuum the tables."],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("pplug")
+    tiny = make_tiny_llama(root / "tiny", std=0.5)
+    gguf = convert_hf(tiny, root / "tiny.f32.gguf", outtype="f32", pre="gpt-2", progress=False)
+    bundle = build_bundle(
+        root / "bundle", llm_gguf=gguf, embedder_source=default_embedder_source(), report=False
+    )
+    return tiny, bundle
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_bundle, tmp_path_factory):
+    tiny, bundle = tiny_bundle
+    examples = [
+        pplug.Example(user, SPEC.query("Say my word."), texts, word)
+        for (user, texts), word in zip(HISTORY.items(), ["parser", "docs"], strict=True)
+    ]
+    out = tmp_path_factory.mktemp("train")
+    config = pplug.TrainConfig(steps=6, batch_size=2, checkpoint_every=3, dropout_copies=1)
+    head, result = pplug.train(bundle, examples, SPEC, out, config, llm_source=tiny, progress=False)
+    onnx = pplug.export_onnx(head, out / "plug.onnx")
+    pplug.attach_head(bundle, onnx, head, {"steps": 6})
+    return head, result, examples, out
+
+
+def vectors(bundle: Path, texts: list[str]) -> np.ndarray:
+    from edge_pllm.embedder import Embedder
+
+    b = load_bundle(bundle)
+    return Embedder(b.file(b.embedder.file), b.file(b.embedder.tokenizer), b.embedder.config).embed(
+        texts
+    )
+
+
+def test_torch_head_and_onnx_head_give_the_same_soft_tokens(tiny_bundle, trained):
+    _, bundle = tiny_bundle
+    head = trained[0]
+    runtime = PlugHead(load_bundle(bundle))
+    for texts in HISTORY.values():
+        q = vectors(bundle, ["Say my word."])[0]
+        h = vectors(bundle, texts)
+        with torch.no_grad():
+            expected = head(
+                torch.from_numpy(q[None]), torch.from_numpy(h[None]), torch.ones(1, len(h))
+            )[0].numpy()
+        got = runtime.soft_tokens(q, h)
+        assert got.shape == (2, 64)
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+        norms = np.linalg.norm(got, axis=1)
+        np.testing.assert_allclose(norms, head.config.embed_norm, rtol=1e-4)
+
+
+def test_transformers_and_llama_cpp_agree_with_soft_tokens(tiny_bundle, trained):
+    from transformers import AutoModelForCausalLM
+
+    tiny, bundle = tiny_bundle
+    model = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32)
+    llm = LLM(load_bundle(bundle).file("llm.gguf"), LLMConfig(n_ctx=256))
+    runtime = PlugHead(load_bundle(bundle))
+    prompt = llm.apply_chat_template([{"role": "user", "content": "Say my word."}])
+    ids = llm.tokenize(prompt)
+    for texts in HISTORY.values():
+        soft = runtime.soft_tokens(vectors(bundle, ["Say my word."])[0], vectors(bundle, texts))
+        cpp = llm.next_token_logits(ids, soft=soft)
+        with torch.no_grad():
+            embeds = torch.cat(
+                [torch.from_numpy(soft), model.get_input_embeddings()(torch.tensor(ids))]
+            )
+            ref = model(inputs_embeds=embeds[None]).logits[0, -1].numpy()
+        assert int(cpp.argmax()) == int(ref.argmax())
+        np.testing.assert_allclose(cpp, ref, atol=0.05)  # llama.cpp keeps the KV cache in f16
+
+
+def test_training_resumes_from_its_checkpoint(tiny_bundle, trained):
+    tiny, bundle = tiny_bundle
+    _, first, examples, out = trained
+    assert (out / "checkpoint.pt").is_file() and len(first.losses) == 6
+    config = pplug.TrainConfig(steps=8, batch_size=2, checkpoint_every=3, dropout_copies=1)
+    _, resumed = pplug.train(bundle, examples, SPEC, out, config, llm_source=tiny, progress=False)
+    assert len(resumed.losses) == 8 and resumed.losses[:6] == first.losses
+
+
+def test_plug_strategies_on_the_device(tiny_bundle, trained, tmp_path):
+    _, bundle = tiny_bundle
+    with PersonalLLM(bundle, home=tmp_path, llm_config=LLMConfig(n_ctx=512)) as p:
+        for user, texts in HISTORY.items():
+            p.add(user, texts)
+        plug = p.prepare("ann", "Say my word.", "plug")
+        assert plug.personalization.soft_tokens.shape == (2, 64)
+        assert plug.personalization.context == []
+        short = SamplingConfig(max_tokens=8)
+        both = p.prepare("ann", "Which plants need sun?", "plug+rag:1", short)
+        assert both.personalization.soft_tokens is not None
+        assert [i.text for i in both.personalization.context] == ["Tomatoes need full sun."]
+        ann = p.prepare("ann", "Say my word.", "plug").personalization.soft_tokens
+        bob = p.prepare("bob", "Say my word.", "plug").personalization.soft_tokens
+        assert np.abs(ann - bob).max() > 1e-3  # each user's own history makes their tokens
+        out = p.generate("bob", "Say my word.", strategy="plug", sampling=short)
+        assert out.soft_tokens == 2 and out.completion.soft_tokens == 2
+        # A user whose history was all deleted falls back to the plain prompt.
+        p.store.delete("ann", [i.id for i in p.store.items("ann")])
+        fallback = p.prepare("ann", "Say my word.", "plug").personalization
+        assert fallback.soft_tokens is None and "fallback" in fallback.info
+
+
+def test_head_trained_for_another_llm_is_refused(tiny_bundle, trained, tmp_path):
+    _, bundle = tiny_bundle
+    other = tmp_path / "other"
+    shutil.copytree(bundle, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["plug"]["llm_sha256"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="trained for another llm"):
+        PlugHead(load_bundle(other))
+    with PersonalLLM(other, home=tmp_path / "h", llm_config=LLMConfig(n_ctx=256)) as p:
+        p.add("ann", HISTORY["ann"])
+        with pytest.raises(BundleError, match="retrain the head"):
+            p.generate("ann", "hi", strategy="plug")
+        assert p.generate("ann", "hi", strategy="rag").text is not None  # the rest still works
+
+
+def test_bundle_without_a_head_says_so(pllm):
+    pllm.add("ann", HISTORY["ann"])
+    if pllm.bundle.manifest.get("plug"):
+        pytest.skip("the default bundle carries a head")
+    with pytest.raises(BundleError, match="no Persona-Plug head"):
+        pllm.generate("ann", "hi", strategy="plug")
