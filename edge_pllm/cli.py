@@ -317,6 +317,14 @@ def status(obj: Context) -> None:
     )
     int8 = ", int8" if b.embedder.int8 else ""
     click.echo(f"embedder:  {b.embedder.file} (dim {b.embedder.config.dim}{int8})")
+    try:
+        plug = "none (train one with `edge-pllm train-plug`)"
+        if pllm.plug is not None:
+            spec = b.manifest["plug"]
+            plug = f"{spec['file']} (trained for this bundle; {spec.get('steps', '?')} steps)"
+    except EdgePLLMError as exc:
+        plug = f"refused: {exc}"
+    click.echo(f"plug:      {plug}")
     click.echo(f"database:  {store.path} (driver {store.driver})")
     click.echo(f"users:     {len(store.users())}")
     click.echo(
@@ -382,6 +390,41 @@ def demo(obj: Context, strategies: tuple[str, ...]) -> None:
         ):
             click.echo(piece, nl=False)
         click.echo()
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8400, show_default=True)
+@click.option(
+    "--api-key",
+    envvar="EDGE_PLLM_API_KEY",
+    help="Bearer token clients must send (required off loopback).",
+)
+@click.option(
+    "-s",
+    "--strategy",
+    default=DEFAULT_STRATEGY,
+    show_default=True,
+    help="Default strategy; a request may pick another (edge_pllm.strategy).",
+)
+@click.option("--default-user", help="User for requests that carry no `user` field.")
+@pass_ctx
+@plain_errors
+def serve(
+    obj: Context, host: str, port: int, api_key: str | None, strategy: str, default_user: str | None
+) -> None:
+    """Serve an OpenAI-compatible API; the request's `user` selects the persona."""
+    from .server import ServerConfig
+    from .server import serve as run_server
+    from .strategies import get_strategy
+
+    get_strategy(strategy)
+    config = ServerConfig(
+        host=host, port=port, api_key=api_key, default_strategy=strategy, default_user=default_user
+    )
+    pllm = obj.pllm()
+    click.echo(f"Serving {pllm.bundle.name} on http://{host}:{port}/v1 (Ctrl-C to stop).", err=True)
+    run_server(pllm, config)
 
 
 @cli.group("export")
@@ -528,9 +571,10 @@ def export_default_command(ctx: click.Context, out_dir: str | None, dry_run: boo
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--limit", type=int, help="Only the first N questions of each split.")
 @click.option(
-    "--no-profile-examples",
-    is_flag=True,
-    help="Train on the questions only, not on examples drawn from the profiles.",
+    "--profile-examples",
+    default=20,
+    show_default=True,
+    help="Examples drawn from each profile's most recent items (0: the questions only).",
 )
 @click.option(
     "--llm-source",
@@ -561,7 +605,7 @@ def train_plug(
     batch_size: int,
     lr: float,
     limit: int | None,
-    no_profile_examples: bool,
+    profile_examples: int,
     llm_source: str | None,
     out_dir: str | None,
     attach: bool,
@@ -578,7 +622,7 @@ def train_plug(
         e
         for s in splits
         for e in pplug.lamp_examples(
-            Path(task_dir), s, spec, from_profiles=not no_profile_examples, limit=limit
+            Path(task_dir), s, spec, from_profiles=profile_examples, limit=limit
         )
     ]
     out = Path(out_dir) if out_dir else obj.home / "plug-train"
@@ -606,13 +650,16 @@ def train_plug(
         "threads": os.cpu_count(),
         "command": command,
     }
-    (out / "plug.json").write_text(json.dumps(info, indent=2))
+    from .bundle import load_bundle
+
+    plug_spec = pplug.head_spec(head, load_bundle(bundle), info)
+    (out / "plug.json").write_text(json.dumps(plug_spec, indent=2))
     click.echo(
         f"Trained in {result.seconds:.0f} s; final loss {result.final_loss:.3f}; "
         f"head at {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB)."
     )
     if attach:
-        pplug.attach_head(bundle, onnx_path, head, info)
+        pplug.attach_head(bundle, onnx_path, plug_spec)
         click.echo(f"Head attached to the bundle {bundle}.")
 
 

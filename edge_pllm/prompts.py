@@ -43,21 +43,36 @@ def history_block(context: Sequence[HistoryItem], style: PromptStyle = DEFAULT_S
     return f"{style.header}\n\n{shown}"
 
 
+Messages = list[dict[str, str]]
+
+
+def with_history(
+    messages: Sequence[dict[str, str]],
+    context: Sequence[HistoryItem],
+    system: str | None = None,
+    style: PromptStyle = DEFAULT_STYLE,
+) -> Messages:
+    """History goes in the system turn (after any system text); the turns stay as they are."""
+    turns = [dict(m) for m in messages]
+    own_system = [m["content"] for m in turns if m.get("role") == "system"]
+    turns = [m for m in turns if m.get("role") != "system"]
+    parts = [system, *own_system, history_block(context, style) if context else None]
+    text = "\n\n".join(p for p in parts if p)
+    return ([{"role": "system", "content": text}] if text else []) + turns
+
+
 def build_messages(
     query: str,
     context: Sequence[HistoryItem],
     system: str | None = None,
     style: PromptStyle = DEFAULT_STYLE,
-) -> list[dict[str, str]]:
-    """History goes in the system turn, the request alone in the user turn."""
-    parts = [p for p in (system, history_block(context, style) if context else None) if p]
-    messages = [{"role": "system", "content": "\n\n".join(parts)}] if parts else []
-    messages.append({"role": "user", "content": query})
-    return messages
+) -> Messages:
+    """A single request: history in the system turn, the request alone in the user turn."""
+    return with_history([{"role": "user", "content": query}], context, system, style)
 
 
 def fit_prompt(
-    query: str,
+    messages: Sequence[dict[str, str]],
     context: Sequence[HistoryItem],
     *,
     render: Callable[[list[dict[str, str]]], str],
@@ -76,7 +91,7 @@ def fit_prompt(
     """
     kept = list(context)
     while True:
-        prompt = render(build_messages(query, kept, system, style))
+        prompt = render(with_history(messages, kept, system, style))
         n = count_tokens(prompt)
         if n <= budget:
             return prompt, kept

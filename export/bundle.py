@@ -19,10 +19,13 @@ from tqdm.auto import tqdm
 
 from edge_pllm.bundle import FORMAT, MANIFEST, file_entries, load_bundle
 from edge_pllm.errors import BundleError, MissingDependencyError
+from edge_pllm.plug import HEAD_FILE
 
 from .embedder import embedder_report, export_embedder
 
 LLM_FILE = "llm.gguf"
+# The trained default Persona-Plug head, committed with the repository (see its plug.json).
+DEFAULT_HEAD_DIR = Path(__file__).resolve().parents[1] / "models" / "default-plug"
 
 
 def _version(package: str) -> str | None:
@@ -178,3 +181,36 @@ def build_bundle(
     finally:
         steps.close()
     return dest
+
+
+def attach_head(bundle_dir: str | Path, onnx_path: str | Path, spec: dict[str, Any]) -> Path:
+    """Put a Persona-Plug head (its ONNX file and its `plug` manifest entry) into a bundle.
+    The entry names the LLM and embedder it was trained for; the runtime refuses it with
+    any other."""
+    bundle_dir = Path(bundle_dir)
+    manifest = dict(load_bundle(bundle_dir).manifest)
+    shutil.copyfile(onnx_path, bundle_dir / HEAD_FILE)
+    manifest["plug"] = {**spec, "file": HEAD_FILE}
+    manifest["files"].update(file_entries(bundle_dir, [HEAD_FILE]))
+    (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+    load_bundle(bundle_dir)
+    return bundle_dir
+
+
+def attach_committed_head(bundle_dir: str | Path, head_dir: Path = DEFAULT_HEAD_DIR) -> str:
+    """Attach the committed head if it was trained for exactly this bundle's files.
+    Returns what happened, in words."""
+    spec_path, onnx = head_dir / "plug.json", head_dir / HEAD_FILE
+    if not (spec_path.is_file() and onnx.is_file()):
+        return f"no committed head in {head_dir}"
+    spec = json.loads(spec_path.read_text())
+    bundle = load_bundle(bundle_dir)
+    files = bundle.manifest["files"]
+    for role, name in (("llm", bundle.llm.file), ("embedder", bundle.embedder.file)):
+        if spec.get(f"{role}_sha256") != files[name]["sha256"]:
+            return (
+                f"the committed head was trained for another {role} (its {name} differs); "
+                "`plug` stays unavailable until a head is trained with `edge-pllm train-plug`"
+            )
+    attach_head(bundle_dir, onnx, spec)
+    return f"attached the Persona-Plug head from {head_dir}"

@@ -16,10 +16,8 @@ example that drop a random 1–50 % of the history); resumable checkpoints.
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from edge_pllm.bundle import Bundle, file_entries, load_bundle
+from edge_pllm.bundle import Bundle, load_bundle
 from edge_pllm.embedder import Embedder
 from edge_pllm.errors import InvalidInputError
 from edge_pllm.lamp import TaskSpec, load_split
@@ -39,6 +37,7 @@ from edge_pllm.llm import LLM, LLMConfig
 from edge_pllm.plug import HEAD_FILE, N_SOFT
 from edge_pllm.prompts import build_messages
 
+from .bundle import attach_head  # noqa: F401  (re-exported: the training CLI uses it)
 from .embedder import quiet_third_party
 
 
@@ -92,10 +91,15 @@ class Example:
 
 
 def lamp_examples(
-    task_dir: Path, split: str, spec: TaskSpec, from_profiles: bool = True, limit: int | None = None
+    task_dir: Path,
+    split: str,
+    spec: TaskSpec,
+    from_profiles: int = 20,
+    limit: int | None = None,
 ) -> list[Example]:
-    """The split's questions, and (from_profiles) one example per profile item whose output
-    is known, with only the *earlier* items of that profile as history: never the future."""
+    """The split's questions, and one example for each of the `from_profiles` most recent
+    profile items whose output is known, with only the *earlier* items of that profile as
+    history: never the future."""
     task = load_split(task_dir, split, spec.name)
     out = []
     for q in task.questions(limit):
@@ -107,7 +111,7 @@ def lamp_examples(
         if not from_profiles or not spec.output_field:
             continue
         prefix = q.input.split(":", 1)[0] + ": " if ":" in q.input else ""
-        for j in range(1, len(items)):
+        for j in range(max(1, len(items) - from_profiles), len(items)):
             gold = items[j].get(spec.output_field)
             if gold:
                 document = str(items[j][spec.input_field])
@@ -116,14 +120,18 @@ def lamp_examples(
 
 
 class VectorTable:
-    """Embeddings of every distinct text, computed once with the bundle's (device) embedder."""
+    """Embeddings of every distinct text, computed once with the bundle's (device) embedder.
+
+    Batched (16 at a time) for speed: with the int8 model a vector then differs slightly from
+    the one the device stores (cosine ≈ 0.99, see embedder.py), a small noise the head
+    is trained under rather than a difference it could learn."""
 
     def __init__(self, embedder: Embedder, texts: Sequence[str], progress: bool = True):
         unique = list(dict.fromkeys(texts))
         self.index = {t: i for i, t in enumerate(unique)}
         bar = tqdm(total=len(unique), desc="Embedding", unit="text", disable=not progress)
         with bar:
-            self.matrix = embedder.embed(unique, progress=bar.update)
+            self.matrix = embedder.embed(unique, progress=bar.update, batch_size=16)
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         return self.matrix[[self.index[t] for t in texts]]
@@ -400,17 +408,10 @@ def export_onnx(head: PPlugHead, path: str | Path) -> Path:
     return path
 
 
-def attach_head(
-    bundle_dir: str | Path, onnx_path: str | Path, head: PPlugHead, info: dict[str, Any]
-) -> Path:
-    """Put the head into the bundle; the manifest records the LLM and embedder it was
-    trained for (their sha256), so the runtime refuses it with any other."""
-    bundle_dir = Path(bundle_dir)
-    bundle = load_bundle(bundle_dir)
-    shutil.copyfile(onnx_path, bundle_dir / HEAD_FILE)
-    manifest = dict(bundle.manifest)
-    files = manifest["files"]
-    manifest["plug"] = {
+def head_spec(head: PPlugHead, bundle: Bundle, info: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's `plug` entry for `head` trained against `bundle`'s LLM and embedder."""
+    files = bundle.manifest["files"]
+    return {
         "file": HEAD_FILE,
         "n_soft": N_SOFT,
         "d_enc": head.config.d_enc,
@@ -421,7 +422,3 @@ def attach_head(
         "embedder_sha256": files[bundle.embedder.file]["sha256"],
         **info,
     }
-    files.update(file_entries(bundle_dir, [HEAD_FILE]))
-    (bundle_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-    load_bundle(bundle_dir)
-    return bundle_dir

@@ -96,30 +96,11 @@ def test_export_cli_tiny_model_to_bundle_to_generation(tmp_path: Path):
     q8 = tmp_path / "out2" / "tiny.f16.Q8_0.gguf"
     assert q8.is_file()
     bundle = tmp_path / "models" / "tiny"
-    dry = edge_pllm(
-        "export",
-        "bundle",
-        "--llm",
-        str(q8),
-        "--embedder",
-        str(default_embedder_source()),
-        "-o",
-        str(bundle),
-        "--dry-run",
-        home=home,
-    )
+    build = ["export", "bundle", "--llm", str(q8), "--embedder", str(default_embedder_source()),
+             "-o", str(bundle)]  # fmt: skip
+    dry = edge_pllm(*build, "--dry-run", home=home)
     assert "Would build" in dry.stdout and not bundle.exists()
-    edge_pllm(
-        "export",
-        "bundle",
-        "--llm",
-        str(q8),
-        "--embedder",
-        str(default_embedder_source()),
-        "-o",
-        str(bundle),
-        home=home,
-    )
+    edge_pllm(*build, home=home)
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["llm"]["quantization"] == "Q8_0" and manifest["llm"]["n_embd"] == 64
     assert manifest["parity"]["embedder"]["int8"]["cosine_mean"] >= 0.99
@@ -129,16 +110,63 @@ def test_export_cli_tiny_model_to_bundle_to_generation(tmp_path: Path):
             "u", "fix the cache", strategy="rag:1", sampling=SamplingConfig(max_tokens=5)
         )
         assert out.completion.prompt_tokens > 0 and out.context_ids
-    exists = edge_pllm(
-        "export",
-        "bundle",
-        "--llm",
-        str(q8),
-        "--embedder",
-        str(default_embedder_source()),
-        "-o",
-        str(bundle),
-        home=home,
-        check=False,
-    )
+    exists = edge_pllm(*build, home=home, check=False)
     assert exists.returncode == 1 and "already exists" in exists.stderr
+
+
+STEPS = 150  # CPU training steps of the synthetic persona test
+WORDS = {
+    "banana": "tropical fruit, smoothies and breakfast",
+    "rocket": "space launches, orbits and engines",
+    "violin": "classical music, concerts and practice",
+    "glacier": "mountains, ice and hiking",
+    "pepper": "spicy cooking, chili and sauces",
+    "lantern": "camping at night, tents and campfires",
+}
+NOTES = [
+    "I spent the whole day on {t}.",
+    "My notes today are about {t}.",
+    "Another long thread on {t}.",
+    "Reading a book about {t}.",
+    "Question of the week: {t}.",
+    "I keep thinking about {t}.",
+]
+
+
+def test_plug_learns_who_the_user_is(default_bundle: Path, tmp_path: Path):
+    """Each user always answers with their own word, and only their history says which:
+    after a short CPU training `plug` must get it right for (nearly) everyone while `none`,
+    which sees the same prompt for all, cannot beat chance."""
+    import shutil
+
+    from edge_pllm import LLMConfig, PersonalLLM, SamplingConfig
+    from edge_pllm.bundle import load_bundle
+    from edge_pllm.lamp import task_spec
+    from export import pplug
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(default_bundle, bundle)
+    spec = task_spec("LaMP_7")
+    query = spec.query("Say my secret word.")
+    histories = {w: [n.format(t=t) for n in NOTES] for w, t in WORDS.items()}
+    examples = [pplug.Example(w, query, h, w) for w, h in histories.items()]
+    config = pplug.TrainConfig(steps=STEPS, batch_size=6, lr=1e-2, dropout_copies=2)
+    head, result = pplug.train(bundle, examples, spec, tmp_path / "train", config, progress=False)
+    onnx = pplug.export_onnx(head, tmp_path / "plug.onnx")
+    pplug.attach_head(bundle, onnx, pplug.head_spec(head, load_bundle(bundle), {}))
+    hits = {"none": 0, "plug": 0}
+    with PersonalLLM(bundle, home=tmp_path / "home", llm_config=LLMConfig(n_ctx=512)) as p:
+        for word, texts in histories.items():
+            p.add(f"user-{word}", texts)
+        for strategy in hits:
+            for word in WORDS:
+                out = p.generate(
+                    f"user-{word}",
+                    query,
+                    strategy=strategy,
+                    style=spec.style,
+                    sampling=SamplingConfig(max_tokens=6),
+                ).text
+                hits[strategy] += word in out.lower()
+    assert hits["plug"] >= 0.9 * len(WORDS), (hits, result.losses[-10:])
+    assert hits["none"] <= 1, hits

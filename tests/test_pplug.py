@@ -53,7 +53,7 @@ def trained(tiny_bundle, tmp_path_factory):
     config = pplug.TrainConfig(steps=6, batch_size=2, checkpoint_every=3, dropout_copies=1)
     head, result = pplug.train(bundle, examples, SPEC, out, config, llm_source=tiny, progress=False)
     onnx = pplug.export_onnx(head, out / "plug.onnx")
-    pplug.attach_head(bundle, onnx, head, {"steps": 6})
+    pplug.attach_head(bundle, onnx, pplug.head_spec(head, load_bundle(bundle), {"steps": 6}))
     return head, result, examples, out
 
 

@@ -1,0 +1,529 @@
+"""A local OpenAI-compatible server: the request's `user` field selects whose history
+personalizes the answer.
+
+    edge-pllm serve                     # 127.0.0.1:8400, no auth on loopback
+
+- `POST /v1/chat/completions`, `POST /v1/completions` (streaming with SSE, or not); the
+  strategy is chosen per request with the extension field `edge_pllm: {"strategy": ...}`,
+  else the server default. `GET /v1/models` lists the loaded bundle.
+- History: `POST/GET /v1/users/{user}/history`, `GET /v1/users/{user}/search?q=&k=`,
+  `DELETE /v1/users/{user}/history/{id}`, `DELETE /v1/users/{user}`,
+  `GET /v1/users/{user}/export` (JSON lines).
+- Errors are OpenAI-style bodies mapped from typed exceptions (never from message text).
+- llama.cpp contexts are not safe for concurrent use: generations are serialized by the
+  runtime's lock and run in worker threads, so the event loop keeps serving.
+- Bearer-token auth: optional on loopback, required on any other address. Bodies over
+  `max_body_bytes` are refused with 413.
+
+Each response carries `edge_pllm` with what personalized it (strategy, history item ids,
+and a fingerprint of the soft tokens), so clients and tests can see what the runtime used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import json
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import (
+    BundleError,
+    ContextOverflowError,
+    EdgePLLMError,
+    InvalidInputError,
+    ItemNotFoundError,
+    MissingDependencyError,
+    SoftTokenShapeError,
+    UnknownStrategyError,
+    UnknownUserError,
+)
+from .llm import SamplingConfig
+from .personal import DEFAULT_STRATEGY, PersonalLLM, Prepared
+
+try:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise MissingDependencyError("starlette", "server", "The server") from exc
+
+DEFAULT_PORT = 8400
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    api_key: str | None = None
+    default_strategy: str = DEFAULT_STRATEGY
+    default_user: str | None = None  # for clients that cannot send `user`
+    max_body_bytes: int = 1_000_000
+    max_tokens_limit: int = 1024
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class HTTPError(Exception):
+    """An error with its HTTP status and OpenAI-style type, raised by request handling."""
+
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None):
+        self.status, self.message, self.type, self.param = status, message, type_, param
+        super().__init__(message)
+
+
+_STATUS: list[tuple[type[Exception], int, str]] = [
+    (UnknownUserError, 404, "not_found_error"),
+    (ItemNotFoundError, 404, "not_found_error"),
+    (ContextOverflowError, 400, "context_length_exceeded"),
+    (UnknownStrategyError, 400, "invalid_request_error"),
+    (SoftTokenShapeError, 400, "invalid_request_error"),
+    (InvalidInputError, 400, "invalid_request_error"),
+    (BundleError, 409, "model_error"),
+]
+
+
+def error_body(exc: Exception) -> tuple[int, dict[str, Any]]:
+    if isinstance(exc, HTTPError):
+        status, type_, param = exc.status, exc.type, exc.param
+    else:
+        status, type_ = next(
+            ((s, t) for cls, s, t in _STATUS if isinstance(exc, cls)), (500, "server_error")
+        )
+        param = getattr(exc, "field", None)
+    body: dict[str, Any] = {"message": str(exc), "type": type_, "param": param, "code": None}
+    if isinstance(exc, ContextOverflowError):
+        body["code"] = "context_length_exceeded"
+        body["details"] = {
+            "prompt_tokens": exc.prompt_tokens,
+            "max_tokens": exc.max_tokens,
+            "n_ctx": exc.n_ctx,
+        }
+    return status, {"error": body}
+
+
+def _fingerprint(soft: np.ndarray | None) -> str | None:
+    if soft is None:
+        return None
+    return hashlib.sha256(np.ascontiguousarray(soft, dtype=np.float32).tobytes()).hexdigest()[:16]
+
+
+def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (
+        isinstance(value, bool) and kind in (int, float, (int, float))
+    ):
+        raise HTTPError(400, f"'{name}' has the wrong type.", "invalid_request_error", name)
+    return value
+
+
+class Service:
+    """The HTTP layer over one PersonalLLM."""
+
+    def __init__(self, pllm: PersonalLLM, config: ServerConfig):
+        self.pllm, self.config = pllm, config
+        self.model_id = f"edge-pllm/{pllm.bundle.name}"
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    async def body(self, request: Request) -> dict[str, Any]:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.config.max_body_bytes:
+            raise HTTPError(
+                413,
+                f"Request body over {self.config.max_body_bytes} bytes.",
+                "invalid_request_error",
+            )
+        raw = await request.body()
+        if len(raw) > self.config.max_body_bytes:
+            raise HTTPError(
+                413,
+                f"Request body over {self.config.max_body_bytes} bytes.",
+                "invalid_request_error",
+            )
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise HTTPError(
+                400, f"The body is not valid JSON ({exc}).", "invalid_request_error"
+            ) from None
+        if not isinstance(data, dict):
+            raise HTTPError(400, "The body must be a JSON object.", "invalid_request_error")
+        return data
+
+    def sampling(self, body: dict[str, Any]) -> SamplingConfig:
+        max_tokens = _field(body, "max_tokens", int, None) or _field(
+            body, "max_completion_tokens", int, 128
+        )
+        if not 1 <= max_tokens <= self.config.max_tokens_limit:
+            raise HTTPError(
+                400,
+                f"max_tokens must be 1..{self.config.max_tokens_limit}.",
+                "invalid_request_error",
+                "max_tokens",
+            )
+        stop = body.get("stop") or ()
+        if isinstance(stop, str):
+            stop = (stop,)
+        if not isinstance(stop, list | tuple) or not all(isinstance(s, str) for s in stop):
+            raise HTTPError(
+                400,
+                "'stop' must be a string or a list of strings.",
+                "invalid_request_error",
+                "stop",
+            )
+        return SamplingConfig(
+            max_tokens=max_tokens,
+            temperature=float(_field(body, "temperature", (int, float), 0.0)),
+            top_p=float(_field(body, "top_p", (int, float), 0.95)),
+            stop=tuple(stop),
+        )
+
+    def personalization(self, body: dict[str, Any]) -> tuple[str, str]:
+        user = _field(body, "user", str, None) or self.config.default_user
+        if not user:
+            raise HTTPError(
+                400,
+                "'user' is required: it selects whose history personalizes the answer.",
+                "invalid_request_error",
+                "user",
+            )
+        ext = _field(body, "edge_pllm", dict, {})
+        strategy = ext.get("strategy", self.config.default_strategy)
+        if not isinstance(strategy, str):
+            raise HTTPError(
+                400,
+                "edge_pllm.strategy must be a string.",
+                "invalid_request_error",
+                "edge_pllm.strategy",
+            )
+        return user, strategy
+
+    @staticmethod
+    def extension(prepared: Prepared) -> dict[str, Any]:
+        found = prepared.personalization
+        return {
+            "strategy": prepared.strategy,
+            "context_ids": [i.id for i in found.context],
+            "dropped_context": prepared.dropped_context,
+            "soft_tokens": 0 if found.soft_tokens is None else len(found.soft_tokens),
+            "soft_tokens_sha256": _fingerprint(found.soft_tokens),
+            **({"fallback": found.info["fallback"]} if "fallback" in found.info else {}),
+        }
+
+    # --- generation ------------------------------------------------------------------------
+
+    def _run(
+        self,
+        user: str,
+        prompt: Any,
+        strategy: str,
+        sampling: SamplingConfig,
+        on_prepared: Callable[[Prepared], None] | None = None,
+    ) -> Iterator[str]:
+        """Prepare and generate (the runtime serializes use of its one llama context)."""
+        return self.pllm.stream(
+            user, prompt, strategy=strategy, sampling=sampling, on_prepared=on_prepared
+        )
+
+    async def complete(self, request: Request, chat: bool) -> Response:
+        body = await self.body(request)
+        user, strategy = self.personalization(body)
+        sampling = self.sampling(body)
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise HTTPError(
+                    400, "'messages' must be a non-empty list.", "invalid_request_error", "messages"
+                )
+            prompt: Any = messages
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1:
+                prompt = prompt[0]
+            if not isinstance(prompt, str):
+                raise HTTPError(
+                    400, "'prompt' must be a string.", "invalid_request_error", "prompt"
+                )
+        created = int(time.time())
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        if _field(body, "stream", bool, False):
+            return await self.stream(rid, created, chat, user, prompt, strategy, sampling)
+        info: dict[str, Any] = {}
+
+        def work() -> tuple[str, Prepared]:
+            prepared_box: list[Prepared] = []
+            text = "".join(self._run(user, prompt, strategy, sampling, prepared_box.append))
+            return text, prepared_box[0]
+
+        text, prepared = await asyncio.to_thread(work)
+        info = self.extension(prepared)
+        prompt_tokens = self.pllm.llm.count_tokens(prepared.prompt) + info["soft_tokens"]
+        completion_tokens = self.pllm.llm.count_tokens(text) if text else 0
+        finish = "length" if completion_tokens >= sampling.max_tokens else "stop"
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "chat.completion" if chat else "text_completion",
+                "created": created,
+                "model": self.model_id,
+                "choices": [choice],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+                "edge_pllm": info,
+            }
+        )
+
+    async def stream(
+        self,
+        rid: str,
+        created: int,
+        chat: bool,
+        user: str,
+        prompt: Any,
+        strategy: str,
+        sampling: SamplingConfig,
+    ) -> Response:
+        """SSE. Preparation (where bad requests fail) happens before the 200 is sent."""
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[Prepared] = loop.create_future()
+
+        def producer() -> None:
+            def prepared_cb(p: Prepared) -> None:
+                loop.call_soon_threadsafe(ready.set_result, p)
+
+            try:
+                for piece in self._run(user, prompt, strategy, sampling, prepared_cb):
+                    loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
+                loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
+            except Exception as exc:  # delivered to the client, as an error or an event
+                if not ready.done():
+                    loop.call_soon_threadsafe(ready.set_exception, exc)
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
+
+        threading.Thread(target=producer, daemon=True).start()
+        prepared = await ready  # raises the typed error -> proper 4xx before streaming
+        info = self.extension(prepared)
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
+            if chat:
+                d: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+                if delta:
+                    d["content"] = delta
+                choice: dict[str, Any] = {"index": 0, "delta": d, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": delta or "", "finish_reason": finish}
+            payload = {
+                "id": rid,
+                "object": kind,
+                "created": created,
+                "model": self.model_id,
+                "choices": [choice],
+                "edge_pllm": info,
+            }
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            n = 0
+            if chat:
+                yield chunk(None, None, first=True)
+            while True:
+                kind_, value = await queue.get()
+                if kind_ == "piece":
+                    n += 1
+                    yield chunk(value, None)
+                elif kind_ == "end":
+                    yield chunk(None, "length" if n >= sampling.max_tokens else "stop")
+                    yield "data: [DONE]\n\n"
+                    return
+                else:
+                    _, err = error_body(value)
+                    yield f"data: {json.dumps(err)}\n\n"
+                    return
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    # --- history ---------------------------------------------------------------------------
+
+    async def add_history(self, request: Request) -> Response:
+        user = request.path_params["user"]
+        body = await self.body(request)
+        items = body.get("items")
+        if items is None and "text" in body:
+            items = [body]
+        if not isinstance(items, list):
+            raise HTTPError(
+                400, "Send {'items': [...]} or one {'text': ...}.", "invalid_request_error", "items"
+            )
+        ids = await asyncio.to_thread(self.pllm.add, user, items)
+        return JSONResponse({"user": user, "ids": ids}, status_code=201)
+
+    async def list_history(self, request: Request) -> Response:
+        user = request.path_params["user"]
+        limit = _int_param(request, "limit", 20)
+        items = await asyncio.to_thread(lambda: self.pllm.store.items(user, limit=limit))
+        return JSONResponse({"user": user, "items": [{"id": i.id, **i.to_json()} for i in items]})
+
+    async def search(self, request: Request) -> Response:
+        user = request.path_params["user"]
+        query = request.query_params.get("q", "")
+        if not query.strip():
+            raise HTTPError(400, "Give a query with ?q=.", "invalid_request_error", "q")
+        k = _int_param(request, "k", 5)
+
+        def work() -> list[dict[str, Any]]:
+            vec = self.pllm.embedder.embed_one(query)
+            hits = self.pllm.store.search(user, vec, k)
+            return [{"id": h.item.id, "distance": h.distance, **h.item.to_json()} for h in hits]
+
+        return JSONResponse({"user": user, "hits": await asyncio.to_thread(work)})
+
+    async def delete_item(self, request: Request) -> Response:
+        user = request.path_params["user"]
+        item = request.path_params["item"]
+        await asyncio.to_thread(self.pllm.store.delete, user, [item])
+        return JSONResponse({"user": user, "deleted": [item]})
+
+    async def forget(self, request: Request) -> Response:
+        user = request.path_params["user"]
+        n = await asyncio.to_thread(self.pllm.store.forget, user)
+        return JSONResponse({"user": user, "forgotten_items": n})
+
+    async def export(self, request: Request) -> Response:
+        user = request.path_params["user"]
+
+        def work() -> str:
+            return "".join(
+                json.dumps(i.to_json(), ensure_ascii=False) + "\n"
+                for i in self.pllm.store.iter_items(user)
+            )
+
+        text = await asyncio.to_thread(work)
+        return Response(text, media_type="application/x-ndjson")
+
+    async def models(self, request: Request) -> Response:
+        b = self.pllm.bundle
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.model_id,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "edge-pllm",
+                        "llm": b.llm.file,
+                        "quantization": b.llm.quantization,
+                        "plug": bool(b.manifest.get("plug")),
+                    }
+                ],
+            }
+        )
+
+
+def _int_param(request: Request, name: str, default: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise HTTPError(400, f"'{name}' must be a positive integer.", "invalid_request_error", name)
+    return int(raw)
+
+
+def create_app(pllm: PersonalLLM, config: ServerConfig | None = None) -> Starlette:
+    """The ASGI app. Refuses to run without a key on a non-loopback address."""
+    config = config or ServerConfig()
+    if not is_loopback(config.host) and not config.api_key:
+        raise InvalidInputError(
+            f"Serving on {config.host} (not loopback) needs an API key: pass --api-key or set "
+            "EDGE_PLLM_API_KEY.",
+            field="api_key",
+        )
+    service = Service(pllm, config)
+
+    def endpoint(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
+        async def wrapped(request: Request) -> Response:
+            if config.api_key:
+                given = request.headers.get("authorization", "")
+                if not secrets.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
+                    status, body = (
+                        401,
+                        {
+                            "error": {
+                                "message": "Missing or wrong API key.",
+                                "type": "authentication_error",
+                                "param": None,
+                                "code": "invalid_api_key",
+                            }
+                        },
+                    )
+                    return JSONResponse(body, status_code=status)
+            try:
+                return await handler(request)
+            except (EdgePLLMError, HTTPError) as exc:
+                status, body = error_body(exc)
+                return JSONResponse(body, status_code=status)
+            except Exception as exc:  # a bug: a 500 with a plain body, the server stays up
+                status, body = error_body(exc)
+                return JSONResponse(body, status_code=status)
+
+        return wrapped
+
+    routes = [
+        Route("/v1/models", endpoint(service.models), methods=["GET"]),
+        Route(
+            "/v1/chat/completions",
+            endpoint(lambda r: service.complete(r, chat=True)),
+            methods=["POST"],
+        ),
+        Route(
+            "/v1/completions", endpoint(lambda r: service.complete(r, chat=False)), methods=["POST"]
+        ),
+        Route("/v1/users/{user}/history", endpoint(service.add_history), methods=["POST"]),
+        Route("/v1/users/{user}/history", endpoint(service.list_history), methods=["GET"]),
+        Route("/v1/users/{user}/search", endpoint(service.search), methods=["GET"]),
+        Route(
+            "/v1/users/{user}/history/{item:int}", endpoint(service.delete_item), methods=["DELETE"]
+        ),
+        Route("/v1/users/{user}", endpoint(service.forget), methods=["DELETE"]),
+        Route("/v1/users/{user}/export", endpoint(service.export), methods=["GET"]),
+    ]
+    return Starlette(routes=routes)
+
+
+def serve(pllm: PersonalLLM, config: ServerConfig) -> None:
+    """Run the server until interrupted (Ctrl-C shuts it down cleanly)."""
+    try:
+        import uvicorn
+    except ImportError as exc:
+        raise MissingDependencyError("uvicorn", "server", "The server") from exc
+    app = create_app(pllm, config)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")

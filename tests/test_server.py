@@ -1,0 +1,299 @@
+"""The OpenAI-compatible server, driven by the official `openai` client on loopback."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from edge_pllm import InvalidInputError, LLMConfig, PersonalLLM  # noqa: E402
+from edge_pllm.server import ServerConfig, create_app  # noqa: E402
+
+ALICE = ["fix(parser): handle blank lines", "docs: explain the cache", "feat: add json flag"]
+BOB = ["Apple pie needs cinnamon.", "Sourdough starter: feed twice a day.", "Jam jars low."]
+
+
+class Raw:
+    """Plain HTTP on loopback (stdlib), for requests no well-behaved client would send."""
+
+    class Reply:
+        def __init__(self, status: int, text: str):
+            self.status_code, self.text = status, text
+
+        def json(self):
+            return json.loads(self.text)
+
+    def __init__(self, base_url: str, timeout: float = 60):
+        parts = urllib.parse.urlsplit(base_url)
+        self.host, self.port, self.prefix, self.timeout = (
+            parts.hostname,
+            parts.port,
+            parts.path,
+            timeout,
+        )
+
+    def request(self, method, path, content=None, json_body=None, params=None, headers=None):
+        if json_body is not None:
+            content = json.dumps(json_body).encode()
+        url = self.prefix + path + ("?" + urllib.parse.urlencode(params) if params else "")
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            conn.request(
+                method,
+                url,
+                body=content,
+                headers={"content-type": "application/json", **(headers or {})},
+            )
+            reply = conn.getresponse()
+            return Raw.Reply(reply.status, reply.read().decode())
+        finally:
+            conn.close()
+
+    def get(self, path, params=None):
+        return self.request("GET", path, params=params)
+
+    def post(self, path, content=None, json=None, headers=None):
+        return self.request("POST", path, content=content, json_body=json, headers=headers)
+
+    def delete(self, path):
+        return self.request("DELETE", path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    def __init__(self, pllm: PersonalLLM, config: ServerConfig):
+        self.config = config
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(pllm, config), host=config.host, port=config.port, log_level="warning"
+            )
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> Running:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive(), "server did not shut down"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.config.port}/v1"
+
+
+@pytest.fixture
+def server(default_bundle: Path, tmp_path: Path) -> Iterator[tuple[Running, PersonalLLM]]:
+    pllm = PersonalLLM(default_bundle, home=tmp_path, llm_config=LLMConfig(n_ctx=1024, n_threads=2))
+    pllm.add("alice", ALICE)
+    pllm.add("bob", BOB)
+    with Running(pllm, ServerConfig(port=free_port())) as running:
+        yield running, pllm
+    pllm.close()
+
+
+def client(running: Running, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=running.url, api_key=key, max_retries=0, timeout=120)
+
+
+def ids_of(pllm: PersonalLLM, user: str) -> set[int]:
+    return {i.id for i in pllm.store.items(user)}
+
+
+def test_chat_completion_personalized_by_user(server):
+    running, pllm = server
+    c = client(running)
+    models = c.models.list()
+    assert models.data[0].id.startswith("edge-pllm/")
+    for user in ("alice", "bob"):
+        resp = c.chat.completions.create(
+            model=models.data[0].id,
+            messages=[{"role": "user", "content": "Write a one-line note about the cache."}],
+            user=user,
+            max_tokens=8,
+            extra_body={"edge_pllm": {"strategy": "rag:2"}},
+        )
+        assert resp.choices[0].message.content.strip()
+        info = resp.model_extra["edge_pllm"]
+        assert info["strategy"] == "rag" and len(info["context_ids"]) == 2
+        assert set(info["context_ids"]) <= ids_of(pllm, user)  # what the runtime received
+        assert resp.usage.completion_tokens > 0
+
+
+def test_streaming_equals_non_streaming(server):
+    running, _ = server
+    c = client(running)
+    kwargs = dict(
+        model="m",
+        messages=[{"role": "user", "content": "Name three fruits."}],
+        user="bob",
+        max_tokens=16,
+        temperature=0,
+    )
+    whole = c.chat.completions.create(**kwargs).choices[0].message.content
+    pieces = [
+        ch.choices[0].delta.content or "" for ch in c.chat.completions.create(stream=True, **kwargs)
+    ]
+    assert "".join(pieces) == whole
+    text = c.completions.create(model="m", prompt="Name three fruits.", user="bob", max_tokens=16)
+    assert text.choices[0].text == whole  # same request as a completion, same runtime path
+
+
+def test_soft_tokens_follow_the_user_when_the_bundle_has_a_head(server):
+    running, pllm = server
+    if pllm.plug is None:
+        pytest.skip("the default bundle carries no Persona-Plug head")
+    c = client(running)
+    seen = {}
+    for user in ("alice", "bob"):
+        resp = c.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "Say hi."}],
+            user=user,
+            max_tokens=2,
+            extra_body={"edge_pllm": {"strategy": "plug"}},
+        )
+        seen[user] = resp.model_extra["edge_pllm"]["soft_tokens_sha256"]
+    assert seen["alice"] and seen["bob"] and seen["alice"] != seen["bob"]
+
+
+def test_errors_are_openai_style_and_the_server_stays_up(server):
+    running, pllm = server
+    c = client(running)
+    with pytest.raises(openai.NotFoundError) as err:
+        c.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "hi"}],
+            user="nobody",
+            extra_body={"edge_pllm": {"strategy": "rag"}},
+        )
+    assert "nobody" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "hi"}],
+            user="alice",
+            extra_body={"edge_pllm": {"strategy": "telepathy"}},
+        )
+    assert "Unknown strategy" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "word " * 3000}],
+            user="alice",
+            max_tokens=8,
+        )
+    assert err.value.body["code"] == "context_length_exceeded"
+    assert err.value.body["details"]["n_ctx"] == 1024
+    raw = Raw(running.url, timeout=30)
+    bad = raw.post(
+        "/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    wrong = raw.post("/chat/completions", json={"messages": "hi", "user": "alice"})
+    assert wrong.status_code == 400
+    typed = raw.post(
+        "/chat/completions",
+        json={"messages": [{"role": "user", "content": "x"}], "user": "alice", "max_tokens": "ten"},
+    )
+    assert typed.status_code == 400 and typed.json()["error"]["param"] == "max_tokens"
+    huge = raw.post("/users/alice/history", content=b"x" * 2_000_000)
+    assert huge.status_code == 413
+    no_user = raw.post("/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    assert no_user.status_code == 400 and no_user.json()["error"]["param"] == "user"
+    assert raw.get("/models").status_code == 200  # still up
+    assert ids_of(pllm, "alice")  # nothing lost
+
+
+def test_history_endpoints(server):
+    running, pllm = server
+    raw = Raw(running.url, timeout=60)
+    added = raw.post(
+        "/users/carol/history",
+        json={"items": ["apple pie recipe", {"text": "tax return deadline"}]},
+    )
+    assert added.status_code == 201 and len(added.json()["ids"]) == 2
+    assert raw.post("/users/carol/history", json={"items": ["ok", "   "]}).status_code == 400
+    listed = raw.get("/users/carol/history").json()["items"]
+    assert sorted(i["text"] for i in listed) == ["apple pie recipe", "tax return deadline"]
+    hits = raw.get("/users/carol/search", params={"q": "baking apples", "k": 1}).json()["hits"]
+    assert hits[0]["text"] == "apple pie recipe"
+    exported = raw.get("/users/carol/export").text.splitlines()
+    assert len(exported) == 2 and json.loads(exported[0])["text"]
+    item = added.json()["ids"][0]
+    assert raw.delete(f"/users/bob/history/{item}").status_code == 404  # not bob's
+    assert raw.delete(f"/users/carol/history/{item}").status_code == 200
+    assert raw.delete("/users/carol").json()["forgotten_items"] == 1
+    assert raw.get("/users/carol/history").status_code == 404
+    assert not pllm.store.has_user("carol")
+
+
+def test_auth(default_bundle, tmp_path):
+    pllm = PersonalLLM(default_bundle, home=tmp_path, llm_config=LLMConfig(n_ctx=512))
+    with pytest.raises(InvalidInputError, match="needs an API key"):
+        create_app(pllm, ServerConfig(host="0.0.0.0"))
+    with Running(pllm, ServerConfig(port=free_port(), api_key="s3cret")) as running:
+        with pytest.raises(openai.AuthenticationError):
+            client(running, "wrong").models.list()
+        assert client(running, "s3cret").models.list().data
+    pllm.close()
+
+
+@pytest.mark.slow
+def test_concurrent_clients_each_get_their_own_history(server):
+    running, pllm = server
+    users = [f"user{i}" for i in range(8)]
+    for i, user in enumerate(users):
+        pllm.add(user, [f"note {j} of {user}: topic {i}-{j}" for j in range(5)])
+    own = {u: ids_of(pllm, u) for u in users}
+    latencies: list[float] = []
+
+    def worker(user: str) -> int:
+        c = client(running)
+        ok = 0
+        for n in range(25):
+            started = time.perf_counter()
+            resp = c.chat.completions.create(
+                model="m",
+                messages=[{"role": "user", "content": f"topic {n}"}],
+                user=user,
+                max_tokens=2,
+                extra_body={"edge_pllm": {"strategy": "rag:2"}},
+            )
+            latencies.append(time.perf_counter() - started)
+            ok += set(resp.model_extra["edge_pllm"]["context_ids"]) <= own[user]
+        return ok
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(worker, users))
+    elapsed = time.perf_counter() - started
+    assert results == [25] * 8
+    latencies.sort()
+    print(
+        f"\n200 requests in {elapsed:.1f} s: {200 / elapsed:.1f} req/s, "
+        f"p50 {latencies[100] * 1000:.0f} ms, p95 {latencies[190] * 1000:.0f} ms"
+    )
+    assert elapsed < 600
