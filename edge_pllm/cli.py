@@ -370,9 +370,8 @@ SAMPLE_QUERY = (
     "--strategy",
     "strategies",
     multiple=True,
-    default=("none", "rag"),
-    show_default=True,
-    help="Strategies to compare; repeatable.",
+    help="Strategies to compare; repeatable (default: none, rag, and plug, plug+rag when the "
+    "bundle has a Persona-Plug head).",
 )
 @pass_ctx
 @plain_errors
@@ -382,6 +381,8 @@ def demo(obj: Context, strategies: tuple[str, ...]) -> None:
     with sample.open("rb") as fh:
         _add(obj, SAMPLE_USER, list(read_jsonl(fh)))
     pllm = obj.pllm()
+    if not strategies:
+        strategies = ("none", "rag", "plug", "plug+rag") if pllm.plug else ("none", "rag")
     click.echo(f"\nRequest for {SAMPLE_USER}:\n{SAMPLE_QUERY}\n")
     for strategy in strategies:
         click.echo(f"--- {strategy} ---")

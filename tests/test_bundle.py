@@ -28,7 +28,8 @@ def test_manifest_records_every_file_and_dims(default_bundle: Path):
     assert manifest["llm"]["quantization"] == "Q4_1"
     assert "<|im_start|>" in manifest["llm"]["chat_template"]
     assert manifest["embedder"]["dim"] == 384 and manifest["embedder"]["int8"] is True
-    assert set(manifest["files"]) == {"llm.gguf", "embedder.onnx", "tokenizer.json"}
+    assert {"llm.gguf", "embedder.onnx", "tokenizer.json"} <= set(manifest["files"])
+    assert set(manifest["files"]) <= {"llm.gguf", "embedder.onnx", "tokenizer.json", "plug.onnx"}
     for name, entry in manifest["files"].items():
         assert (default_bundle / name).stat().st_size == entry["size"]
         assert len(entry["sha256"]) == 64

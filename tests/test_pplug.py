@@ -153,9 +153,16 @@ def test_head_trained_for_another_llm_is_refused(tiny_bundle, trained, tmp_path)
         assert p.generate("ann", "hi", strategy="rag").text is not None  # the rest still works
 
 
-def test_bundle_without_a_head_says_so(pllm):
-    pllm.add("ann", HISTORY["ann"])
-    if pllm.bundle.manifest.get("plug"):
-        pytest.skip("the default bundle carries a head")
-    with pytest.raises(BundleError, match="no Persona-Plug head"):
-        pllm.generate("ann", "hi", strategy="plug")
+def test_bundle_without_a_head_says_so(tiny_bundle, tmp_path):
+    _, bundle = tiny_bundle
+    bare = tmp_path / "bare"
+    shutil.copytree(bundle, bare)
+    manifest = json.loads((bare / "manifest.json").read_text())
+    manifest["plug"] = None
+    manifest["files"].pop("plug.onnx", None)
+    (bare / "manifest.json").write_text(json.dumps(manifest))
+    with PersonalLLM(bare, home=tmp_path / "h", llm_config=LLMConfig(n_ctx=256)) as p:
+        p.add("ann", HISTORY["ann"])
+        assert p.plug is None
+        with pytest.raises(BundleError, match="no Persona-Plug head"):
+            p.generate("ann", "hi", strategy="plug")
