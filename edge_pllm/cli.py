@@ -452,6 +452,11 @@ def _print_json(data: Any) -> None:
 @click.option("--force", is_flag=True, help="Allow starting from an already low-bit GGUF.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--no-report", is_flag=True, help="Skip the parity reports.")
+@click.option(
+    "--converter",
+    type=click.Path(exists=True, dir_okay=False),
+    help="llama.cpp's convert_hf_to_gguf.py, for architectures our converter does not handle.",
+)
 @click.option("--dry-run", is_flag=True, help="Print what would be made, make nothing.")
 @plain_errors
 def export_llm_command(
@@ -461,6 +466,7 @@ def export_llm_command(
     force: bool,
     overwrite: bool,
     no_report: bool,
+    converter: str | None,
     dry_run: bool,
 ) -> None:
     """SOURCE (HF folder or GGUF) -> f16 GGUF -> each --quant, with parity reports."""
@@ -476,7 +482,13 @@ def export_llm_command(
 
     _print_json(
         export_llm(
-            src, out_dir, list(quants), force=force, overwrite=overwrite, report=not no_report
+            src,
+            out_dir,
+            list(quants),
+            force=force,
+            overwrite=overwrite,
+            report=not no_report,
+            script=converter,
         )
     )
 

@@ -1,6 +1,6 @@
 """Base LLM export: Hugging Face folder -> GGUF f16 -> quantized GGUF, each with a parity report.
 
-- `convert_hf`: our own converter for the llama family (Llama, SmolLM2) and Qwen2, written
+- `convert_hf`: our own converter for the llama family (Llama, SmolLM2), written
   with the `gguf` package's writer, tensor-name map and vocab helpers; or llama.cpp's own
   `convert_hf_to_gguf.py` when the caller points at one (`script=`).
 - `quantize`: llama.cpp's quantizer through llama-cpp-python (`llama_model_quantize`).
@@ -48,7 +48,8 @@ KNOWN_PRE = {
     "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",
     "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
 }
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+# Only what the tests prove; other architectures go through llama.cpp's script (script=).
+ARCHITECTURES = {"LlamaForCausalLM": "llama"}
 # File types a quantization may start from without loss of what was already lost.
 HIGH_PRECISION = {"ALL_F32", "MOSTLY_F16", "MOSTLY_BF16", "MOSTLY_Q8_0"}
 
@@ -529,6 +530,7 @@ def export_llm(
     force: bool = False,
     overwrite: bool = False,
     report: bool = True,
+    script: str | Path | None = None,
 ) -> dict[str, Any]:
     """The whole LLM path, with a parity report beside every output; returns {file: report}.
 
@@ -548,7 +550,9 @@ def export_llm(
         outputs: list[Path] = []
         if source.is_dir():
             hf = source
-            base = convert_hf(hf, out_dir / f"{source.name}.f16.gguf", overwrite=overwrite)
+            base = convert_hf(
+                hf, out_dir / f"{source.name}.f16.gguf", overwrite=overwrite, script=script
+            )
             outputs.append(base)
         else:
             src_type = gguf_file_type(source)

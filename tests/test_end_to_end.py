@@ -47,7 +47,7 @@ def test_lamp_ingest_and_rag_stay_within_each_question_user(tmp_path: Path, defa
     sample.write_text(json.dumps(questions))
     home = tmp_path / "home"
     bundle = ["--bundle", str(default_bundle)]
-    edge_pllm(*bundle, "ingest", str(sample), home=home)
+    edge_pllm(*bundle, "ingest", str(sample), "--task", "commit_subject", home=home)
     for q in questions:
         shown = edge_pllm(
             *bundle,
