@@ -24,6 +24,7 @@ from .personal import DEFAULT_STRATEGY, PersonalLLM
 from .strategies import REGISTRY
 
 F = TypeVar("F", bound=Callable[..., Any])
+ENV_PASSPHRASE = "EDGE_PLLM_PASSPHRASE"
 
 
 def plain_errors(fn: F) -> F:
@@ -40,10 +41,13 @@ def plain_errors(fn: F) -> F:
 
 
 class Context:
-    def __init__(self, home: str | None, bundle: str | None, n_ctx: int):
+    def __init__(
+        self, home: str | None, bundle: str | None, n_ctx: int, passphrase: str | None = None
+    ):
         self.home_override = home
         self.bundle = bundle
         self.n_ctx = n_ctx
+        self.passphrase = passphrase
         self._pllm: PersonalLLM | None = None
 
     @property
@@ -53,7 +57,10 @@ class Context:
     def pllm(self) -> PersonalLLM:
         if self._pllm is None:
             self._pllm = PersonalLLM(
-                self.bundle, home=self.home, llm_config=LLMConfig(n_ctx=self.n_ctx)
+                self.bundle,
+                home=self.home,
+                llm_config=LLMConfig(n_ctx=self.n_ctx),
+                passphrase=self.passphrase,
             )
         return self._pllm
 
@@ -65,11 +72,32 @@ pass_ctx = click.make_pass_decorator(Context)
 @click.option("--home", envvar=paths.ENV_HOME, help="Data directory (default: platform data dir).")
 @click.option("--bundle", type=click.Path(file_okay=False), help="Model bundle folder.")
 @click.option("--n-ctx", default=2048, show_default=True, help="LLM context window.")
+@click.option(
+    "--passphrase-file",
+    type=click.File("r", encoding="utf-8"),
+    help="Encrypt the history database with the passphrase on this file's first line "
+    "(needs the [encryption] extra); also EDGE_PLLM_PASSPHRASE.",
+)
+@click.option("--ask-passphrase", is_flag=True, help="Prompt for the database passphrase (hidden).")
 @click.version_option(package_name="edge-pllm")
 @click.pass_context
-def cli(ctx: click.Context, home: str | None, bundle: str | None, n_ctx: int) -> None:
+def cli(
+    ctx: click.Context,
+    home: str | None,
+    bundle: str | None,
+    n_ctx: int,
+    passphrase_file: Any,
+    ask_passphrase: bool,
+) -> None:
     """A personalized LLM that runs entirely on this device."""
-    ctx.obj = Context(home, bundle, n_ctx)
+    passphrase = os.environ.get(ENV_PASSPHRASE) or None
+    if passphrase_file is not None:
+        passphrase = passphrase_file.readline().rstrip("\r\n")
+    if ask_passphrase:
+        passphrase = click.prompt("Database passphrase", hide_input=True)
+    if passphrase == "":
+        raise click.UsageError("The passphrase is empty.")
+    ctx.obj = Context(home, bundle, n_ctx, passphrase)
 
 
 def _count(n: int, noun: str) -> str:
@@ -242,8 +270,10 @@ def search(obj: Context, user: str, query: str, k: int) -> None:
 @plain_errors
 def delete(obj: Context, user: str, ids: tuple[int, ...]) -> None:
     """Delete history items of USER by id (text and vector)."""
-    n = obj.pllm().store.delete(user, ids)
+    store = obj.pllm().store
+    n = store.delete(user, ids)
     click.echo(f"Deleted {_count(n, 'item')}.")
+    _note_residue(store)
 
 
 @cli.command()
@@ -259,6 +289,16 @@ def forget(obj: Context, user: str, yes: bool) -> None:
         click.confirm(f"Erase {user} and {_count(n, 'item')}?", abort=True)
     store.forget(user)
     click.echo(f"Forgot {user}: {_count(n, 'item')} erased.")
+    _note_residue(store)
+
+
+def _note_residue(store: Any) -> None:
+    if not store.checkpoint():
+        click.echo(
+            "Note: another process is reading the database, so the erased rows stay in its "
+            "write-ahead log until that process closes it or the next delete.",
+            err=True,
+        )
 
 
 @cli.command()

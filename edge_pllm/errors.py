@@ -119,3 +119,25 @@ class UnknownStrategyError(EdgePLLMError, ValueError):
         self.name = name
         self.known = known
         super().__init__(f"Unknown strategy {name!r}; choose one of: {', '.join(known)}.")
+
+
+class PassphraseError(EdgePLLMError, PermissionError):
+    """The history database and the passphrase given do not go together.
+
+    `reason` is "wrong" (a passphrase that does not open this file), "missing" (the file is
+    encrypted, or is not a SQLite database at all, and no passphrase was given) or
+    "unencrypted" (a passphrase was given for a plaintext database).
+    """
+
+    def __init__(self, path: str, reason: str):
+        self.path = path
+        self.reason = reason
+        messages = {
+            "wrong": f"Cannot open {path}: the passphrase is wrong (or the file is not an "
+            "edge-pllm database).",
+            "missing": f"{path} is encrypted (or is not a SQLite database): give its passphrase "
+            "(EDGE_PLLM_PASSPHRASE, --passphrase-file or --ask-passphrase; passphrase= in Python).",
+            "unencrypted": f"{path} is not encrypted, but a passphrase was given: open it without "
+            "one, or start an encrypted database in a new --home and `load` a `dump` into it.",
+        }
+        super().__init__(messages.get(reason, f"Cannot open {path} ({reason})."))

@@ -62,7 +62,10 @@ class PersonalLLM:
         home: str | Path | None = None,
         llm_config: LLMConfig | None = None,
         system_prompt: str | None = None,
+        passphrase: str | None = None,
     ):
+        """`passphrase` opens (or creates) the history database encrypted at rest
+        (SQLCipher; needs `pip install 'edge-pllm[encryption]'`)."""
         self.home = paths.home(home)
         bundle_path = Path(bundle) if bundle is not None else ensure_default_bundle(self.home)
         self.bundle: Bundle = load_bundle(bundle_path)
@@ -70,7 +73,9 @@ class PersonalLLM:
         self.embedder = Embedder(
             self.bundle.file(spec.file), self.bundle.file(spec.tokenizer), spec.config
         )
-        self.store = HistoryStore(paths.database_path(self.home), spec.config.dim)
+        self.store = HistoryStore(
+            paths.database_path(self.home), spec.config.dim, passphrase=passphrase
+        )
         self.llm_config = llm_config or LLMConfig()
         self.system_prompt = system_prompt
         self._llm: LLM | None = None

@@ -3,11 +3,17 @@
 Embeddings live in a sqlite-vec `vec0` table whose partition key is the user, so a KNN
 search is always restricted to one user's vectors. An item's row and its vector are
 written in the same transaction and deleted together.
+
+Erasure is physical: a deleted vector is overwritten with zeros before its row goes (old
+sqlite-vec releases leave deleted vectors in their chunk), every connection runs with
+`secure_delete`, and the write-ahead log is checkpointed and truncated after each delete
+or forget, so neither the database file nor its -wal keeps the erased text or vectors.
 """
 
 from __future__ import annotations
 
 import json
+import operator
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -56,14 +62,37 @@ def _row_to_item(row: Sequence[Any]) -> HistoryItem:
     )
 
 
+MAX_K = 4096  # sqlite-vec's largest k for one KNN query
+_MAX_ROWS = 2**62
+
+
+def _count_param(value: Any, name: str) -> int:
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise InvalidInputError(f"{name} must be an integer, not {value!r}.", field=name) from None
+
+
+def _item_ids(ids: Sequence[Any]) -> list[int]:
+    """Item ids as ints (numpy integers and digit strings too); anything else is refused."""
+    checked = []
+    for i in ids:
+        try:
+            checked.append(int(i) if isinstance(i, str) else operator.index(i))
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"Item ids are integers, not {i!r}.", field="ids") from None
+    return checked
+
+
 class HistoryStore:
     """Per-user history with embeddings. Safe to share between threads (one lock per store)."""
 
-    def __init__(self, path: str | Path, dim: int):
+    def __init__(self, path: str | Path, dim: int, *, passphrase: str | None = None):
         self.path = str(path)
         self.dim = int(dim)
+        self.encrypted = passphrase is not None
         self._lock = threading.RLock()
-        self._conn = db.connect(self.path)
+        self._conn = db.connect(self.path, passphrase=passphrase)
         try:
             db.migrate(self._conn, {"dim": self.dim})
             stored = int(self._meta("embedding_dim"))
@@ -163,29 +192,53 @@ class HistoryStore:
                 ids.append(item_id)
         return ids
 
+    def _erase_vector(self, conn: Any, item_id: int) -> None:
+        conn.execute("UPDATE history_vec SET embedding = ? WHERE rowid = ?", (self._zeros, item_id))
+        conn.execute("DELETE FROM history_vec WHERE rowid = ?", (item_id,))
+
+    @property
+    def _zeros(self) -> bytes:
+        return bytes(4 * self.dim)
+
     def delete(self, user: str, ids: Sequence[int]) -> int:
         """Delete items of `user` (text and vector); all of them, or none if one is not theirs."""
-        with self._lock, db.transaction(self._conn) as conn:
-            uid = self._user_id(user)
-            for item_id in dict.fromkeys(int(i) for i in ids):
-                cur = conn.execute(
-                    "DELETE FROM history WHERE id = ? AND user_id = ?", (item_id, uid)
-                )
-                if not cur.rowcount:
-                    raise ItemNotFoundError(item_id, user)  # rolls the whole call back
-                conn.execute("DELETE FROM history_vec WHERE rowid = ?", (item_id,))
+        ids = _item_ids(ids)
+        with self._lock:
+            with db.transaction(self._conn) as conn:
+                uid = self._user_id(user)
+                for item_id in dict.fromkeys(ids):
+                    if not -(2**63) <= item_id < 2**63:  # cannot be a SQLite rowid
+                        raise ItemNotFoundError(item_id, user)
+                    cur = conn.execute(
+                        "DELETE FROM history WHERE id = ? AND user_id = ?", (item_id, uid)
+                    )
+                    if not cur.rowcount:
+                        raise ItemNotFoundError(item_id, user)  # rolls the whole call back
+                    self._erase_vector(conn, item_id)
+            self.checkpoint()
         return len(set(ids))
 
     def forget(self, user: str) -> int:
         """Remove a user with all their items and vectors; return how many items went."""
-        with self._lock, db.transaction(self._conn) as conn:
-            uid = self._user_id(user)
-            ids = [r[0] for r in conn.execute("SELECT id FROM history WHERE user_id = ?", (uid,))]
-            for item_id in ids:
-                conn.execute("DELETE FROM history_vec WHERE rowid = ?", (item_id,))
-            conn.execute("DELETE FROM history WHERE user_id = ?", (uid,))
-            conn.execute("DELETE FROM users WHERE id = ?", (uid,))
+        with self._lock:
+            with db.transaction(self._conn) as conn:
+                uid = self._user_id(user)
+                ids = [
+                    r[0] for r in conn.execute("SELECT id FROM history WHERE user_id = ?", (uid,))
+                ]
+                for item_id in ids:
+                    self._erase_vector(conn, item_id)
+                conn.execute("DELETE FROM history WHERE user_id = ?", (uid,))
+                conn.execute("DELETE FROM users WHERE id = ?", (uid,))
+            self.checkpoint()
         return len(ids)
+
+    def checkpoint(self) -> bool:
+        """Move the write-ahead log into the database file and truncate the log, so that no
+        erased row survives in it. False when another connection's read kept part of the
+        log (that part is cleared by a later checkpoint, e.g. the next delete or close)."""
+        with self._lock:
+            return db.checkpoint(self._conn)
 
     def backup(self, dest: str | Path) -> Path:
         """Write a consistent copy of the whole database to `dest` (VACUUM INTO)."""
@@ -235,13 +288,15 @@ class HistoryStore:
     ) -> list[HistoryItem]:
         """A user's items ordered by creation time."""
         order = "DESC" if newest_first else "ASC"
+        limit = -1 if limit is None else min(_count_param(limit, "limit"), _MAX_ROWS)
+        offset = min(max(_count_param(offset, "offset"), 0), _MAX_ROWS)
         with self._lock:
             uid = self._user_id(user)
             rows = self._conn.execute(
                 f"SELECT {_ITEM_COLUMNS} FROM history h JOIN users u ON u.id = h.user_id"
                 f" WHERE h.user_id = ? ORDER BY h.created_at {order}, h.id {order}"
                 " LIMIT ? OFFSET ?",
-                (uid, -1 if limit is None else int(limit), int(offset)),
+                (uid, limit, offset),
             ).fetchall()
         return [_row_to_item(r) for r in rows]
 
@@ -256,10 +311,17 @@ class HistoryStore:
             offset += batch
 
     def search(self, user: str, query: np.ndarray, k: int) -> list[SearchHit]:
-        """The `k` items of `user` nearest to `query` (cosine), nearest first."""
-        vec = self._check_vectors(np.asarray(query, dtype=np.float32).reshape(1, -1), 1)[0]
+        """The `k` items of `user` nearest to `query` (cosine), nearest first (k ≤ MAX_K)."""
+        try:
+            vec = self._check_vectors(np.asarray(query, dtype=np.float32).reshape(1, -1), 1)[0]
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, InvalidInputError):
+                raise
+            raise InvalidInputError(f"The query is not a vector ({exc}).", field="query") from None
+        k = _count_param(k, "k")
         if k < 1:
             raise InvalidInputError("k must be at least 1.", field="k")
+        k = min(k, MAX_K)
         with self._lock:
             uid = self._user_id(user)
             hits = self._conn.execute(

@@ -55,3 +55,25 @@ def pllm(default_bundle: Path, isolated_home: Path):
         default_bundle, home=isolated_home, llm_config=LLMConfig(n_ctx=1024, n_threads=2)
     ) as p:
         yield p
+
+
+# --- counts reported by the security tests (tests/test_security_*.py) ----------------------
+
+SECURITY_COUNTS: list[tuple[str, str]] = []
+
+
+@pytest.fixture
+def report_counts(request: pytest.FixtureRequest):
+    """`report_counts("…")` prints a line in the run's closing "security counts" section."""
+
+    def record(text: str) -> None:
+        SECURITY_COUNTS.append((request.node.name, text))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if SECURITY_COUNTS:
+        terminalreporter.section("security counts")
+        for name, text in SECURITY_COUNTS:
+            terminalreporter.write_line(f"{name}: {text}")
