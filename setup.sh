@@ -21,9 +21,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${PIP[@]}" install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
 
-echo "==> installing edge-pllm[export,eval,server,dev] (llama-cpp-python builds from source: ~10 min on 2 cores)"
+echo "==> installing edge-pllm[export,eval,server,bench,dev] (llama-cpp-python builds from source: ~10 min on 2 cores)"
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}
-"${PIP[@]}" install -q -e '.[export,eval,server,dev]'
+"${PIP[@]}" install -q -e '.[export,eval,server,bench,dev]'
 
 echo "==> building the default bundle (once)"
 .venv/bin/edge-pllm setup

@@ -6,14 +6,17 @@ Then `Llama.n_tokens` and `Llama.input_ids` are advanced over placeholder ids, s
 `Llama.generate` (which prefix-matches the prompt against `input_ids`) keeps the soft
 prefix in the cache instead of silently evaluating the prompt without it.
 
-Every call starts from an empty KV cache: a cached prefix from a previous call may carry
-another user's soft tokens, so it is never reused.
+The KV cache of the previous call is reused for the longest common prefix, where a soft
+token matches only a soft token with the very same bytes (its sha256). Placeholder ids
+alone would let one user's soft prefix stand in for another's; the hashes make reuse
+exact, so a repeated prompt skips its prefill and a different persona never shares state.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import math
 import os
 import time
@@ -40,6 +43,7 @@ class LLMConfig:
     n_batch: int = 512
     n_threads: int | None = None
     seed: int = 0
+    prefix_cache: bool = True  # reuse the KV cache of the previous call's common prefix
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class Completion:
     prompt_tokens: int
     soft_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt positions reused from the previous call's KV cache
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -70,6 +75,11 @@ class Completion:
     @property
     def decode_tokens_per_second(self) -> float:
         return self.completion_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+def _row_key(row: np.ndarray) -> bytes:
+    """Identity of a soft row in the prefix cache: the sha256 of its exact float32 bytes."""
+    return hashlib.sha256(np.ascontiguousarray(row, dtype=np.float32).tobytes()).digest()
 
 
 class LLMError(EdgePLLMError, RuntimeError):
@@ -116,6 +126,9 @@ class LLM:
         self.embed_scale: float = (
             math.sqrt(self.n_embd) if self.architecture in _SCALED_INPUT_ARCHS else 1.0
         )
+        # sha256 of the soft row at each KV position that holds one (valid below n_tokens).
+        self._soft_at: dict[int, bytes] = {}
+        self.cached_tokens = 0  # positions the last call reused from the KV cache
         self._formatter = None
         if self.chat_template:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -192,6 +205,8 @@ class LLM:
         # Advance llama-cpp-python's bookkeeping over placeholders so eval() keeps them.
         llama.input_ids[n_past : n_past + len(rows)] = _PLACEHOLDER_ID
         llama.n_tokens = n_past + len(rows)
+        for i, row in enumerate(rows):
+            self._soft_at[n_past + i] = _row_key(row)
 
     def _layout(self, ids: list[int], soft: np.ndarray | None) -> tuple[list[int], int]:
         """Where soft tokens go: after a leading BOS, else first. Returns (head ids, k)."""
@@ -203,15 +218,40 @@ class LLM:
         return head, len(soft)
 
     def _prefill_soft(self, ids: list[int], soft: np.ndarray | None) -> list[int]:
-        """Reset, decode [head ids][soft rows]; return the full token list for generate()."""
-        self._llama.reset()
+        """Bring the KV cache to [head ids][soft rows], reusing what the previous call left
+        where it matches exactly; return the full token list for generate()."""
         head, k = self._layout(ids, soft)
-        if k == 0:
-            return ids
-        if head:
-            self._llama.eval(head)
-        self._decode_embeddings(soft)  # type: ignore[arg-type]
-        return [*head, *([_PLACEHOLDER_ID] * k), *ids[len(head) :]]
+        tokens = [*head, *([_PLACEHOLDER_ID] * k), *ids[len(head) :]]
+        keys: list[int | bytes] = list(tokens)
+        for i in range(k):
+            keys[len(head) + i] = _row_key(soft[i])  # type: ignore[index]
+        keep = self._common_prefix(keys[:-1]) if self.config.prefix_cache else 0
+        self.cached_tokens = keep
+        llama = self._llama
+        if keep == 0:
+            llama.reset()
+            self._soft_at = {}
+        else:
+            llama.n_tokens = keep
+            llama._ctx.kv_cache_seq_rm(-1, keep, -1)
+            self._soft_at = {p: h for p, h in self._soft_at.items() if p < keep}
+        soft_end = len(head) + k
+        if llama.n_tokens < soft_end:
+            if llama.n_tokens < len(head):
+                llama.eval(head[llama.n_tokens :])
+            self._decode_embeddings(soft[llama.n_tokens - len(head) :])  # type: ignore[index]
+        return tokens
+
+    def _common_prefix(self, keys: Sequence[int | bytes]) -> int:
+        """How many leading positions of the KV cache already hold `keys`."""
+        llama = self._llama
+        n = min(llama.n_tokens, len(keys))
+        ids = llama.input_ids
+        for p in range(n):
+            held = self._soft_at.get(p, int(ids[p]))
+            if held != keys[p]:
+                return p
+        return n
 
     def next_token_logits(self, ids: Sequence[int], soft: np.ndarray | None = None) -> np.ndarray:
         """Logits for the token after [head][soft][rest of ids] (soft placed as in generation)."""
@@ -228,6 +268,7 @@ class LLM:
     def logits_for_embeddings(self, rows: np.ndarray) -> np.ndarray:
         """Logits after feeding raw input-embedding rows (no scale applied): parity checks."""
         self._llama.reset()
+        self._soft_at = {}
         self._decode_embeddings(np.ascontiguousarray(rows, dtype=np.float32), want_logits=True)
         ptr = self._lc.llama_get_logits_ith(self._llama.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self._llama.n_vocab(),)).copy()
@@ -300,6 +341,7 @@ class LLM:
             prompt_tokens=n_prompt,
             soft_tokens=n_soft,
             completion_tokens=n_out,
+            cached_tokens=self.cached_tokens,
             prefill_seconds=first_at - started,
             decode_seconds=ended - first_at,
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import operator
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ def _row_to_item(row: Sequence[Any]) -> HistoryItem:
     )
 
 
+VECTOR_CACHE_ENTRIES = 16  # users whose vectors() stay in memory
 MAX_K = 4096  # sqlite-vec's largest k for one KNN query
 _MAX_ROWS = 2**62
 
@@ -92,6 +94,9 @@ class HistoryStore:
         self.dim = int(dim)
         self.encrypted = passphrase is not None
         self._lock = threading.RLock()
+        self._vector_cache: OrderedDict[tuple[int, int | None], tuple[list[int], np.ndarray]]
+        self._vector_cache = OrderedDict()
+        self._cache_token: tuple[int, int] | None = None
         self._conn = db.connect(self.path, passphrase=passphrase)
         try:
             db.migrate(self._conn, {"dim": self.dim})
@@ -341,9 +346,31 @@ class HistoryStore:
         return [SearchHit(by_id[i], float(d)) for i, d in hits if i in by_id]
 
     def vectors(self, user: str, limit: int | None = 512) -> tuple[list[int], np.ndarray]:
-        """The user's newest `limit` item ids and embeddings (oldest first), for aggregation."""
+        """The user's newest `limit` item ids and embeddings (oldest first), for aggregation.
+
+        Kept in memory for the next request (a few hundred KB a user, read-only) until any
+        connection writes to the database."""
         with self._lock:
             uid = self._user_id(user)
+            # data_version moves when another connection commits; total_changes when we write.
+            token = (
+                self._conn.execute("PRAGMA data_version").fetchone()[0],
+                self._conn.total_changes,
+            )
+            if token != self._cache_token:
+                self._vector_cache.clear()
+                self._cache_token = token
+            key = (uid, limit)
+            if key not in self._vector_cache:
+                self._vector_cache[key] = self._read_vectors(uid, limit)
+                if len(self._vector_cache) > VECTOR_CACHE_ENTRIES:
+                    self._vector_cache.popitem(last=False)
+            self._vector_cache.move_to_end(key)
+            ids, matrix = self._vector_cache[key]
+            return list(ids), matrix
+
+    def _read_vectors(self, uid: int, limit: int | None) -> tuple[list[int], np.ndarray]:
+        with self._lock:
             rows = self._conn.execute(
                 "SELECT h.id, v.embedding FROM history h JOIN history_vec v ON v.rowid = h.id"
                 " WHERE h.user_id = ? AND v.user_id = ? ORDER BY h.created_at DESC, h.id DESC"
@@ -351,10 +378,10 @@ class HistoryStore:
                 (uid, uid, -1 if limit is None else int(limit)),
             ).fetchall()
         rows.reverse()
-        if not rows:
-            return [], np.zeros((0, self.dim), dtype=np.float32)
-        matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
-        return [r[0] for r in rows], matrix.reshape(len(rows), self.dim).copy()
+        matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).copy()
+        matrix = matrix.reshape(len(rows), self.dim)
+        matrix.flags.writeable = False
+        return [r[0] for r in rows], matrix
 
     def integrity(self) -> dict[str, int | str]:
         """Counts that must agree, and SQLite's own integrity check."""

@@ -199,6 +199,26 @@ def test_vectors_returns_most_recent_in_time_order(store: HistoryStore):
     assert len(ids) == 3
 
 
+def test_cached_vectors_follow_every_write(store: HistoryStore, tmp_path: Path):
+    rng = np.random.default_rng(9)
+    first = store.add("alice", ["a", "b"], unit(rng, 2))
+    ids, mat = store.vectors("alice")
+    assert ids == first and not mat.flags.writeable
+    assert store.vectors("alice")[1] is mat  # served from memory while nothing changed
+
+    (third,) = store.add("alice", ["c"], unit(rng, 1))  # this connection writes
+    assert store.vectors("alice")[0] == [*first, third]
+    store.delete("alice", [first[0]])
+    assert store.vectors("alice")[0] == [first[1], third]
+
+    with HistoryStore(store.path, DIM) as other:  # another connection writes
+        (fourth,) = other.add("alice", ["d"], unit(rng, 1))
+        assert store.vectors("alice")[0] == [first[1], third, fourth]
+        other.forget("alice")
+    with pytest.raises(UnknownUserError):
+        store.vectors("alice")
+
+
 def test_backup_is_a_consistent_copy(store: HistoryStore, tmp_path: Path):
     rng = np.random.default_rng(8)
     store.add("alice", ["a", "b"], unit(rng, 2))

@@ -1,0 +1,98 @@
+"""Run every benchmark and regenerate docs/BENCHMARKS.md with its plots.
+
+    .venv/bin/python -m benchmarks            # full: histories up to 100,000 items (~15 min)
+    .venv/bin/python -m benchmarks --quick    # up to 10,000 items, fewer repeats (~5 min)
+
+Needs the `bench` extra (matplotlib, and sentence-transformers as the ingest reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from edge_pllm import PersonalLLM, paths
+from edge_pllm.defaults import ensure_default_bundle
+from edge_pllm.lamp import task_spec
+from edge_pllm.llm import LLMConfig
+
+from . import generation, retrieval, system
+from .common import ROOT, Results, commit_texts, machine, queries, synthetic_history
+from .report import markdown, plot
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller histories, fewer repeats")
+    parser.add_argument("--threads", type=int, default=2, help="threads for every engine")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    sizes = [10, 1_000, 10_000] if args.quick else [10, 1_000, 10_000, 100_000]
+    repeats = 3 if args.quick else 5
+    n_prompts = 6 if args.quick else 12
+
+    import llama_cpp
+
+    bundle = ensure_default_bundle(paths.home())
+    res = Results()
+    spec = task_spec("commit_subject")
+    prompts = [spec.query(q) for q in queries(n_prompts)]
+    with tempfile.TemporaryDirectory(prefix="edge-pllm-bench-") as tmp:
+        home = Path(tmp)
+        config = LLMConfig(n_threads=args.threads, prefix_cache=False)
+        pllm = PersonalLLM(bundle, home=home, llm_config=config)
+        if pllm.plug is None:
+            print("The default bundle has no Persona-Plug head; run `edge-pllm setup`.")
+            return 2
+
+        texts = commit_texts(300 if args.quick else 1000)
+        vectors = retrieval.ingest(res, pllm.embedder, texts, args.threads)
+        retrieval.store_insert(res, pllm.embedder.dim, texts, vectors, 10_000)
+
+        users = {}
+        for n in sizes:
+            users[n] = f"history-{n}"
+            items, vecs = synthetic_history(texts, vectors, n, seed=n)
+            for start in range(0, n, 5000):
+                pllm.store.add(users[n], items[start : start + 5000], vecs[start : start + 5000])
+            print(f"  user {users[n]}: {n:,} items", flush=True)
+
+        model = pllm.bundle.file(pllm.bundle.llm.file)
+        bare = llama_cpp.Llama(
+            str(model), n_ctx=config.n_ctx, n_batch=config.n_batch, n_ubatch=config.n_batch,
+            n_threads=args.threads, verbose=False,
+        )  # fmt: skip
+        bare_tps = generation.throughput(res, pllm, bare, users[1_000], repeats, max_tokens=128)
+        del bare
+        generation.ttft_by_history(res, pllm, users, prompts, repeats)
+        query_vecs = np.stack([pllm.embedder.embed_one(p) for p in prompts])
+        retrieval.knn(res, pllm.store, users, query_vecs)
+        pllm.close()
+        del pllm  # one llama.cpp context at a time keeps the timings clean
+
+        cached = PersonalLLM(bundle, home=home, llm_config=LLMConfig(n_threads=args.threads))
+        generation.repeat_query(res, cached, users[1_000], prompts[:repeats])
+        cached.close()
+        del cached
+
+        system.process_figures(
+            res, model, bundle, home, users[10_000], prompts[0], args.threads, repeats=3
+        )
+        system.decode_limit(res, model, args.threads, bare_tps)
+
+    plots = args.out.parent / "benchmarks"
+    plot(res, plots)
+    command = "python -m benchmarks" + (" --quick" if args.quick else "")
+    args.out.write_text(markdown(res, machine(), command, plots.name) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Generation with a persona against bare llama-cpp-python: throughput, time to first token
+at growing history sizes with the persona computation broken out, and repeat-query reuse of
+the KV cache."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+from edge_pllm import PersonalLLM
+from edge_pllm.llm import SamplingConfig
+
+from .common import CHAT_PROMPT, Results, Row
+
+STRATEGIES = ("none", "plug", "plug+rag:1")
+
+
+@dataclass
+class Run:
+    prompt_tokens: int
+    ttft: float  # call to first token, seconds
+    decode_tps: float  # tokens/s after the first
+
+
+def bare_run(llama, tokens: list[int], max_tokens: int) -> Run:
+    """One greedy generation with llama-cpp-python alone, from an empty KV cache."""
+    llama.reset()
+    started = time.perf_counter()
+    first = last = None
+    for _ in llama.create_completion(
+        tokens, max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.1, stream=True
+    ):
+        last = time.perf_counter()
+        first = first or last
+    generated = llama.n_tokens - len(tokens) + 1
+    return _run(len(tokens), started, first, last, generated)
+
+
+def ours_run(pllm: PersonalLLM, user: str, prompt: str, strategy: str, max_tokens: int) -> Run:
+    """One generation through PersonalLLM.stream: persona, prompt, soft tokens, decode."""
+    seen = {}
+
+    def note(prepared) -> None:
+        soft = prepared.personalization.soft_tokens
+        seen["n"] = len(pllm.llm.tokenize(prepared.prompt)) + (0 if soft is None else len(soft))
+
+    sampling = SamplingConfig(max_tokens=max_tokens)
+    started = time.perf_counter()
+    first = last = None
+    for _ in pllm.stream(user, prompt, strategy=strategy, sampling=sampling, on_prepared=note):
+        last = time.perf_counter()
+        first = first or last
+    generated = pllm.llm.llama.n_tokens - seen["n"] + 1
+    return _run(seen["n"], started, first, last, generated)
+
+
+def _run(n_prompt: int, started: float, first, last, generated: int) -> Run:
+    if first is None:
+        raise RuntimeError("The model produced no token; cannot time it.")
+    decode = (generated - 1) / (last - first) if generated > 1 and last > first else 0.0
+    return Run(n_prompt, first - started, decode)
+
+
+def ttft(pllm: PersonalLLM, user: str, prompt: str, strategy: str) -> float:
+    """Seconds from the call to the first streamed piece of text."""
+    started = time.perf_counter()
+    stream = pllm.stream(user, prompt, strategy=strategy, sampling=SamplingConfig(max_tokens=8))
+    next(stream)
+    elapsed = time.perf_counter() - started
+    stream.close()
+    return elapsed
+
+
+def throughput(
+    res: Results, pllm: PersonalLLM, bare, user: str, repeats: int, max_tokens: int
+) -> float:
+    """Decode and prompt throughput: bare llama-cpp-python vs every persona strategy;
+    returns bare decode tokens/s."""
+    print("decode and prompt throughput", flush=True)
+    tokens = pllm.llm.tokenize(
+        pllm.llm.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}])
+    )
+    runs: dict[str, list[Run]] = {"bare": [], **{s: [] for s in STRATEGIES}}
+    for _ in range(repeats):  # interleaved, so drift in the machine hits every variant alike
+        runs["bare"].append(bare_run(bare, tokens, max_tokens))
+        for s in STRATEGIES:
+            runs[s].append(ours_run(pllm, user, CHAT_PROMPT, s, max_tokens))
+    med = {k: _median_run(v) for k, v in runs.items()}
+    ref = med["bare"]
+    res.add(Row("throughput", "decode, bare llama-cpp-python", ref.decode_tps, "tok/s"))
+    for s in STRATEGIES:
+        res.add(
+            Row(
+                "throughput",
+                f"decode, edge-pllm {s}",
+                med[s].decode_tps,
+                "tok/s",
+                "bare llama-cpp-python",
+                ref.decode_tps,
+                "≥ 0.98 × bare",
+                med[s].decode_tps >= 0.98 * ref.decode_tps,
+            )
+        )
+    ref_pps = ref.prompt_tokens / ref.ttft
+    res.add(Row("throughput", f"prompt eval, bare ({ref.prompt_tokens} tokens)", ref_pps, "tok/s"))
+    for s in STRATEGIES:
+        pps = med[s].prompt_tokens / med[s].ttft
+        res.add(
+            Row(
+                "throughput",
+                f"prompt eval incl. persona, edge-pllm {s} ({med[s].prompt_tokens} tokens)",
+                pps,
+                "tok/s",
+                "bare llama-cpp-python",
+                ref_pps,
+            )
+        )
+    return ref.decode_tps
+
+
+def _median_run(runs: list[Run]) -> Run:
+    return Run(
+        runs[0].prompt_tokens,
+        statistics.median(r.ttft for r in runs),
+        statistics.median(r.decode_tps for r in runs),
+    )
+
+
+def persona_breakdown(pllm: PersonalLLM, user: str, prompts: list[str]) -> dict[str, float]:
+    """Median milliseconds of each persona step over `prompts`."""
+    plug = pllm.plug
+    steps: dict[str, list[float]] = {"embed query": [], "read vectors": [], "head": [], "knn": []}
+    for prompt in prompts:
+        t0 = time.perf_counter()
+        q = pllm.embedder.embed_one(prompt)
+        t1 = time.perf_counter()
+        _, history = pllm.store.vectors(user, limit=plug.max_history)
+        t2 = time.perf_counter()
+        plug.soft_tokens(q, history)
+        t3 = time.perf_counter()
+        pllm.store.search(user, q, 1)
+        t4 = time.perf_counter()
+        for name, dt in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            steps[name].append(dt * 1000)
+    out = {k: statistics.median(v) for k, v in steps.items()}
+    out["persona"] = out["embed query"] + out["read vectors"] + out["head"]
+    return out
+
+
+def ttft_by_history(
+    res: Results, pllm: PersonalLLM, users: dict[int, str], prompts: list[str], repeats: int
+):
+    """TTFT of plain vs persona prompts, and the persona steps, as the history grows."""
+    print("time to first token vs history size", flush=True)
+    table: dict[int, dict[str, float]] = {}
+    for n, user in sorted(users.items()):
+        row = persona_breakdown(pllm, user, prompts)
+        for s in STRATEGIES:
+            times = [ttft(pllm, user, p, s) for p in prompts[:repeats]]
+            row[f"ttft {s}"] = statistics.median(times) * 1000
+        table[n] = row
+        print(f"  {n:>7} items: " + ", ".join(f"{k} {v:.1f} ms" for k, v in row.items()))
+    res.series["ttft_by_history"] = table
+    targets = {1_000: 5.0, 100_000: 30.0}
+    for n, row in table.items():
+        limit = targets.get(n)
+        res.add(
+            Row(
+                "persona",
+                f"persona computation at {n:,} items (embed {row['embed query']:.1f} + read "
+                f"{row['read vectors']:.1f} + head {row['head']:.1f} ms)",
+                row["persona"],
+                "ms",
+                target=f"≤ {limit:g} ms" if limit else "",
+                met=row["persona"] <= limit if limit else None,
+            )
+        )
+    for n, row in table.items():
+        overhead = row["ttft plug"] / row["ttft none"]
+        res.add(
+            Row(
+                "persona",
+                f"TTFT with plug at {n:,} items",
+                row["ttft plug"],
+                "ms",
+                "plain prompt (none)",
+                row["ttft none"],
+                "≤ 1.05 × plain" if n == 1_000 else "",
+                overhead <= 1.05 if n == 1_000 else None,
+            )
+        )
+
+
+def repeat_query(res: Results, pllm: PersonalLLM, user: str, prompts: list[str]):
+    """TTFT of a prompt whose persona prefix and text are still in the KV cache vs one that
+    must be computed from scratch (the previous call had another prompt)."""
+    print("repeat-query TTFT (KV cache prefix reuse)", flush=True)
+    cold, warm = [], []
+    for a, b in zip(prompts, prompts[1:] + prompts[:1], strict=True):
+        ttft(pllm, user, b, "plug")
+        cold.append(ttft(pllm, user, a, "plug"))
+        warm.append(ttft(pllm, user, a, "plug"))
+    c, w = statistics.median(cold) * 1000, statistics.median(warm) * 1000
+    res.add(
+        Row(
+            "persona",
+            "repeat-query TTFT, plug, prefix in KV cache",
+            w,
+            "ms",
+            "same prompt, recomputed",
+            c,
+            "≤ 0.5 × recomputed",
+            w <= 0.5 * c,
+        )
+    )

@@ -1,0 +1,153 @@
+"""Whole-process figures (peak RSS, cold start to first token) measured in fresh child
+processes, and the machine's memory bandwidth as the physical limit of decode."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .common import Results, Row
+
+# Each child prints one JSON line: seconds from its parent's spawn to the first token, and
+# its peak RSS. The parent's clock reading travels in argv.
+_BARE = """
+import json, sys, time
+t0 = float(sys.argv[1])
+import llama_cpp
+from benchmarks.common import peak_rss_mb
+llm = llama_cpp.Llama(sys.argv[2], n_ctx=2048, n_batch=512, n_ubatch=512,
+                      n_threads=int(sys.argv[3]), verbose=False)
+first = None
+for _ in llm.create_completion(sys.argv[4], max_tokens=32, temperature=0.0, stream=True):
+    first = first or time.time()
+print(json.dumps({"first_token_s": first - t0, "peak_rss_mb": peak_rss_mb()}))
+"""
+
+_OURS = """
+import json, sys, time
+t0 = float(sys.argv[1])
+from edge_pllm import PersonalLLM
+from edge_pllm.llm import LLMConfig, SamplingConfig
+from benchmarks.common import peak_rss_mb
+pllm = PersonalLLM(sys.argv[2], home=sys.argv[5], llm_config=LLMConfig(n_threads=int(sys.argv[3])))
+first = None
+for _ in pllm.stream(sys.argv[6], sys.argv[4], strategy=sys.argv[7],
+                     sampling=SamplingConfig(max_tokens=32)):
+    first = first or time.time()
+print(json.dumps({"first_token_s": first - t0, "peak_rss_mb": peak_rss_mb()}))
+"""
+
+
+def _child(script: str, *args: str) -> dict[str, float]:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    t0 = time.time()
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(t0), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        cwd=root,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def process_figures(
+    res: Results,
+    model: Path,
+    bundle: Path,
+    home: Path,
+    user: str,
+    prompt: str,
+    threads: int,
+    repeats: int,
+) -> None:
+    """Peak RSS and cold start of a whole generate process: edge-pllm (plug+rag, the user's
+    10k items) vs bare llama-cpp-python on the same GGUF."""
+    print("whole process: peak RSS and cold start", flush=True)
+    bare, ours = [], []
+    for _ in range(repeats):
+        bare.append(_child(_BARE, str(model), str(threads), prompt))
+        ours.append(_child(_OURS, str(bundle), str(threads), prompt, str(home), user, "plug+rag:1"))
+
+    def med(runs: list[dict[str, float]], key: str) -> float:
+        return float(np.median([r[key] for r in runs]))
+
+    rss, rss_ref = med(ours, "peak_rss_mb"), med(bare, "peak_rss_mb")
+    res.add(
+        Row(
+            "process",
+            "peak RSS, generate with plug+rag at 10,000 items",
+            rss,
+            "MiB",
+            "bare llama-cpp-python",
+            rss_ref,
+            "≤ 350 MiB",
+            rss <= 350,
+        )
+    )
+    cold, cold_ref = med(ours, "first_token_s"), med(bare, "first_token_s")
+    res.add(
+        Row(
+            "process",
+            "cold start to first token (process start, imports, load, persona, prefill)",
+            cold * 1000,
+            "ms",
+            "bare llama-cpp-python",
+            cold_ref * 1000,
+        )
+    )
+
+
+def memory_bandwidth(threads: int, mib: int = 512) -> float:
+    """Copy bandwidth in GB/s (bytes read + written), best of 5, over `threads` threads."""
+    n = mib * 2**20 // 8 // threads
+    srcs = [np.ones(n) for _ in range(threads)]
+    dsts = [np.empty(n) for _ in range(threads)]
+    best = float("inf")
+    for _ in range(5):
+        workers = [
+            threading.Thread(target=np.copyto, args=(d, s)) for s, d in zip(srcs, dsts, strict=True)
+        ]
+        started = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = min(best, time.perf_counter() - started)
+    return 2 * n * 8 * threads / best / 1e9
+
+
+def decode_limit(res: Results, model: Path, threads: int, measured_tps: float) -> None:
+    """Decode reads every weight once per token: bandwidth / model bytes bounds tokens/s."""
+    print("memory bandwidth (decode's physical limit)", flush=True)
+    bw = max(memory_bandwidth(1), memory_bandwidth(threads))
+    size = model.stat().st_size
+    limit = bw * 1e9 / size
+    res.add(Row("limit", "memory copy bandwidth (numpy, read + write)", bw, "GB/s"))
+    res.add(
+        Row(
+            "limit",
+            f"model bytes read per token (GGUF file, {size / 2**20:.0f} MiB)",
+            size / 2**20,
+            "MiB",
+        )
+    )
+    res.add(
+        Row(
+            "limit",
+            "decode tok/s, bare llama-cpp-python",
+            measured_tps,
+            "tok/s",
+            "bandwidth / model bytes",
+            limit,
+        )
+    )
