@@ -361,7 +361,10 @@ def status(obj: Context) -> None:
         plug = "none (train one with `edge-pllm train-plug`)"
         if pllm.plug is not None:
             spec = b.manifest["plug"]
-            plug = f"{spec['file']} (trained for this bundle; {spec.get('steps', '?')} steps)"
+            plug = (
+                f"{spec['file']} (trained for this bundle; {pllm.plug.input_encoder} input "
+                f"encoder; {spec.get('steps', '?')} steps)"
+            )
     except EdgePLLMError as exc:
         plug = f"refused: {exc}"
     click.echo(f"plug:      {plug}")
@@ -622,6 +625,28 @@ def export_default_command(ctx: click.Context, out_dir: str | None, dry_run: boo
 @click.option("--steps", default=400, show_default=True)
 @click.option("--batch-size", default=4, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
+@click.option(
+    "--input-encoder",
+    type=click.Choice(["linear", "trainable"]),
+    default="linear",
+    show_default=True,
+    help="How the head encodes the request. linear: the bundle's frozen embedder's vector "
+    "through a learned linear map (small head, a few MB; cheap to train). trainable: a "
+    "fine-tuned copy of the sentence encoder, fed the request's token ids (the paper; the "
+    "head carries the encoder, ~90 MB for MiniLM, and trains slower).",
+)
+@click.option(
+    "--encoder-lr",
+    default=1e-4,
+    show_default=True,
+    help="Learning rate of the trainable input encoder (the rest of the head uses --lr).",
+)
+@click.option(
+    "--encoder-source",
+    type=click.Path(exists=True, file_okay=False),
+    help="The sentence-transformers folder the bundle's embedder was exported from, copied "
+    "by --input-encoder trainable (default: the default bundle's all-MiniLM-L6-v2).",
+)
 @click.option("--limit", type=int, help="Only the first N questions of each split.")
 @click.option(
     "--profile-examples",
@@ -657,6 +682,9 @@ def train_plug(
     steps: int,
     batch_size: int,
     lr: float,
+    input_encoder: str,
+    encoder_lr: float,
+    encoder_source: str | None,
     limit: int | None,
     profile_examples: int,
     llm_source: str | None,
@@ -680,8 +708,23 @@ def train_plug(
     ]
     out = Path(out_dir) if out_dir else obj.home / "plug-train"
     click.echo(f"{len(examples)} training examples from {', '.join(splits)}.", err=True)
-    config = pplug.TrainConfig(steps=steps, batch_size=batch_size, lr=lr)
-    head, result = pplug.train(bundle, examples, spec, out, config, llm_source=llm_source)
+    trainable = input_encoder == "trainable"
+    config = pplug.TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        input_encoder="trainable" if trainable else "linear",
+        encoder_lr=encoder_lr,
+    )
+    head, result = pplug.train(
+        bundle,
+        examples,
+        spec,
+        out,
+        config,
+        llm_source=llm_source,
+        encoder_source=encoder_source,
+    )
     onnx_path = pplug.export_onnx(head, out / "plug.onnx")
     command = " ".join(
         [
@@ -690,6 +733,7 @@ def train_plug(
             *(f"--split {s}" for s in splits),
             f"--steps {steps} --batch-size {batch_size} --lr {lr}",
         ]
+        + ([f"--input-encoder trainable --encoder-lr {encoder_lr}"] if trainable else [])
         + ([f"--limit {limit}"] if limit else [])
     )
     info = {
@@ -698,6 +742,7 @@ def train_plug(
         "steps": steps,
         "batch_size": batch_size,
         "lr": lr,
+        **({"encoder_lr": encoder_lr} if trainable else {}),
         "train_seconds": round(result.seconds, 1),
         "final_loss": round(result.final_loss, 4),
         "threads": os.cpu_count(),

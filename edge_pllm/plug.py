@@ -1,8 +1,16 @@
 """Persona-Plug on the device: the exported head (ONNX) turns the user's stored history
-vectors and the request's embedding into soft tokens for llama.cpp.
+vectors and the request into soft tokens for llama.cpp.
+
+The head comes in two variants (its manifest entry's `input_encoder` says which):
+
+- `linear` (cheap): the head reads the request's embedding, computed by the bundle's
+  frozen embedder, and maps it with a learned linear map.
+- `trainable` (the paper): the head holds its own fine-tuned copy of the sentence encoder
+  and reads the request's token ids, made with the bundle embedder's tokenizer.
 
 The head is checked against the bundle: its manifest entry names the sha256 of the LLM and
-embedder it was trained for, and a head trained for other models is refused.
+embedder (and, for `trainable`, the tokenizer) it was trained for, and a head trained for
+other models is refused.
 
 A user with no history gets no soft tokens: `plug` then answers with the plain prompt (and
 `plug+rag` with neither retrieved items nor soft tokens), and the Personalization says so in
@@ -11,11 +19,14 @@ A user with no history gets no soft tokens: `plug` then answers with the plain p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import onnxruntime as ort
+from tokenizers import Tokenizer
 
 from .errors import BundleError
 
@@ -25,6 +36,52 @@ if TYPE_CHECKING:
 
 HEAD_FILE = "plug.onnx"
 N_SOFT = 2  # [instruction; persona]
+
+InputEncoder = Literal["linear", "trainable"]
+# The head's ONNX inputs for each input encoder: the request's part, then the history's.
+HISTORY_INPUTS = ("history", "mask")
+QUERY_INPUTS: dict[str, tuple[str, ...]] = {
+    "linear": ("query",),
+    "trainable": ("input_ids", "attention_mask"),
+}
+# What heads exported before the option existed wrote in `input_encoder`.
+_LEGACY_INPUT_ENCODERS = {"frozen encoder + learned linear map": "linear"}
+
+
+def input_encoder_of(spec: dict[str, Any]) -> InputEncoder:
+    """The input-encoder variant a manifest `plug` entry declares (old entries: `linear`)."""
+    value = spec.get("input_encoder", "linear")
+    value = _LEGACY_INPUT_ENCODERS.get(value, value)
+    if value not in QUERY_INPUTS:
+        raise BundleError(
+            f"The Persona-Plug head declares an unknown input encoder {value!r} (this "
+            f"edge-pllm knows {', '.join(QUERY_INPUTS)}); update edge-pllm or retrain the head.",
+            file=spec.get("file", HEAD_FILE),
+        )
+    return value  # type: ignore[return-value]
+
+
+class QueryTokenizer:
+    """The request's token ids as the trainable input encoder reads them: the bundle
+    embedder's tokenizer, truncated to the embedder's max length. Training (export side)
+    and the device use this same class, so both feed the head identical ids."""
+
+    def __init__(self, tokenizer_path: str | Path, max_length: int):
+        self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        self._tokenizer.enable_truncation(max_length=max_length)
+        self._tokenizer.no_padding()
+
+    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """`texts` -> (input_ids, attention_mask), both (len(texts), longest) int64,
+        right-padded with id 0 and mask 0."""
+        encodings = self._tokenizer.encode_batch(list(texts))
+        width = max((len(e.ids) for e in encodings), default=0)
+        ids = np.zeros((len(encodings), width), dtype=np.int64)
+        mask = np.zeros((len(encodings), width), dtype=np.int64)
+        for row, enc in enumerate(encodings):
+            ids[row, : len(enc.ids)] = enc.ids
+            mask[row, : len(enc.ids)] = 1
+        return ids, mask
 
 
 class PlugHead:
@@ -38,8 +95,12 @@ class PlugHead:
                 "`edge-pllm train-plug` or use a strategy without `plug`.",
                 bundle=str(bundle.path),
             )
+        self.input_encoder: InputEncoder = input_encoder_of(spec)
         files = bundle.manifest["files"]
-        for role, name in (("llm", bundle.llm.file), ("embedder", bundle.embedder.file)):
+        checked = [("llm", bundle.llm.file), ("embedder", bundle.embedder.file)]
+        if self.input_encoder == "trainable":
+            checked.append(("tokenizer", bundle.embedder.tokenizer))
+        for role, name in checked:
             if spec.get(f"{role}_sha256") != files[name]["sha256"]:
                 raise BundleError(
                     f"The Persona-Plug head in {bundle.path} was trained for another {role} "
@@ -71,15 +132,42 @@ class PlugHead:
             raise BundleError(
                 f"onnxruntime could not load {path} ({exc}).", file=str(path)
             ) from exc
+        expected = [*QUERY_INPUTS[self.input_encoder], *HISTORY_INPUTS]
+        found = [i.name for i in self._session.get_inputs()]
+        if sorted(found) != sorted(expected):
+            raise BundleError(
+                f"The Persona-Plug head {path} takes inputs {found}, but its manifest "
+                f"declares the {self.input_encoder!r} input encoder ({expected}); re-export it.",
+                file=str(path),
+            )
+        self._tokenizer: QueryTokenizer | None = None
+        if self.input_encoder == "trainable":
+            max_length = int(spec.get("max_seq_length", bundle.embedder.config.max_seq_length))
+            self._tokenizer = QueryTokenizer(bundle.file(bundle.embedder.tokenizer), max_length)
 
-    def soft_tokens(self, query: np.ndarray, history: np.ndarray) -> np.ndarray:
-        """(d_enc,) request embedding and (N, d_enc) history, N ≥ 1 -> (n_soft, d_llm)."""
+    @property
+    def reads_text(self) -> bool:
+        """True if the head encodes the request's text itself (the `trainable` variant);
+        False if it takes the request's embedding from the bundle's embedder (`linear`)."""
+        return self._tokenizer is not None
+
+    def soft_tokens(self, query: str | np.ndarray, history: np.ndarray) -> np.ndarray:
+        """The request and the user's (N, d_enc) history vectors, N ≥ 1 -> (n_soft, d_llm).
+
+        `query` is the request's text for a head that `reads_text`, else its (d_enc,)
+        embedding from the bundle's embedder."""
+        if self._tokenizer is not None:
+            if not isinstance(query, str):
+                raise TypeError("This Persona-Plug head reads the request's text, not a vector.")
+            ids, mask = self._tokenizer([query])
+            feeds = {"input_ids": ids, "attention_mask": mask}
+        else:
+            if isinstance(query, str):
+                raise TypeError("This Persona-Plug head reads the request's embedding, not text.")
+            feeds = {"query": np.asarray(query, dtype=np.float32).reshape(1, -1)}
         history = np.ascontiguousarray(history[-self.max_history :], dtype=np.float32)
-        feeds = {
-            "query": np.asarray(query, dtype=np.float32).reshape(1, -1),
-            "history": history[None],
-            "mask": np.ones((1, len(history)), dtype=np.float32),
-        }
+        feeds["history"] = history[None]
+        feeds["mask"] = np.ones((1, len(history)), dtype=np.float32)
         return self._session.run(None, feeds)[0][0]
 
 
@@ -95,15 +183,19 @@ class Plug:
         from .strategies import Personalization, require_user
 
         require_user(request)
-        if request.plug is None:
+        head = request.plug
+        if head is None:
             raise BundleError("This bundle has no Persona-Plug head; use none, recent or rag.")
-        query_vec = request.embedder.embed_one(request.query)
-        ids, history = request.store.vectors(request.user, limit=request.plug.max_history)
+        ids, history = request.store.vectors(request.user, limit=head.max_history)
         if not ids:
             return Personalization(info={"fallback": "no history: plain prompt"})
+        # The request's embedding is needed by a linear head and by retrieval only.
+        query: str | np.ndarray = request.query
+        if self.rag or not head.reads_text:
+            query_vec = request.embedder.embed_one(request.query)
+            query = request.query if head.reads_text else query_vec
         found = Personalization(
-            soft_tokens=request.plug.soft_tokens(query_vec, history),
-            info={"history_items": len(ids)},
+            soft_tokens=head.soft_tokens(query, history), info={"history_items": len(ids)}
         )
         if self.rag:
             hits = request.store.search(request.user, query_vec, self.rag)

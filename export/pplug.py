@@ -1,8 +1,13 @@
 """Persona-Plug: the head that turns a user's history into soft tokens, trained against the
 frozen LLM the device runs, and exported to ONNX for onnxruntime.
 
-Model (PPlug, arXiv 2409.11901, with the cheap input encoder):
-    x   = A q                         q: the request's embedding (frozen encoder), A learned
+Model (PPlug, arXiv 2409.11901):
+    x   = E(request)                  the input encoder, one of two variants (`input_encoder`):
+                                        "linear": x = A q, q the request's embedding from the
+                                          frozen encoder (the bundle's embedder), A learned
+                                        "trainable" (the paper): x = normalize(pool(Enc(ids))),
+                                          Enc a trainable copy of the sentence encoder the
+                                          bundle's embedder was exported from
     w_i = softmax_i(h_i · x)          h_i: the user's history embeddings (frozen, from the store)
     P   = Σ_i w_i Proj(h_i)           Proj = Linear(d_enc→d_llm) → GELU → Linear(d_llm→d_llm)
     I   = Proj_I(v)                   v: a learned instruction vector, its own projector
@@ -10,8 +15,9 @@ Model (PPlug, arXiv 2409.11901, with the cheap input encoder):
     so they live where the LLM's input embeddings live. The LLM input is [I; P; prompt].
 
 Training: LLM and history encoder frozen; cross-entropy on the gold output with teacher
-forcing; AdamW with warmup and linear decay; history-dropout augmentation (copies of each
-example that drop a random 1–50 % of the history); resumable checkpoints.
+forcing; AdamW with warmup and linear decay (the trainable encoder at its own, smaller
+learning rate); history-dropout augmentation (copies of each example that drop a random
+1–50 % of the history); resumable checkpoints.
 """
 
 from __future__ import annotations
@@ -29,12 +35,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from edge_pllm.bundle import Bundle, load_bundle
+from edge_pllm.bundle import Bundle, load_bundle, sha256_file
 from edge_pllm.embedder import Embedder
 from edge_pllm.errors import InvalidInputError
 from edge_pllm.lamp import TaskSpec, load_split
 from edge_pllm.llm import LLM, LLMConfig
-from edge_pllm.plug import HEAD_FILE, N_SOFT
+from edge_pllm.plug import (
+    HEAD_FILE,
+    HISTORY_INPUTS,
+    N_SOFT,
+    QUERY_INPUTS,
+    InputEncoder,
+    QueryTokenizer,
+)
 from edge_pllm.prompts import build_messages
 
 from .bundle import attach_head  # noqa: F401  (re-exported: the training CLI uses it)
@@ -43,21 +56,102 @@ from .embedder import quiet_third_party
 
 @dataclass
 class HeadConfig:
+    """The head's shape. `pooling`, `normalize` and `max_seq_length` are the bundle
+    embedder's settings, used by the trainable input encoder (and recorded for the device)."""
+
     d_enc: int
     d_llm: int
     embed_norm: float
     max_history: int = 512
+    input_encoder: InputEncoder = "linear"
+    pooling: str = "mean"
+    normalize: bool = True
+    max_seq_length: int = 256
+
+
+class LinearQueryEncoder(nn.Linear):
+    """The cheap input encoder: x = A q, where q is the request's embedding from the frozen
+    encoder (the bundle's embedder, as for the history) and A starts as the identity."""
+
+    input_names = QUERY_INPUTS["linear"]
+
+    def __init__(self, d_enc: int):
+        super().__init__(d_enc, d_enc, bias=False)
+        nn.init.eye_(self.weight)
+
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        return (torch.zeros(1, self.in_features),)
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {"query": {0: "batch"}}
+
+
+def pool_tokens(
+    hidden: torch.Tensor, mask: torch.Tensor, pooling: str, normalize: bool
+) -> torch.Tensor:
+    """Token states (B, L, d) -> sentence vectors (B, d), as edge_pllm.embedder pools them."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    if pooling == "mean":
+        pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1e-9)
+    elif pooling == "cls":
+        pooled = hidden[:, 0]
+    elif pooling == "max":
+        pooled = hidden.masked_fill(m <= 0, -1e9).max(dim=1).values
+    else:
+        raise InvalidInputError(f"Unknown pooling mode {pooling!r}.", field="pooling")
+    return nn.functional.normalize(pooled, dim=-1, eps=1e-12) if normalize else pooled
+
+
+class TrainableQueryEncoder(nn.Module):
+    """The paper's input encoder: a trainable copy of the sentence encoder (a transformers
+    model), pooled and normalized as the bundle's embedder does; reads token ids."""
+
+    input_names = QUERY_INPUTS["trainable"]
+
+    def __init__(self, encoder: nn.Module, pooling: str = "mean", normalize: bool = True):
+        super().__init__()
+        self.encoder, self.pooling, self.normalize = encoder, pooling, normalize
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask (B, L) int64 -> x (B, d_enc)."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
+        return pool_tokens(hidden, attention_mask, self.pooling, self.normalize)
+
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        # Two rows, one padded: the traced graph must not assume an all-ones mask.
+        mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+        return torch.tensor([[1, 2, 3, 4], [1, 2, 4, 0]]), mask
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {name: {0: "batch", 1: "tokens"} for name in self.input_names}
 
 
 class PPlugHead(nn.Module):
-    """Input-aware aggregation of history embeddings into [instruction, persona] soft tokens."""
+    """Input-aware aggregation of history embeddings into [instruction, persona] soft tokens.
 
-    def __init__(self, config: HeadConfig):
+    `encoder` (a transformers model, e.g. from `load_input_encoder`) is required by, and only
+    used by, the `trainable` input encoder."""
+
+    def __init__(self, config: HeadConfig, encoder: nn.Module | None = None):
         super().__init__()
         self.config = config
         d_enc, d_llm = config.d_enc, config.d_llm
-        self.query_map = nn.Linear(d_enc, d_enc, bias=False)
-        nn.init.eye_(self.query_map.weight)
+        self.query_encoder: LinearQueryEncoder | TrainableQueryEncoder
+        if config.input_encoder == "linear":
+            self.query_encoder = LinearQueryEncoder(d_enc)
+        elif config.input_encoder == "trainable":
+            if encoder is None:
+                raise InvalidInputError(
+                    "The trainable input encoder needs the sentence encoder to copy.",
+                    field="input_encoder",
+                )
+            self.query_encoder = TrainableQueryEncoder(encoder, config.pooling, config.normalize)
+        else:
+            raise InvalidInputError(
+                f"Unknown input encoder {config.input_encoder!r} "
+                f"(known: {', '.join(QUERY_INPUTS)}).",
+                field="input_encoder",
+            )
         self.proj = nn.Sequential(nn.Linear(d_enc, d_llm), nn.GELU(), nn.Linear(d_llm, d_llm))
         self.instruction = nn.Parameter(torch.randn(d_enc) / math.sqrt(d_enc))
         self.proj_instruction = nn.Sequential(
@@ -65,11 +159,17 @@ class PPlugHead(nn.Module):
         )
         self.register_buffer("embed_norm", torch.tensor(float(config.embed_norm)))
 
-    def forward(
-        self, query: torch.Tensor, history: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        """query (B, d_enc), history (B, N, d_enc), mask (B, N) of 1/0 -> (B, 2, d_llm)."""
-        x = self.query_map(query)
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """The forward (and ONNX) inputs in order: the request's, then history and mask."""
+        return (*self.query_encoder.input_names, *HISTORY_INPUTS)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The request's inputs (`input_names`: query (B, d_enc), or input_ids and
+        attention_mask (B, L)), then history (B, N, d_enc) and mask (B, N) of 1/0
+        -> soft tokens (B, 2, d_llm)."""
+        *query, history, mask = inputs
+        x = self.query_encoder(*query)
         scores = torch.einsum("bnd,bd->bn", history, x)
         scores = scores.masked_fill(mask <= 0, -1e9)
         weights = torch.softmax(scores, dim=-1)
@@ -159,6 +259,52 @@ def load_frozen_llm(bundle: Bundle, source: Path | None = None) -> nn.Module:
     return model
 
 
+def load_input_encoder(bundle: Bundle, source: Path | None = None) -> nn.Module:
+    """A trainable fp32 copy of the sentence encoder the bundle's embedder was exported from:
+    the sentence-transformers folder `source` (default: the one the default bundle uses).
+    A folder whose tokenizer differs from the bundle's is refused (its ids would not match
+    what the device feeds); `check_input_encoder` then compares the vectors themselves."""
+    from transformers import AutoModel
+
+    from edge_pllm.defaults import default_embedder_source
+
+    source = source or default_embedder_source()
+    tokenizer = source / "tokenizer.json"
+    wanted = bundle.manifest["files"][bundle.embedder.tokenizer]["sha256"]
+    if not tokenizer.is_file() or sha256_file(tokenizer) != wanted:
+        raise InvalidInputError(
+            f"{source} is not the sentence encoder the bundle's embedder was exported from "
+            "(its tokenizer.json differs from the bundle's); pass that folder as the encoder "
+            "source (--encoder-source).",
+            field="encoder_source",
+        )
+    with quiet_third_party():
+        return AutoModel.from_pretrained(str(source), dtype=torch.float32)
+
+
+def check_input_encoder(
+    head: PPlugHead, tokenize: QueryTokenizer, embedder: Embedder, texts: Sequence[str]
+) -> float:
+    """The mean cosine between the head's (untrained) trainable encoder and the bundle's
+    embedder on `texts`; refuses an encoder that is not the embedder's source (the int8
+    embedder agrees with its fp32 source at cosine ≈ 0.99)."""
+    encoder = head.query_encoder
+    was_training = encoder.training
+    encoder.eval()
+    with torch.no_grad():
+        ours = encoder(*(torch.from_numpy(a) for a in tokenize(texts))).numpy()
+    encoder.train(was_training)
+    theirs = embedder.embed(list(texts))
+    cosine = float(np.mean(np.sum(ours * theirs, axis=1)))
+    if cosine < 0.9:
+        raise InvalidInputError(
+            f"The trainable encoder's vectors disagree with the bundle's embedder (mean cosine "
+            f"{cosine:.3f}); pass the folder it was exported from (--encoder-source).",
+            field="encoder_source",
+        )
+    return cosine
+
+
 def token_embedding_norm(model: nn.Module) -> float:
     """Mean row norm of the input-embedding table, in the space the runtime feeds (unscaled)."""
     table = model.get_input_embeddings().weight.detach()
@@ -203,6 +349,8 @@ class TrainConfig:
     steps: int = 400
     batch_size: int = 4
     lr: float = 1e-3
+    encoder_lr: float = 1e-4  # the trainable input encoder's (pretrained weights: smaller)
+    input_encoder: InputEncoder = "linear"
     weight_decay: float = 1e-4
     warmup: float = 0.05
     dropout_copies: int = 10  # history-dropout copies per example (paper: 10)
@@ -225,19 +373,19 @@ def _batch(
     head: PPlugHead,
     llm: nn.Module,
     encoded: list[Encoded],
-    queries: np.ndarray,
+    query: tuple[torch.Tensor, ...],
     histories: list[np.ndarray],
     embed_scale: float,
 ) -> torch.Tensor:
-    """The teacher-forced loss of a batch: [head ids][I; P][prompt][target] -> CE on target."""
+    """The teacher-forced loss of a batch: [head ids][I; P][prompt][target] -> CE on target.
+    `query` is the head's request inputs for the batch (see PPlugHead.input_names)."""
     n_hist = max(len(h) for h in histories)
-    d = queries.shape[1]
-    hist = np.zeros((len(histories), n_hist, d), dtype=np.float32)
+    hist = np.zeros((len(histories), n_hist, head.config.d_enc), dtype=np.float32)
     mask = np.zeros((len(histories), n_hist), dtype=np.float32)
     for i, h in enumerate(histories):
         hist[i, : len(h)] = h
         mask[i, : len(h)] = 1
-    soft = head(torch.from_numpy(queries), torch.from_numpy(hist), torch.from_numpy(mask))
+    soft = head(*query, torch.from_numpy(hist), torch.from_numpy(mask))
     embed = llm.get_input_embeddings()
     rows, labels = [], []
     for i, e in enumerate(encoded):
@@ -262,6 +410,20 @@ def _batch(
     )
 
 
+def _optimizer(head: PPlugHead, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the head; a trainable input encoder in its own group at `encoder_lr`."""
+    encoder = list(head.query_encoder.parameters())
+    if head.config.input_encoder != "trainable":
+        encoder = []
+    in_encoder = {id(p) for p in encoder}
+    groups: list[dict[str, Any]] = [
+        {"params": [p for p in head.parameters() if id(p) not in in_encoder]}
+    ]
+    if encoder:
+        groups.append({"params": encoder, "lr": config.encoder_lr})
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
 def train(
     bundle_dir: str | Path,
     examples: list[Example],
@@ -271,11 +433,22 @@ def train(
     llm_source: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    encoder_source: str | Path | None = None,
 ) -> tuple[PPlugHead, TrainResult]:
-    """Train a head for the bundle's LLM and embedder on `examples`; resumes from out_dir."""
+    """Train a head for the bundle's LLM and embedder on `examples`; resumes from out_dir
+    (a checkpoint there must be of the same head configuration).
+
+    With `config.input_encoder == "trainable"`, the input encoder is a copy of the sentence
+    encoder in `encoder_source` (default: the default bundle's), fine-tuned at
+    `config.encoder_lr`."""
     config = config or TrainConfig()
     if not examples:
         raise InvalidInputError("No training examples: check the task folder and split.")
+    if config.input_encoder not in QUERY_INPUTS:
+        raise InvalidInputError(
+            f"Unknown input encoder {config.input_encoder!r} (known: {', '.join(QUERY_INPUTS)}).",
+            field="input_encoder",
+        )
     if config.threads:
         torch.set_num_threads(config.threads)
     out_dir = Path(out_dir)
@@ -292,16 +465,40 @@ def train(
         d_llm=runtime.n_embd,
         embed_norm=token_embedding_norm(llm) / runtime.embed_scale,
         max_history=config.max_history,
+        input_encoder=config.input_encoder,
+        pooling=spec_emb.config.pooling,
+        normalize=spec_emb.config.normalize,
+        max_seq_length=spec_emb.config.max_seq_length,
     )
-    texts = [t for e in examples for t in (e.query, *e.history[-config.max_history :])]
+    trainable = config.input_encoder == "trainable"
+    # The history always goes through the frozen device embedder; the request too, unless
+    # the head encodes it itself from token ids.
+    texts = [t for e in examples for t in e.history[-config.max_history :]]
+    if not trainable:
+        texts += [e.query for e in examples]
     table = VectorTable(embedder, texts, progress)
     encode = PromptEncoder(runtime, spec, config.max_prompt_tokens)
     encoded = [encode(e) for e in examples]
 
     torch.manual_seed(config.seed)
-    head = PPlugHead(head_config)
-    params = [p for p in head.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if trainable:
+        source = Path(encoder_source) if encoder_source else None
+        head = PPlugHead(head_config, load_input_encoder(bundle, source))
+        tokenize = QueryTokenizer(bundle.file(spec_emb.tokenizer), head_config.max_seq_length)
+        cosine = check_input_encoder(head, tokenize, embedder, [e.query for e in examples[:8]])
+        if log:
+            log(f"trainable input encoder agrees with the bundle's embedder: cosine {cosine:.3f}")
+
+        def query_inputs(queries: list[str]) -> tuple[torch.Tensor, ...]:
+            return tuple(torch.from_numpy(a) for a in tokenize(queries))
+    else:
+        head = PPlugHead(head_config)
+
+        def query_inputs(queries: list[str]) -> tuple[torch.Tensor, ...]:
+            return (torch.from_numpy(table(queries)),)
+
+    opt = _optimizer(head, config)
+    params = [p for group in opt.param_groups for p in group["params"]]
     warm = max(1, int(config.warmup * config.steps))
 
     def lr_at(step: int) -> float:
@@ -314,11 +511,20 @@ def train(
     start, losses, elapsed = 0, [], 0.0
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)
-        head.load_state_dict(state["head"])
+        saved = HeadConfig(**state.get("head_config", {}))
+        if saved != head_config:
+            raise InvalidInputError(
+                f"The checkpoint in {out_dir} is of another head ({saved}, now "
+                f"{head_config}); train into another folder or delete {ckpt.name}.",
+                field="out_dir",
+            )
+        head.load_state_dict(_upgrade_state(state["head"]))
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         start, losses, elapsed = state["step"], state["losses"], state["seconds"]
         random.setstate(state["py_rng"])
+        if "torch_rng" in state:  # the trainable encoder's dropout draws from it
+            torch.set_rng_state(state["torch_rng"])
     else:
         random.seed(config.seed)
 
@@ -344,8 +550,8 @@ def train(
         for step in range(start, config.steps):
             idx = [random.randrange(len(examples)) for _ in range(config.batch_size)]
             hists = [table(sample_history(examples[i].history)) for i in idx]
-            queries = table([examples[i].query for i in idx])
-            loss = _batch(head, llm, [encoded[i] for i in idx], queries, hists, runtime.embed_scale)
+            query = query_inputs([examples[i].query for i in idx])
+            loss = _batch(head, llm, [encoded[i] for i in idx], query, hists, runtime.embed_scale)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -366,6 +572,7 @@ def train(
                         "losses": losses,
                         "seconds": seconds,
                         "py_rng": random.getstate(),
+                        "torch_rng": torch.get_rng_state(),
                         "head_config": asdict(head_config),
                     },
                     ckpt,
@@ -383,21 +590,31 @@ def train(
 # --- export -----------------------------------------------------------------------------------
 
 
+def _upgrade_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A head state dict from before the input-encoder option (`query_map` -> linear)."""
+    return {k.replace("query_map.", "query_encoder.", 1): v for k, v in state.items()}
+
+
 def export_onnx(head: PPlugHead, path: str | Path) -> Path:
-    """The head as ONNX: query (B, d_enc), history (B, N, d_enc), mask (B, N) -> soft tokens."""
+    """The head as ONNX: the request's inputs (`head.input_names`: query (B, d_enc) for the
+    linear input encoder, input_ids and attention_mask (B, L) int64 for the trainable one),
+    history (B, N, d_enc) and mask (B, N) -> soft_tokens (B, 2, d_llm). fp32 throughout; the
+    trainable variant carries its encoder (about 90 MB for MiniLM)."""
     path = Path(path)
     d = head.config.d_enc
-    args = (torch.zeros(1, d), torch.zeros(1, 3, d), torch.ones(1, 3))
+    query = head.query_encoder.example_inputs()
+    batch = len(query[0])
+    args = (*query, torch.zeros(batch, 3, d), torch.ones(batch, 3))
     head.eval()
     with quiet_third_party(), torch.no_grad():
         torch.onnx.export(
             head,
             args,
             str(path),
-            input_names=["query", "history", "mask"],
+            input_names=list(head.input_names),
             output_names=["soft_tokens"],
             dynamic_axes={
-                "query": {0: "batch"},
+                **head.query_encoder.dynamic_axes(),
                 "history": {0: "batch", 1: "n"},
                 "mask": {0: "batch", 1: "n"},
                 "soft_tokens": {0: "batch"},
@@ -409,16 +626,22 @@ def export_onnx(head: PPlugHead, path: str | Path) -> Path:
 
 
 def head_spec(head: PPlugHead, bundle: Bundle, info: dict[str, Any]) -> dict[str, Any]:
-    """The manifest's `plug` entry for `head` trained against `bundle`'s LLM and embedder."""
+    """The manifest's `plug` entry for `head` trained against `bundle`'s LLM and embedder:
+    the input-encoder variant and the ONNX input names, and the sha256 of the files it was
+    trained for (the tokenizer's too when the head tokenizes the request itself)."""
     files = bundle.manifest["files"]
-    return {
+    spec: dict[str, Any] = {
         "file": HEAD_FILE,
         "n_soft": N_SOFT,
         "d_enc": head.config.d_enc,
         "d_llm": head.config.d_llm,
         "max_history": head.config.max_history,
-        "input_encoder": "frozen encoder + learned linear map",
+        "input_encoder": head.config.input_encoder,
+        "inputs": list(head.input_names),
         "llm_sha256": files[bundle.llm.file]["sha256"],
         "embedder_sha256": files[bundle.embedder.file]["sha256"],
-        **info,
     }
+    if head.config.input_encoder == "trainable":
+        spec["tokenizer_sha256"] = files[bundle.embedder.tokenizer]["sha256"]
+        spec["max_seq_length"] = head.config.max_seq_length
+    return {**spec, **info}

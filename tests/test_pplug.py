@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch", reason="training needs the [export] extra")
 from edge_pllm import BundleError, LLMConfig, PersonalLLM, SamplingConfig  # noqa: E402
 from edge_pllm.bundle import load_bundle  # noqa: E402
 from edge_pllm.defaults import default_embedder_source  # noqa: E402
+from edge_pllm.errors import InvalidInputError  # noqa: E402
 from edge_pllm.lamp import task_spec  # noqa: E402
 from edge_pllm.llm import LLM  # noqa: E402
 from edge_pllm.plug import PlugHead  # noqa: E402
@@ -166,3 +167,164 @@ def test_bundle_without_a_head_says_so(tiny_bundle, tmp_path):
         assert p.plug is None
         with pytest.raises(BundleError, match="no Persona-Plug head"):
             p.generate("ann", "hi", strategy="plug")
+
+
+# --- the trainable input encoder (the paper's variant) ------------------------------------
+
+WORDS = {"ann": "garden", "bob": "database"}
+LONG_QUERY = "Explain the whole commit. " * 120  # past the embedder's 256-token limit
+
+
+def write_task(folder: Path) -> Path:
+    """A two-user commit_subject task in LaMP format: each user's items are titled with
+    their word."""
+    folder.mkdir(parents=True, exist_ok=True)
+    questions, golds = [], []
+    for user, texts in HISTORY.items():
+        profile = [
+            {"title": WORDS[user], "text": t, "date": f"2024-01-0{i + 1}"}
+            for i, t in enumerate(texts)
+        ]
+        questions.append({"id": user, "input": "Subject for: Say my word.", "profile": profile})
+        golds.append({"id": user, "output": WORDS[user]})
+    (folder / "train_questions.json").write_text(json.dumps(questions))
+    (folder / "train_outputs.json").write_text(
+        json.dumps({"task": "commit_subject", "golds": golds})
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trainable(tiny_bundle, tmp_path_factory):
+    """A trainable-encoder head trained and attached through `edge-pllm train-plug`, and
+    the same head in torch, reloaded from the run's final checkpoint."""
+    from click.testing import CliRunner
+
+    from edge_pllm.cli import cli
+
+    tiny, bundle = tiny_bundle
+    root = tmp_path_factory.mktemp("trainable")
+    copy = root / "bundle"
+    shutil.copytree(bundle, copy)
+    task = write_task(root / "task")
+    out = root / "train"
+    args = ["--bundle", str(copy), "--home", str(root / "home"), "train-plug", str(task)]
+    args += ["--steps", "3", "--batch-size", "2", "--llm-source", str(tiny), "-o", str(out)]
+    result = CliRunner().invoke(cli, [*args, "--input-encoder", "trainable"])
+    assert result.exit_code == 0, result.output
+    examples = pplug.lamp_examples(task, "train", task_spec("commit_subject"))
+    config = pplug.TrainConfig(steps=3, batch_size=2, input_encoder="trainable")
+    head, reloaded = pplug.train(
+        copy, examples, task_spec("commit_subject"), out, config, llm_source=tiny, progress=False
+    )
+    return copy, head, reloaded, examples, out
+
+
+def test_train_plug_cli_attaches_a_trainable_encoder_head(trainable):
+    bundle, head, reloaded, _, out = trainable
+    spec = load_bundle(bundle).manifest["plug"]
+    assert spec["input_encoder"] == "trainable"
+    assert spec["inputs"] == ["input_ids", "attention_mask", "history", "mask"]
+    assert spec["max_seq_length"] == load_bundle(bundle).embedder.config.max_seq_length
+    assert (
+        spec["tokenizer_sha256"]
+        == load_bundle(bundle).manifest["files"]["tokenizer.json"]["sha256"]
+    )
+    assert "--input-encoder trainable" in spec["command"] and spec["encoder_lr"] == 1e-4
+    assert json.loads((out / "plug.json").read_text()) == spec
+    # The reload ran no step: the 3 losses are the CLI run's, and its encoder was trained.
+    assert len(reloaded.losses) == 3
+    fresh = pplug.load_input_encoder(load_bundle(bundle))
+    trained_weights = head.query_encoder.encoder.state_dict()
+    moved = [k for k, v in fresh.state_dict().items() if not torch.equal(v, trained_weights[k])]
+    assert len(moved) > 10, "the input encoder's weights did not change"
+
+
+def test_trainable_encoder_torch_and_onnx_give_the_same_soft_tokens(tiny_bundle, trainable):
+    bundle, head, *_ = trainable
+    runtime = PlugHead(load_bundle(bundle))
+    assert runtime.input_encoder == "trainable" and runtime.reads_text
+    b = load_bundle(bundle)
+    tokenize = pplug.QueryTokenizer(b.file(b.embedder.tokenizer), b.embedder.config.max_seq_length)
+    worst = 0.0
+    for query in ["Say my word.", "Which plants need sun?", LONG_QUERY]:
+        for texts in HISTORY.values():
+            h = vectors(bundle, texts)
+            ids, mask = tokenize([query])
+            with torch.no_grad():
+                expected = head(
+                    torch.from_numpy(ids),
+                    torch.from_numpy(mask),
+                    torch.from_numpy(h[None]),
+                    torch.ones(1, len(h)),
+                )[0].numpy()
+            got = runtime.soft_tokens(query, h)
+            assert got.shape == (2, 64)
+            np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+            worst = max(worst, float(np.abs(got - expected).max()))
+    assert ids.shape[1] == b.embedder.config.max_seq_length  # the long query was truncated
+    print(f"trainable head torch vs onnxruntime: max abs diff {worst:.2e}")
+    with pytest.raises(TypeError, match="text"):
+        runtime.soft_tokens(vectors(bundle, ["Say my word."])[0], h)
+
+
+def test_trainable_encoder_training_resumes_from_its_checkpoint(tiny_bundle, trainable, tmp_path):
+    tiny, _ = tiny_bundle
+    bundle, _, first, examples, out = trainable
+    spec = task_spec("commit_subject")
+    resumed_dir = tmp_path / "train"
+    resumed_dir.mkdir()
+    shutil.copyfile(out / "checkpoint.pt", resumed_dir / "checkpoint.pt")
+    config = pplug.TrainConfig(steps=5, batch_size=2, input_encoder="trainable")
+    _, resumed = pplug.train(
+        bundle, examples, spec, resumed_dir, config, llm_source=tiny, progress=False
+    )
+    assert len(resumed.losses) == 5 and resumed.losses[:3] == first.losses
+    # A checkpoint of the trainable head is not resumed as a linear one.
+    linear = pplug.TrainConfig(steps=5, batch_size=2)
+    with pytest.raises(InvalidInputError, match=r"checkpoint .* another head"):
+        pplug.train(bundle, examples, spec, resumed_dir, linear, llm_source=tiny, progress=False)
+
+
+def test_trainable_encoder_head_on_the_device(trainable, tmp_path):
+    bundle, *_ = trainable
+    with PersonalLLM(bundle, home=tmp_path, llm_config=LLMConfig(n_ctx=512)) as p:
+        for user, texts in HISTORY.items():
+            p.add(user, texts)
+        assert p.plug is not None and p.plug.reads_text
+        ann = p.prepare("ann", "Say my word.", "plug").personalization
+        assert ann.soft_tokens.shape == (2, 64) and ann.context == []
+        _, stored = p.store.vectors("ann", limit=512)
+        np.testing.assert_array_equal(ann.soft_tokens, p.plug.soft_tokens("Say my word.", stored))
+        bob = p.prepare("bob", "Say my word.", "plug").personalization.soft_tokens
+        assert np.abs(ann.soft_tokens - bob).max() > 1e-3
+        both = p.prepare("ann", "Which plants need sun?", "plug+rag:1").personalization
+        assert [i.text for i in both.context] == ["Tomatoes need full sun."]
+        out = p.generate(
+            "bob", "Say my word.", strategy="plug", sampling=SamplingConfig(max_tokens=4)
+        )
+        assert out.soft_tokens == 2
+
+
+def test_trainable_encoder_head_for_other_files_is_refused(trainable, tmp_path):
+    bundle, *_ = trainable
+
+    def with_plug(**changes) -> Path:
+        """The bundle's files (linked, not copied) with a changed `plug` entry."""
+        other = tmp_path / f"other{len(list(tmp_path.iterdir()))}"
+        other.mkdir()
+        for f in bundle.iterdir():
+            if f.name != "manifest.json" and not f.name.startswith("."):
+                (other / f.name).symlink_to(f)
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        manifest["plug"].update(changes)
+        (other / "manifest.json").write_text(json.dumps(manifest))
+        return other
+
+    for role in ("llm", "embedder", "tokenizer"):
+        with pytest.raises(BundleError, match=f"trained for another {role}"):
+            PlugHead(load_bundle(with_plug(**{f"{role}_sha256": "0" * 64})))
+    with pytest.raises(BundleError, match="takes inputs"):  # the ONNX file is the trainable one
+        PlugHead(load_bundle(with_plug(input_encoder="linear")))
+    with pytest.raises(BundleError, match="unknown input encoder"):
+        PlugHead(load_bundle(with_plug(input_encoder="lora")))
