@@ -30,16 +30,31 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--quick", action="store_true", help="smaller histories, fewer repeats")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes: checks that every step runs (CI)"
+    )
+    parser.add_argument("--bundle", type=Path, help="bundle folder (default: the default one)")
     parser.add_argument("--threads", type=int, default=2, help="threads for every engine")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     args = parser.parse_args(argv)
-    sizes = [10, 1_000, 10_000] if args.quick else [10, 1_000, 10_000, 100_000]
-    repeats = 3 if args.quick else 5
-    n_prompts = 6 if args.quick else 12
+    if args.smoke:
+        sizes, repeats, n_prompts, n_texts, max_tokens = [10, 200], 1, 2, 40, 8
+    elif args.quick:
+        sizes, repeats, n_prompts, n_texts, max_tokens = [10, 1_000, 10_000], 3, 6, 300, 128
+    else:
+        sizes, repeats, n_prompts, n_texts, max_tokens = (
+            [10, 1_000, 10_000, 100_000],
+            5,
+            12,
+            1000,
+            128,
+        )
+    big = 10_000 if 10_000 in sizes else sizes[-1]  # history of the whole-process figures
+    mid = 1_000 if 1_000 in sizes else sizes[-1]  # of the throughput and repeat-query ones
 
     import llama_cpp
 
-    bundle = ensure_default_bundle(paths.home())
+    bundle = args.bundle or ensure_default_bundle(paths.home())
     res = Results()
     spec = task_spec("commit_subject")
     prompts = [spec.query(q) for q in queries(n_prompts)]
@@ -51,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             print("The default bundle has no Persona-Plug head; run `edge-pllm setup`.")
             return 2
 
-        texts = commit_texts(300 if args.quick else 1000)
+        texts = commit_texts(n_texts)
         vectors = retrieval.ingest(res, pllm.embedder, texts, args.threads)
-        retrieval.store_insert(res, pllm.embedder.dim, texts, vectors, 10_000)
+        retrieval.store_insert(res, pllm.embedder.dim, texts, vectors, 10 * n_texts)
 
         users = {}
         for n in sizes:
@@ -68,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             str(model), n_ctx=config.n_ctx, n_batch=config.n_batch, n_ubatch=config.n_batch,
             n_threads=args.threads, verbose=False,
         )  # fmt: skip
-        bare_tps = generation.throughput(res, pllm, bare, users[1_000], repeats, max_tokens=128)
+        bare_tps = generation.throughput(res, pllm, bare, users[mid], repeats, max_tokens)
         del bare
         generation.ttft_by_history(res, pllm, users, prompts, repeats)
         query_vecs = np.stack([pllm.embedder.embed_one(p) for p in prompts])
@@ -77,18 +92,22 @@ def main(argv: list[str] | None = None) -> int:
         del pllm  # one llama.cpp context at a time keeps the timings clean
 
         cached = PersonalLLM(bundle, home=home, llm_config=LLMConfig(n_threads=args.threads))
-        generation.repeat_query(res, cached, users[1_000], prompts[:repeats])
+        generation.repeat_query(res, cached, users[mid], prompts[: max(repeats, 2)])
         cached.close()
         del cached
 
         system.process_figures(
-            res, model, bundle, home, users[10_000], prompts[0], args.threads, repeats=3
+            res, model, bundle, home, (big, users[big]), prompts[0], args.threads, min(repeats, 3)
         )
         system.decode_limit(res, model, args.threads, bare_tps)
 
     plots = args.out.parent / "benchmarks"
     plot(res, plots)
-    command = "python -m benchmarks" + (" --quick" if args.quick else "")
+    command = (
+        "python -m benchmarks"
+        + (" --quick" if args.quick else "")
+        + (" --smoke" if args.smoke else "")
+    )
     args.out.write_text(markdown(res, machine(), command, plots.name) + "\n")
     print(f"wrote {args.out}")
     return 0

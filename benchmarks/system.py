@@ -65,14 +65,15 @@ def process_figures(
     model: Path,
     bundle: Path,
     home: Path,
-    user: str,
+    history: tuple[int, str],
     prompt: str,
     threads: int,
     repeats: int,
 ) -> None:
-    """Peak RSS and cold start of a whole generate process: edge-pllm (plug+rag, the user's
-    10k items) vs bare llama-cpp-python on the same GGUF."""
+    """Peak RSS and cold start of a whole generate process: edge-pllm (plug+rag, a user with
+    `history` = (items, name)) vs bare llama-cpp-python on the same GGUF."""
     print("whole process: peak RSS and cold start", flush=True)
+    n_items, user = history
     bare, ours = [], []
     for _ in range(repeats):
         bare.append(_child(_BARE, str(model), str(threads), prompt))
@@ -85,7 +86,7 @@ def process_figures(
     res.add(
         Row(
             "process",
-            "peak RSS, generate with plug+rag at 10,000 items",
+            f"peak RSS, generate with plug+rag at {n_items:,} items",
             rss,
             "MiB",
             "bare llama-cpp-python",

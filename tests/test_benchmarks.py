@@ -1,0 +1,35 @@
+"""The benchmark suite runs end to end (tiny sizes) and writes its report: it must not rot
+between the on-demand full runs that regenerate docs/BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_benchmarks_smoke_run_writes_every_section(default_bundle, tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sentence_transformers")
+    out = tmp_path / "docs" / "BENCHMARKS.md"
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--smoke", "--bundle", str(default_bundle)]
+        + ["--out", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+        timeout=900,
+    )
+    report = out.read_text()
+    for heading in ("Decode and prompt throughput", "Time to first token", "Ingest", "KNN",
+                    "Whole process", "physical limit"):  # fmt: skip
+        assert heading in report, heading
+    assert "bare llama-cpp-python" in report and "sentence-transformers fp32" in report
+    for plot in ("ttft.png", "knn.png"):
+        assert (out.parent / "benchmarks" / plot).stat().st_size > 1000
