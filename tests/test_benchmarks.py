@@ -18,9 +18,9 @@ def test_benchmarks_smoke_run_writes_every_section(default_bundle, tmp_path: Pat
     pytest.importorskip("matplotlib")
     pytest.importorskip("sentence_transformers")
     out = tmp_path / "docs" / "BENCHMARKS.md"
+    command = ["-m", "benchmarks", "--smoke", "--bundle", str(default_bundle), "--out", str(out)]
     subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--smoke", "--bundle", str(default_bundle)]
-        + ["--out", str(out)],
+        [sys.executable, *command],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         check=True,
