@@ -229,8 +229,7 @@ class LLM:
         self.cached_tokens = keep
         llama = self._llama
         if keep == 0:
-            llama.reset()
-            self._soft_at = {}
+            self.reset()
         else:
             llama.n_tokens = keep
             llama._ctx.kv_cache_seq_rm(-1, keep, -1)
@@ -240,7 +239,17 @@ class LLM:
             if llama.n_tokens < len(head):
                 llama.eval(head[llama.n_tokens :])
             self._decode_embeddings(soft[llama.n_tokens - len(head) :])  # type: ignore[index]
+        if self.config.prefix_cache and llama.n_tokens < len(tokens) - 1:
+            # Logits depend on the batch a token is evaluated in. Evaluating the last prompt
+            # token alone, always, makes a repeated prompt's answer bit-identical to the first.
+            llama.eval(tokens[llama.n_tokens : -1])
         return tokens
+
+    def reset(self) -> None:
+        """Empty the KV cache: the next call computes its whole prompt."""
+        self._llama.reset()
+        self._llama._ctx.kv_cache_clear()
+        self._soft_at = {}
 
     def _common_prefix(self, keys: Sequence[int | bytes]) -> int:
         """How many leading positions of the KV cache already hold `keys`."""
@@ -267,8 +276,7 @@ class LLM:
 
     def logits_for_embeddings(self, rows: np.ndarray) -> np.ndarray:
         """Logits after feeding raw input-embedding rows (no scale applied): parity checks."""
-        self._llama.reset()
-        self._soft_at = {}
+        self.reset()
         self._decode_embeddings(np.ascontiguousarray(rows, dtype=np.float32), want_logits=True)
         ptr = self._lc.llama_get_logits_ith(self._llama.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self._llama.n_vocab(),)).copy()

@@ -122,6 +122,24 @@ class PersonalLLM:
         vectors = self.embedder.embed([i.text for i in checked], progress=progress)
         return self.store.add(user, checked, vectors)
 
+    def delete(self, user: str, ids: Sequence[int]) -> int:
+        """Delete items of `user` (all or none), and drop the model's cached prompt, which
+        may hold their text."""
+        n = self.store.delete(user, ids)
+        self._drop_cached_prompt()
+        return n
+
+    def forget(self, user: str) -> int:
+        """Erase `user` and all their items, and drop the model's cached prompt."""
+        n = self.store.forget(user)
+        self._drop_cached_prompt()
+        return n
+
+    def _drop_cached_prompt(self) -> None:
+        with self._llm_lock:
+            if self._llm is not None:
+                self._llm.reset()
+
     # --- generation ---------------------------------------------------------------------------
 
     def prepare(

@@ -409,12 +409,12 @@ class Service:
     async def delete_item(self, request: Request) -> Response:
         user = request.path_params["user"]
         item = request.path_params["item"]
-        await asyncio.to_thread(self.pllm.store.delete, user, [item])
+        await asyncio.to_thread(self.pllm.delete, user, [item])
         return JSONResponse({"user": user, "deleted": [item]})
 
     async def forget(self, request: Request) -> Response:
         user = request.path_params["user"]
-        n = await asyncio.to_thread(self.pllm.store.forget, user)
+        n = await asyncio.to_thread(self.pllm.forget, user)
         return JSONResponse({"user": user, "forgotten_items": n})
 
     async def export(self, request: Request) -> Response:

@@ -108,3 +108,16 @@ def test_unknown_user_and_strategy_are_typed_errors(loaded):
         get_strategy("rag:zero")
     with pytest.raises(InvalidInputError):
         loaded.generate("alice", "   ", strategy="none")
+
+
+def test_forget_and_delete_drop_the_cached_prompt(loaded):
+    """The KV cache holds the last prompt (a user's retrieved items); erasing that user's
+    data must not leave it in the model's memory for the next prefix match."""
+    sampling = SamplingConfig(max_tokens=4)
+    loaded.generate("alice", "Write a commit subject for a json fix.", sampling=sampling)
+    assert loaded.llm.llama.n_tokens > 0
+    loaded.delete("alice", [loaded.store.items("alice")[0].id])
+    assert loaded.llm.llama.n_tokens == 0
+    loaded.generate("alice", "Write a commit subject for a json fix.", sampling=sampling)
+    assert loaded.forget("alice") == len(ALICE) - 1
+    assert loaded.llm.llama.n_tokens == 0
