@@ -12,6 +12,10 @@ The head is checked against the bundle: its manifest entry names the sha256 of t
 embedder (and, for `trainable`, the tokenizer) it was trained for, and a head trained for
 other models is refused.
 
+The head runs as two graphs: `project` computes Proj(h_i) for each history item, which
+does not depend on the request and is computed once per change of the user's history;
+`aggregate` weighs those projections by the request and makes the soft tokens.
+
 A user with no history gets no soft tokens: `plug` then answers with the plain prompt (and
 `plug+rag` with neither retrieved items nor soft tokens), and the Personalization says so in
 `info["fallback"]`.
@@ -19,6 +23,8 @@ A user with no history gets no soft tokens: `plug` then answers with the plain p
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +41,14 @@ if TYPE_CHECKING:
     from .strategies import Personalization, Request
 
 HEAD_FILE = "plug.onnx"
+PROJECT_FILE = "plug_project.onnx"  # Proj(h_i) per history item (export/plug_graph.py)
+PROJECTION_CACHE = 16  # histories whose projections stay in memory
 N_SOFT = 2  # [instruction; persona]
 
 InputEncoder = Literal["linear", "trainable"]
 # The head's ONNX inputs for each input encoder: the request's part, then the history's.
 HISTORY_INPUTS = ("history", "mask")
+PROJECTED_INPUT = "projected"  # the aggregate graph's Proj(h_i), from the project graph
 QUERY_INPUTS: dict[str, tuple[str, ...]] = {
     "linear": ("query",),
     "trainable": ("input_ids", "attention_mask"),
@@ -121,18 +130,15 @@ class PlugHead:
             )
         self.max_history = int(spec.get("max_history", 512))
         self.n_soft = int(spec.get("n_soft", N_SOFT))
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
         path = bundle.file(spec.get("file", HEAD_FILE))
-        try:
-            self._session = ort.InferenceSession(
-                str(path), sess_options=options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise BundleError(
-                f"onnxruntime could not load {path} ({exc}).", file=str(path)
-            ) from exc
+        self._session = _open(path)
+        # Heads attached before the split run as one graph that projects every request.
+        self._project: ort.InferenceSession | None = None
+        self._projections: OrderedDict[int, tuple[weakref.ref, np.ndarray]] = OrderedDict()
         expected = [*QUERY_INPUTS[self.input_encoder], *HISTORY_INPUTS]
+        if spec.get("project_file"):
+            self._project = _open(bundle.file(spec["project_file"]))
+            expected.append(PROJECTED_INPUT)
         found = [i.name for i in self._session.get_inputs()]
         if sorted(found) != sorted(expected):
             raise BundleError(
@@ -165,10 +171,40 @@ class PlugHead:
             if isinstance(query, str):
                 raise TypeError("This Persona-Plug head reads the request's embedding, not text.")
             feeds = {"query": np.asarray(query, dtype=np.float32).reshape(1, -1)}
+        if self._project is not None:
+            feeds[PROJECTED_INPUT] = self.projected(history)[None]
         history = np.ascontiguousarray(history[-self.max_history :], dtype=np.float32)
         feeds["history"] = history[None]
         feeds["mask"] = np.ones((1, len(history)), dtype=np.float32)
         return self._session.run(None, feeds)[0][0]
+
+    def projected(self, history: np.ndarray) -> np.ndarray:
+        """Proj(h_i) of the newest `max_history` rows of `history`. Remembered for the same
+        array object while it lives: the store hands out one read-only matrix per user until
+        a write, so a user's projections are computed once per change of their history."""
+        key = id(history)
+        cached = self._projections.get(key)
+        if cached is not None and cached[0]() is history:
+            self._projections.move_to_end(key)
+            return cached[1]
+        rows = np.ascontiguousarray(history[-self.max_history :], dtype=np.float32)
+        out = self._project.run(None, {"history": rows[None]})[0][0]  # type: ignore[union-attr]
+        if not history.flags.writeable:  # a mutable array may change under the same id
+            self._projections[key] = (weakref.ref(history), out)
+            if len(self._projections) > PROJECTION_CACHE:
+                self._projections.popitem(last=False)
+        return out
+
+
+def _open(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise BundleError(f"onnxruntime could not load {path} ({exc}).", file=str(path)) from exc
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 
 from edge_pllm.bundle import FORMAT, MANIFEST, file_entries, load_bundle
 from edge_pllm.errors import BundleError, MissingDependencyError
-from edge_pllm.plug import HEAD_FILE
+from edge_pllm.plug import HEAD_FILE, PROJECT_FILE
 
 from .embedder import embedder_report, export_embedder
+from .plug_graph import split_head
 
 LLM_FILE = "llm.gguf"
 # The trained default Persona-Plug head, committed with the repository (see its plug.json).
@@ -184,14 +185,14 @@ def build_bundle(
 
 
 def attach_head(bundle_dir: str | Path, onnx_path: str | Path, spec: dict[str, Any]) -> Path:
-    """Put a Persona-Plug head (its ONNX file and its `plug` manifest entry) into a bundle.
-    The entry names the LLM and embedder it was trained for; the runtime refuses it with
-    any other."""
+    """Put a Persona-Plug head (its ONNX file, split into the aggregate and project graphs,
+    and its `plug` manifest entry) into a bundle. The entry names the LLM and embedder it was
+    trained for; the runtime refuses it with any other."""
     bundle_dir = Path(bundle_dir)
     manifest = dict(load_bundle(bundle_dir).manifest)
-    shutil.copyfile(onnx_path, bundle_dir / HEAD_FILE)
-    manifest["plug"] = {**spec, "file": HEAD_FILE}
-    manifest["files"].update(file_entries(bundle_dir, [HEAD_FILE]))
+    split_head(onnx_path, bundle_dir / HEAD_FILE, bundle_dir / PROJECT_FILE)
+    manifest["plug"] = {**spec, "file": HEAD_FILE, "project_file": PROJECT_FILE}
+    manifest["files"].update(file_entries(bundle_dir, [HEAD_FILE, PROJECT_FILE]))
     (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
     load_bundle(bundle_dir)
     return bundle_dir

@@ -231,6 +231,8 @@ def test_train_plug_cli_attaches_a_trainable_encoder_head(trainable):
         == load_bundle(bundle).manifest["files"]["tokenizer.json"]["sha256"]
     )
     assert "--input-encoder trainable" in spec["command"] and spec["encoder_lr"] == 1e-4
+    # The bundle runs the head as two graphs (export/plug_graph.py); otherwise as trained.
+    assert spec.pop("project_file") == "plug_project.onnx"
     assert json.loads((out / "plug.json").read_text()) == spec
     # The reload ran no step: the 3 losses are the CLI run's, and its encoder was trained.
     assert len(reloaded.losses) == 3
@@ -328,3 +330,32 @@ def test_trainable_encoder_head_for_other_files_is_refused(trainable, tmp_path):
         PlugHead(load_bundle(with_plug(input_encoder="linear")))
     with pytest.raises(BundleError, match="unknown input encoder"):
         PlugHead(load_bundle(with_plug(input_encoder="lora")))
+
+
+def test_split_head_equals_the_single_graph_and_projects_once(default_bundle: Path):
+    """The bundle runs the committed head as project + aggregate graphs: the soft tokens
+    equal the single exported graph's, and a user's projections are computed once while
+    their (read-only, cached) history matrix lives."""
+    import onnxruntime as ort
+
+    from export.bundle import DEFAULT_HEAD_DIR
+
+    bundle = load_bundle(default_bundle)
+    if not bundle.manifest.get("plug"):
+        pytest.skip("the committed head does not match this bundle's files")
+    head = PlugHead(bundle)
+    single = ort.InferenceSession(str(DEFAULT_HEAD_DIR / "plug.onnx"))
+    rng = np.random.default_rng(5)
+    history = rng.normal(size=(40, 384)).astype(np.float32)
+    history /= np.linalg.norm(history, axis=1, keepdims=True)
+    history.flags.writeable = False
+    for _ in range(3):
+        query = history[rng.integers(40)] + rng.normal(0, 0.1, 384).astype(np.float32)
+        expected = single.run(
+            None,
+            {"query": query[None], "history": history[None], "mask": np.ones((1, 40), np.float32)},
+        )[0][0]
+        np.testing.assert_allclose(head.soft_tokens(query, history), expected, atol=1e-5)
+    assert head.projected(history) is head.projected(history)
+    writable = history.copy()
+    assert head.projected(writable) is not head.projected(writable)  # may change: not kept
