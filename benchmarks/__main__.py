@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         bare_tps = generation.throughput(res, pllm, bare, users[mid], repeats, max_tokens)
         del bare
         generation.ttft_by_history(res, pllm, users, prompts, repeats)
+        generation.short_request_persona(res, pllm, users[mid], mid)
         query_vecs = np.stack([pllm.embedder.embed_one(p) for p in prompts])
         retrieval.knn(res, pllm.store, users, query_vecs)
         pllm.close()
