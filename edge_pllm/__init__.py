@@ -1,5 +1,22 @@
 """edge-pllm: a personalized LLM that runs entirely on the user's own device."""
 
+import os as _os
+import sys as _sys
+import warnings as _warnings
+
+# onnxruntime (≥ 1.2x wheels, Linux included) ships Microsoft 1DS telemetry that, from a
+# native thread, resolves and contacts mobile.events.data.microsoft.com. It reads this
+# variable once, when onnxruntime is imported: set it before any import of onnxruntime.
+# (`onnxruntime.disable_telemetry_events()` does not stop it.) See docs/SECURITY.md.
+if "onnxruntime" in _sys.modules and _os.environ.get("ORT_DISABLE_TELEMETRY") != "1":
+    _warnings.warn(
+        "onnxruntime was imported before edge_pllm without ORT_DISABLE_TELEMETRY=1, so its "
+        "telemetry stays on in this process; import edge_pllm first or set the variable.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+_os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+
 from .errors import (
     BundleError,
     ContextOverflowError,
