@@ -144,7 +144,19 @@ def load_bundle(folder: str | Path, verify: bool = True) -> Bundle:
         raise BundleError(f"The manifest of {folder} is not a JSON object.", bundle=str(folder))
     bundle = _parse(folder, manifest)
     files = manifest.get("files") or {}
-    for needed in (bundle.llm.file, bundle.embedder.file, bundle.embedder.tokenizer):
+    if not isinstance(files, dict) or not all(
+        isinstance(e, dict) and isinstance(e.get("sha256"), str) and type(e.get("size")) is int
+        for e in files.values()
+    ):
+        raise BundleError(
+            f"The manifest of {folder} has a malformed 'files' section (each entry needs a "
+            "sha256 and a size); rebuild the bundle.",
+            bundle=str(folder),
+            file=MANIFEST,
+        )
+    for name in files:
+        _check_name(folder, name)
+    for needed in _loaded_files(folder, bundle):
         if needed not in files:
             raise BundleError(
                 f"The manifest of {folder} lists no checksum for {needed}; rebuild the bundle.",
@@ -154,6 +166,41 @@ def load_bundle(folder: str | Path, verify: bool = True) -> Bundle:
     if verify:
         verify_files(folder, files)
     return bundle
+
+
+def _check_name(folder: Path, name: Any) -> str:
+    """A file named by a manifest must be a relative path inside the bundle folder."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or "\x00" in name
+        or Path(name).is_absolute()
+        or ".." in Path(name).parts
+    ):
+        raise BundleError(
+            f"The manifest of {folder} names the file {name!r}, which is not a path inside "
+            "the bundle; rebuild the bundle.",
+            bundle=str(folder),
+            file=str(name),
+        )
+    return name
+
+
+def _loaded_files(folder: Path, bundle: Bundle) -> list[str]:
+    """Every file the runtime will load from this bundle: each must have a checksum."""
+    names = [bundle.llm.file, bundle.embedder.file, bundle.embedder.tokenizer]
+    plug = bundle.manifest.get("plug")
+    if plug:
+        if not isinstance(plug, dict):
+            raise BundleError(
+                f"The manifest of {folder} has a malformed 'plug' section; rebuild the bundle.",
+                bundle=str(folder),
+                file=MANIFEST,
+            )
+        names.append(plug.get("file", "plug.onnx"))
+        if plug.get("project_file"):
+            names.append(plug["project_file"])
+    return [_check_name(folder, name) for name in names]
 
 
 def verify_files(folder: Path, files: dict[str, dict[str, Any]]) -> None:

@@ -18,7 +18,9 @@ log is checkpointed (`checkpoint()`).
 from __future__ import annotations
 
 import importlib
+import random
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -94,8 +96,25 @@ def _configure(conn: Any, path: str | Path) -> None:
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute("PRAGMA secure_delete = ON")
     if str(path) != ":memory:":
-        conn.execute("PRAGMA journal_mode = WAL")
+        _use_wal(conn)
         conn.execute("PRAGMA synchronous = NORMAL")
+
+
+def _use_wal(conn: Any) -> None:
+    """Switch to WAL, retrying while another process holds the lock: SQLite answers a
+    journal-mode change on a database being created elsewhere with SQLITE_BUSY at once,
+    without its busy handler, so processes opening a new store together would fail."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode = WAL").fetchall()
+            return
+        except Exception as exc:
+            locked = is_sqlite_error(exc) and "locked" in str(exc).lower()
+            if not locked or time.monotonic() > deadline:
+                raise
+            time.sleep(random.uniform(0.005, 0.05))
 
 
 def _looks_encrypted(path: str | Path) -> bool:
@@ -128,7 +147,7 @@ def _connect_encrypted(path: str | Path, passphrase: str) -> Any:
         conn.execute("PRAGMA key = '{}'".format(passphrase.replace("'", "''")))
         conn.execute("PRAGMA cipher_log_level = NONE")  # a wrong key is our typed error
         try:
-            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchall()  # no open read
         except module.DatabaseError:
             raise PassphraseError(str(path), "wrong") from None
         conn.execute("PRAGMA temp_store = MEMORY")  # no temporary files, encrypted or not

@@ -7,6 +7,7 @@ remove committed items and *after* each change is committed, until it is killed.
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import time
@@ -72,12 +73,20 @@ def ingest_forever(db_path: str, seed: int, dim: int) -> None:
 
 
 def concurrent_worker(
-    db_path: str, dim: int, worker: int, rounds: int, seed: int, passphrase: str | None = None
+    db_path: str,
+    dim: int,
+    worker: int,
+    rounds: int,
+    seed: int,
+    passphrase: str | None = None,
+    start_at: float = 0.0,
 ) -> dict[str, Any]:
     """One of several processes adding to and reading the same store at once.
 
-    Returns what it committed (batch tag -> user, ids), what it deleted, how many reads it
-    made and every exception it saw (there must be none)."""
+    All workers wait for the wall-clock time `start_at`, then open the store (racing to
+    create it) and work. Returns what it committed (batch tag -> user, ids), what it
+    deleted, how many reads it made, when it worked, and every exception it saw."""
+    time.sleep(max(0.0, start_at - time.time()))
     rng = random.Random(seed)
     vectors = np.random.default_rng(seed)
     committed: dict[str, tuple[str, list[int]]] = {}
@@ -122,7 +131,19 @@ def concurrent_worker(
         "reads": reads,
         "errors": errors,
         "seconds": time.perf_counter() - started,
+        "span": (start_at, time.time()),
     }
+
+
+def open_and_add(db_path: str, dim: int, passphrase: str | None, start_at: float) -> str | None:
+    """Wait for `start_at`, open (creating) the store and add one item; the error, if any."""
+    time.sleep(max(0.0, start_at - time.time()))
+    try:
+        with HistoryStore(db_path, dim, passphrase=passphrase) as store:
+            store.add("u", [f"from {os.getpid()}"], np.ones((1, dim), dtype=np.float32))
+    except Exception:
+        return traceback.format_exc()
+    return None
 
 
 def main(argv: list[str]) -> None:
