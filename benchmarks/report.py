@@ -28,7 +28,7 @@ def plot(res: Results, folder: Path) -> None:
     if table:
         sizes = sorted(table)
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-        for key in ("ttft none", "ttft plug", "ttft plug+rag:1"):
+        for key in ("ttft none", "ttft plug", "ttft rag:1", "ttft plug+rag:1"):
             left.plot(sizes, [table[n][key] for n in sizes], marker="o", label=key[5:])
         left.set(xscale="log", xlabel="history items", ylabel="ms", title="Time to first token")
         left.set_ylim(bottom=0)
