@@ -83,10 +83,13 @@ def throughput(
         pllm.llm.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}])
     )
     runs: dict[str, list[Run]] = {"bare": [], **{s: [] for s in STRATEGIES}}
-    for _ in range(repeats):  # interleaved, so drift in the machine hits every variant alike
-        runs["bare"].append(bare_run(bare, tokens, max_tokens))
-        for s in STRATEGIES:
-            runs[s].append(ours_run(pllm, user, CHAT_PROMPT, s, max_tokens))
+    names = list(runs)
+    for r in range(repeats):  # interleaved and rotated: drift hits every variant alike
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            if name == "bare":
+                runs[name].append(bare_run(bare, tokens, max_tokens))
+            else:
+                runs[name].append(ours_run(pllm, user, CHAT_PROMPT, name, max_tokens))
     med = {k: _median_run(v) for k, v in runs.items()}
     ref = med["bare"]
     res.add(Row("throughput", "decode, bare llama-cpp-python", ref.decode_tps, "tok/s"))
