@@ -8,12 +8,39 @@ from pathlib import Path
 from .common import Results
 
 SECTIONS = {
-    "throughput": "Decode and prompt throughput (same GGUF, same threads, same prompt)",
-    "persona": "Time to first token and the persona computation vs history size",
-    "ingest": "Ingest",
-    "knn": "KNN search (rag) vs history size",
-    "process": "Whole process (fresh child processes)",
-    "limit": "The physical limit of decode",
+    "throughput": (
+        "Decode and prompt throughput (same GGUF, same threads, same prompt)",
+        "A 128-token greedy generation of one chat prompt, median of the repeats, variants "
+        "interleaved. Prompt throughput is prompt tokens over the time to the first token, so "
+        "for edge-pllm it includes the persona computation and the soft-token decode.",
+    ),
+    "persona": (
+        "Time to first token and the persona computation vs history size",
+        "Real task prompts (commit messages to title, up to 256 embedder tokens); histories "
+        "are real commit embeddings, jittered to reach the larger sizes. The persona "
+        "computation is embedding the request, reading the user's vectors and running the "
+        "head; its projection of the history is cached per user until the history changes. "
+        "TTFT medians, strategies interleaved per prompt, KV cache reuse off.",
+    ),
+    "ingest": (
+        "Ingest",
+        "The same real commit bodies through each engine, interleaved in chunks.",
+    ),
+    "knn": (
+        "KNN search (rag) vs history size",
+        "Per query, within one user's partition; the numpy reference holds the user's "
+        "matrix in memory already, sqlite-vec reads it from the database file each time.",
+    ),
+    "process": (
+        "Whole process (fresh child processes)",
+        "From spawning `python` to the first token of a 32-token generation; peak RSS is "
+        "the child's VmHWM.",
+    ),
+    "limit": (
+        "The physical limit of decode",
+        "Decoding reads every weight once per token, so memory bandwidth / model size "
+        "bounds tokens/s on this machine.",
+    ),
 }
 
 
@@ -72,12 +99,14 @@ def markdown(res: Results, machine: dict[str, str], command: str, plots_rel: str
         + f".  \n**Packages:** {machine['packages']}.",
         "",
     ]
-    for section, title in SECTIONS.items():
+    for section, (title, method) in SECTIONS.items():
         rows = [r for r in res.rows if r.section == section]
         if not rows:
             continue
         lines += [
             f"## {title}",
+            "",
+            method,
             "",
             "| Figure | Value | Reference | Ratio | Target | Met |",
             "|---|---:|---|---:|---|:---:|",
