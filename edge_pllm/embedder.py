@@ -54,7 +54,14 @@ class Embedder:
         self._pool_lock = threading.Lock()
         self.workers = config.threads or len(os.sched_getaffinity(0))
         self._inputs = {i.name for i in self._session.get_inputs()}
-        self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        try:
+            self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        except Exception as exc:  # tokenizers raises a bare Exception for a broken file
+            raise BundleError(
+                f"The tokenizer {tokenizer_path} could not be read ({exc}); rebuild the bundle "
+                "with `edge-pllm setup --rebuild`.",
+                file=str(tokenizer_path),
+            ) from exc
         self._tokenizer.enable_truncation(max_length=config.max_seq_length)
         self._tokenizer.no_padding()
 

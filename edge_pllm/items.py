@@ -181,6 +181,13 @@ def validate_item(
 
 
 def validate_items(items: Iterable[NewItem | str | bytes | dict[str, Any]]) -> list[NewItem]:
+    if isinstance(items, str | bytes | dict | NewItem):
+        items = [items]  # one item, not its characters or keys
+    elif not isinstance(items, Iterable):
+        raise InvalidInputError(
+            f"Items must be a list of texts or objects, not {type(items).__name__}.",
+            field="items",
+        )
     checked = [validate_item(item, i) for i, item in enumerate(items)]
     if not checked:
         raise InvalidInputError("No items given; pass at least one.", field="items")

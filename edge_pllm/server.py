@@ -516,7 +516,16 @@ def create_app(pllm: PersonalLLM, config: ServerConfig | None = None) -> Starlet
         Route("/v1/users/{user}", endpoint(service.forget), methods=["DELETE"]),
         Route("/v1/users/{user}/export", endpoint(service.export), methods=["GET"]),
     ]
-    return Starlette(routes=routes)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        # Unknown paths and methods get OpenAI-style JSON bodies too, not plain text.
+        status = getattr(exc, "status_code", 500)
+        detail = getattr(exc, "detail", None) or "Server error."
+        type_ = "not_found_error" if status == 404 else "invalid_request_error"
+        body = {"error": {"message": str(detail), "type": type_, "param": None, "code": None}}
+        return JSONResponse(body, status_code=status)
+
+    return Starlette(routes=routes, exception_handlers={404: http_error, 405: http_error})
 
 
 def serve(pllm: PersonalLLM, config: ServerConfig) -> None:

@@ -129,13 +129,19 @@ class HistoryStore:
         self.close()
 
     def _user_id(self, user: str) -> int:
+        user = validate_user(user)  # as stored: a name that add() could not store is refused
         row = self._conn.execute("SELECT id FROM users WHERE name = ?", (user,)).fetchone()
         if row is None:
             raise UnknownUserError(user)
         return row[0]
 
     def _check_vectors(self, vectors: np.ndarray, n: int) -> np.ndarray:
-        arr = np.asarray(vectors, dtype=np.float32)
+        try:
+            arr = np.asarray(vectors, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(
+                f"Vectors must be an array of numbers ({exc}).", field="vectors"
+            ) from None
         if arr.shape != (n, self.dim):
             raise InvalidInputError(
                 f"Expected {n} vectors of width {self.dim}, got an array of shape {arr.shape}.",
@@ -257,8 +263,11 @@ class HistoryStore:
     # --- reading ----------------------------------------------------------------------------
 
     def has_user(self, user: str) -> bool:
-        row = self._conn.execute("SELECT 1 FROM users WHERE name = ?", (user,)).fetchone()
-        return row is not None
+        try:
+            self._user_id(user)
+        except (UnknownUserError, InvalidInputError):
+            return False
+        return True
 
     def users(self) -> list[UserInfo]:
         with self._lock:
@@ -281,11 +290,10 @@ class HistoryStore:
         with self._lock:
             if user is None:
                 return self._conn.execute("SELECT COUNT(*) FROM history_vec").fetchone()[0]
-            row = self._conn.execute("SELECT id FROM users WHERE name = ?", (user,)).fetchone()
-            if row is None:
+            if not self.has_user(user):
                 return 0
             return self._conn.execute(
-                "SELECT COUNT(*) FROM history_vec WHERE user_id = ?", (row[0],)
+                "SELECT COUNT(*) FROM history_vec WHERE user_id = ?", (self._user_id(user),)
             ).fetchone()[0]
 
     def items(
@@ -318,11 +326,10 @@ class HistoryStore:
     def search(self, user: str, query: np.ndarray, k: int) -> list[SearchHit]:
         """The `k` items of `user` nearest to `query` (cosine), nearest first (k ≤ MAX_K)."""
         try:
-            vec = self._check_vectors(np.asarray(query, dtype=np.float32).reshape(1, -1), 1)[0]
+            query = np.asarray(query, dtype=np.float32).reshape(1, -1)
         except (TypeError, ValueError) as exc:
-            if isinstance(exc, InvalidInputError):
-                raise
             raise InvalidInputError(f"The query is not a vector ({exc}).", field="query") from None
+        vec = self._check_vectors(query, 1)[0]
         k = _count_param(k, "k")
         if k < 1:
             raise InvalidInputError("k must be at least 1.", field="k")

@@ -10,6 +10,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 
@@ -140,7 +141,7 @@ def asgi_request(
         "http_version": "1.1",
         "method": method,
         "scheme": "http",
-        "path": path,
+        "path": unquote(path),  # ASGI servers pass the decoded path
         "raw_path": path.encode("utf-8", "surrogateescape"),
         "query_string": query.encode(),
         "headers": raw_headers,
