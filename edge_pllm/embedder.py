@@ -29,6 +29,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from .errors import BundleError
+from .onnx_session import open_session
 
 
 @dataclass(frozen=True)
@@ -66,21 +67,7 @@ class Embedder:
         self._tokenizer.no_padding()
 
     def _open(self, threads: int) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        try:
-            return ort.InferenceSession(
-                self._model_path, sess_options=options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise BundleError(
-                f"onnxruntime could not load the embedder {self._model_path} ({exc}); "
-                "rebuild the bundle with `edge-pllm setup --rebuild`.",
-                file=self._model_path,
-            ) from exc
+        return open_session(self._model_path, threads, "embedder")
 
     @property
     def dim(self) -> int:

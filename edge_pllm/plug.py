@@ -35,6 +35,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from .errors import BundleError
+from .onnx_session import open_session
 
 if TYPE_CHECKING:
     from .bundle import Bundle
@@ -197,14 +198,7 @@ class PlugHead:
 
 
 def _open(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(
-            str(path), sess_options=options, providers=["CPUExecutionProvider"]
-        )
-    except Exception as exc:  # onnxruntime raises its own untyped errors
-        raise BundleError(f"onnxruntime could not load {path} ({exc}).", file=str(path)) from exc
+    return open_session(path, what="Persona-Plug graph")
 
 
 @dataclass(frozen=True)

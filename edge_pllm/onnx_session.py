@@ -1,0 +1,36 @@
+"""onnxruntime sessions as the device runs them: CPU, quiet, and without spinning threads.
+
+onnxruntime's worker threads spin for a while after each run by default. Right after a
+request is embedded, llama.cpp starts its prefill on the same cores, and spinning threads
+slow that prefill by tens of milliseconds or more on a 2-core machine; they are told not to.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime as ort
+
+from .errors import BundleError
+
+
+def open_session(path: str | Path, threads: int = 0, what: str = "model") -> ort.InferenceSession:
+    """An InferenceSession on `path` (threads=0: onnxruntime's default count); a file
+    onnxruntime cannot load is a BundleError naming it."""
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise BundleError(
+            f"onnxruntime could not load the {what} {path} ({exc}); rebuild the bundle with "
+            "`edge-pllm setup --rebuild` (or re-export it).",
+            file=str(path),
+        ) from exc
