@@ -31,6 +31,8 @@ from tokenizers import Tokenizer
 from .errors import BundleError
 from .onnx_session import open_session
 
+SHORT_TOKENS = 64  # a lone text up to this long runs on one thread
+
 
 @dataclass(frozen=True)
 class EmbedderConfig:
@@ -90,7 +92,10 @@ class Embedder:
         order = np.argsort([-len(e.ids) for e in encodings], kind="stable")
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         parallel = batch_size == 1 and len(batches) > 1 and self.workers > 1
-        session = self._worker_session() if parallel else self._session
+        short = len(batches) == 1 and max(len(e.ids) for e in encodings) <= SHORT_TOKENS
+        # One thread beats waking a pool for a short text (measured: 2.9 vs 3.9 ms at 16
+        # tokens); a long one is faster on all cores (25 vs 31 ms at 238).
+        session = self._worker_session() if parallel or short else self._session
 
         def run(idx: np.ndarray) -> np.ndarray:
             return self._run(session, [encodings[i] for i in idx])
