@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             str(model), n_ctx=config.n_ctx, n_batch=config.n_batch, n_ubatch=config.n_batch,
             n_threads=args.threads, verbose=False,
         )  # fmt: skip
-        bare_tps = generation.throughput(res, pllm, bare, users[mid], repeats, max_tokens)
+        bare_tps = generation.throughput(res, pllm, bare, users[mid], 2 * repeats - 1, max_tokens)
         del bare
         generation.ttft_by_history(res, pllm, users, prompts, repeats)
         generation.short_request_persona(res, pllm, users[mid], mid)
