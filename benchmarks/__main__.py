@@ -1,6 +1,6 @@
 """Run every benchmark and regenerate docs/BENCHMARKS.md with its plots.
 
-    .venv/bin/python -m benchmarks            # full: histories up to 100,000 items (~15 min)
+    .venv/bin/python -m benchmarks            # full: histories up to 100,000 items (~15 min on 2 cores)
     .venv/bin/python -m benchmarks --quick    # up to 10,000 items, fewer repeats (~5 min)
 
 Needs the `bench` extra (matplotlib, and sentence-transformers as the ingest reference).
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         bare_tps = generation.throughput(res, pllm, bare, users[mid], 2 * repeats - 1, max_tokens)
         del bare
-        generation.ttft_by_history(res, pllm, users, prompts, repeats)
+        generation.ttft_by_history(res, pllm, users, prompts, passes=1 if args.smoke else 2)
         generation.short_request_persona(res, pllm, users[mid], mid)
         query_vecs = np.stack([pllm.embedder.embed_one(p) for p in prompts])
         retrieval.knn(res, pllm.store, users, query_vecs)
