@@ -1,6 +1,6 @@
 """Run every benchmark and regenerate docs/BENCHMARKS.md with its plots.
 
-    .venv/bin/python -m benchmarks            # full: histories up to 100,000 items (~15 min on 2 cores)
+    .venv/bin/python -m benchmarks            # histories up to 100,000 items (~15 min, 2 cores)
     .venv/bin/python -m benchmarks --quick    # up to 10,000 items, fewer repeats (~5 min)
 
 Needs the `bench` extra (matplotlib, and sentence-transformers as the ingest reference).
