@@ -77,3 +77,17 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.section("security counts")
         for name, text in SECURITY_COUNTS:
             terminalreporter.write_line(f"{name}: {text}")
+
+
+@pytest.fixture
+def bundle_copy(default_bundle: Path, tmp_path: Path) -> Path:
+    """A verified copy of the default bundle that a test may damage."""
+    import shutil
+
+    from edge_pllm.bundle import STAMP, load_bundle
+
+    dest = tmp_path / "bundle"
+    shutil.copytree(default_bundle, dest)
+    (dest / STAMP).unlink(missing_ok=True)
+    load_bundle(dest)  # verifies and stamps
+    return dest

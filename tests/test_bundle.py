@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
-from edge_pllm.bundle import MANIFEST, STAMP, load_bundle
+from edge_pllm.bundle import MANIFEST, load_bundle
 from edge_pllm.errors import BundleError
-
-
-@pytest.fixture
-def bundle_copy(default_bundle: Path, tmp_path: Path) -> Path:
-    dest = tmp_path / "bundle"
-    shutil.copytree(default_bundle, dest)
-    (dest / STAMP).unlink(missing_ok=True)
-    load_bundle(dest)  # verifies and stamps
-    return dest
 
 
 def test_manifest_records_every_file_and_dims(default_bundle: Path):

@@ -16,17 +16,8 @@ from pathlib import Path
 import pytest
 
 from edge_pllm import LLMConfig, PersonalLLM
-from edge_pllm.bundle import MANIFEST, STAMP, load_bundle
+from edge_pllm.bundle import MANIFEST, load_bundle
 from edge_pllm.errors import BundleError
-
-
-@pytest.fixture
-def bundle_copy(default_bundle: Path, tmp_path: Path) -> Path:
-    dest = tmp_path / "bundle"
-    shutil.copytree(default_bundle, dest)
-    (dest / STAMP).unlink(missing_ok=True)
-    load_bundle(dest)  # verifies and stamps
-    return dest
 
 
 def manifest_of(bundle: Path) -> dict:

@@ -285,23 +285,22 @@ def run_property(world, examples: int) -> dict[str, int]:
     return counts
 
 
-def test_isolation_property_fast(world, report_counts):
-    counts = run_property(world, examples=200)
-    assert counts["cases"] >= 150
+def check_isolation(world, report_counts, examples: int, at_least: int) -> None:
+    counts = run_property(world, examples=examples)
+    assert counts["cases"] >= at_least
     report_counts(
         f"{counts['cases']} hypothesis cases, {counts['requests']} requests, "
         f"{counts['searches']} cross-user searches: every one isolated"
     )
+
+
+def test_isolation_property_fast(world, report_counts):
+    check_isolation(world, report_counts, examples=200, at_least=150)
 
 
 @pytest.mark.slow
 def test_isolation_property_thousand_cases(world, report_counts):
-    counts = run_property(world, examples=1100)
-    assert counts["cases"] >= 1000
-    report_counts(
-        f"{counts['cases']} hypothesis cases, {counts['requests']} requests, "
-        f"{counts['searches']} cross-user searches: every one isolated"
-    )
+    check_isolation(world, report_counts, examples=1100, at_least=1000)
 
 
 def test_isolation_through_the_whole_runtime(default_bundle: Path, tmp_path: Path):
