@@ -142,7 +142,7 @@ def persona_breakdown(pllm: PersonalLLM, user: str, prompts: list[str]) -> dict[
         t1 = time.perf_counter()
         _, history = pllm.store.vectors(user, limit=plug.max_history)
         t2 = time.perf_counter()
-        plug.soft_tokens(q, history)
+        plug.soft_tokens(prompt if plug.reads_text else q, history)
         t3 = time.perf_counter()
         pllm.store.search(user, q, 1)
         t4 = time.perf_counter()

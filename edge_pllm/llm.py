@@ -27,7 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BundleError, ContextOverflowError, EdgePLLMError, SoftTokenShapeError
+from .errors import (
+    BundleError,
+    ContextOverflowError,
+    EdgePLLMError,
+    InvalidInputError,
+    SoftTokenShapeError,
+)
 
 # Architectures whose input embeddings llama.cpp multiplies by sqrt(n_embd) for tokens
 # but not for embeddings passed in a batch: the caller must apply the scale.
@@ -56,6 +62,22 @@ class SamplingConfig:
     top_k: int = 40
     repeat_penalty: float = 1.1
     stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # llama.cpp reads max_tokens ≤ 0 as "until the context is full" and takes NaN as a
+        # temperature: refuse both rather than generate without bound or at random.
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
+            raise InvalidInputError("max_tokens must be an integer.", field="max_tokens")
+        if self.max_tokens < 1:
+            raise InvalidInputError(
+                f"max_tokens must be at least 1 (got {self.max_tokens}).", field="max_tokens"
+            )
+        for name in ("temperature", "top_p", "repeat_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise InvalidInputError(
+                    f"{name} must be a finite number ≥ 0 (got {value!r}).", field=name
+                )
 
 
 @dataclass

@@ -290,10 +290,12 @@ class HistoryStore:
         with self._lock:
             if user is None:
                 return self._conn.execute("SELECT COUNT(*) FROM history_vec").fetchone()[0]
-            if not self.has_user(user):
+            try:
+                uid = self._user_id(user)
+            except (UnknownUserError, InvalidInputError):
                 return 0
             return self._conn.execute(
-                "SELECT COUNT(*) FROM history_vec WHERE user_id = ?", (self._user_id(user),)
+                "SELECT COUNT(*) FROM history_vec WHERE user_id = ?", (uid,)
             ).fetchone()[0]
 
     def items(
@@ -377,13 +379,12 @@ class HistoryStore:
             return list(ids), matrix
 
     def _read_vectors(self, uid: int, limit: int | None) -> tuple[list[int], np.ndarray]:
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT h.id, v.embedding FROM history h JOIN history_vec v ON v.rowid = h.id"
-                " WHERE h.user_id = ? AND v.user_id = ? ORDER BY h.created_at DESC, h.id DESC"
-                " LIMIT ?",
-                (uid, uid, -1 if limit is None else int(limit)),
-            ).fetchall()
+        rows = self._conn.execute(  # the caller holds the lock
+            "SELECT h.id, v.embedding FROM history h JOIN history_vec v ON v.rowid = h.id"
+            " WHERE h.user_id = ? AND v.user_id = ? ORDER BY h.created_at DESC, h.id DESC"
+            " LIMIT ?",
+            (uid, uid, -1 if limit is None else int(limit)),
+        ).fetchall()
         rows.reverse()
         matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).copy()
         matrix = matrix.reshape(len(rows), self.dim)

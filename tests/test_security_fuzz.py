@@ -256,8 +256,11 @@ def run_personal_fuzz(pllm: PersonalLLM, examples: int) -> int:
             if not ok:
                 assert snapshot(pllm.store) == before
             return
-        sampling = SamplingConfig(max_tokens=max_tokens, temperature=temperature)
-        ok, prepared = expect_typed(lambda: pllm.prepare(user, prompt, spec, sampling))
+        ok, prepared = expect_typed(
+            lambda: pllm.prepare(
+                user, prompt, spec, SamplingConfig(max_tokens=max_tokens, temperature=temperature)
+            )
+        )
         if ok:  # it fits the context: prompt + soft tokens + the tokens asked for
             n = pllm.llm.count_tokens(prepared.prompt)
             soft = prepared.personalization.soft_tokens
