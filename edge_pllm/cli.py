@@ -647,6 +647,20 @@ def export_default_command(ctx: click.Context, out_dir: str | None, dry_run: boo
     help="The sentence-transformers folder the bundle's embedder was exported from, copied "
     "by --input-encoder trainable (default: the default bundle's all-MiniLM-L6-v2).",
 )
+@click.option(
+    "--rag",
+    default=0,
+    show_default=True,
+    help="Also train plug+rag:K: show a share (--rag-fraction) of the examples with their K "
+    "nearest history items in the prompt, as plug+rag:K does at run time (0: plug only).",
+)
+@click.option(
+    "--rag-fraction",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="With --rag: the share of training examples shown with retrieved items.",
+)
 @click.option("--limit", type=int, help="Only the first N questions of each split.")
 @click.option(
     "--profile-examples",
@@ -685,6 +699,8 @@ def train_plug(
     input_encoder: str,
     encoder_lr: float,
     encoder_source: str | None,
+    rag: int,
+    rag_fraction: float,
     limit: int | None,
     profile_examples: int,
     llm_source: str | None,
@@ -715,6 +731,8 @@ def train_plug(
         lr=lr,
         input_encoder="trainable" if trainable else "linear",
         encoder_lr=encoder_lr,
+        rag=rag,
+        rag_fraction=rag_fraction,
     )
     head, result = pplug.train(
         bundle,
@@ -734,6 +752,7 @@ def train_plug(
             f"--steps {steps} --batch-size {batch_size} --lr {lr}",
         ]
         + ([f"--input-encoder trainable --encoder-lr {encoder_lr}"] if trainable else [])
+        + ([f"--rag {rag} --rag-fraction {rag_fraction}"] if rag else [])
         + ([f"--limit {limit}"] if limit else [])
     )
     info = {
@@ -743,6 +762,7 @@ def train_plug(
         "batch_size": batch_size,
         "lr": lr,
         **({"encoder_lr": encoder_lr} if trainable else {}),
+        **({"rag": rag, "rag_fraction": rag_fraction} if rag else {}),
         "train_seconds": round(result.seconds, 1),
         "final_loss": round(result.final_loss, 4),
         "threads": os.cpu_count(),

@@ -112,6 +112,8 @@ class SplitResult:
     n: int
     metrics: dict[str, dict[str, metrics.Estimate]] = field(default_factory=dict)
     vs_none: dict[str, dict[str, metrics.Estimate]] = field(default_factory=dict)
+    # STRATEGY − STRATEGY@other on the same queries: the personalization itself.
+    vs_other: dict[str, dict[str, metrics.Estimate]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -269,6 +271,11 @@ def _score(config, task, questions, strategies, done) -> SplitResult:  # type: i
                 result.vs_none[s] = metrics.paired_difference(
                     spec.metric, rows_by[s], rows_by["none"]
                 )
+    for s in strategies:
+        base, _, variant = s.partition("@")
+        if variant == "other" and base in rows_by:
+            gap = metrics.paired_difference(spec.metric, rows_by[base], rows_by[s])
+            result.vs_other[base] = gap
     (config.out_dir / f"{task.split}_metrics.json").write_text(
         json.dumps(_as_json(result), indent=1)
     )
@@ -284,8 +291,13 @@ def _as_json(result: SplitResult) -> dict[str, Any]:
         "n": result.n,
         "metrics": {s: {m: est(e) for m, e in ms.items()} for s, ms in result.metrics.items()},
         "vs_none": {s: {m: est(e) for m, e in ms.items()} for s, ms in result.vs_none.items()},
+        "vs_other": {s: {m: est(e) for m, e in ms.items()} for s, ms in result.vs_other.items()},
         "seconds": result.seconds,
     }
+
+
+def _signed(e: metrics.Estimate) -> str:
+    return f"{e.value:+.3f} [{e.low:+.3f}, {e.high:+.3f}]"
 
 
 def report(results: list[SplitResult], spec: TaskSpec, context: dict[str, str]) -> str:
@@ -302,10 +314,22 @@ def report(results: list[SplitResult], spec: TaskSpec, context: dict[str, str]) 
             cells = [f"`{s}`"]
             cells += [f"{ms[m].value:.3f} [{ms[m].low:.3f}, {ms[m].high:.3f}]" for m in names]
             d = r.vs_none.get(s, {}).get(names[0])
-            cells.append(f"{d.value:+.3f} [{d.low:+.3f}, {d.high:+.3f}]" if d else "")
+            cells.append(_signed(d) if d else "")
             cells.append(f"{r.seconds[s] / max(r.n, 1):.2f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        if r.vs_other:
+            lines += [
+                f"Personalization ({r.split}): own history − another user's (`@other`)",
+                "",
+                "| strategy | " + " | ".join(f"Δ {m}" for m in names) + " |",
+                "|" + "---|" * (len(names) + 1),
+            ]
+            for s, ms in r.vs_other.items():
+                cells = [f"`{s}`"]
+                cells += [_signed(ms[m]) for m in names]
+                lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
     lines += [
         "Intervals: 95 % percentile bootstrap over queries (1,000 resamples); Δ is the paired",
         "difference against `none` on the same queries. Floors: `floor:first-line` copies the",

@@ -40,6 +40,7 @@ class TaskSpec:
     max_tokens: int
     answer_kind: str  # "text", "label" or "rating"
     labels: tuple[str, ...] = ()
+    item_chars: int = 1000  # how much of a history item's document a prompt shows
 
     @property
     def style(self) -> PromptStyle:
@@ -63,7 +64,7 @@ class TaskSpec:
         document = item.text.strip()
         if out and document.startswith(out):
             document = document[len(out) :].strip()
-        document = document[:1000]
+        document = document[: self.item_chars]
         if not out:
             return f"{self.input_label}: {document}"
         return f"{self.input_label}: {document}\n{self.output_label}: {out}"
@@ -129,6 +130,7 @@ def _gen(
     output_label: str | None,
     instruction: str,
     max_tokens: int = 48,
+    item_chars: int = 1000,
 ) -> TaskSpec:
     return TaskSpec(
         name,
@@ -140,6 +142,7 @@ def _gen(
         instruction,
         max_tokens,
         "text",
+        item_chars=item_chars,
     )
 
 
@@ -197,6 +200,9 @@ TASKS: dict[str, TaskSpec] = {
         "Commit message body",
         "Subject line",
         "Answer with only the subject line.",
+        # A shown commit is there for its subject line (its conventions); the start of its
+        # body is enough context, and a shorter prompt is faster to train on and to answer.
+        item_chars=400,
     ),
 }
 _ALIASES = {

@@ -17,7 +17,9 @@ Model (PPlug, arXiv 2409.11901):
 Training: LLM and history encoder frozen; cross-entropy on the gold output with teacher
 forcing; AdamW with warmup and linear decay (the trainable encoder at its own, smaller
 learning rate); history-dropout augmentation (copies of each example that drop a random
-1–50 % of the history); resumable checkpoints.
+1–50 % of the history); optionally (`rag`) a share of the examples shown with their k
+nearest history items in the prompt, as plug+rag shows them, so that combination is
+trained too; resumable checkpoints.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from tqdm.auto import tqdm
 from edge_pllm.bundle import Bundle, load_bundle, sha256_file
 from edge_pllm.embedder import Embedder
 from edge_pllm.errors import InvalidInputError
+from edge_pllm.items import HistoryItem
 from edge_pllm.lamp import TaskSpec, load_split
 from edge_pllm.llm import LLM, LLMConfig
 from edge_pllm.plug import (
@@ -186,8 +189,28 @@ class PPlugHead(nn.Module):
 class Example:
     user: str
     query: str  # the request as the runtime passes it to the strategy
-    history: list[str]  # the user's history texts, oldest first
+    history: list[HistoryItem]  # the user's earlier items, oldest first
     target: str
+
+    @classmethod
+    def of_texts(cls, user: str, query: str, texts: Sequence[str], target: str) -> Example:
+        """An example whose history is plain texts (no task fields), oldest first."""
+        history = [HistoryItem(n, user, "text", t, "", "", {}, "") for n, t in enumerate(texts)]
+        return cls(user, query, history, target)
+
+    @property
+    def texts(self) -> list[str]:
+        """The history's texts (what the device embeds and stores)."""
+        return [item.text for item in self.history]
+
+
+def clip_text(text: str, max_chars: int | None) -> str:
+    """`text` cut to `max_chars` at a word boundary where there is one (None: as is)."""
+    if max_chars is None or len(text) <= max_chars:
+        return text
+    cut = text[:max_chars]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > max_chars // 2 else cut).rstrip()
 
 
 def lamp_examples(
@@ -196,26 +219,34 @@ def lamp_examples(
     spec: TaskSpec,
     from_profiles: int = 20,
     limit: int | None = None,
+    max_query_chars: int | None = 600,
 ) -> list[Example]:
     """The split's questions, and one example for each of the `from_profiles` most recent
     profile items whose output is known, with only the *earlier* items of that profile as
-    history: never the future."""
+    history: never the future.
+
+    Each request's document is cut to `max_query_chars` (its start: the body's first lines
+    say most about the subject), which bounds the prompt the frozen LLM is trained through."""
     task = load_split(task_dir, split, spec.name)
     out = []
     for q in task.questions(limit):
-        items = [p for p in q.profile if p.get(spec.input_field)]
-        items.sort(key=lambda p: str(p.get("date", "")))
-        texts = [spec.item_text(p) for p in items]
-        if q.id in task.golds and texts:
-            out.append(Example(q.id, spec.query(q.input), texts, task.golds[q.id]))
+        entries = [p for p in q.profile if p.get(spec.input_field)]
+        entries.sort(key=lambda p: str(p.get("date", "")))
+        items = [
+            HistoryItem(n, q.id, new.kind, new.text, new.created_at or "", "", new.metadata, "")
+            for n, new in enumerate(spec.profile_items(entries))
+        ]
+        if q.id in task.golds and items:
+            query = spec.query(clip_text(q.input, max_query_chars))
+            out.append(Example(q.id, query, items, task.golds[q.id]))
         if not from_profiles or not spec.output_field:
             continue
         prefix = q.input.split(":", 1)[0] + ": " if ":" in q.input else ""
         for j in range(max(1, len(items) - from_profiles), len(items)):
-            gold = items[j].get(spec.output_field)
+            gold = entries[j].get(spec.output_field)
             if gold:
-                document = str(items[j][spec.input_field])
-                out.append(Example(q.id, spec.query(prefix + document), texts[:j], str(gold)))
+                document = clip_text(prefix + str(entries[j][spec.input_field]), max_query_chars)
+                out.append(Example(q.id, spec.query(document), items[:j], str(gold)))
     return out
 
 
@@ -328,14 +359,17 @@ class PromptEncoder:
         self.adds_bos = llama._model.add_bos_token()
         self.eos = llama.token_eos()
 
-    def __call__(self, example: Example) -> Encoded:
+    def __call__(self, example: Example, context: Sequence[HistoryItem] = ()) -> Encoded:
+        """`example` as the runtime prompts it, with `context` (retrieved items) shown."""
         prompt = self.llm.apply_chat_template(
-            build_messages(example.query, [], None, self.spec.style)
+            build_messages(example.query, context, None, self.spec.style)
         )
         ids = self.llm.tokenize(prompt)
         head = ids[:1] if self.adds_bos and ids and ids[0] == self.bos else []
         rest = ids[len(head) :]
-        if len(rest) > self.max_prompt_tokens:  # keep the end: it holds the turn markers
+        # Rarely needed (requests are clipped, shown items capped by the task): keep the
+        # end, it holds the turn markers.
+        if len(rest) > self.max_prompt_tokens:
             rest = rest[-self.max_prompt_tokens :]
         target = self.llm.llama.tokenize(example.target.encode(), add_bos=False, special=False)
         return Encoded(head, rest, [*target, self.eos])
@@ -355,7 +389,9 @@ class TrainConfig:
     warmup: float = 0.05
     dropout_copies: int = 10  # history-dropout copies per example (paper: 10)
     max_history: int = 512
-    max_prompt_tokens: int = 160
+    max_prompt_tokens: int = 448
+    rag: int = 0  # retrieved items shown in the prompt, as plug+rag:k does at run time
+    rag_fraction: float = 0.5  # share of steps' examples trained with them (the rest: plug)
     seed: int = 0
     checkpoint_every: int = 50
     threads: int = 0
@@ -367,6 +403,16 @@ class TrainResult:
     seconds: float
     final_loss: float
     losses: list[float] = field(default_factory=list)
+
+
+def retrieve(example: Example, table: VectorTable, k: int) -> list[HistoryItem]:
+    """The `k` history items nearest the request (cosine, nearest first): what the store's
+    search gives plug+rag:k at run time."""
+    if not example.history or k < 1:
+        return []
+    scores = table(example.texts) @ table([example.query])[0]
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [example.history[i] for i in order]
 
 
 def _batch(
@@ -473,12 +519,17 @@ def train(
     trainable = config.input_encoder == "trainable"
     # The history always goes through the frozen device embedder; the request too, unless
     # the head encodes it itself from token ids.
-    texts = [t for e in examples for t in e.history[-config.max_history :]]
-    if not trainable:
+    # Retrieval (config.rag) searches the whole history, as the store does at run time.
+    texts = [t for e in examples for t in e.texts[-config.max_history :]]
+    if config.rag:
+        texts += [t for e in examples for t in e.texts]
+    if not trainable or config.rag:
         texts += [e.query for e in examples]
     table = VectorTable(embedder, texts, progress)
     encode = PromptEncoder(runtime, spec, config.max_prompt_tokens)
     encoded = [encode(e) for e in examples]
+    # plug+rag: the same examples with their k nearest history items shown in the prompt.
+    encoded_rag = [encode(e, retrieve(e, table, config.rag)) for e in examples if config.rag]
 
     torch.manual_seed(config.seed)
     if trainable:
@@ -549,9 +600,13 @@ def train(
     with bar:
         for step in range(start, config.steps):
             idx = [random.randrange(len(examples)) for _ in range(config.batch_size)]
-            hists = [table(sample_history(examples[i].history)) for i in idx]
+            hists = [table(sample_history(examples[i].texts)) for i in idx]
             query = query_inputs([examples[i].query for i in idx])
-            loss = _batch(head, llm, [encoded[i] for i in idx], query, hists, runtime.embed_scale)
+            with_rag = [bool(encoded_rag) and random.random() < config.rag_fraction for _ in idx]
+            prompts = [
+                encoded_rag[i] if r else encoded[i] for i, r in zip(idx, with_rag, strict=True)
+            ]
+            loss = _batch(head, llm, prompts, query, hists, runtime.embed_scale)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -149,7 +149,7 @@ def test_plug_learns_who_the_user_is(default_bundle: Path, tmp_path: Path):
     spec = task_spec("LaMP_7")
     query = spec.query("Say my secret word.")
     histories = {w: [n.format(t=t) for n in NOTES] for w, t in WORDS.items()}
-    examples = [pplug.Example(w, query, h, w) for w, h in histories.items()]
+    examples = [pplug.Example.of_texts(w, query, h, w) for w, h in histories.items()]
     config = pplug.TrainConfig(steps=STEPS, batch_size=6, lr=1e-2, dropout_copies=2)
     head, result = pplug.train(bundle, examples, spec, tmp_path / "train", config, progress=False)
     onnx = pplug.export_onnx(head, tmp_path / "plug.onnx")

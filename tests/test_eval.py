@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from edge_pllm import LLMConfig, PersonalLLM
-from edge_pllm.evaluate import RunConfig, run
+from edge_pllm.evaluate import RunConfig, report, run
+from edge_pllm.lamp import task_spec
 
 PROFILES = {
     "u1": [
@@ -55,7 +56,7 @@ def test_runner_writes_lamp_outputs_metrics_and_keeps_users_apart(default_bundle
     with PersonalLLM(
         default_bundle, home=tmp_path / "home", llm_config=LLMConfig(n_ctx=1024, n_threads=2)
     ) as pllm:
-        config = RunConfig(task, ["dev"], ["none", "rag:2"], out, max_tokens=12)
+        config = RunConfig(task, ["dev"], ["none", "rag:2", "rag:2@other"], out, max_tokens=12)
         (result,) = run(config, pllm, progress=False)
         # Each query's history is exactly its own profile.
         for user, profile in PROFILES.items():
@@ -65,14 +66,25 @@ def test_runner_writes_lamp_outputs_metrics_and_keeps_users_apart(default_bundle
                 continue
             texts = sorted(i.text for i in pllm.store.items(name))
             assert texts == sorted(f"{t}\n\n{b}" for t, b in profile)
-    assert set(result.metrics) == {"floor:first-line", "floor:latest", "none", "rag:2"}
+    assert set(result.metrics) == {
+        "floor:first-line",
+        "floor:latest",
+        "none",
+        "rag:2",
+        "rag:2@other",
+    }
+    # The personalization gap is own history − another user's, paired on the same queries.
+    gap = result.vs_other["rag:2"]["rouge-1"]
+    own, other = (result.metrics[s]["rouge-1"].value for s in ("rag:2", "rag:2@other"))
+    assert gap.value == pytest.approx(own - other) and gap.low <= gap.value <= gap.high
+    assert "own history − another user's" in report([result], task_spec("commit_subject"), {})
     assert result.metrics["floor:latest"]["rouge-1"].value == pytest.approx(0.75)  # u4 misses
     outputs = json.loads((out / "dev_rag-2_outputs.json").read_text())
     assert outputs["task"] == "commit_subject" and len(outputs["golds"]) == 4
     saved = json.loads((out / "dev_metrics.json").read_text())
-    assert saved["n"] == 4 and "rag:2" in saved["vs_none"]
+    assert saved["n"] == 4 and "rag:2" in saved["vs_none"] and "rag:2" in saved["vs_other"]
     lines = (out / "predictions.jsonl").read_text().splitlines()
-    assert len(lines) == 16
+    assert len(lines) == 20
 
 
 def test_killed_run_resumes_where_it_stopped(default_bundle, tmp_path):

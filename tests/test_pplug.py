@@ -47,7 +47,7 @@ def tiny_bundle(tmp_path_factory) -> tuple[Path, Path]:
 def trained(tiny_bundle, tmp_path_factory):
     tiny, bundle = tiny_bundle
     examples = [
-        pplug.Example(user, SPEC.query("Say my word."), texts, word)
+        pplug.Example.of_texts(user, SPEC.query("Say my word."), texts, word)
         for (user, texts), word in zip(HISTORY.items(), ["parser", "docs"], strict=True)
     ]
     out = tmp_path_factory.mktemp("train")
@@ -175,23 +175,69 @@ WORDS = {"ann": "garden", "bob": "database"}
 LONG_QUERY = "Explain the whole commit. " * 120  # past the embedder's 256-token limit
 
 
-def write_task(folder: Path) -> Path:
+def write_task(folder: Path, inputs: dict[str, str] | None = None) -> Path:
     """A two-user commit_subject task in LaMP format: each user's items are titled with
-    their word."""
+    their word; `inputs` gives a user's question (default: "Say my word.")."""
     folder.mkdir(parents=True, exist_ok=True)
     questions, golds = [], []
     for user, texts in HISTORY.items():
         profile = [
-            {"title": WORDS[user], "text": t, "date": f"2024-01-0{i + 1}"}
+            {"title": f"{WORDS[user]} {i}", "text": t, "date": f"2024-01-0{i + 1}"}
             for i, t in enumerate(texts)
         ]
-        questions.append({"id": user, "input": "Subject for: Say my word.", "profile": profile})
+        text = (inputs or {}).get(user, "Say my word.")
+        questions.append({"id": user, "input": f"Subject for: {text}", "profile": profile})
         golds.append({"id": user, "output": WORDS[user]})
     (folder / "train_questions.json").write_text(json.dumps(questions))
     (folder / "train_outputs.json").write_text(
         json.dumps({"task": "commit_subject", "golds": golds})
     )
     return folder
+
+
+def test_rag_training_shows_what_plug_rag_shows_at_run_time(tiny_bundle, trained, tmp_path):
+    """Training with --rag retrieves the items plug+rag:1 retrieves on the device, and
+    prompts the LLM with exactly the token ids the device's prompt has."""
+    from edge_pllm.embedder import Embedder
+    from edge_pllm.lamp import load_split
+
+    _, bundle = tiny_bundle
+    spec = task_spec("commit_subject")
+    asks = {"ann": "When should the roses be pruned?", "bob": "Make the email lookups fast."}
+    task = write_task(tmp_path / "task", asks)
+    examples = pplug.lamp_examples(task, "train", spec, from_profiles=0)
+    b = load_bundle(bundle)
+    embedder = Embedder(b.file(b.embedder.file), b.file(b.embedder.tokenizer), b.embedder.config)
+    texts = [t for e in examples for t in e.texts] + [e.query for e in examples]
+    table = pplug.VectorTable(embedder, texts, progress=False)
+    llm = LLM(b.file(b.llm.file), LLMConfig(n_ctx=512))
+    encode = pplug.PromptEncoder(llm, spec, 448)
+    expected = {"ann": "Pruning roses today.", "bob": "Add an index on email."}
+    with PersonalLLM(bundle, home=tmp_path / "home", llm_config=LLMConfig(n_ctx=512)) as p:
+        for q in load_split(task, "train").questions():
+            p.add(q.id, spec.profile_items(q.profile))
+        for e in examples:
+            shown = pplug.retrieve(e, table, 1)
+            assert [i.text.split("\n\n")[-1] for i in shown] == [expected[e.user]]
+            prepared = p.prepare(e.user, e.query, "plug+rag:1", style=spec.style)
+            assert [i.text for i in prepared.personalization.context] == [i.text for i in shown]
+            encoded = encode(e, shown)
+            assert llm.tokenize(prepared.prompt) == encoded.head_ids + encoded.prompt_ids
+            assert f"{WORDS[e.user]} " in prepared.prompt  # the shown item's subject line
+    # Without retrieval the prompt is the plain one.
+    plain = encode(examples[0])
+    assert len(plain.prompt_ids) < len(encode(examples[0], shown).prompt_ids)
+
+
+def test_long_requests_are_clipped_at_their_start_for_training(tmp_path):
+    long = "First line says what changed. " + "filler " * 400
+    task = write_task(tmp_path / "task", {"ann": long})
+    spec = task_spec("commit_subject")
+    examples = pplug.lamp_examples(task, "train", spec, max_query_chars=100)
+    ann = next(e for e in examples if e.user == "ann" and e.target == WORDS["ann"])
+    assert "First line says what changed." in ann.query
+    assert len(ann.query) < 100 + len(spec.query(""))
+    assert pplug.clip_text("a b c", None) == "a b c"
 
 
 @pytest.fixture(scope="module")
@@ -210,10 +256,10 @@ def trainable(tiny_bundle, tmp_path_factory):
     out = root / "train"
     args = ["--bundle", str(copy), "--home", str(root / "home"), "train-plug", str(task)]
     args += ["--steps", "3", "--batch-size", "2", "--llm-source", str(tiny), "-o", str(out)]
-    result = CliRunner().invoke(cli, [*args, "--input-encoder", "trainable"])
+    result = CliRunner().invoke(cli, [*args, "--input-encoder", "trainable", "--rag", "1"])
     assert result.exit_code == 0, result.output
     examples = pplug.lamp_examples(task, "train", task_spec("commit_subject"))
-    config = pplug.TrainConfig(steps=3, batch_size=2, input_encoder="trainable")
+    config = pplug.TrainConfig(steps=3, batch_size=2, input_encoder="trainable", rag=1)
     head, reloaded = pplug.train(
         copy, examples, task_spec("commit_subject"), out, config, llm_source=tiny, progress=False
     )
@@ -231,6 +277,7 @@ def test_train_plug_cli_attaches_a_trainable_encoder_head(trainable):
         == load_bundle(bundle).manifest["files"]["tokenizer.json"]["sha256"]
     )
     assert "--input-encoder trainable" in spec["command"] and spec["encoder_lr"] == 1e-4
+    assert "--rag 1 --rag-fraction 0.5" in spec["command"] and spec["rag"] == 1
     # The bundle runs the head as two graphs (export/plug_graph.py); otherwise as trained.
     assert spec.pop("project_file") == "plug_project.onnx"
     assert json.loads((out / "plug.json").read_text()) == spec
