@@ -495,6 +495,12 @@ def train(
             f"Unknown input encoder {config.input_encoder!r} (known: {', '.join(QUERY_INPUTS)}).",
             field="input_encoder",
         )
+    if config.rag < 0 or not 0 <= config.rag_fraction <= 1:
+        raise InvalidInputError(
+            f"rag must be ≥ 0 and rag_fraction within [0, 1] (got {config.rag}, "
+            f"{config.rag_fraction}).",
+            field="rag",
+        )
     if config.threads:
         torch.set_num_threads(config.threads)
     out_dir = Path(out_dir)

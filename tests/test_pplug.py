@@ -229,6 +229,16 @@ def test_rag_training_shows_what_plug_rag_shows_at_run_time(tiny_bundle, trained
     assert len(plain.prompt_ids) < len(encode(examples[0], shown).prompt_ids)
 
 
+@pytest.mark.parametrize("rag, fraction", [(-1, 0.5), (1, 1.5)])
+def test_bad_rag_settings_are_refused_before_training(tiny_bundle, tmp_path, rag, fraction):
+    _, bundle = tiny_bundle
+    examples = [pplug.Example.of_texts("ann", SPEC.query("Say my word."), ["a note"], "garden")]
+    config = pplug.TrainConfig(steps=1, rag=rag, rag_fraction=fraction)
+    with pytest.raises(InvalidInputError, match="rag_fraction"):
+        pplug.train(bundle, examples, SPEC, tmp_path / "out", config, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_long_requests_are_clipped_at_their_start_for_training(tmp_path):
     long = "First line says what changed. " + "filler " * 400
     task = write_task(tmp_path / "task", {"ann": long})
