@@ -526,16 +526,17 @@ def train(
     # The history always goes through the frozen device embedder; the request too, unless
     # the head encodes it itself from token ids.
     # Retrieval (config.rag) searches the whole history, as the store does at run time.
-    texts = [t for e in examples for t in e.texts[-config.max_history :]]
-    if config.rag:
-        texts += [t for e in examples for t in e.texts]
+    first = 0 if config.rag else -config.max_history
+    texts = [t for e in examples for t in e.texts[first:]]
     if not trainable or config.rag:
         texts += [e.query for e in examples]
     table = VectorTable(embedder, texts, progress)
     encode = PromptEncoder(runtime, spec, config.max_prompt_tokens)
     encoded = [encode(e) for e in examples]
     # plug+rag: the same examples with their k nearest history items shown in the prompt.
-    encoded_rag = [encode(e, retrieve(e, table, config.rag)) for e in examples if config.rag]
+    encoded_rag = (
+        [encode(e, retrieve(e, table, config.rag)) for e in examples] if config.rag else []
+    )
 
     torch.manual_seed(config.seed)
     if trainable:
