@@ -686,6 +686,13 @@ def export_default_command(ctx: click.Context, out_dir: str | None, dry_run: boo
     show_default=True,
     help="Put the trained head into the bundle.",
 )
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="Where to train: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda, "
+    "cuda:N. Checkpoints resume on any device.",
+)
 @click.pass_context
 @plain_errors
 def train_plug(
@@ -706,6 +713,7 @@ def train_plug(
     llm_source: str | None,
     out_dir: str | None,
     attach: bool,
+    device: str,
 ) -> None:
     """Train a Persona-Plug head for the bundle on a LaMP-format task (needs [export])."""
     from export import pplug
@@ -733,6 +741,7 @@ def train_plug(
         encoder_lr=encoder_lr,
         rag=rag,
         rag_fraction=rag_fraction,
+        device=device,
     )
     head, result = pplug.train(
         bundle,
@@ -765,7 +774,7 @@ def train_plug(
         **({"rag": rag, "rag_fraction": rag_fraction} if rag else {}),
         "train_seconds": round(result.seconds, 1),
         "final_loss": round(result.final_loss, 4),
-        "threads": os.cpu_count(),
+        "device": result.device,
         "command": command,
     }
     from .bundle import load_bundle

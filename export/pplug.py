@@ -395,6 +395,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 50
     threads: int = 0
+    device: str = "auto"  # "auto": a CUDA GPU when torch sees one, else the CPU
 
 
 @dataclass
@@ -403,6 +404,47 @@ class TrainResult:
     seconds: float
     final_loss: float
     losses: list[float] = field(default_factory=list)
+    device: str = ""  # what the steps of this run ran on (device_label)
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device to train on: "auto" picks a CUDA GPU when torch sees one, else the
+    CPU; a device torch cannot use here is refused with what to do instead."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InvalidInputError(
+            f"Unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps.", field="device"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count or (device.index is not None and device.index >= count):
+            raise InvalidInputError(
+                f"Device {name!r} is not available: torch sees {count} CUDA GPU(s) "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}). "
+                "Install a CUDA build of torch on a GPU machine, or train with --device cpu.",
+                field="device",
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidInputError(
+            "Device 'mps' is not available: torch sees no Apple GPU. Train with --device cpu.",
+            field="device",
+        )
+    elif device.type not in ("cpu", "mps"):
+        raise InvalidInputError(
+            f"Training on {device.type!r} is not supported: use auto, cpu, cuda, cuda:N or mps.",
+            field="device",
+        )
+    return device
+
+
+def device_label(device: torch.device) -> str:
+    """How the device is recorded with a trained head, e.g. "cuda (NVIDIA H100 80GB HBM3)"."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def retrieve(example: Example, table: VectorTable, k: int) -> list[HistoryItem]:
@@ -431,20 +473,21 @@ def _batch(
     for i, h in enumerate(histories):
         hist[i, : len(h)] = h
         mask[i, : len(h)] = 1
-    soft = head(*query, torch.from_numpy(hist), torch.from_numpy(mask))
+    device = head.embed_norm.device
+    soft = head(*query, torch.from_numpy(hist).to(device), torch.from_numpy(mask).to(device))
     embed = llm.get_input_embeddings()
     rows, labels = [], []
     for i, e in enumerate(encoded):
-        ids_before = torch.tensor(e.head_ids, dtype=torch.long)
-        ids_after = torch.tensor([*e.prompt_ids, *e.target_ids], dtype=torch.long)
+        ids_before = torch.tensor(e.head_ids, dtype=torch.long, device=device)
+        ids_after = torch.tensor([*e.prompt_ids, *e.target_ids], dtype=torch.long, device=device)
         parts = [embed(ids_before), soft[i] * embed_scale, embed(ids_after)]
         rows.append(torch.cat(parts, dim=0))
         n_ignore = len(e.head_ids) + N_SOFT + len(e.prompt_ids)
         labels.append([-100] * n_ignore + e.target_ids)
     width = max(len(r) for r in rows)
-    inputs = torch.zeros(len(rows), width, rows[0].shape[1])
-    attention = torch.zeros(len(rows), width, dtype=torch.long)
-    label_t = torch.full((len(rows), width), -100, dtype=torch.long)
+    inputs = torch.zeros(len(rows), width, rows[0].shape[1], device=device)
+    attention = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    label_t = torch.full((len(rows), width), -100, dtype=torch.long, device=device)
     for i, (r, lab) in enumerate(zip(rows, labels, strict=True)):
         inputs[i, : len(r)] = r
         attention[i, : len(r)] = 1
@@ -482,7 +525,9 @@ def train(
     encoder_source: str | Path | None = None,
 ) -> tuple[PPlugHead, TrainResult]:
     """Train a head for the bundle's LLM and embedder on `examples`; resumes from out_dir
-    (a checkpoint there must be of the same head configuration).
+    (a checkpoint there must be of the same head configuration, from any device).
+    Trains on `config.device` (default: a CUDA GPU when there is one); the head returned
+    is on the CPU.
 
     With `config.input_encoder == "trainable"`, the input encoder is a copy of the sentence
     encoder in `encoder_source` (default: the default bundle's), fine-tuned at
@@ -501,6 +546,7 @@ def train(
             f"{config.rag_fraction}).",
             field="rag",
         )
+    device = resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
     out_dir = Path(out_dir)
@@ -511,7 +557,7 @@ def train(
         bundle.file(spec_emb.file), bundle.file(spec_emb.tokenizer), spec_emb.config
     )
     runtime = LLM(bundle.file(bundle.llm.file), LLMConfig(n_ctx=512))
-    llm = load_frozen_llm(bundle, Path(llm_source) if llm_source else None)
+    llm = load_frozen_llm(bundle, Path(llm_source) if llm_source else None).to(device)
     head_config = HeadConfig(
         d_enc=spec_emb.config.dim,
         d_llm=runtime.n_embd,
@@ -548,13 +594,14 @@ def train(
             log(f"trainable input encoder agrees with the bundle's embedder: cosine {cosine:.3f}")
 
         def query_inputs(queries: list[str]) -> tuple[torch.Tensor, ...]:
-            return tuple(torch.from_numpy(a) for a in tokenize(queries))
+            return tuple(torch.from_numpy(a).to(device) for a in tokenize(queries))
     else:
         head = PPlugHead(head_config)
 
         def query_inputs(queries: list[str]) -> tuple[torch.Tensor, ...]:
-            return (torch.from_numpy(table(queries)),)
+            return (torch.from_numpy(table(queries)).to(device),)
 
+    head.to(device)
     opt = _optimizer(head, config)
     params = [p for group in opt.param_groups for p in group["params"]]
     warm = max(1, int(config.warmup * config.steps))
@@ -568,7 +615,8 @@ def train(
     ckpt = out_dir / "checkpoint.pt"
     start, losses, elapsed = 0, [], 0.0
     if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
+        # A checkpoint resumes on any device (load_state_dict moves the tensors).
+        state = torch.load(ckpt, map_location=device, weights_only=False)
         saved = HeadConfig(**state.get("head_config", {}))
         if saved != head_config:
             raise InvalidInputError(
@@ -582,7 +630,9 @@ def train(
         start, losses, elapsed = state["step"], state["losses"], state["seconds"]
         random.setstate(state["py_rng"])
         if "torch_rng" in state:  # the trainable encoder's dropout draws from it
-            torch.set_rng_state(state["torch_rng"])
+            torch.set_rng_state(state["torch_rng"].cpu())
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
     else:
         random.seed(config.seed)
 
@@ -635,14 +685,23 @@ def train(
                         "seconds": seconds,
                         "py_rng": random.getstate(),
                         "torch_rng": torch.get_rng_state(),
+                        **(
+                            {"cuda_rng": torch.cuda.get_rng_state(device)}
+                            if device.type == "cuda"
+                            else {}
+                        ),
                         "head_config": asdict(head_config),
                     },
                     ckpt,
                 )
-    head.eval()
+    head.eval().cpu()  # exported and compared on the CPU, as the device runs it
     seconds = elapsed + time.perf_counter() - started
     result = TrainResult(
-        config.steps, seconds, float(np.mean(losses[-20:])) if losses else 0.0, losses
+        config.steps,
+        seconds,
+        float(np.mean(losses[-20:])) if losses else 0.0,
+        losses,
+        device_label(device),
     )
     if log:
         log(f"trained {config.steps} steps in {seconds:.0f} s, final loss {result.final_loss:.3f}")

@@ -239,6 +239,23 @@ def test_bad_rag_settings_are_refused_before_training(tiny_bundle, tmp_path, rag
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "device, message",
+    [("gpu0", "Unknown device"), ("meta", "not supported"), ("cuda:99", "not available")],
+)
+def test_unusable_training_device_is_refused_before_training(
+    tiny_bundle, tmp_path, device, message
+):
+    _, bundle = tiny_bundle
+    examples = [pplug.Example.of_texts("ann", SPEC.query("Say my word."), ["a note"], "garden")]
+    config = pplug.TrainConfig(steps=1, device=device)
+    with pytest.raises(InvalidInputError, match=message) as error:
+        pplug.train(bundle, examples, SPEC, tmp_path / "out", config, progress=False)
+    assert error.value.field == "device"
+    assert not (tmp_path / "out").exists()
+    assert pplug.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def test_long_requests_are_clipped_at_their_start_for_training(tmp_path):
     long = "First line says what changed. " + "filler " * 400
     task = write_task(tmp_path / "task", {"ann": long})
@@ -288,6 +305,7 @@ def test_train_plug_cli_attaches_a_trainable_encoder_head(trainable):
     )
     assert "--input-encoder trainable" in spec["command"] and spec["encoder_lr"] == 1e-4
     assert "--rag 1 --rag-fraction 0.5" in spec["command"] and spec["rag"] == 1
+    assert spec["device"] == pplug.device_label(pplug.resolve_device("auto"))
     # The bundle runs the head as two graphs (export/plug_graph.py); otherwise as trained.
     assert spec.pop("project_file") == "plug_project.onnx"
     assert json.loads((out / "plug.json").read_text()) == spec
