@@ -693,6 +693,21 @@ def export_default_command(ctx: click.Context, out_dir: str | None, dry_run: boo
     help="Where to train: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda, "
     "cuda:N. Checkpoints resume on any device.",
 )
+@click.option(
+    "--validate",
+    "validate_split",
+    default=None,
+    help="After training, measure the head's held-out loss on this split's questions "
+    "(e.g. dev): without soft tokens, with the user's own history and with another user's, "
+    "and the own − other gap with a 95 % interval (recorded with the head).",
+)
+@click.option(
+    "--validate-limit",
+    default=60,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="With --validate: the split's first N questions.",
+)
 @click.pass_context
 @plain_errors
 def train_plug(
@@ -714,6 +729,8 @@ def train_plug(
     out_dir: str | None,
     attach: bool,
     device: str,
+    validate_split: str | None,
+    validate_limit: int,
 ) -> None:
     """Train a Persona-Plug head for the bundle on a LaMP-format task (needs [export])."""
     from export import pplug
@@ -730,6 +747,17 @@ def train_plug(
             Path(task_dir), s, spec, from_profiles=profile_examples, limit=limit
         )
     ]
+    if validate_split in splits:
+        raise InvalidInputError(
+            f"--validate {validate_split} is also a training split; validate on a held-out "
+            "split (e.g. dev when training on train).",
+            field="validate",
+        )
+    held_out = (
+        pplug.lamp_examples(Path(task_dir), validate_split, spec, 0, limit=validate_limit)
+        if validate_split
+        else []
+    )
     out = Path(out_dir) if out_dir else obj.home / "plug-train"
     click.echo(f"{len(examples)} training examples from {', '.join(splits)}.", err=True)
     trainable = input_encoder == "trainable"
@@ -751,7 +779,10 @@ def train_plug(
         config,
         llm_source=llm_source,
         encoder_source=encoder_source,
+        validation=held_out,
     )
+    if result.validation:
+        click.echo(f"{validate_split} {result.validation.summary()}", err=True)
     onnx_path = pplug.export_onnx(head, out / "plug.onnx")
     command = " ".join(
         [
@@ -775,6 +806,11 @@ def train_plug(
         "train_seconds": round(result.seconds, 1),
         "final_loss": round(result.final_loss, 4),
         "device": result.device,
+        **(
+            {"validation": {"split": validate_split, **result.validation.as_dict()}}
+            if result.validation
+            else {}
+        ),
         "command": command,
     }
     from .bundle import load_bundle

@@ -123,6 +123,18 @@ RATING = MetricSpec(
     lambda r: (float(np.abs(r).mean()), float(math.sqrt(np.square(r).mean()))),
 )
 CLASSIFY_LAMP1 = _classification(LAMP1_LABELS)
+
+
+def mean_of(name: str, higher_is_better: bool) -> MetricSpec:
+    """A statistic that is the mean of one number per example that the caller computed
+    (a loss, a latency): rows are (n, 1) arrays, there is no text to score."""
+
+    def from_text(preds: Sequence[str], golds: Sequence[str]) -> np.ndarray:
+        raise TypeError(f"{name!r} is computed per example by its caller, not from text.")
+
+    return MetricSpec((name,), (higher_is_better,), from_text, lambda r: (float(r.mean()),))
+
+
 CLASSIFY_LAMP2 = _classification(LAMP2_LABELS)
 
 

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from edge_pllm import metrics
 from edge_pllm.bundle import Bundle, load_bundle, sha256_file
 from edge_pllm.embedder import Embedder
 from edge_pllm.errors import InvalidInputError
@@ -405,6 +406,41 @@ class TrainResult:
     final_loss: float
     losses: list[float] = field(default_factory=list)
     device: str = ""  # what the steps of this run ran on (device_label)
+    validation: Validation | None = None
+
+
+@dataclass
+class Validation:
+    """Teacher-forced loss on held-out examples, nats per target token (the mean over
+    examples of each one's mean): the plain prompt (`none`), the soft tokens of the user's
+    own history (`plug`), and of the next example's user's history (`plug_other`, as the
+    eval's `plug@other` pairs them). `gap` = plug_other − plug with a paired bootstrap 95 %
+    interval: above zero when the user's own history is what lowers the loss."""
+
+    examples: int
+    none: float
+    plug: float
+    plug_other: float
+    gap: metrics.Estimate
+
+    def as_dict(self) -> dict[str, Any]:
+        """For the head's manifest entry (rounded)."""
+        return {
+            "examples": self.examples,
+            "loss_none": round(self.none, 4),
+            "loss_plug": round(self.plug, 4),
+            "loss_plug_other": round(self.plug_other, 4),
+            "gap": [round(v, 4) for v in (self.gap.value, self.gap.low, self.gap.high)],
+        }
+
+    def summary(self) -> str:
+        """One line for the log."""
+        g = self.gap
+        return (
+            f"validation loss on {self.examples} examples: none {self.none:.3f}, plug "
+            f"{self.plug:.3f}, plug@other {self.plug_other:.3f} (own history better by "
+            f"{g.value:+.4f} [{g.low:+.4f}, {g.high:+.4f}] nats/token)"
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -457,16 +493,11 @@ def retrieve(example: Example, table: VectorTable, k: int) -> list[HistoryItem]:
     return [example.history[i] for i in order]
 
 
-def _batch(
-    head: PPlugHead,
-    llm: nn.Module,
-    encoded: list[Encoded],
-    query: tuple[torch.Tensor, ...],
-    histories: list[np.ndarray],
-    embed_scale: float,
+def _soft_tokens(
+    head: PPlugHead, query: tuple[torch.Tensor, ...], histories: list[np.ndarray]
 ) -> torch.Tensor:
-    """The teacher-forced loss of a batch: [head ids][I; P][prompt][target] -> CE on target.
-    `query` is the head's request inputs for the batch (see PPlugHead.input_names)."""
+    """The head's soft tokens (B, 2, d_llm) for a batch: `query` is its request inputs
+    (see PPlugHead.input_names), `histories` each user's history vectors, padded and masked."""
     n_hist = max(len(h) for h in histories)
     hist = np.zeros((len(histories), n_hist, head.config.d_enc), dtype=np.float32)
     mask = np.zeros((len(histories), n_hist), dtype=np.float32)
@@ -474,15 +505,26 @@ def _batch(
         hist[i, : len(h)] = h
         mask[i, : len(h)] = 1
     device = head.embed_norm.device
-    soft = head(*query, torch.from_numpy(hist).to(device), torch.from_numpy(mask).to(device))
+    return head(*query, torch.from_numpy(hist).to(device), torch.from_numpy(mask).to(device))
+
+
+def _token_losses(
+    llm: nn.Module, encoded: list[Encoded], soft: torch.Tensor | None, embed_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced cross-entropy of each target token: [head ids][soft][prompt][target]
+    (no soft tokens when `soft` is None: the plain prompt) -> (losses (B, T), mask (B, T))."""
+    device = next(llm.parameters()).device
     embed = llm.get_input_embeddings()
+    n_soft = 0 if soft is None else soft.shape[1]
     rows, labels = [], []
     for i, e in enumerate(encoded):
         ids_before = torch.tensor(e.head_ids, dtype=torch.long, device=device)
         ids_after = torch.tensor([*e.prompt_ids, *e.target_ids], dtype=torch.long, device=device)
-        parts = [embed(ids_before), soft[i] * embed_scale, embed(ids_after)]
+        parts = [embed(ids_before), embed(ids_after)]
+        if soft is not None:
+            parts.insert(1, soft[i] * embed_scale)
         rows.append(torch.cat(parts, dim=0))
-        n_ignore = len(e.head_ids) + N_SOFT + len(e.prompt_ids)
+        n_ignore = len(e.head_ids) + n_soft + len(e.prompt_ids)
         labels.append([-100] * n_ignore + e.target_ids)
     width = max(len(r) for r in rows)
     inputs = torch.zeros(len(rows), width, rows[0].shape[1], device=device)
@@ -492,10 +534,71 @@ def _batch(
         inputs[i, : len(r)] = r
         attention[i, : len(r)] = 1
         label_t[i, : len(lab)] = torch.tensor(lab)
-    out = llm(inputs_embeds=inputs, attention_mask=attention)
-    logits = out.logits[:, :-1]
-    return nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), label_t[:, 1:].reshape(-1), ignore_index=-100
+    logits = llm(inputs_embeds=inputs, attention_mask=attention).logits[:, :-1]
+    targets = label_t[:, 1:]
+    losses = nn.functional.cross_entropy(
+        logits.transpose(1, 2), targets, ignore_index=-100, reduction="none"
+    )
+    return losses, targets != -100
+
+
+def _batch(
+    head: PPlugHead,
+    llm: nn.Module,
+    encoded: list[Encoded],
+    query: tuple[torch.Tensor, ...],
+    histories: list[np.ndarray],
+    embed_scale: float,
+) -> torch.Tensor:
+    """The teacher-forced loss of a batch: [head ids][I; P][prompt][target] -> CE on target,
+    the mean over the batch's target tokens."""
+    losses, mask = _token_losses(llm, encoded, _soft_tokens(head, query, histories), embed_scale)
+    return losses.sum() / mask.sum()
+
+
+def validate(
+    head: PPlugHead,
+    llm: nn.Module,
+    examples: Sequence[Example],
+    encode: PromptEncoder,
+    vectors: Callable[[Sequence[str]], np.ndarray],
+    query_inputs: Callable[[list[str]], tuple[torch.Tensor, ...]],
+    embed_scale: float,
+    batch_size: int = 8,
+) -> Validation:
+    """The held-out losses of `examples` (those with a history; at least two) without soft
+    tokens, with the user's own history, and with the next example's user's history."""
+    examples = [e for e in examples if e.history]
+    if len(examples) < 2:
+        raise InvalidInputError(
+            "Validation needs at least two examples with a history (one's history is "
+            "another's @other).",
+            field="validation",
+        )
+    own = [vectors(e.texts[-head.config.max_history :]) for e in examples]
+    other = own[1:] + own[:1]
+    rows: dict[str, list[float]] = {"none": [], "plug": [], "plug_other": []}
+    was_training = head.training
+    head.eval()
+    with torch.no_grad():
+        for b in range(0, len(examples), batch_size):
+            chunk = examples[b : b + batch_size]
+            encoded = [encode(e) for e in chunk]
+            query = query_inputs([e.query for e in chunk])
+            for name, histories in (("none", None), ("plug", own), ("plug_other", other)):
+                soft = (
+                    None
+                    if histories is None
+                    else _soft_tokens(head, query, histories[b : b + batch_size])
+                )
+                losses, mask = _token_losses(llm, encoded, soft, embed_scale)
+                rows[name] += (losses.sum(1) / mask.sum(1)).tolist()
+    head.train(was_training)
+    table = {k: np.array(v)[:, None] for k, v in rows.items()}
+    spec = metrics.mean_of("loss", higher_is_better=False)
+    gap = metrics.paired_difference(spec, table["plug_other"], table["plug"])["loss"]
+    return Validation(
+        len(examples), *(float(table[k].mean()) for k in ("none", "plug", "plug_other")), gap
     )
 
 
@@ -523,6 +626,7 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     encoder_source: str | Path | None = None,
+    validation: Sequence[Example] = (),
 ) -> tuple[PPlugHead, TrainResult]:
     """Train a head for the bundle's LLM and embedder on `examples`; resumes from out_dir
     (a checkpoint there must be of the same head configuration, from any device).
@@ -531,7 +635,10 @@ def train(
 
     With `config.input_encoder == "trainable"`, the input encoder is a copy of the sentence
     encoder in `encoder_source` (default: the default bundle's), fine-tuned at
-    `config.encoder_lr`."""
+    `config.encoder_lr`.
+
+    With `validation` examples (held out: another split), the trained head's held-out losses
+    are measured (`validate`) and returned in the result."""
     config = config or TrainConfig()
     if not examples:
         raise InvalidInputError("No training examples: check the task folder and split.")
@@ -573,9 +680,9 @@ def train(
     # the head encodes it itself from token ids.
     # Retrieval (config.rag) searches the whole history, as the store does at run time.
     first = 0 if config.rag else -config.max_history
-    texts = [t for e in examples for t in e.texts[first:]]
+    texts = [t for e in [*examples, *validation] for t in e.texts[first:]]
     if not trainable or config.rag:
-        texts += [e.query for e in examples]
+        texts += [e.query for e in [*examples, *validation]]
     table = VectorTable(embedder, texts, progress)
     encode = PromptEncoder(runtime, spec, config.max_prompt_tokens)
     encoded = [encode(e) for e in examples]
@@ -694,14 +801,20 @@ def train(
                     },
                     ckpt,
                 )
-    head.eval().cpu()  # exported and compared on the CPU, as the device runs it
     seconds = elapsed + time.perf_counter() - started
+    checked = None
+    if validation:
+        checked = validate(head, llm, validation, encode, table, query_inputs, runtime.embed_scale)
+        if log:
+            log(checked.summary())
+    head.eval().cpu()  # exported and compared on the CPU, as the device runs it
     result = TrainResult(
         config.steps,
         seconds,
         float(np.mean(losses[-20:])) if losses else 0.0,
         losses,
         device_label(device),
+        checked,
     )
     if log:
         log(f"trained {config.steps} steps in {seconds:.0f} s, final loss {result.final_loss:.3f}")

@@ -175,9 +175,12 @@ WORDS = {"ann": "garden", "bob": "database"}
 LONG_QUERY = "Explain the whole commit. " * 120  # past the embedder's 256-token limit
 
 
-def write_task(folder: Path, inputs: dict[str, str] | None = None) -> Path:
+def write_task(
+    folder: Path, inputs: dict[str, str] | None = None, splits: tuple[str, ...] = ("train",)
+) -> Path:
     """A two-user commit_subject task in LaMP format: each user's items are titled with
-    their word; `inputs` gives a user's question (default: "Say my word.")."""
+    their word; `inputs` gives a user's question (default: "Say my word."); the same
+    questions in each of `splits`."""
     folder.mkdir(parents=True, exist_ok=True)
     questions, golds = [], []
     for user, texts in HISTORY.items():
@@ -188,10 +191,11 @@ def write_task(folder: Path, inputs: dict[str, str] | None = None) -> Path:
         text = (inputs or {}).get(user, "Say my word.")
         questions.append({"id": user, "input": f"Subject for: {text}", "profile": profile})
         golds.append({"id": user, "output": WORDS[user]})
-    (folder / "train_questions.json").write_text(json.dumps(questions))
-    (folder / "train_outputs.json").write_text(
-        json.dumps({"task": "commit_subject", "golds": golds})
-    )
+    for split in splits:
+        (folder / f"{split}_questions.json").write_text(json.dumps(questions))
+        (folder / f"{split}_outputs.json").write_text(
+            json.dumps({"task": "commit_subject", "golds": golds})
+        )
     return folder
 
 
@@ -256,6 +260,43 @@ def test_unusable_training_device_is_refused_before_training(
     assert pplug.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def test_validation_pairs_each_user_with_the_next_users_history(tiny_bundle, trained):
+    """Held-out losses: each example with its own history, with the next example's, and
+    with no soft tokens, each the mean of per-example losses computed one at a time."""
+    tiny, bundle = tiny_bundle
+    head, _, examples, _ = trained
+    b = load_bundle(bundle)
+    llm = pplug.load_frozen_llm(b, tiny)
+    runtime = LLM(b.file(b.llm.file), LLMConfig(n_ctx=512))
+    encode, scale = pplug.PromptEncoder(runtime, SPEC, 448), runtime.embed_scale
+
+    def embed(texts):  # one request at a time: int8 vectors vary slightly with the batch
+        return np.stack([vectors(bundle, [t])[0] for t in texts])
+
+    def query_inputs(queries):
+        return (torch.from_numpy(embed(queries)),)
+
+    checked = pplug.validate(head, llm, examples, encode, embed, query_inputs, scale)
+    assert checked.examples == 2
+    own = [embed(e.texts) for e in examples]
+    expected: dict[str, list[float]] = {"none": [], "plug": [], "plug_other": []}
+    with torch.no_grad():
+        for i, e in enumerate(examples):
+            query = query_inputs([e.query])
+            for name, hist in (("none", None), ("plug", own[i]), ("plug_other", own[1 - i])):
+                soft = None if hist is None else pplug._soft_tokens(head, query, [hist])
+                losses, mask = pplug._token_losses(llm, [encode(e)], soft, scale)
+                expected[name].append(float(losses.sum() / mask.sum()))
+    for name, values in expected.items():
+        assert getattr(checked, name) == pytest.approx(np.mean(values), rel=1e-5), name
+    assert checked.gap.value == pytest.approx(checked.plug_other - checked.plug, abs=1e-6)
+    assert checked.gap.low <= checked.gap.value <= checked.gap.high
+    # Different histories give different losses: the pairing reached the LLM.
+    assert checked.plug != pytest.approx(checked.plug_other, rel=1e-6)
+    with pytest.raises(InvalidInputError, match="at least two examples"):
+        pplug.validate(head, llm, examples[:1], encode, embed, query_inputs, scale)
+
+
 def test_long_requests_are_clipped_at_their_start_for_training(tmp_path):
     long = "First line says what changed. " + "filler " * 400
     task = write_task(tmp_path / "task", {"ann": long})
@@ -279,10 +320,11 @@ def trainable(tiny_bundle, tmp_path_factory):
     root = tmp_path_factory.mktemp("trainable")
     copy = root / "bundle"
     shutil.copytree(bundle, copy)
-    task = write_task(root / "task")
+    task = write_task(root / "task", splits=("train", "dev"))
     out = root / "train"
     args = ["--bundle", str(copy), "--home", str(root / "home"), "train-plug", str(task)]
     args += ["--steps", "3", "--batch-size", "2", "--llm-source", str(tiny), "-o", str(out)]
+    args += ["--validate", "dev"]
     result = CliRunner().invoke(cli, [*args, "--input-encoder", "trainable", "--rag", "1"])
     assert result.exit_code == 0, result.output
     examples = pplug.lamp_examples(task, "train", task_spec("commit_subject"))
@@ -306,6 +348,12 @@ def test_train_plug_cli_attaches_a_trainable_encoder_head(trainable):
     assert "--input-encoder trainable" in spec["command"] and spec["encoder_lr"] == 1e-4
     assert "--rag 1 --rag-fraction 0.5" in spec["command"] and spec["rag"] == 1
     assert spec["device"] == pplug.device_label(pplug.resolve_device("auto"))
+    checked = spec["validation"]
+    assert checked["split"] == "dev" and checked["examples"] == 2
+    assert checked["gap"][1] <= checked["gap"][0] <= checked["gap"][2]
+    assert checked["loss_plug_other"] - checked["loss_plug"] == pytest.approx(
+        checked["gap"][0], abs=2e-4
+    )
     # The bundle runs the head as two graphs (export/plug_graph.py); otherwise as trained.
     assert spec.pop("project_file") == "plug_project.onnx"
     assert json.loads((out / "plug.json").read_text()) == spec
