@@ -735,6 +735,7 @@ def train_plug(
     """Train a Persona-Plug head for the bundle on a LaMP-format task (needs [export])."""
     from export import pplug
 
+    from .bundle import load_bundle
     from .lamp import load_split
 
     obj = ctx.find_object(Context)
@@ -780,6 +781,7 @@ def train_plug(
         llm_source=llm_source,
         encoder_source=encoder_source,
         validation=held_out,
+        vector_cache=pplug.vector_cache_path(obj.home, load_bundle(bundle)),
     )
     if result.validation:
         click.echo(f"{validate_split} {result.validation.summary()}", err=True)
@@ -813,8 +815,6 @@ def train_plug(
         ),
         "command": command,
     }
-    from .bundle import load_bundle
-
     plug_spec = pplug.head_spec(head, load_bundle(bundle), info)
     (out / "plug.json").write_text(json.dumps(plug_spec, indent=2))
     click.echo(

@@ -24,7 +24,9 @@ trained too; resumable checkpoints.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -256,17 +258,61 @@ class VectorTable:
 
     Batched (16 at a time) for speed: with the int8 model a vector then differs slightly from
     the one the device stores (cosine ≈ 0.99, see embedder.py), a small noise the head
-    is trained under rather than a difference it could learn."""
+    is trained under rather than a difference it could learn.
 
-    def __init__(self, embedder: Embedder, texts: Sequence[str], progress: bool = True):
+    With `cache` (an .npz file for this embedder: see `vector_cache_path`), vectors of texts
+    embedded by an earlier run are read from it and the new ones added to it; an unreadable
+    cache is rebuilt."""
+
+    def __init__(
+        self,
+        embedder: Embedder,
+        texts: Sequence[str],
+        progress: bool = True,
+        cache: Path | None = None,
+    ):
         unique = list(dict.fromkeys(texts))
         self.index = {t: i for i, t in enumerate(unique)}
-        bar = tqdm(total=len(unique), desc="Embedding", unit="text", disable=not progress)
+        keys = [hashlib.blake2b(t.encode(), digest_size=16).hexdigest() for t in unique]
+        known = _read_vectors(cache) if cache else {}
+        missing = [i for i, k in enumerate(keys) if k not in known]
+        self.matrix = np.zeros((len(unique), embedder.dim), dtype=np.float32)
+        for i, k in enumerate(keys):
+            if k in known:
+                self.matrix[i] = known[k]
+        bar = tqdm(total=len(missing), desc="Embedding", unit="text", disable=not progress)
         with bar:
-            self.matrix = embedder.embed(unique, progress=bar.update, batch_size=16)
+            new = embedder.embed([unique[i] for i in missing], progress=bar.update, batch_size=16)
+        self.matrix[missing] = new
+        if cache and missing:
+            known.update((keys[i], v) for i, v in zip(missing, new, strict=True))
+            _write_vectors(cache, known)
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         return self.matrix[[self.index[t] for t in texts]]
+
+
+def vector_cache_path(home_dir: Path, bundle: Bundle) -> Path:
+    """Where training caches history vectors for the bundle's embedder (one file per
+    embedder model, so bundles that share it share the cache)."""
+    sha = bundle.manifest["files"][bundle.embedder.file]["sha256"]
+    return home_dir / "cache" / f"vectors-{sha[:16]}.npz"
+
+
+def _read_vectors(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path) as data:
+            return dict(zip(data["keys"].tolist(), data["vectors"], strict=True))
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def _write_vectors(path: Path, vectors: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        np.savez(f, keys=np.array(list(vectors)), vectors=np.stack(list(vectors.values())))
+    os.replace(tmp, path)  # a reader never sees half a file
 
 
 # --- the frozen LLM in torch ------------------------------------------------------------------
@@ -627,6 +673,7 @@ def train(
     log: Callable[[str], None] | None = None,
     encoder_source: str | Path | None = None,
     validation: Sequence[Example] = (),
+    vector_cache: Path | None = None,
 ) -> tuple[PPlugHead, TrainResult]:
     """Train a head for the bundle's LLM and embedder on `examples`; resumes from out_dir
     (a checkpoint there must be of the same head configuration, from any device).
@@ -638,7 +685,8 @@ def train(
     `config.encoder_lr`.
 
     With `validation` examples (held out: another split), the trained head's held-out losses
-    are measured (`validate`) and returned in the result."""
+    are measured (`validate`) and returned in the result. `vector_cache`: see VectorTable.
+    """
     config = config or TrainConfig()
     if not examples:
         raise InvalidInputError("No training examples: check the task folder and split.")
@@ -683,7 +731,7 @@ def train(
     texts = [t for e in [*examples, *validation] for t in e.texts[first:]]
     if not trainable or config.rag:
         texts += [e.query for e in [*examples, *validation]]
-    table = VectorTable(embedder, texts, progress)
+    table = VectorTable(embedder, texts, progress, vector_cache)
     encode = PromptEncoder(runtime, spec, config.max_prompt_tokens)
     encoded = [encode(e) for e in examples]
     # plug+rag: the same examples with their k nearest history items shown in the prompt.

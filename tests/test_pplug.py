@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -295,6 +296,40 @@ def test_validation_pairs_each_user_with_the_next_users_history(tiny_bundle, tra
     assert checked.plug != pytest.approx(checked.plug_other, rel=1e-6)
     with pytest.raises(InvalidInputError, match="at least two examples"):
         pplug.validate(head, llm, examples[:1], encode, embed, query_inputs, scale)
+
+
+def test_vector_cache_embeds_each_text_once_across_runs(tiny_bundle, tmp_path):
+    from edge_pllm.embedder import Embedder
+
+    class Counting(Embedder):
+        embedded: ClassVar[list[str]] = []
+
+        def embed(self, texts, progress=None, batch_size=None):
+            self.embedded += texts
+            return super().embed(texts, progress, batch_size)
+
+    _, bundle = tiny_bundle
+    b = load_bundle(bundle)
+    embedder = Counting(b.file(b.embedder.file), b.file(b.embedder.tokenizer), b.embedder.config)
+    cache = pplug.vector_cache_path(tmp_path / "home", b)
+    first = pplug.VectorTable(embedder, HISTORY["ann"], progress=False, cache=cache)
+    assert cache.is_file() and embedder.embedded == HISTORY["ann"]
+    texts = [*HISTORY["bob"], *HISTORY["ann"]]
+    second = pplug.VectorTable(embedder, texts, progress=False, cache=cache)
+    assert embedder.embedded == HISTORY["ann"] + HISTORY["bob"]  # only the new ones
+    np.testing.assert_array_equal(second(HISTORY["ann"]), first(HISTORY["ann"]))
+    fresh = pplug.VectorTable(embedder, texts, progress=False)
+
+    def same_rows(a, b):  # int8 vectors vary slightly with what they were batched with
+        return bool(np.min(np.sum(a * b, axis=1)) > 0.98)
+
+    assert same_rows(second(texts), fresh(texts))
+    # A damaged cache is rebuilt, not trusted.
+    cache.write_bytes(b"not an npz")
+    rebuilt = pplug.VectorTable(embedder, texts, progress=False, cache=cache)
+    assert same_rows(rebuilt(texts), fresh(texts))
+    again = pplug.VectorTable(embedder, texts, progress=False, cache=cache)
+    np.testing.assert_array_equal(again(texts), rebuilt(texts))
 
 
 def test_long_requests_are_clipped_at_their_start_for_training(tmp_path):
