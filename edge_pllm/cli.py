@@ -694,6 +694,14 @@ def export_default_command(ctx: click.Context, out_dir: str | None, dry_run: boo
     "cuda:N. Checkpoints resume on any device.",
 )
 @click.option(
+    "--persona-tokens",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Persona soft tokens, each from its own attention over the history (1: the "
+    "paper's head; the LLM then sees 1 + K soft tokens).",
+)
+@click.option(
     "--validate",
     "validate_split",
     default=None,
@@ -729,6 +737,7 @@ def train_plug(
     out_dir: str | None,
     attach: bool,
     device: str,
+    persona_tokens: int,
     validate_split: str | None,
     validate_limit: int,
 ) -> None:
@@ -771,6 +780,7 @@ def train_plug(
         rag=rag,
         rag_fraction=rag_fraction,
         device=device,
+        n_persona=persona_tokens,
     )
     head, result = pplug.train(
         bundle,
@@ -795,6 +805,7 @@ def train_plug(
         ]
         + ([f"--input-encoder trainable --encoder-lr {encoder_lr}"] if trainable else [])
         + ([f"--rag {rag} --rag-fraction {rag_fraction}"] if rag else [])
+        + ([f"--persona-tokens {persona_tokens}"] if persona_tokens > 1 else [])
         + ([f"--limit {limit}"] if limit else [])
     )
     info = {

@@ -14,6 +14,10 @@ Model (PPlug, arXiv 2409.11901):
     soft tokens = [I; P], each rescaled to the mean row norm of the LLM's token embeddings,
     so they live where the LLM's input embeddings live. The LLM input is [I; P; prompt].
 
+    With `n_persona` = K > 1 (ours, not the paper's): K persona tokens P_1..P_K, each from its
+    own attention over the history (x_k = W_k x) and its own slice of Proj's output layer
+    (Linear(d_llm→K·d_llm)): more room for what the history says. K = 1 is the paper's head.
+
 Training: LLM and history encoder frozen; cross-entropy on the gold output with teacher
 forcing; AdamW with warmup and linear decay (the trainable encoder at its own, smaller
 learning rate); history-dropout augmentation (copies of each example that drop a random
@@ -49,7 +53,6 @@ from edge_pllm.llm import LLM, LLMConfig
 from edge_pllm.plug import (
     HEAD_FILE,
     HISTORY_INPUTS,
-    N_SOFT,
     QUERY_INPUTS,
     InputEncoder,
     QueryTokenizer,
@@ -70,6 +73,7 @@ class HeadConfig:
     embed_norm: float
     max_history: int = 512
     input_encoder: InputEncoder = "linear"
+    n_persona: int = 1  # persona tokens (the paper: 1); the head emits 1 + n_persona
     pooling: str = "mean"
     normalize: bool = True
     max_seq_length: int = 256
@@ -158,7 +162,17 @@ class PPlugHead(nn.Module):
                 f"(known: {', '.join(QUERY_INPUTS)}).",
                 field="input_encoder",
             )
-        self.proj = nn.Sequential(nn.Linear(d_enc, d_llm), nn.GELU(), nn.Linear(d_llm, d_llm))
+        k = config.n_persona
+        if k < 1:
+            raise InvalidInputError(f"n_persona must be ≥ 1 (got {k}).", field="n_persona")
+        self.proj = nn.Sequential(nn.Linear(d_enc, d_llm), nn.GELU(), nn.Linear(d_llm, k * d_llm))
+        # One attention query per persona token; each starts near x itself.
+        self.query_heads: nn.Linear | None = None
+        if k > 1:
+            self.query_heads = nn.Linear(d_enc, k * d_enc, bias=False)
+            with torch.no_grad():
+                eye = torch.eye(d_enc).repeat(k, 1)
+                self.query_heads.weight.copy_(eye + 0.02 * torch.randn_like(eye))
         self.instruction = nn.Parameter(torch.randn(d_enc) / math.sqrt(d_enc))
         self.proj_instruction = nn.Sequential(
             nn.Linear(d_enc, d_llm), nn.GELU(), nn.Linear(d_llm, d_llm)
@@ -173,15 +187,21 @@ class PPlugHead(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         """The request's inputs (`input_names`: query (B, d_enc), or input_ids and
         attention_mask (B, L)), then history (B, N, d_enc) and mask (B, N) of 1/0
-        -> soft tokens (B, 2, d_llm)."""
+        -> soft tokens (B, 1 + n_persona, d_llm)."""
         *query, history, mask = inputs
         x = self.query_encoder(*query)
-        scores = torch.einsum("bnd,bd->bn", history, x)
-        scores = scores.masked_fill(mask <= 0, -1e9)
+        k, d_llm = self.config.n_persona, self.config.d_llm
+        if self.query_heads is None:
+            xs = x.unsqueeze(1)
+        else:
+            xs = self.query_heads(x).unflatten(-1, (k, self.config.d_enc))
+        scores = torch.einsum("bnd,bkd->bkn", history, xs)
+        scores = scores.masked_fill(mask.unsqueeze(1) <= 0, -1e9)
         weights = torch.softmax(scores, dim=-1)
-        persona = torch.einsum("bn,bnd->bd", weights, self.proj(history))
-        instruction = self.proj_instruction(self.instruction).expand_as(persona)
-        tokens = torch.stack([instruction, persona], dim=1)
+        projected = self.proj(history).unflatten(-1, (k, d_llm))
+        persona = torch.einsum("bkn,bnkd->bkd", weights, projected)
+        instruction = self.proj_instruction(self.instruction).expand_as(persona[:, :1])
+        tokens = torch.cat([instruction, persona], dim=1)
         return tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-6) * self.embed_norm
 
 
@@ -437,6 +457,7 @@ class TrainConfig:
     dropout_copies: int = 10  # history-dropout copies per example (paper: 10)
     max_history: int = 512
     max_prompt_tokens: int = 448
+    n_persona: int = 1  # persona tokens (HeadConfig.n_persona)
     rag: int = 0  # retrieved items shown in the prompt, as plug+rag:k does at run time
     rag_fraction: float = 0.5  # share of steps' examples trained with them (the rest: plug)
     seed: int = 0
@@ -701,6 +722,10 @@ def train(
             f"{config.rag_fraction}).",
             field="rag",
         )
+    if config.n_persona < 1:
+        raise InvalidInputError(
+            f"n_persona must be ≥ 1 (got {config.n_persona}).", field="n_persona"
+        )
     device = resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -719,6 +744,7 @@ def train(
         embed_norm=token_embedding_norm(llm) / runtime.embed_scale,
         max_history=config.max_history,
         input_encoder=config.input_encoder,
+        n_persona=config.n_persona,
         pooling=spec_emb.config.pooling,
         normalize=spec_emb.config.normalize,
         max_seq_length=spec_emb.config.max_seq_length,
@@ -914,7 +940,7 @@ def head_spec(head: PPlugHead, bundle: Bundle, info: dict[str, Any]) -> dict[str
     files = bundle.manifest["files"]
     spec: dict[str, Any] = {
         "file": HEAD_FILE,
-        "n_soft": N_SOFT,
+        "n_soft": 1 + head.config.n_persona,
         "d_enc": head.config.d_enc,
         "d_llm": head.config.d_llm,
         "max_history": head.config.max_history,

@@ -107,6 +107,38 @@ def test_transformers_and_llama_cpp_agree_with_soft_tokens(tiny_bundle, trained)
         np.testing.assert_allclose(cpp, ref, atol=0.05)  # llama.cpp keeps the KV cache in f16
 
 
+def test_several_persona_tokens_through_the_device_path(tiny_bundle, trained, tmp_path):
+    """A head with 3 persona tokens: each attends over the history on its own, and the
+    device (split ONNX graphs, onnxruntime) gives the torch head's 1 + 3 soft tokens."""
+    tiny, bundle = tiny_bundle
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    examples = trained[2]
+    config = pplug.TrainConfig(steps=2, batch_size=2, dropout_copies=1, n_persona=3)
+    head, _ = pplug.train(
+        copy, examples, SPEC, tmp_path / "out", config, llm_source=tiny, progress=False
+    )
+    onnx = pplug.export_onnx(head, tmp_path / "out" / "plug.onnx")
+    spec = pplug.head_spec(head, load_bundle(copy), {"steps": 2})
+    assert spec["n_soft"] == 4
+    pplug.attach_head(copy, onnx, spec)
+    runtime = PlugHead(load_bundle(copy))
+    assert runtime.n_soft == 4
+    q = vectors(copy, ["Say my word."])[0]
+    for texts in HISTORY.values():
+        h = vectors(copy, texts)
+        with torch.no_grad():
+            expected = head(
+                torch.from_numpy(q[None]), torch.from_numpy(h[None]), torch.ones(1, len(h))
+            )[0].numpy()
+        got = runtime.soft_tokens(q, h)
+        assert got.shape == (4, 64)
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+    persona = got[1:]  # the persona tokens differ from one another
+    assert np.abs(persona[0] - persona[1]).max() > 1e-3
+    assert np.abs(persona[1] - persona[2]).max() > 1e-3
+
+
 def test_training_resumes_from_its_checkpoint(tiny_bundle, trained):
     tiny, bundle = tiny_bundle
     _, first, examples, out = trained
@@ -234,13 +266,21 @@ def test_rag_training_shows_what_plug_rag_shows_at_run_time(tiny_bundle, trained
     assert len(plain.prompt_ids) < len(encode(examples[0], shown).prompt_ids)
 
 
-@pytest.mark.parametrize("rag, fraction", [(-1, 0.5), (1, 1.5)])
-def test_bad_rag_settings_are_refused_before_training(tiny_bundle, tmp_path, rag, fraction):
+@pytest.mark.parametrize(
+    "settings, field",
+    [
+        ({"rag": -1}, "rag"),
+        ({"rag": 1, "rag_fraction": 1.5}, "rag"),
+        ({"n_persona": 0}, "n_persona"),
+    ],
+)
+def test_bad_head_settings_are_refused_before_training(tiny_bundle, tmp_path, settings, field):
     _, bundle = tiny_bundle
     examples = [pplug.Example.of_texts("ann", SPEC.query("Say my word."), ["a note"], "garden")]
-    config = pplug.TrainConfig(steps=1, rag=rag, rag_fraction=fraction)
-    with pytest.raises(InvalidInputError, match="rag_fraction"):
+    config = pplug.TrainConfig(steps=1, **settings)
+    with pytest.raises(InvalidInputError, match="must be ≥") as error:
         pplug.train(bundle, examples, SPEC, tmp_path / "out", config, progress=False)
+    assert error.value.field == field
     assert not (tmp_path / "out").exists()
 
 
