@@ -702,6 +702,14 @@ def export_default_command(ctx: click.Context, out_dir: str | None, dry_run: boo
     "paper's head; the LLM then sees 1 + K soft tokens).",
 )
 @click.option(
+    "--attention-scale",
+    default=None,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Learn a scale τ on the attention scores, starting here (e.g. 10): "
+    "softmax(τ h·x) can attend to the few items that bear on the request, where the "
+    "paper's cosine scores (no τ, the default) average nearly the whole history.",
+)
+@click.option(
     "--validate",
     "validate_split",
     default=None,
@@ -738,6 +746,7 @@ def train_plug(
     attach: bool,
     device: str,
     persona_tokens: int,
+    attention_scale: float | None,
     validate_split: str | None,
     validate_limit: int,
 ) -> None:
@@ -781,6 +790,7 @@ def train_plug(
         rag_fraction=rag_fraction,
         device=device,
         n_persona=persona_tokens,
+        attention_scale=attention_scale,
     )
     head, result = pplug.train(
         bundle,
@@ -806,6 +816,7 @@ def train_plug(
         + ([f"--input-encoder trainable --encoder-lr {encoder_lr}"] if trainable else [])
         + ([f"--rag {rag} --rag-fraction {rag_fraction}"] if rag else [])
         + ([f"--persona-tokens {persona_tokens}"] if persona_tokens > 1 else [])
+        + ([f"--attention-scale {attention_scale}"] if attention_scale else [])
         + ([f"--limit {limit}"] if limit else [])
     )
     info = {

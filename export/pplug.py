@@ -18,6 +18,11 @@ Model (PPlug, arXiv 2409.11901):
     own attention over the history (x_k = W_k x) and its own slice of Proj's output layer
     (Linear(d_llm→K·d_llm)): more room for what the history says. K = 1 is the paper's head.
 
+    With `attention_scale` = s (ours): w_i = softmax_i(τ h_i · x), τ learned, starting at s.
+    The paper's scores are cosines (both vectors normalized, |h_i · x| ≤ 1), so its softmax
+    over a few hundred items is close to uniform and P close to the history's mean; τ lets
+    the head attend to the few items that bear on the request.
+
 Training: LLM and history encoder frozen; cross-entropy on the gold output with teacher
 forcing; AdamW with warmup and linear decay (the trainable encoder at its own, smaller
 learning rate); history-dropout augmentation (copies of each example that drop a random
@@ -74,6 +79,7 @@ class HeadConfig:
     max_history: int = 512
     input_encoder: InputEncoder = "linear"
     n_persona: int = 1  # persona tokens (the paper: 1); the head emits 1 + n_persona
+    attention_scale: float | None = None  # learned τ's start (None: the paper's, no τ)
     pooling: str = "mean"
     normalize: bool = True
     max_seq_length: int = 256
@@ -178,6 +184,15 @@ class PPlugHead(nn.Module):
             nn.Linear(d_enc, d_llm), nn.GELU(), nn.Linear(d_llm, d_llm)
         )
         self.register_buffer("embed_norm", torch.tensor(float(config.embed_norm)))
+        self.log_scale: nn.Parameter | None = None
+        if config.attention_scale is not None:
+            if config.attention_scale <= 0:
+                raise InvalidInputError(
+                    f"attention_scale must be > 0 (got {config.attention_scale}).",
+                    field="attention_scale",
+                )
+            start = torch.tensor(math.log(config.attention_scale))
+            self.log_scale = nn.Parameter(start)  # log: τ stays positive
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -196,6 +211,8 @@ class PPlugHead(nn.Module):
         else:
             xs = self.query_heads(x).unflatten(-1, (k, self.config.d_enc))
         scores = torch.einsum("bnd,bkd->bkn", history, xs)
+        if self.log_scale is not None:
+            scores = scores * self.log_scale.exp()
         scores = scores.masked_fill(mask.unsqueeze(1) <= 0, -1e9)
         weights = torch.softmax(scores, dim=-1)
         projected = self.proj(history).unflatten(-1, (k, d_llm))
@@ -458,6 +475,7 @@ class TrainConfig:
     max_history: int = 512
     max_prompt_tokens: int = 448
     n_persona: int = 1  # persona tokens (HeadConfig.n_persona)
+    attention_scale: float | None = None  # HeadConfig.attention_scale
     rag: int = 0  # retrieved items shown in the prompt, as plug+rag:k does at run time
     rag_fraction: float = 0.5  # share of steps' examples trained with them (the rest: plug)
     seed: int = 0
@@ -726,6 +744,11 @@ def train(
         raise InvalidInputError(
             f"n_persona must be ≥ 1 (got {config.n_persona}).", field="n_persona"
         )
+    if config.attention_scale is not None and config.attention_scale <= 0:
+        raise InvalidInputError(
+            f"attention_scale must be > 0 (got {config.attention_scale}).",
+            field="attention_scale",
+        )
     device = resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -745,6 +768,7 @@ def train(
         max_history=config.max_history,
         input_encoder=config.input_encoder,
         n_persona=config.n_persona,
+        attention_scale=config.attention_scale,
         pooling=spec_emb.config.pooling,
         normalize=spec_emb.config.normalize,
         max_seq_length=spec_emb.config.max_seq_length,
@@ -941,6 +965,7 @@ def head_spec(head: PPlugHead, bundle: Bundle, info: dict[str, Any]) -> dict[str
     spec: dict[str, Any] = {
         "file": HEAD_FILE,
         "n_soft": 1 + head.config.n_persona,
+        "n_persona": head.config.n_persona,
         "d_enc": head.config.d_enc,
         "d_llm": head.config.d_llm,
         "max_history": head.config.max_history,
@@ -949,6 +974,8 @@ def head_spec(head: PPlugHead, bundle: Bundle, info: dict[str, Any]) -> dict[str
         "llm_sha256": files[bundle.llm.file]["sha256"],
         "embedder_sha256": files[bundle.embedder.file]["sha256"],
     }
+    if head.log_scale is not None:  # the learned τ (it started at config.attention_scale)
+        spec["attention_scale"] = round(float(head.log_scale.detach().exp()), 4)
     if head.config.input_encoder == "trainable":
         spec["tokenizer_sha256"] = files[bundle.embedder.tokenizer]["sha256"]
         spec["max_seq_length"] = head.config.max_seq_length

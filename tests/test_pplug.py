@@ -108,19 +108,25 @@ def test_transformers_and_llama_cpp_agree_with_soft_tokens(tiny_bundle, trained)
 
 
 def test_several_persona_tokens_through_the_device_path(tiny_bundle, trained, tmp_path):
-    """A head with 3 persona tokens: each attends over the history on its own, and the
-    device (split ONNX graphs, onnxruntime) gives the torch head's 1 + 3 soft tokens."""
+    """A head with 3 persona tokens and a learned attention scale: each token attends over
+    the history on its own, and the device (split ONNX graphs, onnxruntime) gives the torch
+    head's 1 + 3 soft tokens."""
     tiny, bundle = tiny_bundle
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
     examples = trained[2]
-    config = pplug.TrainConfig(steps=2, batch_size=2, dropout_copies=1, n_persona=3)
+    config = pplug.TrainConfig(
+        steps=2, batch_size=2, dropout_copies=1, n_persona=3, attention_scale=10.0
+    )
     head, _ = pplug.train(
         copy, examples, SPEC, tmp_path / "out", config, llm_source=tiny, progress=False
     )
     onnx = pplug.export_onnx(head, tmp_path / "out" / "plug.onnx")
     spec = pplug.head_spec(head, load_bundle(copy), {"steps": 2})
-    assert spec["n_soft"] == 4
+    assert spec["n_soft"] == 4 and spec["n_persona"] == 3
+    # τ was trained: it moved from where it started, and the device runs the moved value.
+    assert spec["attention_scale"] != pytest.approx(10.0, abs=1e-4)
+    assert spec["attention_scale"] == pytest.approx(float(head.log_scale.detach().exp()), rel=1e-3)
     pplug.attach_head(copy, onnx, spec)
     runtime = PlugHead(load_bundle(copy))
     assert runtime.n_soft == 4
@@ -272,13 +278,14 @@ def test_rag_training_shows_what_plug_rag_shows_at_run_time(tiny_bundle, trained
         ({"rag": -1}, "rag"),
         ({"rag": 1, "rag_fraction": 1.5}, "rag"),
         ({"n_persona": 0}, "n_persona"),
+        ({"attention_scale": 0.0}, "attention_scale"),
     ],
 )
 def test_bad_head_settings_are_refused_before_training(tiny_bundle, tmp_path, settings, field):
     _, bundle = tiny_bundle
     examples = [pplug.Example.of_texts("ann", SPEC.query("Say my word."), ["a note"], "garden")]
     config = pplug.TrainConfig(steps=1, **settings)
-    with pytest.raises(InvalidInputError, match="must be ≥") as error:
+    with pytest.raises(InvalidInputError, match=r"must be [≥>]") as error:
         pplug.train(bundle, examples, SPEC, tmp_path / "out", config, progress=False)
     assert error.value.field == field
     assert not (tmp_path / "out").exists()
