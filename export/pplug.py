@@ -85,6 +85,16 @@ class HeadConfig:
     max_seq_length: int = 256
 
 
+def check_head_settings(n_persona: int, attention_scale: float | None) -> None:
+    """Refuse a head shape that cannot be built (before anything is loaded or written)."""
+    if n_persona < 1:
+        raise InvalidInputError(f"n_persona must be ≥ 1 (got {n_persona}).", field="n_persona")
+    if attention_scale is not None and attention_scale <= 0:
+        raise InvalidInputError(
+            f"attention_scale must be > 0 (got {attention_scale}).", field="attention_scale"
+        )
+
+
 class LinearQueryEncoder(nn.Linear):
     """The cheap input encoder: x = A q, where q is the request's embedding from the frozen
     encoder (the bundle's embedder, as for the history) and A starts as the identity."""
@@ -168,9 +178,8 @@ class PPlugHead(nn.Module):
                 f"(known: {', '.join(QUERY_INPUTS)}).",
                 field="input_encoder",
             )
+        check_head_settings(config.n_persona, config.attention_scale)
         k = config.n_persona
-        if k < 1:
-            raise InvalidInputError(f"n_persona must be ≥ 1 (got {k}).", field="n_persona")
         self.proj = nn.Sequential(nn.Linear(d_enc, d_llm), nn.GELU(), nn.Linear(d_llm, k * d_llm))
         # One attention query per persona token; each starts near x itself.
         self.query_heads: nn.Linear | None = None
@@ -186,11 +195,6 @@ class PPlugHead(nn.Module):
         self.register_buffer("embed_norm", torch.tensor(float(config.embed_norm)))
         self.log_scale: nn.Parameter | None = None
         if config.attention_scale is not None:
-            if config.attention_scale <= 0:
-                raise InvalidInputError(
-                    f"attention_scale must be > 0 (got {config.attention_scale}).",
-                    field="attention_scale",
-                )
             start = torch.tensor(math.log(config.attention_scale))
             self.log_scale = nn.Parameter(start)  # log: τ stays positive
 
@@ -740,15 +744,7 @@ def train(
             f"{config.rag_fraction}).",
             field="rag",
         )
-    if config.n_persona < 1:
-        raise InvalidInputError(
-            f"n_persona must be ≥ 1 (got {config.n_persona}).", field="n_persona"
-        )
-    if config.attention_scale is not None and config.attention_scale <= 0:
-        raise InvalidInputError(
-            f"attention_scale must be > 0 (got {config.attention_scale}).",
-            field="attention_scale",
-        )
+    check_head_settings(config.n_persona, config.attention_scale)
     device = resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
