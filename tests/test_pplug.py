@@ -68,20 +68,30 @@ def vectors(bundle: Path, texts: list[str]) -> np.ndarray:
     )
 
 
-def test_torch_head_and_onnx_head_give_the_same_soft_tokens(tiny_bundle, trained):
-    _, bundle = tiny_bundle
-    head = trained[0]
+def device_matches_torch(head, bundle: Path) -> list[np.ndarray]:
+    """The soft tokens the bundle's attached head gives on the device (onnxruntime) for each
+    user's history, checked equal to the torch head's."""
     runtime = PlugHead(load_bundle(bundle))
+    q = vectors(bundle, ["Say my word."])[0]
+    found = []
     for texts in HISTORY.values():
-        q = vectors(bundle, ["Say my word."])[0]
         h = vectors(bundle, texts)
         with torch.no_grad():
             expected = head(
                 torch.from_numpy(q[None]), torch.from_numpy(h[None]), torch.ones(1, len(h))
             )[0].numpy()
         got = runtime.soft_tokens(q, h)
-        assert got.shape == (2, 64)
+        assert got.shape == (runtime.n_soft, 64)
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+        found.append(got)
+    return found
+
+
+def test_torch_head_and_onnx_head_give_the_same_soft_tokens(tiny_bundle, trained):
+    _, bundle = tiny_bundle
+    head = trained[0]
+    for got in device_matches_torch(head, bundle):
+        assert got.shape == (2, 64)
         norms = np.linalg.norm(got, axis=1)
         np.testing.assert_allclose(norms, head.config.embed_norm, rtol=1e-4)
 
@@ -128,18 +138,8 @@ def test_several_persona_tokens_through_the_device_path(tiny_bundle, trained, tm
     assert spec["attention_scale"] != pytest.approx(10.0, abs=1e-4)
     assert spec["attention_scale"] == pytest.approx(float(head.log_scale.detach().exp()), rel=1e-3)
     pplug.attach_head(copy, onnx, spec)
-    runtime = PlugHead(load_bundle(copy))
-    assert runtime.n_soft == 4
-    q = vectors(copy, ["Say my word."])[0]
-    for texts in HISTORY.values():
-        h = vectors(copy, texts)
-        with torch.no_grad():
-            expected = head(
-                torch.from_numpy(q[None]), torch.from_numpy(h[None]), torch.ones(1, len(h))
-            )[0].numpy()
-        got = runtime.soft_tokens(q, h)
-        assert got.shape == (4, 64)
-        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+    *_, got = device_matches_torch(head, copy)
+    assert got.shape == (4, 64)
     persona = got[1:]  # the persona tokens differ from one another
     assert np.abs(persona[0] - persona[1]).max() > 1e-3
     assert np.abs(persona[1] - persona[2]).max() > 1e-3
