@@ -321,7 +321,9 @@ class VectorTable:
         for i, k in enumerate(keys):
             if k in known:
                 self.matrix[i] = known[k]
-        bar = tqdm(total=len(missing), desc="Embedding", unit="text", disable=not progress)
+        bar = tqdm(
+            total=len(missing), desc="Embedding", unit="text", disable=not progress or not missing
+        )
         with bar:
             new = embedder.embed([unique[i] for i in missing], progress=bar.update, batch_size=16)
         self.matrix[missing] = new
