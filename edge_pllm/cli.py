@@ -715,7 +715,8 @@ def export_default_command(ctx: click.Context, out_dir: str | None, dry_run: boo
     default=None,
     help="After training, measure the head's held-out loss on this split's questions "
     "(e.g. dev): without soft tokens, with the user's own history and with another user's, "
-    "and the own − other gap with a 95 % interval (recorded with the head).",
+    "and how much lower the own history's loss is, with a 95 % interval (recorded with "
+    "the head).",
 )
 @click.option(
     "--validate-limit",
