@@ -691,7 +691,7 @@ def export_default_command(ctx: click.Context, out_dir: str | None, dry_run: boo
     default="auto",
     show_default=True,
     help="Where to train: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda, "
-    "cuda:N. Checkpoints resume on any device.",
+    "cuda:N, mps. Checkpoints resume on any device.",
 )
 @click.option(
     "--persona-tokens",
@@ -774,7 +774,9 @@ def train_plug(
             field="validate",
         )
     held_out = (
-        pplug.lamp_examples(Path(task_dir), validate_split, spec, 0, limit=validate_limit)
+        pplug.validation_examples(
+            pplug.lamp_examples(Path(task_dir), validate_split, spec, 0, limit=validate_limit)
+        )
         if validate_split
         else []
     )

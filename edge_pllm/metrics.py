@@ -123,6 +123,7 @@ RATING = MetricSpec(
     lambda r: (float(np.abs(r).mean()), float(math.sqrt(np.square(r).mean()))),
 )
 CLASSIFY_LAMP1 = _classification(LAMP1_LABELS)
+CLASSIFY_LAMP2 = _classification(LAMP2_LABELS)
 
 
 def mean_of(name: str, higher_is_better: bool) -> MetricSpec:
@@ -133,9 +134,6 @@ def mean_of(name: str, higher_is_better: bool) -> MetricSpec:
         raise TypeError(f"{name!r} is computed per example by its caller, not from text.")
 
     return MetricSpec((name,), (higher_is_better,), from_text, lambda r: (float(r.mean()),))
-
-
-CLASSIFY_LAMP2 = _classification(LAMP2_LABELS)
 
 
 @dataclass(frozen=True)

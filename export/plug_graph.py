@@ -28,8 +28,8 @@ def _rename(graph, old: str, new: str) -> None:
 
 def split_head(onnx_path: str | Path, aggregate_path: str | Path, project_path: str | Path):
     """Write the `aggregate` graph (the head's request inputs, history, projected, mask ->
-    soft_tokens) and the `project` graph (history (B, N, d_enc) -> projected (B, N, d_llm))
-    of the single-graph head at `onnx_path`."""
+    soft_tokens) and the `project` graph (history (B, N, d_enc) -> projected
+    (B, N, n_persona·d_llm)) of the single-graph head at `onnx_path`."""
     import onnx
     from onnx.utils import Extractor
 
@@ -46,7 +46,7 @@ def split_head(onnx_path: str | Path, aggregate_path: str | Path, project_path: 
         # Shape inference does not reach through every exporter's ops; the type is enough.
         model.graph.value_info.append(
             onnx.helper.make_tensor_value_info(
-                projected, onnx.TensorProto.FLOAT, ["batch", "n", "d_llm"]
+                projected, onnx.TensorProto.FLOAT, ["batch", "n", "n_persona_d_llm"]
             )
         )
     inputs = [i.name for i in model.graph.input]

@@ -19,9 +19,10 @@ Model (PPlug, arXiv 2409.11901):
     (Linear(d_llm→K·d_llm)): more room for what the history says. K = 1 is the paper's head.
 
     With `attention_scale` = s (ours): w_i = softmax_i(τ h_i · x), τ learned, starting at s.
-    The paper's scores are cosines (both vectors normalized, |h_i · x| ≤ 1), so its softmax
-    over a few hundred items is close to uniform and P close to the history's mean; τ lets
-    the head attend to the few items that bear on the request.
+    The paper's scores start as cosines (both vectors normalized, |h_i · x| ≤ 1), so its
+    softmax over a few hundred items starts close to uniform and P close to the history's
+    mean, sharpening only as the input encoder learns to; τ lets the head attend to the few
+    items that bear on the request from the start.
 
 Training: LLM and history encoder frozen; cross-entropy on the gold output with teacher
 forcing; AdamW with warmup and linear decay (the trainable encoder at its own, smaller
@@ -37,9 +38,11 @@ import hashlib
 import math
 import os
 import random
+import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -303,7 +306,9 @@ class VectorTable:
 
     With `cache` (an .npz file for this embedder: see `vector_cache_path`), vectors of texts
     embedded by an earlier run are read from it and the new ones added to it; an unreadable
-    cache is rebuilt."""
+    cache is rebuilt. A cached text keeps the vector of the batch it was first embedded in,
+    so two runs' vectors of a text can differ by that int8 batch noise when only one of
+    them found it cached."""
 
     def __init__(
         self,
@@ -336,26 +341,45 @@ class VectorTable:
 
 
 def vector_cache_path(home_dir: Path, bundle: Bundle) -> Path:
-    """Where training caches history vectors for the bundle's embedder (one file per
-    embedder model, so bundles that share it share the cache)."""
-    sha = bundle.manifest["files"][bundle.embedder.file]["sha256"]
-    return home_dir / "cache" / f"vectors-{sha[:16]}.npz"
+    """Where training caches history vectors for the bundle's embedder: one file per
+    embedder model, tokenizer and pooling, so bundles that share all three share it."""
+    files, emb = bundle.manifest["files"], bundle.embedder
+    what = [files[emb.file]["sha256"], files[emb.tokenizer]["sha256"]]
+    what += [emb.config.pooling, str(emb.config.normalize), str(emb.config.max_seq_length)]
+    key = hashlib.sha256("\n".join(what).encode()).hexdigest()[:16]
+    return home_dir / "cache" / f"vectors-{key}.npz"
 
 
 def _read_vectors(path: Path) -> dict[str, np.ndarray]:
+    """The cache's vectors by text key; {} when it is missing or unreadable (a damaged or
+    truncated file is rebuilt, not trusted)."""
     try:
         with np.load(path) as data:
             return dict(zip(data["keys"].tolist(), data["vectors"], strict=True))
-    except (OSError, ValueError, KeyError):
+    except Exception:  # numpy and zipfile raise many kinds for a damaged file
         return {}
 
 
 def _write_vectors(path: Path, vectors: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        np.savez(f, keys=np.array(list(vectors)), vectors=np.stack(list(vectors.values())))
-    os.replace(tmp, path)  # a reader never sees half a file
+    """Merge `vectors` into the cache file: re-read just before writing, so a concurrent
+    run's additions are kept, and replaced atomically from a temporary file of this
+    process's own. A cache that cannot be written is a warning, not a failed training."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged = {**_read_vectors(path), **vectors}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                keys, rows = np.array(list(merged)), np.stack(list(merged.values()))
+                np.savez(f, keys=keys, vectors=rows)
+            os.replace(tmp, path)  # a reader never sees half a file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as e:
+        warnings.warn(
+            f"Could not write the vector cache {path} ({e}); training goes on.", stacklevel=3
+        )
 
 
 # --- the frozen LLM in torch ------------------------------------------------------------------
@@ -571,6 +595,8 @@ def device_label(device: torch.device) -> str:
     """How the device is recorded with a trained head, e.g. "cuda (NVIDIA H100 80GB HBM3)"."""
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "mps":
+        return "mps (Apple GPU)"
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
@@ -587,7 +613,7 @@ def retrieve(example: Example, table: VectorTable, k: int) -> list[HistoryItem]:
 def _soft_tokens(
     head: PPlugHead, query: tuple[torch.Tensor, ...], histories: list[np.ndarray]
 ) -> torch.Tensor:
-    """The head's soft tokens (B, 2, d_llm) for a batch: `query` is its request inputs
+    """The head's soft tokens (B, 1 + n_persona, d_llm) for a batch: `query` is its request inputs
     (see PPlugHead.input_names), `histories` each user's history vectors, padded and masked."""
     n_hist = max(len(h) for h in histories)
     hist = np.zeros((len(histories), n_hist, head.config.d_enc), dtype=np.float32)
@@ -659,38 +685,47 @@ def validate(
 ) -> Validation:
     """The held-out losses of `examples` (those with a history; at least two) without soft
     tokens, with the user's own history, and with the next example's user's history."""
-    examples = [e for e in examples if e.history]
-    if len(examples) < 2:
-        raise InvalidInputError(
-            "Validation needs at least two examples with a history (one's history is "
-            "another's @other).",
-            field="validation",
-        )
+    examples = validation_examples(examples)
     own = [vectors(e.texts[-head.config.max_history :]) for e in examples]
     other = own[1:] + own[:1]
     rows: dict[str, list[float]] = {"none": [], "plug": [], "plug_other": []}
     was_training = head.training
     head.eval()
-    with torch.no_grad():
-        for b in range(0, len(examples), batch_size):
-            chunk = examples[b : b + batch_size]
-            encoded = [encode(e) for e in chunk]
-            query = query_inputs([e.query for e in chunk])
-            for name, histories in (("none", None), ("plug", own), ("plug_other", other)):
-                soft = (
-                    None
-                    if histories is None
-                    else _soft_tokens(head, query, histories[b : b + batch_size])
-                )
-                losses, mask = _token_losses(llm, encoded, soft, embed_scale)
-                rows[name] += (losses.sum(1) / mask.sum(1)).tolist()
-    head.train(was_training)
+    try:
+        with torch.no_grad():
+            for b in range(0, len(examples), batch_size):
+                chunk = examples[b : b + batch_size]
+                encoded = [encode(e) for e in chunk]
+                query = query_inputs([e.query for e in chunk])
+                for name, histories in (("none", None), ("plug", own), ("plug_other", other)):
+                    soft = (
+                        None
+                        if histories is None
+                        else _soft_tokens(head, query, histories[b : b + batch_size])
+                    )
+                    losses, mask = _token_losses(llm, encoded, soft, embed_scale)
+                    rows[name] += (losses.sum(1) / mask.sum(1)).tolist()
+    finally:
+        head.train(was_training)
     table = {k: np.array(v)[:, None] for k, v in rows.items()}
     spec = metrics.mean_of("loss", higher_is_better=False)
     gap = metrics.paired_difference(spec, table["plug_other"], table["plug"])["loss"]
     return Validation(
         len(examples), *(float(table[k].mean()) for k in ("none", "plug", "plug_other")), gap
     )
+
+
+def validation_examples(examples: Sequence[Example]) -> list[Example]:
+    """The examples validation can use (those with a history); at least two are needed."""
+    usable = [e for e in examples if e.history]
+    if len(usable) < 2:
+        raise InvalidInputError(
+            f"Validation needs at least two examples with a history (got {len(usable)}): one "
+            "user's history is the next one's @other. Validate on a split with answered "
+            "questions, or a larger --validate-limit.",
+            field="validation",
+        )
+    return usable
 
 
 def _optimizer(head: PPlugHead, config: TrainConfig) -> torch.optim.AdamW:
@@ -747,6 +782,8 @@ def train(
             field="rag",
         )
     check_head_settings(config.n_persona, config.attention_scale)
+    if validation:
+        validation = validation_examples(validation)
     device = resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -758,11 +795,14 @@ def train(
         bundle.file(spec_emb.file), bundle.file(spec_emb.tokenizer), spec_emb.config
     )
     runtime = LLM(bundle.file(bundle.llm.file), LLMConfig(n_ctx=512))
-    llm = load_frozen_llm(bundle, Path(llm_source) if llm_source else None).to(device)
+    llm = load_frozen_llm(bundle, Path(llm_source) if llm_source else None)
+    # Measured on the CPU before the move: the same float whatever the training device.
+    embed_norm = token_embedding_norm(llm) / runtime.embed_scale
+    llm.to(device)
     head_config = HeadConfig(
         d_enc=spec_emb.config.dim,
         d_llm=runtime.n_embd,
-        embed_norm=token_embedding_norm(llm) / runtime.embed_scale,
+        embed_norm=embed_norm,
         max_history=config.max_history,
         input_encoder=config.input_encoder,
         n_persona=config.n_persona,
@@ -819,9 +859,10 @@ def train(
     start, losses, elapsed = 0, [], 0.0
     if ckpt.is_file():
         # A checkpoint resumes on any device (load_state_dict moves the tensors).
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
         saved = HeadConfig(**state.get("head_config", {}))
-        if saved != head_config:
+        same_norm = math.isclose(saved.embed_norm, head_config.embed_norm, rel_tol=1e-5)
+        if not same_norm or replace(saved, embed_norm=head_config.embed_norm) != head_config:
             raise InvalidInputError(
                 f"The checkpoint in {out_dir} is of another head ({saved}, now "
                 f"{head_config}); train into another folder or delete {ckpt.name}.",
@@ -832,10 +873,11 @@ def train(
         sched.load_state_dict(state["sched"])
         start, losses, elapsed = state["step"], state["losses"], state["seconds"]
         random.setstate(state["py_rng"])
-        if "torch_rng" in state:  # the trainable encoder's dropout draws from it
-            torch.set_rng_state(state["torch_rng"].cpu())
+        # The trainable encoder's dropout draws from torch's generator (CUDA's on a GPU).
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
         if device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
     else:
         random.seed(config.seed)
 
@@ -928,8 +970,8 @@ def _upgrade_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def export_onnx(head: PPlugHead, path: str | Path) -> Path:
     """The head as ONNX: the request's inputs (`head.input_names`: query (B, d_enc) for the
     linear input encoder, input_ids and attention_mask (B, L) int64 for the trainable one),
-    history (B, N, d_enc) and mask (B, N) -> soft_tokens (B, 2, d_llm). fp32 throughout; the
-    trainable variant carries its encoder (about 90 MB for MiniLM)."""
+    history (B, N, d_enc) and mask (B, N) -> soft_tokens (B, 1 + n_persona, d_llm). fp32
+    throughout; the trainable variant carries its encoder (about 90 MB for MiniLM)."""
     path = Path(path)
     d = head.config.d_enc
     query = head.query_encoder.example_inputs()

@@ -145,6 +145,29 @@ def test_several_persona_tokens_through_the_device_path(tiny_bundle, trained, tm
     assert np.abs(persona[1] - persona[2]).max() > 1e-3
 
 
+def test_checkpoint_resumes_when_the_embedding_norm_differs_in_its_last_bits(
+    tiny_bundle, trained, tmp_path
+):
+    """The norm is a float summed on whatever device trained: a checkpoint written on
+    another device may differ in its last bits, and still resumes; another head does not."""
+    tiny, bundle = tiny_bundle
+    _, _, examples, out = trained
+    moved = tmp_path / "out"
+    shutil.copytree(out, moved)
+    state = torch.load(moved / "checkpoint.pt", weights_only=False)
+    norm = state["head_config"]["embed_norm"]
+    state["head_config"]["embed_norm"] = float(np.nextafter(norm, np.inf, dtype=np.float64))
+    torch.save(state, moved / "checkpoint.pt")
+    steps = state["step"]
+    config = pplug.TrainConfig(steps=steps, batch_size=2, dropout_copies=1)
+    _, resumed = pplug.train(bundle, examples, SPEC, moved, config, llm_source=tiny, progress=False)
+    assert resumed.losses == state["losses"]
+    state["head_config"]["embed_norm"] = norm * 1.01
+    torch.save(state, moved / "checkpoint.pt")
+    with pytest.raises(InvalidInputError, match="another head"):
+        pplug.train(bundle, examples, SPEC, moved, config, llm_source=tiny, progress=False)
+
+
 def test_training_resumes_from_its_checkpoint(tiny_bundle, trained):
     tiny, bundle = tiny_bundle
     _, first, examples, out = trained
@@ -310,9 +333,12 @@ def test_unusable_training_device_is_refused_before_training(
 
 def test_validation_pairs_each_user_with_the_next_users_history(tiny_bundle, trained):
     """Held-out losses: each example with its own history, with the next example's, and
-    with no soft tokens, each the mean of per-example losses computed one at a time."""
+    with no soft tokens, each the mean of per-example losses computed one at a time
+    (three users in batches of two: the pairing crosses a batch boundary and wraps)."""
     tiny, bundle = tiny_bundle
     head, _, examples, _ = trained
+    cy = ["Stretch before the run.", "Ten kilometres today.", "New shoes arrived."]
+    examples = [*examples, pplug.Example.of_texts("cy", SPEC.query("Say my word."), cy, "run")]
     b = load_bundle(bundle)
     llm = pplug.load_frozen_llm(b, tiny)
     runtime = LLM(b.file(b.llm.file), LLMConfig(n_ctx=512))
@@ -324,14 +350,15 @@ def test_validation_pairs_each_user_with_the_next_users_history(tiny_bundle, tra
     def query_inputs(queries):
         return (torch.from_numpy(embed(queries)),)
 
-    checked = pplug.validate(head, llm, examples, encode, embed, query_inputs, scale)
-    assert checked.examples == 2
+    checked = pplug.validate(head, llm, examples, encode, embed, query_inputs, scale, 2)
+    assert checked.examples == 3
     own = [embed(e.texts) for e in examples]
     expected: dict[str, list[float]] = {"none": [], "plug": [], "plug_other": []}
     with torch.no_grad():
         for i, e in enumerate(examples):
             query = query_inputs([e.query])
-            for name, hist in (("none", None), ("plug", own[i]), ("plug_other", own[1 - i])):
+            nxt = own[(i + 1) % 3]
+            for name, hist in (("none", None), ("plug", own[i]), ("plug_other", nxt)):
                 soft = None if hist is None else pplug._soft_tokens(head, query, [hist])
                 losses, mask = pplug._token_losses(llm, [encode(e)], soft, scale)
                 expected[name].append(float(losses.sum() / mask.sum()))
@@ -371,10 +398,13 @@ def test_vector_cache_embeds_each_text_once_across_runs(tiny_bundle, tmp_path):
         return bool(np.min(np.sum(a * b, axis=1)) > 0.98)
 
     assert same_rows(second(texts), fresh(texts))
-    # A damaged cache is rebuilt, not trusted.
-    cache.write_bytes(b"not an npz")
-    rebuilt = pplug.VectorTable(embedder, texts, progress=False, cache=cache)
-    assert same_rows(rebuilt(texts), fresh(texts))
+    # A damaged or truncated cache is rebuilt, not trusted.
+    whole = cache.read_bytes()
+    for damaged in (b"not an npz", whole[: len(whole) // 2], whole[:-100]):
+        cache.write_bytes(damaged)
+        rebuilt = pplug.VectorTable(embedder, texts, progress=False, cache=cache)
+        assert same_rows(rebuilt(texts), fresh(texts))
+    assert [p.name for p in cache.parent.iterdir()] == [cache.name]  # no temporary left
     again = pplug.VectorTable(embedder, texts, progress=False, cache=cache)
     np.testing.assert_array_equal(again(texts), rebuilt(texts))
 
@@ -392,8 +422,9 @@ def test_long_requests_are_clipped_at_their_start_for_training(tmp_path):
 
 @pytest.fixture(scope="module")
 def trainable(tiny_bundle, tmp_path_factory):
-    """A trainable-encoder head trained and attached through `edge-pllm train-plug`, and
-    the same head in torch, reloaded from the run's final checkpoint."""
+    """A trainable-encoder head with 2 persona tokens, trained and attached through
+    `edge-pllm train-plug`, and the same head in torch, reloaded from the run's final
+    checkpoint."""
     from click.testing import CliRunner
 
     from edge_pllm.cli import cli
@@ -406,11 +437,14 @@ def trainable(tiny_bundle, tmp_path_factory):
     out = root / "train"
     args = ["--bundle", str(copy), "--home", str(root / "home"), "train-plug", str(task)]
     args += ["--steps", "3", "--batch-size", "2", "--llm-source", str(tiny), "-o", str(out)]
-    args += ["--validate", "dev"]
+    args += ["--validate", "dev", "--persona-tokens", "2"]
+    refused = CliRunner().invoke(cli, [*args[:-4], "--validate", "train"])
+    assert refused.exit_code != 0 and "also a training split" in refused.output
+    assert not out.exists()
     result = CliRunner().invoke(cli, [*args, "--input-encoder", "trainable", "--rag", "1"])
     assert result.exit_code == 0, result.output
     examples = pplug.lamp_examples(task, "train", task_spec("commit_subject"))
-    config = pplug.TrainConfig(steps=3, batch_size=2, input_encoder="trainable", rag=1)
+    config = pplug.TrainConfig(steps=3, batch_size=2, input_encoder="trainable", rag=1, n_persona=2)
     head, reloaded = pplug.train(
         copy, examples, task_spec("commit_subject"), out, config, llm_source=tiny, progress=False
     )
@@ -429,6 +463,7 @@ def test_train_plug_cli_attaches_a_trainable_encoder_head(trainable):
     )
     assert "--input-encoder trainable" in spec["command"] and spec["encoder_lr"] == 1e-4
     assert "--rag 1 --rag-fraction 0.5" in spec["command"] and spec["rag"] == 1
+    assert "--persona-tokens 2" in spec["command"] and spec["n_soft"] == 3
     assert spec["device"] == pplug.device_label(pplug.resolve_device("auto"))
     checked = spec["validation"]
     assert checked["split"] == "dev" and checked["examples"] == 2
@@ -466,7 +501,7 @@ def test_trainable_encoder_torch_and_onnx_give_the_same_soft_tokens(tiny_bundle,
                     torch.ones(1, len(h)),
                 )[0].numpy()
             got = runtime.soft_tokens(query, h)
-            assert got.shape == (2, 64)
+            assert got.shape == (3, 64)
             np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
             worst = max(worst, float(np.abs(got - expected).max()))
     assert ids.shape[1] == b.embedder.config.max_seq_length  # the long query was truncated
@@ -482,13 +517,13 @@ def test_trainable_encoder_training_resumes_from_its_checkpoint(tiny_bundle, tra
     resumed_dir = tmp_path / "train"
     resumed_dir.mkdir()
     shutil.copyfile(out / "checkpoint.pt", resumed_dir / "checkpoint.pt")
-    config = pplug.TrainConfig(steps=5, batch_size=2, input_encoder="trainable")
+    config = pplug.TrainConfig(steps=5, batch_size=2, input_encoder="trainable", n_persona=2)
     _, resumed = pplug.train(
         bundle, examples, spec, resumed_dir, config, llm_source=tiny, progress=False
     )
     assert len(resumed.losses) == 5 and resumed.losses[:3] == first.losses
     # A checkpoint of the trainable head is not resumed as a linear one.
-    linear = pplug.TrainConfig(steps=5, batch_size=2)
+    linear = pplug.TrainConfig(steps=5, batch_size=2, n_persona=2)
     with pytest.raises(InvalidInputError, match=r"checkpoint .* another head"):
         pplug.train(bundle, examples, spec, resumed_dir, linear, llm_source=tiny, progress=False)
 
@@ -500,7 +535,7 @@ def test_trainable_encoder_head_on_the_device(trainable, tmp_path):
             p.add(user, texts)
         assert p.plug is not None and p.plug.reads_text
         ann = p.prepare("ann", "Say my word.", "plug").personalization
-        assert ann.soft_tokens.shape == (2, 64) and ann.context == []
+        assert ann.soft_tokens.shape == (3, 64) and ann.context == []
         _, stored = p.store.vectors("ann", limit=512)
         np.testing.assert_array_equal(ann.soft_tokens, p.plug.soft_tokens("Say my word.", stored))
         bob = p.prepare("bob", "Say my word.", "plug").personalization.soft_tokens
@@ -510,7 +545,7 @@ def test_trainable_encoder_head_on_the_device(trainable, tmp_path):
         out = p.generate(
             "bob", "Say my word.", strategy="plug", sampling=SamplingConfig(max_tokens=4)
         )
-        assert out.soft_tokens == 2
+        assert out.soft_tokens == 3
 
 
 def test_trainable_encoder_head_for_other_files_is_refused(trainable, tmp_path):
