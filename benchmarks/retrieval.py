@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_pllm.defaults import default_embedder_source
 from edge_pllm.embedder import Embedder
 from edge_pllm.store import HistoryStore
+from export.defaults import default_embedder_source
 
 from .common import Results, Row, median_time, synthetic_history
 

@@ -4,24 +4,47 @@ A bundle is refused when a file is missing, or its size or sha256 differs from t
 manifest. Hashing ~120 MB costs a fraction of a second; to skip it on every start, a
 successful check leaves a stamp keyed on each file's inode, size, mtime and ctime (ctime
 cannot be set back by ordinary programs), and any change to a file forces a full re-hash.
+
+The Persona-Plug head (the manifest's `plug` entry, `PlugSpec`) is checked against the
+bundle here too, in `check_plug`: it must have been trained for exactly the bundle's LLM and
+embedder (by sha256), and map the embedder's width to the LLM's. A head that fails is not
+a failed bundle: `Bundle.plug` is then None, `Bundle.plug_error` says why, and strategies
+without the head keep working.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from .embedder import EmbedderConfig
 from .errors import BundleError
+from .files import atomic_write
 
 MANIFEST = "manifest.json"
 STAMP = ".verified.json"
 FORMAT = 1
+
+HEAD_FILE = "plug.onnx"  # the head's aggregate graph (or, attached before the split, all of it)
+PROJECT_FILE = "plug_project.onnx"  # Proj(h_i) per history item (export/plug_graph.py)
+N_SOFT = 2  # soft tokens of heads whose entry predates `n_soft`: [instruction; persona]
+MAX_HISTORY = 512  # history items a head reads when its entry does not say
+
+InputEncoder = Literal["linear", "trainable"]
+"""How the head reads the request: `linear`, the bundle embedder's vector through a learned
+linear map; `trainable`, its own fine-tuned copy of the encoder over the request's tokens."""
+Placement = Literal["prefix", "before_answer"]
+"""Where the soft tokens go: `prefix`, in front of the whole prompt; `before_answer`, right
+before the answer, after the templated request."""
+INPUT_ENCODERS: tuple[str, ...] = get_args(InputEncoder)
+PLACEMENTS: tuple[str, ...] = get_args(Placement)
+# What heads exported before the option existed wrote in `input_encoder`.
+_LEGACY_INPUT_ENCODERS = {"frozen encoder + learned linear map": "linear"}
 
 
 @dataclass(frozen=True)
@@ -46,17 +69,170 @@ class EmbedderSpec:
 
 
 @dataclass(frozen=True)
+class PlugSpec:
+    """The bundle's Persona-Plug head: the manifest's `plug` entry, parsed and typed.
+
+    `llm_sha256`, `embedder_sha256` (and, for the `trainable` input encoder,
+    `tokenizer_sha256`) name the files the head was trained for. `extra` keeps every other
+    key of the entry (training facts: task, steps, command, validation, ...) as written.
+    """
+
+    file: str
+    d_enc: int
+    d_llm: int
+    llm_sha256: str
+    embedder_sha256: str
+    n_soft: int = N_SOFT
+    max_history: int = MAX_HISTORY
+    input_encoder: InputEncoder = "linear"
+    project_file: str | None = None
+    max_seq_length: int | None = None
+    tokenizer_sha256: str | None = None
+    placement: Placement = "prefix"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_manifest(cls, folder: str | Path, entry: Any) -> PlugSpec:
+        """Parse a `plug` entry of the manifest in `folder`; BundleError says what is wrong.
+        Entries written before a key existed get its old meaning: no `file` is plug.onnx,
+        no `n_soft` is 2, no `placement` is a prefix, the old `input_encoder` wording is
+        `linear`."""
+        folder = Path(folder)
+        if not isinstance(entry, Mapping):
+            raise BundleError(
+                f"The manifest of {folder} has a malformed 'plug' section (not an object); "
+                "rebuild the bundle or re-attach the head.",
+                bundle=str(folder),
+                file=MANIFEST,
+            )
+        known = {f.name for f in fields(cls)} - {"extra"}
+        values = {k: v for k, v in entry.items() if k in known}
+        extra = {k: v for k, v in entry.items() if k not in known}
+        encoder = values.get("input_encoder", "linear")
+        if isinstance(encoder, str):
+            values["input_encoder"] = _LEGACY_INPUT_ENCODERS.get(encoder, encoder)
+        values.setdefault("file", HEAD_FILE)
+        for key in ("d_enc", "d_llm", "llm_sha256", "embedder_sha256"):
+            if key not in values:
+                _malformed(folder, key, "present", None)
+        spec = cls(**values, extra=extra)
+        spec._check_values(folder)
+        return spec
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The `plug` entry for a manifest: `from_manifest`'s inverse. Optional keys at
+        their default (no project file, tokenizer or length; a prefix) are left out, as
+        entries written before they existed lack them."""
+        entry: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "extra" or value is None or (f.name == "placement" and value == "prefix"):
+                continue
+            entry[f.name] = value
+        return {**entry, **self.extra}
+
+    def _check_values(self, folder: Path) -> None:
+        optional = {"project_file", "tokenizer_sha256", "max_seq_length"}
+        for key in ("file", "llm_sha256", "embedder_sha256", "project_file", "tokenizer_sha256"):
+            value = getattr(self, key)
+            if not (value is None and key in optional) and not (isinstance(value, str) and value):
+                _malformed(folder, key, "a non-empty string", value)
+        for key in ("d_enc", "d_llm", "n_soft", "max_history", "max_seq_length"):
+            value = getattr(self, key)
+            positive = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            if not (value is None and key in optional) and not positive:
+                _malformed(folder, key, "a positive integer", value)
+        if self.input_encoder not in INPUT_ENCODERS:
+            raise BundleError(
+                f"The Persona-Plug head in {folder} declares an unknown input encoder "
+                f"{self.input_encoder!r} (this edge-pllm knows {', '.join(INPUT_ENCODERS)}); "
+                "update edge-pllm or retrain the head.",
+                bundle=str(folder),
+                file=self.file,
+            )
+        if self.placement not in PLACEMENTS:
+            raise BundleError(
+                f"The Persona-Plug head in {folder} declares an unknown placement "
+                f"{self.placement!r} for its soft tokens (this edge-pllm knows "
+                f"{', '.join(PLACEMENTS)}); update edge-pllm or retrain the head.",
+                bundle=str(folder),
+                file=self.file,
+            )
+        for name in (self.file, self.project_file):
+            if name is not None:
+                _check_name(folder, name)
+
+
+def _malformed(folder: Path, key: str, wanted: str, value: Any) -> None:
+    raise BundleError(
+        f"The Persona-Plug head in {folder} has a malformed manifest entry: {key} must be "
+        f"{wanted} (got {value!r}); retrain the head for this bundle or rebuild the bundle.",
+        bundle=str(folder),
+        file=MANIFEST,
+    )
+
+
+@dataclass(frozen=True)
 class Bundle:
-    """A loaded, verified bundle."""
+    """A loaded, verified bundle.
+
+    `plug` is the Persona-Plug head when the bundle has one that fits it (see
+    `check_plug`); when the manifest names a head that does not, `plug` is None and
+    `plug_error` says why. `require_plug()` gives the head or raises that error."""
 
     path: Path
     name: str
     llm: LLMSpec
     embedder: EmbedderSpec
     manifest: dict[str, Any]
+    plug: PlugSpec | None = None
+    plug_error: BundleError | None = None
 
     def file(self, name: str) -> Path:
+        """The path of the bundle file `name`."""
         return self.path / name
+
+    def require_plug(self) -> PlugSpec:
+        """The Persona-Plug head's spec; BundleError when the bundle has none it can use."""
+        if self.plug is not None:
+            return self.plug
+        if self.plug_error is not None:
+            raise self.plug_error.with_traceback(None)
+        raise BundleError(
+            f"The bundle {self.path} has no Persona-Plug head; train one with "
+            "`edge-pllm train-plug` or use a strategy without `plug`.",
+            bundle=str(self.path),
+        )
+
+
+def check_plug(bundle: Bundle, spec: PlugSpec) -> None:
+    """Raise BundleError unless the head `spec` was trained for `bundle`: the sha256 of its
+    LLM, embedder and (for the `trainable` input encoder, which tokenizes the request
+    itself) tokenizer equal the bundle's, and it maps the embedder's width to the LLM's."""
+    files = bundle.manifest["files"]
+    checked = [
+        ("llm", spec.llm_sha256, bundle.llm.file),
+        ("embedder", spec.embedder_sha256, bundle.embedder.file),
+    ]
+    if spec.input_encoder == "trainable":
+        checked.append(("tokenizer", spec.tokenizer_sha256, bundle.embedder.tokenizer))
+    for role, wanted, name in checked:
+        if wanted != files[name]["sha256"]:
+            raise BundleError(
+                f"The Persona-Plug head in {bundle.path} was trained for another {role} "
+                f"(sha256 {str(wanted)[:12]}…, the bundle's {name} is "
+                f"{files[name]['sha256'][:12]}…); retrain the head for this bundle.",
+                bundle=str(bundle.path),
+                file=spec.file,
+            )
+    if spec.d_llm != bundle.llm.n_embd or spec.d_enc != bundle.embedder.config.dim:
+        raise BundleError(
+            f"The Persona-Plug head in {bundle.path} maps {spec.d_enc}→{spec.d_llm} but the "
+            f"bundle needs {bundle.embedder.config.dim}→{bundle.llm.n_embd}; retrain the head "
+            "for this bundle.",
+            bundle=str(bundle.path),
+            file=spec.file,
+        )
 
 
 def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
@@ -91,6 +267,12 @@ def _parse(folder: Path, manifest: dict[str, Any]) -> Bundle:
                 bundle=str(folder),
             )
         llm, emb = manifest["llm"], manifest["embedder"]
+        plug, plug_error = None, None
+        if manifest.get("plug") not in (None, {}):  # null or {}: no head
+            try:
+                plug = PlugSpec.from_manifest(folder, manifest["plug"])
+            except BundleError as exc:
+                plug_error = exc
         return Bundle(
             path=folder,
             name=manifest.get("name", folder.name),
@@ -113,6 +295,8 @@ def _parse(folder: Path, manifest: dict[str, Any]) -> Bundle:
                 ),
             ),
             manifest=manifest,
+            plug=plug,
+            plug_error=plug_error,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(
@@ -165,6 +349,11 @@ def load_bundle(folder: str | Path, verify: bool = True) -> Bundle:
             )
     if verify:
         verify_files(folder, files)
+    if bundle.plug is not None:
+        try:
+            check_plug(bundle, bundle.plug)
+        except BundleError as exc:
+            bundle = replace(bundle, plug=None, plug_error=exc)
     return bundle
 
 
@@ -189,17 +378,8 @@ def _check_name(folder: Path, name: Any) -> str:
 def _loaded_files(folder: Path, bundle: Bundle) -> list[str]:
     """Every file the runtime will load from this bundle: each must have a checksum."""
     names = [bundle.llm.file, bundle.embedder.file, bundle.embedder.tokenizer]
-    plug = bundle.manifest.get("plug")
-    if plug:
-        if not isinstance(plug, dict):
-            raise BundleError(
-                f"The manifest of {folder} has a malformed 'plug' section; rebuild the bundle.",
-                bundle=str(folder),
-                file=MANIFEST,
-            )
-        names.append(plug.get("file", "plug.onnx"))
-        if plug.get("project_file"):
-            names.append(plug["project_file"])
+    if bundle.plug is not None:  # a head that does not parse is never loaded
+        names += [n for n in (bundle.plug.file, bundle.plug.project_file) if n is not None]
     return [_check_name(folder, name) for name in names]
 
 
@@ -233,9 +413,5 @@ def verify_files(folder: Path, files: dict[str, dict[str, Any]]) -> None:
             )
         fresh[name] = [entry["sha256"], *fingerprint]
     if fresh != stamp:
-        try:
-            tmp = stamp_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(fresh))
-            os.replace(tmp, stamp_path)
-        except OSError:
-            pass  # a read-only bundle is verified in full each time
+        with contextlib.suppress(OSError):  # a read-only bundle is verified in full each time
+            atomic_write(stamp_path, json.dumps(fresh))

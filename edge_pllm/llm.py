@@ -1,14 +1,20 @@
-"""A thin wrapper over llama-cpp-python: chat template, generation, and soft-token prefixes.
+"""A thin wrapper over llama-cpp-python: chat template, generation, and soft tokens.
 
 Soft tokens are fed the way llama.cpp's multimodal paths do it: a `llama_batch` whose `embd`
 array is filled instead of `token`, decoded at the positions that follow the KV cache.
 Then `Llama.n_tokens` and `Llama.input_ids` are advanced over placeholder ids, so that
-`Llama.generate` (which prefix-matches the prompt against `input_ids`) keeps the soft
-prefix in the cache instead of silently evaluating the prompt without it.
+`Llama.generate` (which prefix-matches the prompt against `input_ids`) keeps them in the
+cache instead of silently evaluating the prompt without them.
+
+Where they go (`Placement`): `prefix`, in front of the prompt (after a BOS), as the PPlug
+paper does; or `before_answer`, between the templated request and the answer's header
+(the chat template's generation prompt), so that the request's keys and values do not
+depend on the persona: a head trained that way is cheap to train, and the request's
+prefix is shared by every strategy and user.
 
 The KV cache of the previous call is reused for the longest common prefix, where a soft
 token matches only a soft token with the very same bytes (its sha256). Placeholder ids
-alone would let one user's soft prefix stand in for another's; the hashes make reuse
+alone would let one user's soft tokens stand in for another's; the hashes make reuse
 exact, so a repeated prompt skips its prefill and a different persona never shares state.
 """
 
@@ -27,11 +33,12 @@ from typing import Any
 
 import numpy as np
 
+from .bundle import PLACEMENTS, Placement
 from .errors import (
     BundleError,
     ContextOverflowError,
-    EdgePLLMError,
     InvalidInputError,
+    LLMError,
     SoftTokenShapeError,
 )
 
@@ -104,14 +111,6 @@ def _row_key(row: np.ndarray) -> bytes:
     return hashlib.sha256(np.ascontiguousarray(row, dtype=np.float32).tobytes()).digest()
 
 
-class LLMError(EdgePLLMError, RuntimeError):
-    """llama.cpp refused an operation."""
-
-    def __init__(self, message: str, *, code: int | None = None):
-        self.code = code
-        super().__init__(message)
-
-
 class LLM:
     """A GGUF model loaded in llama.cpp, with soft-token prefix support."""
 
@@ -152,17 +151,26 @@ class LLM:
         self._soft_at: dict[int, bytes] = {}
         self.cached_tokens = 0  # positions the last call reused from the KV cache
         self._formatter = None
+        # What the template adds after the last turn to start the answer (its generation
+        # prompt, e.g. "<|im_start|>assistant\n"); "" without a template.
+        self.answer_header = ""
         if self.chat_template:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
             model = self._llama._model
             eos, bos = self._llama.token_eos(), self._llama.token_bos()
-            self._formatter = Jinja2ChatFormatter(
-                template=self.chat_template,
-                eos_token=model.token_get_text(eos) if eos != -1 else "",
-                bos_token=model.token_get_text(bos) if bos != -1 else "",
-                stop_token_ids=[eos] if eos != -1 else None,
-            )
+            tokens = {
+                "template": self.chat_template,
+                "eos_token": model.token_get_text(eos) if eos != -1 else "",
+                "bos_token": model.token_get_text(bos) if bos != -1 else "",
+                "stop_token_ids": [eos] if eos != -1 else None,
+            }
+            self._formatter = Jinja2ChatFormatter(**tokens)
+            probe = [{"role": "user", "content": "\x01"}]
+            turn = Jinja2ChatFormatter(**tokens, add_generation_prompt=False)(messages=probe)
+            full = self._formatter(messages=probe).prompt
+            if full.startswith(turn.prompt):
+                self.answer_header = full[len(turn.prompt) :]
 
     @property
     def llama(self) -> Any:
@@ -230,23 +238,43 @@ class LLM:
         for i, row in enumerate(rows):
             self._soft_at[n_past + i] = _row_key(row)
 
-    def _layout(self, ids: list[int], soft: np.ndarray | None) -> tuple[list[int], int]:
-        """Where soft tokens go: after a leading BOS, else first. Returns (head ids, k)."""
-        if soft is None:
-            return [], 0
+    def split_prompt(
+        self, prompt: str, placement: Placement = "prefix"
+    ) -> tuple[list[int], list[int]]:
+        """The token ids of a templated `prompt`, split where soft tokens go: (before,
+        after). `prefix`: after a leading BOS. `before_answer`: before the answer's header
+        (the whole request is `before`); a prompt that does not end with the header (no
+        template) keeps its last token after. Training (export side) splits with this too."""
+        if placement not in PLACEMENTS:
+            raise InvalidInputError(
+                f"Unknown soft-token placement {placement!r}; use one of {', '.join(PLACEMENTS)}.",
+                field="placement",
+            )
+        header = self.answer_header
+        fits = bool(header) and len(prompt) > len(header) and prompt.endswith(header)
+        if placement == "before_answer" and fits:
+            before = self.tokenize(prompt[: -len(header)])
+            after = self._llama.tokenize(header.encode("utf-8"), add_bos=False, special=True)
+            return before, after
+        ids = self.tokenize(prompt)
+        if placement == "before_answer":
+            return ids[:-1], ids[-1:]
         bos = self._llama.token_bos()
         adds_bos = self._llama._model.add_bos_token()
         head = ids[:1] if adds_bos and ids and bos != -1 and ids[0] == bos else []
-        return head, len(soft)
+        return head, ids[len(head) :]
 
-    def _prefill_soft(self, ids: list[int], soft: np.ndarray | None) -> list[int]:
-        """Bring the KV cache to [head ids][soft rows], reusing what the previous call left
-        where it matches exactly; return the full token list for generate()."""
-        head, k = self._layout(ids, soft)
-        tokens = [*head, *([_PLACEHOLDER_ID] * k), *ids[len(head) :]]
+    def _prefill_soft(
+        self, before: list[int], after: list[int], soft: np.ndarray | None
+    ) -> list[int]:
+        """Bring the KV cache to [before][soft rows][after minus its last id], reusing what
+        the previous call left where it matches exactly; return the full token list for
+        generate() (which evaluates the last id itself)."""
+        k = 0 if soft is None else len(soft)
+        tokens = [*before, *([_PLACEHOLDER_ID] * k), *after]
         keys: list[int | bytes] = list(tokens)
         for i in range(k):
-            keys[len(head) + i] = _row_key(soft[i])  # type: ignore[index]
+            keys[len(before) + i] = _row_key(soft[i])  # type: ignore[index]
         keep = self._common_prefix(keys[:-1]) if self.config.prefix_cache else 0
         self.cached_tokens = keep
         llama = self._llama
@@ -257,11 +285,11 @@ class LLM:
             llama.n_tokens = keep
             llama._ctx.kv_cache_seq_rm(-1, keep, -1)
             self._soft_at = {p: h for p, h in self._soft_at.items() if p < keep}
-        soft_end = len(head) + k
+        soft_end = len(before) + k
         if llama.n_tokens < soft_end:
-            if llama.n_tokens < len(head):
-                llama.eval(head[llama.n_tokens :])
-            self._decode_embeddings(soft[llama.n_tokens - len(head) :])  # type: ignore[index]
+            if llama.n_tokens < len(before):
+                llama.eval(before[llama.n_tokens :])
+            self._decode_embeddings(soft[llama.n_tokens - len(before) :])  # type: ignore[index]
         if self.config.prefix_cache and llama.n_tokens < len(tokens) - 1:
             # Logits depend on the batch a token is evaluated in. Evaluating the last prompt
             # token alone, always, makes a repeated prompt's answer bit-identical to the first.
@@ -286,11 +314,18 @@ class LLM:
                 return p
         return n
 
-    def next_token_logits(self, ids: Sequence[int], soft: np.ndarray | None = None) -> np.ndarray:
-        """Logits for the token after [head][soft][rest of ids] (soft placed as in generation)."""
+    def next_token_logits(
+        self, ids: Sequence[int], soft: np.ndarray | None = None, at: int | None = None
+    ) -> np.ndarray:
+        """Logits for the token after `ids` with `soft` rows inserted before `ids[at]` (None:
+        in front, after a leading BOS, as the `prefix` placement puts them)."""
         ids = list(ids)
         soft = self._check_soft(soft)
-        tokens = self._prefill_soft(ids, soft)
+        if at is None:
+            bos = self._llama.token_bos()
+            adds_bos = self._llama._model.add_bos_token()
+            at = 1 if soft is not None and adds_bos and ids and ids[0] == bos != -1 else 0
+        tokens = self._prefill_soft(ids[:at], ids[at:], soft)
         self._check_fits(len(tokens), 0, 0 if soft is None else len(soft))
         rest = tokens[self._llama.n_tokens :]
         if rest:
@@ -317,13 +352,21 @@ class LLM:
         return len(self.tokenize(text))
 
     def _start(
-        self, prompt: str, soft: np.ndarray | None, sampling: SamplingConfig, stream: bool
+        self,
+        prompt: str,
+        soft: np.ndarray | None,
+        sampling: SamplingConfig,
+        stream: bool,
+        placement: Placement,
     ) -> tuple[Any, int, int]:
         soft = self._check_soft(soft)
-        ids = self.tokenize(prompt)
+        if soft is None:
+            before, after = [], self.tokenize(prompt)
+        else:
+            before, after = self.split_prompt(prompt, placement)
         n_soft = 0 if soft is None else len(soft)
-        self._check_fits(len(ids) + n_soft, sampling.max_tokens, n_soft)
-        tokens = self._prefill_soft(ids, soft)
+        self._check_fits(len(before) + len(after) + n_soft, sampling.max_tokens, n_soft)
+        tokens = self._prefill_soft(before, after, soft)
         result = self._llama.create_completion(
             prompt=tokens,
             max_tokens=sampling.max_tokens,
@@ -338,22 +381,32 @@ class LLM:
         return result, len(tokens), n_soft
 
     def stream(
-        self, prompt: str, soft: np.ndarray | None = None, sampling: SamplingConfig | None = None
+        self,
+        prompt: str,
+        soft: np.ndarray | None = None,
+        sampling: SamplingConfig | None = None,
+        placement: Placement = "prefix",
     ) -> Iterator[str]:
-        """Yield the completion of `prompt` (already templated) piece by piece."""
-        chunks, _, _ = self._start(prompt, soft, sampling or SamplingConfig(), stream=True)
+        """Yield the completion of `prompt` (already templated) piece by piece, with `soft`
+        tokens where `placement` says."""
+        sampling = sampling or SamplingConfig()
+        chunks, _, _ = self._start(prompt, soft, sampling, True, placement)
         for chunk in chunks:
             text = chunk["choices"][0]["text"]
             if text:
                 yield text
 
     def complete(
-        self, prompt: str, soft: np.ndarray | None = None, sampling: SamplingConfig | None = None
+        self,
+        prompt: str,
+        soft: np.ndarray | None = None,
+        sampling: SamplingConfig | None = None,
+        placement: Placement = "prefix",
     ) -> Completion:
-        """Complete `prompt` (already templated), optionally after soft tokens."""
+        """Complete `prompt` (already templated), with `soft` tokens where `placement` says."""
         sampling = sampling or SamplingConfig()
         started = time.perf_counter()
-        chunks, n_prompt, n_soft = self._start(prompt, soft, sampling, stream=True)
+        chunks, n_prompt, n_soft = self._start(prompt, soft, sampling, True, placement)
         pieces: list[str] = []
         first_at = None
         finish = "stop"

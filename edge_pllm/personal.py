@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from . import paths
-from .bundle import Bundle, load_bundle
+from .bundle import Bundle, Placement, load_bundle
 from .defaults import ensure_default_bundle
 from .embedder import Embedder
 from .errors import InvalidInputError
+from .head import PlugHead
 from .items import NewItem, validate_items, validate_user
 from .llm import LLM, Completion, LLMConfig, SamplingConfig
-from .plug import PlugHead
 from .prompts import DEFAULT_STYLE, PromptStyle, fit_prompt
 from .store import HistoryStore
 from .strategies import Personalization, Request, Strategy, get_strategy
@@ -50,6 +50,7 @@ class Prepared:
     personalization: Personalization
     strategy: str
     dropped_context: int
+    placement: Placement = "prefix"  # where the soft tokens go (the head says)
 
 
 class PersonalLLM:
@@ -92,8 +93,10 @@ class PersonalLLM:
 
     @property
     def plug(self) -> PlugHead | None:
-        """The bundle's Persona-Plug head (None if it has none); checked against the bundle."""
-        if self._plug is None and self.bundle.manifest.get("plug"):
+        """The bundle's Persona-Plug head, loaded on first use; None if the bundle has none.
+        BundleError if it has one that does not fit it (`Bundle.plug_error` says why)."""
+        has_head = self.bundle.plug is not None or self.bundle.plug_error is not None
+        if self._plug is None and has_head:
             self._plug = PlugHead(self.bundle)
         return self._plug
 
@@ -157,7 +160,7 @@ class PersonalLLM:
         query = next(m["content"] for m in reversed(messages) if m["role"] == "user")
         chosen = get_strategy(strategy)
         sampling = sampling or SamplingConfig()
-        plug = self.plug if chosen.name.startswith("plug") else None
+        plug = self.plug if chosen.needs_head else None
         found = chosen.personalize(Request(user, query, self.store, self.embedder, plug))
         llm = self.llm
         n_soft = 0 if found.soft_tokens is None else len(found.soft_tokens)
@@ -175,7 +178,8 @@ class PersonalLLM:
         )
         dropped = len(found.context) - len(kept)
         found.context = kept
-        return Prepared(text, found, chosen.name, dropped)
+        placement = plug.placement if plug is not None else "prefix"
+        return Prepared(text, found, chosen.name, dropped, placement)
 
     def generate(
         self,
@@ -191,7 +195,10 @@ class PersonalLLM:
         with self._llm_lock:
             prepared = self.prepare(user, prompt, strategy, sampling, style)
             completion = self.llm.complete(
-                prepared.prompt, prepared.personalization.soft_tokens, sampling
+                prepared.prompt,
+                prepared.personalization.soft_tokens,
+                sampling,
+                prepared.placement,
             )
         return self._response(user, prepared, completion)
 
@@ -213,7 +220,10 @@ class PersonalLLM:
             if on_prepared is not None:
                 on_prepared(prepared)
             yield from self.llm.stream(
-                prepared.prompt, prepared.personalization.soft_tokens, sampling
+                prepared.prompt,
+                prepared.personalization.soft_tokens,
+                sampling,
+                prepared.placement,
             )
 
     @staticmethod

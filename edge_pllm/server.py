@@ -39,10 +39,15 @@ from .errors import (
     BundleError,
     ContextOverflowError,
     EdgePLLMError,
+    ExportError,
+    ExtensionLoadingError,
     InvalidInputError,
     ItemNotFoundError,
+    LLMError,
     MissingDependencyError,
+    PassphraseError,
     SoftTokenShapeError,
+    StoreMismatchError,
     UnknownStrategyError,
     UnknownUserError,
 )
@@ -88,6 +93,8 @@ class HTTPError(Exception):
         super().__init__(message)
 
 
+# Every error class of errors.py, by type (the first match wins: subclasses before their
+# bases); tests/test_server.py checks that none is left to fall through to 500.
 _STATUS: list[tuple[type[Exception], int, str]] = [
     (UnknownUserError, 404, "not_found_error"),
     (ItemNotFoundError, 404, "not_found_error"),
@@ -95,17 +102,27 @@ _STATUS: list[tuple[type[Exception], int, str]] = [
     (UnknownStrategyError, 400, "invalid_request_error"),
     (SoftTokenShapeError, 400, "invalid_request_error"),
     (InvalidInputError, 400, "invalid_request_error"),
+    (PassphraseError, 403, "permission_error"),
     (BundleError, 409, "model_error"),
+    (StoreMismatchError, 409, "model_error"),
+    (LLMError, 503, "model_error"),
+    (ExportError, 503, "model_error"),
+    (ExtensionLoadingError, 503, "service_unavailable_error"),
+    (MissingDependencyError, 503, "service_unavailable_error"),
 ]
+
+
+def status_of(exc: BaseException) -> tuple[int, str]:
+    """The HTTP status and OpenAI-style error type for `exc` (500, "server_error" for an
+    exception edge-pllm does not raise on purpose: a bug)."""
+    return next(((s, t) for cls, s, t in _STATUS if isinstance(exc, cls)), (500, "server_error"))
 
 
 def error_body(exc: Exception) -> tuple[int, dict[str, Any]]:
     if isinstance(exc, HTTPError):
         status, type_, param = exc.status, exc.type, exc.param
     else:
-        status, type_ = next(
-            ((s, t) for cls, s, t in _STATUS if isinstance(exc, cls)), (500, "server_error")
-        )
+        status, type_ = status_of(exc)
         param = getattr(exc, "field", None)
     body: dict[str, Any] = {"message": str(exc), "type": type_, "param": param, "code": None}
     if isinstance(exc, ContextOverflowError):
@@ -442,7 +459,7 @@ class Service:
                         "owned_by": "edge-pllm",
                         "llm": b.llm.file,
                         "quantization": b.llm.quantization,
-                        "plug": bool(b.manifest.get("plug")),
+                        "plug": b.plug is not None,
                     }
                 ],
             }

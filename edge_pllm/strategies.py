@@ -5,7 +5,8 @@ items to show in the prompt and/or soft-token embeddings to put in front of it. 
 are turned into a prompt is `prompts.py`'s job, so strategies differ only in what they add.
 
 Strategies are named by a spec string: `none`, `recent`, `recent:5`, `rag`, `rag:3`, `plug`,
-`plug+rag`, `plug+rag:3`.
+`plug+rag`, `plug+rag:3`. A strategy that reads the bundle's Persona-Plug head says so with
+`needs_head`, and the caller then puts the head (`head.PlugHead`) in the `Request`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from .embedder import Embedder
-from .errors import InvalidInputError, UnknownStrategyError, UnknownUserError
+from .errors import BundleError, InvalidInputError, UnknownStrategyError, UnknownUserError
+from .head import PlugHead
 from .items import HistoryItem
-from .plug import Plug, PlugHead
 from .store import HistoryStore
 
 DEFAULT_K = 3
@@ -46,12 +47,17 @@ class Personalization:
 
 
 class Strategy(Protocol):
+    """Turns a `Request` into a `Personalization`. `needs_head`: it reads `Request.plug`,
+    the bundle's Persona-Plug head (the caller loads the head only for such strategies)."""
+
     name: str
+    needs_head: bool
 
     def personalize(self, request: Request) -> Personalization: ...
 
 
 def require_user(request: Request) -> None:
+    """UnknownUserError unless the request's user has history in the store."""
     if not request.store.has_user(request.user):
         raise UnknownUserError(request.user)
 
@@ -61,6 +67,7 @@ class NoPersonalization:
     """The plain prompt: the baseline every other strategy is measured against."""
 
     name: str = "none"
+    needs_head: bool = field(default=False, init=False)
 
     def personalize(self, request: Request) -> Personalization:
         return Personalization()
@@ -72,6 +79,7 @@ class Recent:
 
     k: int = DEFAULT_K
     name: str = "recent"
+    needs_head: bool = field(default=False, init=False)
 
     def personalize(self, request: Request) -> Personalization:
         require_user(request)
@@ -85,6 +93,7 @@ class Retrieval:
 
     k: int = DEFAULT_K
     name: str = "rag"
+    needs_head: bool = field(default=False, init=False)
 
     def personalize(self, request: Request) -> Personalization:
         require_user(request)
@@ -94,6 +103,42 @@ class Retrieval:
             context=[h.item for h in hits],
             info={"item_ids": [h.item.id for h in hits], "distances": [h.distance for h in hits]},
         )
+
+
+@dataclass(frozen=True)
+class Plug:
+    """PPlug: the user's whole history as soft tokens made by the bundle's head; with `rag`
+    > 0, also the k nearest history items in the prompt (plug+rag).
+
+    A user with no history gets no soft tokens: `plug` then answers with the plain prompt
+    (and `plug+rag` with neither retrieved items nor soft tokens), and the Personalization
+    says so in `info["fallback"]`."""
+
+    rag: int = 0
+    name: str = "plug"
+    needs_head: bool = field(default=True, init=False)
+
+    def personalize(self, request: Request) -> Personalization:
+        require_user(request)
+        head = request.plug
+        if head is None:
+            raise BundleError("This bundle has no Persona-Plug head; use none, recent or rag.")
+        ids, history = request.store.vectors(request.user, limit=head.max_history)
+        if not ids:
+            return Personalization(info={"fallback": "no history: plain prompt"})
+        # The request's embedding is needed by a linear head and by retrieval only.
+        query: str | np.ndarray = request.query
+        if self.rag or not head.reads_text:
+            query_vec = request.embedder.embed_one(request.query)
+            query = request.query if head.reads_text else query_vec
+        found = Personalization(
+            soft_tokens=head.soft_tokens(query, history), info={"history_items": len(ids)}
+        )
+        if self.rag:
+            hits = request.store.search(request.user, query_vec, self.rag)
+            found.context = [h.item for h in hits]
+            found.info["item_ids"] = [h.item.id for h in hits]
+        return found
 
 
 StrategyFactory = Callable[[int | None], Strategy]

@@ -11,22 +11,31 @@ import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from edge_pllm.bundle import FORMAT, MANIFEST, file_entries, load_bundle
+from edge_pllm.bundle import (
+    FORMAT,
+    HEAD_FILE,
+    MANIFEST,
+    PROJECT_FILE,
+    PlugSpec,
+    check_plug,
+    file_entries,
+    load_bundle,
+    verify_files,
+)
+from edge_pllm.defaults import LLM_FILE
 from edge_pllm.errors import BundleError, MissingDependencyError
-from edge_pllm.plug import HEAD_FILE, PROJECT_FILE
+from edge_pllm.files import atomic_write
 
 from .embedder import embedder_report, export_embedder
 from .plug_graph import split_head
-
-LLM_FILE = "llm.gguf"
-# The trained default Persona-Plug head, committed with the repository (see its plug.json).
-DEFAULT_HEAD_DIR = Path(__file__).resolve().parents[1] / "models" / "default-plug"
 
 
 def _version(package: str) -> str | None:
@@ -168,7 +177,7 @@ def build_bundle(
             "tools": tool_versions(),
             **(extra or {}),
         }
-        (work / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+        write_manifest(work, manifest)
         steps.update()
         steps.set_postfix_str("verifying")
         load_bundle(work)
@@ -184,34 +193,53 @@ def build_bundle(
     return dest
 
 
-def attach_head(bundle_dir: str | Path, onnx_path: str | Path, spec: dict[str, Any]) -> Path:
-    """Put a Persona-Plug head (its ONNX file, split into the aggregate and project graphs,
-    and its `plug` manifest entry) into a bundle. The entry names the LLM and embedder it was
-    trained for; the runtime refuses it with any other."""
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
+    """Replace `folder`'s manifest.json in one step (a reader never sees half of it)."""
+    return atomic_write(folder / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False))
+
+
+def attach_head(
+    bundle_dir: str | Path, onnx_path: str | Path, spec: PlugSpec | dict[str, Any]
+) -> Path:
+    """Put a trained Persona-Plug head (its single-graph ONNX file, split into the aggregate
+    and project graphs, and its `plug` manifest entry) into a bundle. `spec` (a `PlugSpec`
+    or its manifest entry, as `export.pplug.head_spec` makes) names the LLM and embedder the
+    head was trained for; BundleError if they are not this bundle's."""
     bundle_dir = Path(bundle_dir)
-    manifest = dict(load_bundle(bundle_dir).manifest)
-    split_head(onnx_path, bundle_dir / HEAD_FILE, bundle_dir / PROJECT_FILE)
-    manifest["plug"] = {**spec, "file": HEAD_FILE, "project_file": PROJECT_FILE}
-    manifest["files"].update(file_entries(bundle_dir, [HEAD_FILE, PROJECT_FILE]))
-    (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+    if not isinstance(spec, PlugSpec):
+        spec = PlugSpec.from_manifest(bundle_dir, spec)
+    spec = replace(spec, file=HEAD_FILE, project_file=PROJECT_FILE)
+
+    def write(folder: Path) -> None:
+        split_head(onnx_path, folder / HEAD_FILE, folder / PROJECT_FILE)
+
+    return _install_head(bundle_dir, spec, write)
+
+
+def copy_head(bundle_dir: str | Path, source: str | Path) -> Path:
+    """Put the head of another bundle (or of a bundle's shipped parts, `models/default`),
+    already split, into `bundle_dir`; BundleError if it was trained for other files."""
+    source = Path(source)
+    spec = load_bundle(source, verify=False).require_plug()
+    names = [spec.file, *([spec.project_file] if spec.project_file else [])]
+    entries = load_bundle(source, verify=False).manifest["files"]
+
+    def write(folder: Path) -> None:
+        for name in names:
+            shutil.copyfile(source / name, folder / name)
+        verify_files(folder, {name: entries[name] for name in names})
+
+    return _install_head(Path(bundle_dir), spec, write)
+
+
+def _install_head(bundle_dir: Path, spec: PlugSpec, write: Callable[[Path], None]) -> Path:
+    bundle = load_bundle(bundle_dir)
+    check_plug(bundle, spec)
+    write(bundle_dir)
+    names = [spec.file, *([spec.project_file] if spec.project_file else [])]
+    manifest = dict(bundle.manifest)
+    manifest["plug"] = spec.to_manifest()
+    manifest["files"] = {**manifest["files"], **file_entries(bundle_dir, names)}
+    write_manifest(bundle_dir, manifest)
     load_bundle(bundle_dir)
     return bundle_dir
-
-
-def attach_committed_head(bundle_dir: str | Path, head_dir: Path = DEFAULT_HEAD_DIR) -> str:
-    """Attach the committed head if it was trained for exactly this bundle's files.
-    Returns what happened, in words."""
-    spec_path, onnx = head_dir / "plug.json", head_dir / HEAD_FILE
-    if not (spec_path.is_file() and onnx.is_file()):
-        return f"no committed head in {head_dir}"
-    spec = json.loads(spec_path.read_text())
-    bundle = load_bundle(bundle_dir)
-    files = bundle.manifest["files"]
-    for role, name in (("llm", bundle.llm.file), ("embedder", bundle.embedder.file)):
-        if spec.get(f"{role}_sha256") != files[name]["sha256"]:
-            return (
-                f"the committed head was trained for another {role} (its {name} differs); "
-                "`plug` stays unavailable until a head is trained with `edge-pllm train-plug`"
-            )
-    attach_head(bundle_dir, onnx, spec)
-    return f"attached the Persona-Plug head from {head_dir}"

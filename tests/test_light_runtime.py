@@ -1,4 +1,6 @@
-"""The device runtime never loads torch, transformers, optimum or sentence-transformers."""
+"""The device runtime never loads torch, transformers, optimum, sentence-transformers or the
+workstation package (`export`); its import graph has no cycle. The checks read the
+installed `edge_pllm` (in CI's device environment, the wheel's copy, not the checkout)."""
 
 from __future__ import annotations
 
@@ -8,13 +10,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-HEAVY = ("torch", "transformers", "optimum", "sentence_transformers")
-PACKAGE = Path(__file__).resolve().parents[1] / "edge_pllm"
+import edge_pllm
+
+HEAVY = ("torch", "transformers", "optimum", "sentence_transformers", "export")
+PACKAGE = Path(edge_pllm.__file__).resolve().parent
 
 
 def test_no_module_of_the_runtime_imports_a_heavy_package():
     offenders = []
-    for path in PACKAGE.rglob("*.py"):
+    modules = list(PACKAGE.rglob("*.py"))
+    assert len(modules) > 15, f"found only {len(modules)} modules in {PACKAGE}"
+    for path in modules:
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
             if isinstance(node, ast.Import):
@@ -31,7 +37,7 @@ import json, sys
 from edge_pllm import PersonalLLM, SamplingConfig
 p = PersonalLLM({str(default_bundle)!r}, home={str(tmp_path)!r})
 p.add("u", ["a first note about caching", "a second note about parsing"])
-for strategy in ("none", "recent", "rag"):
+for strategy in ("none", "recent", "rag", "plug", "plug+rag"):
     p.generate("u", "Write one line.", strategy=strategy, sampling=SamplingConfig(max_tokens=4))
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r})
 print(json.dumps(heavy))
@@ -40,3 +46,102 @@ print(json.dumps(heavy))
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300
     )
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def runtime_imports() -> dict[str, set[str]]:
+    """The runtime's own import graph: module -> the edge_pllm modules it imports, at the top
+    or inside functions (a lazy import is still a dependency), but not under
+    `if TYPE_CHECKING:` (never executed). `edge_pllm` is the package's __init__."""
+    modules = {
+        ".".join(("edge_pllm", *p.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(
+            ".__init__"
+        ): p
+        for p in PACKAGE.rglob("*.py")
+    }
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        tree = ast.parse(path.read_text())
+        skipped = {
+            id(inner)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for inner in ast.walk(node)
+        }
+        found: set[str] = set()
+        for node in ast.walk(tree):
+            if id(node) in skipped:
+                continue
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    base = f"{parent}.{base}" if base else parent
+                # `from pkg import sub` imports the submodule pkg.sub when there is one.
+                found |= {
+                    f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base
+                    for a in node.names
+                }
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def test_the_runtime_import_graph_has_no_cycle():
+    graph = runtime_imports()
+    assert "edge_pllm.strategies" in graph["edge_pllm.personal"]  # the graph sees imports
+    state: dict[str, str] = {}
+    cycles = []
+
+    def visit(module: str, trail: list[str]) -> None:
+        state[module] = "open"
+        for dep in sorted(graph[module]):
+            if state.get(dep) == "open":
+                cycles.append(" -> ".join([*trail[trail.index(dep) :], dep]))
+            elif dep not in state:
+                visit(dep, [*trail, dep])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []
+
+
+def test_the_head_does_not_import_the_strategies():
+    graph = runtime_imports()
+    reached, todo = set(), ["edge_pllm.head"]
+    while todo:
+        for dep in graph[todo.pop()] - reached:
+            reached.add(dep)
+            todo.append(dep)
+    assert "edge_pllm.strategies" not in reached
+
+
+def test_workstation_commands_join_the_cli_through_an_entry_point_without_torch():
+    """`export` and `train-plug` come from the `edge_pllm.commands` entry point, so no file
+    of the runtime names them; listing them (`edge-pllm --help`) imports no heavy package."""
+    from importlib import metadata
+
+    from edge_pllm.cli import COMMANDS_GROUP
+
+    entries = {e.name: e.value for e in metadata.entry_points(group=COMMANDS_GROUP)}
+    assert entries == {"export": "export.cli:register_commands"}
+    script = """
+import json, sys
+import click
+from edge_pllm.cli import cli
+with click.Context(cli) as ctx:
+    names = cli.list_commands(ctx)
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "transformers", "optimum"})
+print(json.dumps([names, heavy]))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    names, heavy = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"export", "train-plug", "ask", "setup"} <= set(names)
+    assert heavy == []
+    for path in PACKAGE.rglob("*.py"):
+        assert "train_plug" not in path.read_text(), path.name

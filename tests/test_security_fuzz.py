@@ -547,7 +547,7 @@ try:
     e = Embedder(b.file(b.embedder.file), b.file(b.embedder.tokenizer), b.embedder.config)
     e.embed_one("hello")
     if b.manifest.get("plug"):
-        from edge_pllm.plug import PlugHead
+        from edge_pllm.head import PlugHead
         PlugHead(b)
     if sys.argv[2] == "llm":
         from edge_pllm.llm import LLM, LLMConfig

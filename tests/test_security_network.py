@@ -149,7 +149,7 @@ def test_onnxruntime_telemetry_is_off_before_onnxruntime_loads():
         "            seen.append(os.environ.get('ORT_DISABLE_TELEMETRY'))\n"
         "sys.meta_path.insert(0, Watch())\n"
         "from edge_pllm import PersonalLLM\n"
-        "import edge_pllm.embedder, edge_pllm.plug\n"
+        "import edge_pllm.embedder, edge_pllm.head\n"
         "print(seen)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}

@@ -1,24 +1,21 @@
-"""Persona-Plug on the device: the exported head (ONNX) turns the user's stored history
-vectors and the request into soft tokens for llama.cpp.
+"""The Persona-Plug head on the device: the exported ONNX graphs that turn the user's
+stored history vectors and the request into soft tokens for llama.cpp. (The `plug`
+strategies that use it are in `strategies.py`.)
 
-The head comes in two variants (its manifest entry's `input_encoder` says which):
+The head comes in two variants (its spec's `input_encoder` says which):
 
 - `linear` (cheap): the head reads the request's embedding, computed by the bundle's
   frozen embedder, and maps it with a learned linear map.
 - `trainable` (the paper): the head holds its own fine-tuned copy of the sentence encoder
   and reads the request's token ids, made with the bundle embedder's tokenizer.
 
-The head is checked against the bundle: its manifest entry names the sha256 of the LLM and
-embedder (and, for `trainable`, the tokenizer) it was trained for, and a head trained for
-other models is refused.
+The head's settings come from the bundle's `PlugSpec`, which `load_bundle` has checked
+against the bundle (the LLM, embedder and, for `trainable`, tokenizer it was trained for);
+a head trained for other models is refused with the reason `Bundle.plug_error` holds.
 
 The head runs as two graphs: `project` computes Proj(h_i) for each history item, which
 does not depend on the request and is computed once per change of the user's history;
 `aggregate` weighs those projections by the request and makes the soft tokens.
-
-A user with no history gets no soft tokens: `plug` then answers with the plain prompt (and
-`plug+rag` with neither retrieved items nor soft tokens), and the Personalization says so in
-`info["fallback"]`.
 """
 
 from __future__ import annotations
@@ -26,49 +23,29 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from .bundle import InputEncoder, Placement
 from .errors import BundleError
 from .onnx_session import open_session
 
 if TYPE_CHECKING:
     from .bundle import Bundle
-    from .strategies import Personalization, Request
 
-HEAD_FILE = "plug.onnx"
-PROJECT_FILE = "plug_project.onnx"  # Proj(h_i) per history item (export/plug_graph.py)
 PROJECTION_CACHE = 16  # histories whose projections stay in memory
-N_SOFT = 2  # [instruction; persona]
 
-InputEncoder = Literal["linear", "trainable"]
 # The head's ONNX inputs for each input encoder: the request's part, then the history's.
 HISTORY_INPUTS = ("history", "mask")
 PROJECTED_INPUT = "projected"  # the aggregate graph's Proj(h_i), from the project graph
-QUERY_INPUTS: dict[str, tuple[str, ...]] = {
+QUERY_INPUTS: dict[InputEncoder, tuple[str, ...]] = {
     "linear": ("query",),
     "trainable": ("input_ids", "attention_mask"),
 }
-# What heads exported before the option existed wrote in `input_encoder`.
-_LEGACY_INPUT_ENCODERS = {"frozen encoder + learned linear map": "linear"}
-
-
-def input_encoder_of(spec: dict[str, Any]) -> InputEncoder:
-    """The input-encoder variant a manifest `plug` entry declares (old entries: `linear`)."""
-    value = spec.get("input_encoder", "linear")
-    value = _LEGACY_INPUT_ENCODERS.get(value, value)
-    if value not in QUERY_INPUTS:
-        raise BundleError(
-            f"The Persona-Plug head declares an unknown input encoder {value!r} (this "
-            f"edge-pllm knows {', '.join(QUERY_INPUTS)}); update edge-pllm or retrain the head.",
-            file=spec.get("file", HEAD_FILE),
-        )
-    return value  # type: ignore[return-value]
 
 
 class QueryTokenizer:
@@ -98,47 +75,22 @@ class PlugHead:
     """The exported PPlug head, run with onnxruntime."""
 
     def __init__(self, bundle: Bundle):
-        spec: dict[str, Any] | None = bundle.manifest.get("plug")
-        if not spec:
-            raise BundleError(
-                f"The bundle {bundle.path} has no Persona-Plug head; train one with "
-                "`edge-pllm train-plug` or use a strategy without `plug`.",
-                bundle=str(bundle.path),
-            )
-        self.input_encoder: InputEncoder = input_encoder_of(spec)
-        files = bundle.manifest["files"]
-        checked = [("llm", bundle.llm.file), ("embedder", bundle.embedder.file)]
-        if self.input_encoder == "trainable":
-            checked.append(("tokenizer", bundle.embedder.tokenizer))
-        for role, name in checked:
-            if spec.get(f"{role}_sha256") != files[name]["sha256"]:
-                raise BundleError(
-                    f"The Persona-Plug head in {bundle.path} was trained for another {role} "
-                    f"(sha256 {str(spec.get(f'{role}_sha256'))[:12]}…, the bundle's {name} is "
-                    f"{files[name]['sha256'][:12]}…); retrain the head for this bundle.",
-                    bundle=str(bundle.path),
-                    file=spec.get("file", HEAD_FILE),
-                )
-        if (
-            spec.get("d_llm") != bundle.llm.n_embd
-            or spec.get("d_enc") != bundle.embedder.config.dim
-        ):
-            raise BundleError(
-                f"The Persona-Plug head in {bundle.path} maps {spec.get('d_enc')}→"
-                f"{spec.get('d_llm')} but the bundle needs {bundle.embedder.config.dim}→"
-                f"{bundle.llm.n_embd}.",
-                bundle=str(bundle.path),
-            )
-        self.max_history = int(spec.get("max_history", 512))
-        self.n_soft = int(spec.get("n_soft", N_SOFT))
-        path = bundle.file(spec.get("file", HEAD_FILE))
+        """Open the head of `bundle`; BundleError if it has none it can use (see
+        `Bundle.require_plug`) or its graphs do not take the inputs its spec declares."""
+        spec = bundle.require_plug()
+        self.spec = spec
+        self.input_encoder: InputEncoder = spec.input_encoder
+        self.placement: Placement = spec.placement
+        self.max_history = spec.max_history
+        self.n_soft = spec.n_soft
+        path = bundle.file(spec.file)
         self._session = _open(path)
         # Heads attached before the split run as one graph that projects every request.
         self._project: ort.InferenceSession | None = None
         self._projections: OrderedDict[int, tuple[weakref.ref, np.ndarray]] = OrderedDict()
         expected = [*QUERY_INPUTS[self.input_encoder], *HISTORY_INPUTS]
-        if spec.get("project_file"):
-            self._project = _open(bundle.file(spec["project_file"]))
+        if spec.project_file:
+            self._project = _open(bundle.file(spec.project_file))
             expected.append(PROJECTED_INPUT)
         found = [i.name for i in self._session.get_inputs()]
         if sorted(found) != sorted(expected):
@@ -149,7 +101,7 @@ class PlugHead:
             )
         self._tokenizer: QueryTokenizer | None = None
         if self.input_encoder == "trainable":
-            max_length = int(spec.get("max_seq_length", bundle.embedder.config.max_seq_length))
+            max_length = spec.max_seq_length or bundle.embedder.config.max_seq_length
             self._tokenizer = QueryTokenizer(bundle.file(bundle.embedder.tokenizer), max_length)
 
     @property
@@ -199,36 +151,3 @@ class PlugHead:
 
 def _open(path: Path) -> ort.InferenceSession:
     return open_session(path, what="Persona-Plug graph")
-
-
-@dataclass(frozen=True)
-class Plug:
-    """PPlug: the user's whole history as soft tokens; with `rag` > 0, also the k nearest
-    history items in the prompt (plug+rag)."""
-
-    rag: int = 0
-    name: str = "plug"
-
-    def personalize(self, request: Request) -> Personalization:
-        from .strategies import Personalization, require_user
-
-        require_user(request)
-        head = request.plug
-        if head is None:
-            raise BundleError("This bundle has no Persona-Plug head; use none, recent or rag.")
-        ids, history = request.store.vectors(request.user, limit=head.max_history)
-        if not ids:
-            return Personalization(info={"fallback": "no history: plain prompt"})
-        # The request's embedding is needed by a linear head and by retrieval only.
-        query: str | np.ndarray = request.query
-        if self.rag or not head.reads_text:
-            query_vec = request.embedder.embed_one(request.query)
-            query = request.query if head.reads_text else query_vec
-        found = Personalization(
-            soft_tokens=head.soft_tokens(query, history), info={"history_items": len(ids)}
-        )
-        if self.rag:
-            hits = request.store.search(request.user, query_vec, self.rag)
-            found.context = [h.item for h in hits]
-            found.info["item_ids"] = [h.item.id for h in hits]
-        return found

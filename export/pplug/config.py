@@ -1,0 +1,213 @@
+"""What decides a trained head, declared once: `TrainConfig` drives `train-plug`'s options,
+the command recorded with the head (which reproduces it exactly) and the head's manifest
+entry. Each field carries its flag and help; nothing about an option is written twice."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+import click
+
+from edge_pllm.errors import InvalidInputError
+
+COMMAND = "edge-pllm train-plug"
+PLACEMENTS = ("before_answer", "prefix")
+INPUT_ENCODERS = ("linear", "trainable")
+
+
+def option(default: Any, help: str, **click_kwargs: Any) -> Any:
+    """A config field that is also a `train-plug` option (`--field-name`)."""
+    return field(default=default, metadata={"help": help, **click_kwargs})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a trained Persona-Plug head: its data, shape and training."""
+
+    # --- data
+    splits: tuple[str, ...] = option(
+        ("train",), "Training split(s); repeatable.", flag="--split", multiple=True
+    )
+    task: str | None = option(None, "Task name if the outputs file does not say.")
+    limit: int | None = option(None, "Only the first N questions of each split.")
+    profile_examples: int = option(
+        4,
+        "Examples drawn from each profile's most recent items, each with only the earlier "
+        "items as history (0: the questions only).",
+    )
+    # --- the head
+    placement: str = option(
+        "before_answer",
+        "Where the soft tokens go. before_answer: between the request and the answer, so the "
+        "frozen LLM's keys and values of the request do not depend on the persona and are "
+        "computed once per example (training is several times cheaper, and on the device the "
+        "request's prefix is shared). prefix: in front of the prompt (the paper).",
+        type=click.Choice(PLACEMENTS),
+    )
+    persona_tokens: int = option(
+        4,
+        "Persona soft tokens, each from its own attention over the history (1: the paper's "
+        "head; the LLM sees 1 + K soft tokens).",
+        type=click.IntRange(min=1),
+    )
+    attention_scale: float | None = option(
+        10.0,
+        "Start of a learned scale τ on the attention scores: softmax(τ h·x) can pick the few "
+        "items that bear on the request where cosines alone (0: off, the paper) average "
+        "nearly the whole history.",
+        type=click.FloatRange(min=0),
+    )
+    center: bool = option(
+        True,
+        "Centre the history vectors on the training population's mean, so the persona says "
+        "how this user differs from everyone (the mean ships with the head).",
+    )
+    input_encoder: str = option(
+        "linear",
+        "How the head reads the request. linear: the bundle's frozen embedder's vector through "
+        "a learned linear map (a head of a few MB). trainable: a fine-tuned copy of the "
+        "sentence encoder fed the request's token ids (the paper; ~90 MB, slower).",
+        type=click.Choice(INPUT_ENCODERS),
+    )
+    encoder_lr: float = option(1e-4, "Learning rate of the trainable input encoder.")
+    encoder_source: str | None = option(
+        None,
+        "The sentence-transformers folder the bundle's embedder was exported from, copied by "
+        "--input-encoder trainable (default: the default bundle's all-MiniLM-L6-v2).",
+        type=click.Path(exists=True, file_okay=False),
+    )
+    max_history: int = option(512, "Newest history items the head reads (the paper: 512).")
+    # --- training
+    steps: int = option(600, "Optimizer steps.", type=click.IntRange(min=1))
+    batch_size: int = option(8, "Examples per step.", type=click.IntRange(min=1))
+    lr: float = option(1e-3, "Learning rate (AdamW, warmup then linear decay).")
+    weight_decay: float = option(1e-4, "AdamW weight decay.")
+    warmup: float = option(0.05, "Share of the steps spent warming up the learning rate.")
+    dropout_copies: int = option(
+        10, "History-dropout copies per example, each dropping 1-50 % of it (the paper: 10)."
+    )
+    rag: int = option(
+        0,
+        "Also train plug+rag:K: a share (--rag-fraction) of the examples show their K nearest "
+        "history items in the prompt, as plug+rag:K does at run time (0: plug only).",
+        type=click.IntRange(min=0),
+    )
+    rag_fraction: float = option(
+        0.5,
+        "With --rag: the share of examples shown with retrieved items.",
+        type=click.FloatRange(0, 1),
+    )
+    max_prompt_tokens: int = option(448, "Longest templated request trained through.")
+    seed: int = option(0, "Random seed (examples, dropout, initialization).")
+    device: str = option(
+        "auto",
+        "Where to train: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda, "
+        "cuda:N, mps. Checkpoints resume on any device.",
+    )
+    threads: int = option(0, "CPU threads for torch (0: torch's default).")
+    llm_source: str | None = option(
+        None,
+        "Train against this HF folder instead of the bundle's GGUF (dequantized).",
+        type=click.Path(exists=True, file_okay=False),
+    )
+    # --- held-out check
+    validate: str | None = option(
+        None,
+        "After training, measure the held-out loss on this split's questions (e.g. dev): "
+        "without soft tokens, with the user's own history and with another user's, and how "
+        "much lower the own history's loss is, with a 95 % interval (recorded with the head).",
+    )
+    validate_limit: int | None = option(
+        None,
+        "With --validate: only the split's first N questions (default: all).",
+        type=click.IntRange(min=2),
+    )
+    checkpoint_every: int = field(default=50, metadata={"record": False})
+
+    def __post_init__(self) -> None:
+        check = [
+            (self.placement in PLACEMENTS, "placement", f"one of {', '.join(PLACEMENTS)}"),
+            (self.input_encoder in INPUT_ENCODERS, "input_encoder", "linear or trainable"),
+            (self.persona_tokens >= 1, "persona_tokens", "at least 1"),
+            (self.attention_scale is None or self.attention_scale >= 0, "attention_scale", "≥ 0"),
+            (self.rag >= 0, "rag", "≥ 0"),
+            (0 <= self.rag_fraction <= 1, "rag_fraction", "within [0, 1]"),
+            (self.steps >= 1 and self.batch_size >= 1, "steps", "steps and batch size ≥ 1"),
+            (self.max_history >= 1, "max_history", "at least 1"),
+            (self.validate not in self.splits, "validate", "a held-out split, not a training one"),
+        ]
+        for ok, name, wanted in check:
+            if not ok:
+                raise InvalidInputError(
+                    f"{name} must be {wanted} (got {getattr(self, name)!r}).", field=name
+                )
+
+    @property
+    def scale(self) -> float | None:
+        """The attention scale's start, None when off (0 on the command line)."""
+        return self.attention_scale or None
+
+    def record(self) -> dict[str, Any]:
+        """The settings recorded in the head's manifest entry."""
+        return {
+            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+            for f in fields(self)
+            if f.metadata.get("record", True)
+        }
+
+    def command(self, task_dir: str) -> str:
+        """The `train-plug` command line that trains this head again: every setting spelled
+        out, so a later change of a default does not change what it reproduces."""
+        words = [*shlex.split(COMMAND), task_dir]
+        for f in fields(self):
+            if "help" not in f.metadata:
+                continue
+            value, flag = getattr(self, f.name), _flag(f)
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                words.append(flag if value else f"--no-{flag[2:]}")
+            elif isinstance(value, tuple):
+                words += [w for v in value for w in (flag, str(v))]
+            else:
+                words += [flag, str(value)]
+        return shlex.join(words)
+
+
+def _flag(f: Any) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def config_options(cls: type = TrainConfig) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a click command with one option per field of `cls` (the field's name is the
+    parameter's), defaults and help taken from the fields."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for f in reversed(fields(cls)):
+            if "help" not in f.metadata:
+                continue
+            meta = dict(f.metadata)
+            help_text, flag = meta.pop("help"), meta.pop("flag", None) or _flag(f)
+            default = f.default if f.default is not MISSING else None
+            if isinstance(default, bool):
+                decl = [f"{flag}/--no-{flag[2:]}", f.name]
+            else:
+                decl = [flag, f.name]
+            fn = click.option(*decl, default=default, show_default=True, help=help_text, **meta)(fn)
+        return fn
+
+    return decorate
+
+
+def config_from_options(cls: type = TrainConfig, **values: Any) -> Any:
+    """The config for a command's parsed options (those that are fields of `cls`)."""
+    names = {f.name for f in fields(cls)}
+    return cls(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
+    )
+
+
+__all__ = ["TrainConfig", "asdict", "config_from_options", "config_options"]

@@ -1,0 +1,69 @@
+"""The trained head as the device runs it: an ONNX graph and its manifest entry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edge_pllm.bundle import HEAD_FILE, Bundle, PlugSpec
+
+from ..embedder import quiet_third_party
+from .model import PPlugHead
+
+
+def export_onnx(head: PPlugHead, path: str | Path) -> Path:
+    """The head as ONNX: the request's inputs (`head.input_names`: query (B, d_enc) for the
+    linear input encoder, input_ids and attention_mask (B, L) int64 for the trainable one),
+    history (B, N, d_enc) and mask (B, N) -> soft_tokens (B, 1 + n_persona, d_llm). fp32
+    throughout; the trainable variant carries its encoder (about 90 MB for MiniLM)."""
+    path = Path(path)
+    d = head.config.d_enc
+    query = head.query_encoder.example_inputs()
+    batch = len(query[0])
+    args = (*query, torch.zeros(batch, 3, d), torch.ones(batch, 3))
+    head.eval()
+    with quiet_third_party(), torch.no_grad():
+        torch.onnx.export(
+            head,
+            args,
+            str(path),
+            input_names=list(head.input_names),
+            output_names=["soft_tokens"],
+            dynamic_axes={
+                **head.query_encoder.dynamic_axes(),
+                "history": {0: "batch", 1: "n"},
+                "mask": {0: "batch", 1: "n"},
+                "soft_tokens": {0: "batch"},
+            },
+            opset_version=17,
+            dynamo=False,
+        )
+    return path
+
+
+def head_spec(head: PPlugHead, bundle: Bundle, info: dict[str, Any]) -> PlugSpec:
+    """The manifest's `plug` entry for `head` trained against `bundle`'s LLM and embedder:
+    its shape, where its soft tokens go, and the sha256 of the files it was trained for (the
+    tokenizer's too when the head tokenizes the request itself); `info` (the training
+    settings and results) is kept with it."""
+    files = bundle.manifest["files"]
+    trainable = head.config.input_encoder == "trainable"
+    extra: dict[str, Any] = {"n_persona": head.config.n_persona, "inputs": list(head.input_names)}
+    if head.log_scale is not None:  # the learned τ (it started at config.attention_scale)
+        extra["attention_scale"] = round(float(head.log_scale.detach().exp()), 4)
+    return PlugSpec(
+        file=HEAD_FILE,
+        d_enc=head.config.d_enc,
+        d_llm=head.config.d_llm,
+        llm_sha256=files[bundle.llm.file]["sha256"],
+        embedder_sha256=files[bundle.embedder.file]["sha256"],
+        n_soft=1 + head.config.n_persona,
+        max_history=head.config.max_history,
+        input_encoder=head.config.input_encoder,
+        max_seq_length=head.config.max_seq_length if trainable else None,
+        tokenizer_sha256=files[bundle.embedder.tokenizer]["sha256"] if trainable else None,
+        placement=head.config.placement,  # type: ignore[arg-type]
+        extra={**extra, **info},
+    )

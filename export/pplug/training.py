@@ -1,0 +1,401 @@
+"""Training the head against the frozen LLM: set up, resume, step, save.
+
+LLM and history encoder frozen; cross-entropy on the gold output with teacher forcing; AdamW
+with warmup and linear decay (a trainable input encoder at its own, smaller learning rate);
+history-dropout augmentation (copies of each example that drop a random 1–50 % of the
+history); optionally (`rag`) a share of the examples shown with their k nearest history
+items in the prompt, as plug+rag shows them. With the soft tokens before the answer
+(`placement`), each request's keys and values are computed once (`frozen.FrozenPrefix`)
+and each step runs the LLM over the soft tokens, the answer's header and the answer only.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from edge_pllm.bundle import Bundle, load_bundle
+from edge_pllm.embedder import Embedder
+from edge_pllm.errors import InvalidInputError
+from edge_pllm.head import QueryTokenizer
+from edge_pllm.lamp import TaskSpec
+from edge_pllm.llm import LLM, LLMConfig
+from edge_pllm.vector_cache import cache_key
+
+from .config import TrainConfig
+from .data import Encoded, Example, PromptEncoder, VectorTable, retrieve, vector_cache
+from .frozen import (
+    FrozenPrefix,
+    check_input_encoder,
+    load_frozen_llm,
+    load_input_encoder,
+    token_embedding_norm,
+    token_losses,
+)
+from .model import HeadConfig, PPlugHead
+from .validation import Validation, soft_tokens, validate, validation_examples
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    final_loss: float
+    losses: list[float] = field(default_factory=list)
+    device: str = ""  # what the steps of this run ran on (device_label)
+    validation: Validation | None = None
+    examples_per_hour: float = 0.0  # training examples (own-history passes) per wall hour
+    setup_seconds: float = 0.0  # loading, embedding and the requests' keys and values
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device to train on: "auto" picks a CUDA GPU when torch sees one, else the
+    CPU; a device torch cannot use here is refused with what to do instead."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InvalidInputError(
+            f"Unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps.", field="device"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count or (device.index is not None and device.index >= count):
+            raise InvalidInputError(
+                f"Device {name!r} is not available: torch sees {count} CUDA GPU(s) "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}). "
+                "Install a CUDA build of torch on a GPU machine, or train with --device cpu.",
+                field="device",
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidInputError(
+            "Device 'mps' is not available: torch sees no Apple GPU. Train with --device cpu.",
+            field="device",
+        )
+    elif device.type not in ("cpu", "mps"):
+        raise InvalidInputError(
+            f"Training on {device.type!r} is not supported: use auto, cpu, cuda, cuda:N or mps.",
+            field="device",
+        )
+    return device
+
+
+def device_label(device: torch.device) -> str:
+    """How the device is recorded with a trained head, e.g. "cuda (NVIDIA H100 80GB HBM3)"."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "mps":
+        return "mps (Apple GPU)"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+@dataclass
+class Session:
+    """Everything a training run holds: the frozen models, the data in the forms each step
+    reads, the head and its optimizer."""
+
+    config: TrainConfig
+    bundle: Bundle
+    device: torch.device
+    llm: torch.nn.Module
+    embed_scale: float
+    examples: list[Example]
+    table: VectorTable
+    encode: PromptEncoder
+    encoded: list[Encoded]
+    prefixes: FrozenPrefix
+    encoded_rag: list[Encoded]
+    prefixes_rag: FrozenPrefix | None
+    head: PPlugHead
+    query_inputs: Callable[[list[str]], tuple[torch.Tensor, ...]]
+    opt: torch.optim.AdamW
+    sched: torch.optim.lr_scheduler.LambdaLR
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0  # training time of earlier runs (resumed)
+
+
+def _optimizer(head: PPlugHead, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the head; a trainable input encoder in its own group at `encoder_lr`."""
+    encoder = list(head.query_encoder.parameters())
+    if head.config.input_encoder != "trainable":
+        encoder = []
+    in_encoder = {id(p) for p in encoder}
+    groups: list[dict[str, Any]] = [
+        {"params": [p for p in head.parameters() if id(p) not in in_encoder]}
+    ]
+    if encoder:
+        groups.append({"params": encoder, "lr": config.encoder_lr})
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _schedule(opt: torch.optim.AdamW, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    warm = max(1, int(config.warmup * config.steps))
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (config.steps - step) / max(1, config.steps - warm))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
+def setup(
+    bundle_dir: str | Path,
+    examples: list[Example],
+    spec: TaskSpec,
+    config: TrainConfig,
+    home_dir: Path,
+    validation: Sequence[Example] = (),
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> Session:
+    """Load the frozen models, embed the histories (cached in `home_dir`), encode the
+    prompts, compute the requests' keys and values, and build a fresh head."""
+    if not examples:
+        raise InvalidInputError("No training examples: check the task folder and split.")
+    device = resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    bundle = load_bundle(bundle_dir)
+    emb = bundle.embedder
+    embedder = Embedder(bundle.file(emb.file), bundle.file(emb.tokenizer), emb.config)
+    runtime = LLM(bundle.file(bundle.llm.file), LLMConfig(n_ctx=512))
+    llm = load_frozen_llm(bundle, Path(config.llm_source) if config.llm_source else None)
+    # Measured on the CPU before the move: the same float whatever the training device.
+    embed_norm = token_embedding_norm(llm) / runtime.embed_scale
+    llm.to(device)
+    trainable = config.input_encoder == "trainable"
+    # Retrieval (config.rag) searches the whole history, as the store does at run time.
+    first = 0 if config.rag else -config.max_history
+    texts = [t for e in [*examples, *validation] for t in e.texts[first:]]
+    if not trainable or config.rag:
+        texts += [e.query for e in [*examples, *validation]]
+    with vector_cache(home_dir, bundle, embedder) as cache:
+        table = VectorTable(cache, texts)
+    encode = PromptEncoder(runtime, spec, config.max_prompt_tokens, config.placement)
+    encoded = [encode(e) for e in examples]
+    # The requests' keys and values, kept per LLM (and its source) in <home>/cache.
+    llm_key = bundle.manifest["files"][bundle.llm.file]["sha256"]
+    if config.llm_source:
+        llm_key = cache_key(str(Path(config.llm_source).resolve()))
+    kv_dir = home_dir / "cache" / f"prefix-{llm_key[:16]}"
+    prefixes = FrozenPrefix(llm, encoded, progress, kv_dir)
+    # plug+rag: the same examples with their k nearest history items shown in the prompt.
+    encoded_rag = (
+        [encode(e, retrieve(e, table, config.rag)) for e in examples] if config.rag else []
+    )
+    prefixes_rag = FrozenPrefix(llm, encoded_rag, progress, kv_dir) if config.rag else None
+    if log:
+        log(f"requests' keys and values: {prefixes.nbytes / 1e9:.2f} GB (fp16)")
+
+    head_config = HeadConfig(
+        d_enc=emb.config.dim,
+        d_llm=runtime.n_embd,
+        embed_norm=embed_norm,
+        max_history=config.max_history,
+        input_encoder=config.input_encoder,  # type: ignore[arg-type]
+        n_persona=config.persona_tokens,
+        attention_scale=config.scale,
+        center=config.center,
+        placement=config.placement,
+        pooling=emb.config.pooling,
+        normalize=emb.config.normalize,
+        max_seq_length=emb.config.max_seq_length,
+    )
+    torch.manual_seed(config.seed)
+    if trainable:
+        source = Path(config.encoder_source) if config.encoder_source else None
+        head = PPlugHead(head_config, load_input_encoder(bundle, source))
+        tokenize = QueryTokenizer(bundle.file(emb.tokenizer), head_config.max_seq_length)
+        cosine = check_input_encoder(head, tokenize, embedder, [e.query for e in examples[:8]])
+        if log:
+            log(f"trainable input encoder agrees with the bundle's embedder: cosine {cosine:.3f}")
+
+        def query_inputs(queries: list[str]) -> tuple[torch.Tensor, ...]:
+            return tuple(torch.from_numpy(a).to(device) for a in tokenize(queries))
+    else:
+        head = PPlugHead(head_config)
+
+        def query_inputs(queries: list[str]) -> tuple[torch.Tensor, ...]:
+            return (torch.from_numpy(table(queries)).to(device),)
+
+    if config.center:  # μ over every training user's history, each item once
+        seen = list(dict.fromkeys(t for e in examples for t in e.texts[-config.max_history :]))
+        head.set_history_mean(torch.from_numpy(table(seen)))
+    head.to(device)
+    opt = _optimizer(head, config)
+    return Session(
+        config, bundle, device, llm, runtime.embed_scale, examples, table, encode, encoded,
+        prefixes, encoded_rag, prefixes_rag, head, query_inputs, opt, _schedule(opt, config),
+    )  # fmt: skip
+
+
+def resume(session: Session, out_dir: Path) -> None:
+    """Continue from the checkpoint in `out_dir`, if there is one (from any device); one of
+    another head configuration is refused."""
+    ckpt = out_dir / CHECKPOINT
+    if not ckpt.is_file():
+        random.seed(session.config.seed)
+        return
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    head_config = session.head.config
+    saved = HeadConfig(**state.get("head_config", {}))
+    same_norm = math.isclose(saved.embed_norm, head_config.embed_norm, rel_tol=1e-5)
+    if not same_norm or replace(saved, embed_norm=head_config.embed_norm) != head_config:
+        raise InvalidInputError(
+            f"The checkpoint in {out_dir} is of another head ({saved}, now {head_config}); "
+            f"train into another folder or delete {ckpt.name}.",
+            field="out_dir",
+        )
+    session.head.load_state_dict(upgrade_state(state["head"]))
+    session.opt.load_state_dict(state["opt"])
+    session.sched.load_state_dict(state["sched"])
+    session.step, session.losses, session.seconds = state["step"], state["losses"], state["seconds"]
+    random.setstate(state["py_rng"])
+    # The trainable encoder's dropout draws from torch's generator (CUDA's on a GPU).
+    if "torch_rng" in state:
+        torch.set_rng_state(state["torch_rng"])
+    if session.device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], session.device)
+
+
+def upgrade_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A head state dict from an older head: `query_map` (before the input-encoder option)
+    is the linear encoder; no `history_mean` (before centring) is a zero mean."""
+    state = {k.replace("query_map.", "query_encoder.", 1): v for k, v in state.items()}
+    if "history_mean" not in state and "instruction" in state:
+        state["history_mean"] = torch.zeros_like(state["instruction"])
+    return state
+
+
+def save(session: Session, out_dir: Path, seconds: float) -> None:
+    """Write the checkpoint (head, optimizer, schedule, random states) for `resume`."""
+    device = session.device
+    torch.save(
+        {
+            "head": session.head.state_dict(),
+            "opt": session.opt.state_dict(),
+            "sched": session.sched.state_dict(),
+            "step": session.step,
+            "losses": session.losses,
+            "seconds": seconds,
+            "py_rng": random.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+            "head_config": asdict(session.head.config),
+        },
+        out_dir / CHECKPOINT,
+    )
+
+
+def _history(hist: list[str], config: TrainConfig) -> list[str]:
+    """The newest `max_history` items; in `dropout_copies` of every `dropout_copies + 1`
+    draws, 1-50 % of them dropped (the paper's history-dropout augmentation)."""
+    hist = hist[-config.max_history :]
+    if random.random() < config.dropout_copies / (config.dropout_copies + 1) and len(hist) > 1:
+        keep = max(1, round(len(hist) * (1 - random.uniform(0.01, 0.5))))
+        hist = [hist[i] for i in sorted(random.sample(range(len(hist)), keep))]
+    return hist
+
+
+def train_step(session: Session) -> float:
+    """One optimizer step on a random batch; returns its loss (nats per target token)."""
+    s, config = session, session.config
+    idx = [random.randrange(len(s.examples)) for _ in range(config.batch_size)]
+    hists = [s.table(_history(s.examples[i].texts, config)) for i in idx]
+    query = s.query_inputs([s.examples[i].query for i in idx])
+    with_rag = [bool(s.encoded_rag) and random.random() < config.rag_fraction for _ in idx]
+    prompts = [s.encoded_rag[i] if r else s.encoded[i] for i, r in zip(idx, with_rag, strict=True)]
+    prefixes = [
+        s.prefixes_rag[i] if r and s.prefixes_rag else s.prefixes[i]
+        for i, r in zip(idx, with_rag, strict=True)
+    ]
+    soft = soft_tokens(s.head, query, hists)
+    losses, mask = token_losses(s.llm, prompts, soft, s.embed_scale, prefixes)
+    loss = losses.sum() / mask.sum()
+    s.opt.zero_grad()
+    loss.backward()
+    params = [p for group in s.opt.param_groups for p in group["params"]]
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    s.opt.step()
+    s.sched.step()
+    s.step += 1
+    s.losses.append(loss.item())
+    return s.losses[-1]
+
+
+def train(
+    bundle_dir: str | Path,
+    examples: list[Example],
+    spec: TaskSpec,
+    out_dir: str | Path,
+    config: TrainConfig | None = None,
+    home_dir: Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    validation: Sequence[Example] = (),
+) -> tuple[PPlugHead, TrainResult]:
+    """Train a head for the bundle's LLM and embedder on `examples`; resumes from out_dir
+    (a checkpoint there must be of the same head configuration, from any device). The head
+    returned is on the CPU. With `validation` examples (held out: another split), the
+    trained head's held-out losses are measured and returned in the result."""
+    config = config or TrainConfig()
+    resolve_device(config.device)  # an unusable device is refused before anything is written
+    if validation:
+        validation = validation_examples(validation)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    s = setup(bundle_dir, examples, spec, config, home_dir or out_dir, validation, progress, log)
+    setup_seconds = time.perf_counter() - started
+    resume(s, out_dir)
+    bar = tqdm(
+        total=config.steps, initial=s.step, desc="Training PPlug head", unit="step",
+        disable=not progress,
+    )  # fmt: skip
+    started, first = time.perf_counter(), s.step
+    s.head.train()
+    with bar:
+        while s.step < config.steps:
+            train_step(s)
+            bar.set_postfix(loss=f"{np.mean(s.losses[-20:]):.3f}")
+            bar.update()
+            if s.step % config.checkpoint_every == 0 or s.step == config.steps:
+                save(s, out_dir, s.seconds + time.perf_counter() - started)
+    run_seconds = time.perf_counter() - started
+    seconds = s.seconds + run_seconds
+    checked = None
+    if validation:
+        checked = validate(
+            s.head, s.llm, validation, s.encode, s.table, s.query_inputs, s.embed_scale
+        )
+        if log:
+            log(checked.summary())
+    s.head.eval().cpu()  # exported and compared on the CPU, as the device runs it
+    done = (s.step - first) * config.batch_size
+    result = TrainResult(
+        config.steps,
+        seconds,
+        float(np.mean(s.losses[-20:])) if s.losses else 0.0,
+        s.losses,
+        device_label(s.device),
+        checked,
+        examples_per_hour=done / run_seconds * 3600 if run_seconds > 0 and done else 0.0,
+        setup_seconds=setup_seconds,
+    )
+    if log:
+        log(f"trained {config.steps} steps in {seconds:.0f} s, final loss {result.final_loss:.3f}")
+    return s.head, result
