@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -432,13 +432,29 @@ def setup(obj: Context, rebuild: bool) -> None:
 
 SAMPLE_USER = "sample-author"
 # The sample is 40 commits of one NumPy author (public git history, from the
-# commit_subjects evaluation data); the request is a later commit of theirs.
-SAMPLE_QUERY = (
-    "Reply with only a one-line git commit subject for this commit message body:\n\n"
+# commit_subjects evaluation data); the request is a later commit of theirs, asked the way
+# that task asks (its prompt and its way of showing history items).
+SAMPLE_TASK = "commit_subject"
+SAMPLE_BODY = (
     "Restores the good performance of unpackbits we had since 1.13.\n"
     "Added a second lookup table for the new little bitorder flag and changed\n"
     "it to be stored in little endian as it is the more common endian."
 )
+
+
+def first_line(pieces: Iterator[str]) -> Iterator[str]:
+    """The stream up to the end of its first non-blank line: a one-line answer stops there
+    (the generation stops with it)."""
+    started = False
+    for piece in pieces:
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        line, newline, _ = piece.partition("\n")
+        if line:
+            yield line
+        if newline and started:
+            return
 
 
 @cli.command()
@@ -454,6 +470,9 @@ SAMPLE_QUERY = (
 @plain_errors
 def demo(obj: Context, strategies: tuple[str, ...]) -> None:
     """Load a sample author's commit history and answer one request per strategy."""
+    from .lamp import task_spec
+
+    spec = task_spec(SAMPLE_TASK)
     sample = resources.files("edge_pllm").joinpath("sample_history.jsonl")
     with sample.open("rb") as fh:
         _add(obj, SAMPLE_USER, list(read_jsonl(fh)))
@@ -461,12 +480,18 @@ def demo(obj: Context, strategies: tuple[str, ...]) -> None:
     if not strategies:
         has_head = pllm.bundle.plug is not None
         strategies = ("none", "rag", "plug", "plug+rag") if has_head else ("none", "rag")
-    click.echo(f"\nRequest for {SAMPLE_USER}:\n{SAMPLE_QUERY}\n")
+    request = spec.query(f"Generate a subject line for the following commit message: {SAMPLE_BODY}")
+    click.echo(f"\nRequest for {SAMPLE_USER}:\n{request}\n")
     for strategy in strategies:
         click.echo(f"--- {strategy} ---")
-        for piece in pllm.stream(
-            SAMPLE_USER, SAMPLE_QUERY, strategy=strategy, sampling=SamplingConfig(max_tokens=48)
-        ):
+        pieces = pllm.stream(
+            SAMPLE_USER,
+            request,
+            strategy=strategy,
+            sampling=SamplingConfig(max_tokens=48),
+            style=spec.style,
+        )
+        for piece in first_line(pieces):
             click.echo(piece, nl=False)
         click.echo()
 

@@ -127,3 +127,20 @@ def test_backup_and_path(run, isolated_home: Path, tmp_path: Path):
     assert "Backed up" in run("backup", str(dest)).output
     assert dest.stat().st_size > 0
     assert "already exists" in run("backup", str(dest), ok=False).output
+
+
+def test_one_line_answers_stop_at_the_end_of_their_first_line():
+    from edge_pllm.cli import first_line
+
+    consumed = []
+
+    def stream(pieces):
+        for p in pieces:
+            consumed.append(p)
+            yield p
+
+    assert "".join(first_line(stream(["\n", " fix: x", "y\n", "second line"]))) == "fix: xy"
+    assert consumed == ["\n", " fix: x", "y\n"]  # the generation stopped there
+    assert "".join(first_line(iter(["one", " line"]))) == "one line"
+    assert "".join(first_line(iter(["a\nb"]))) == "a"
+    assert "".join(first_line(iter([]))) == ""

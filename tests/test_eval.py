@@ -51,6 +51,7 @@ def make_task(folder: Path) -> Path:
 
 
 def test_runner_writes_lamp_outputs_metrics_and_keeps_users_apart(default_bundle, tmp_path):
+    pytest.importorskip("rouge_score", reason="ROUGE needs the [eval] extra")
     task = make_task(tmp_path / "task")
     out = tmp_path / "run"
     with PersonalLLM(
@@ -88,6 +89,7 @@ def test_runner_writes_lamp_outputs_metrics_and_keeps_users_apart(default_bundle
 
 
 def test_killed_run_resumes_where_it_stopped(default_bundle, tmp_path):
+    pytest.importorskip("rouge_score", reason="ROUGE needs the [eval] extra")
     task = make_task(tmp_path / "task")
     out = tmp_path / "run"
     cmd = [

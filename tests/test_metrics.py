@@ -28,6 +28,7 @@ def test_rouge_hand_checked_and_equal_to_rouge_score():
 
 
 def test_no_stemming_as_lamp():
+    pytest.importorskip("rouge_score", reason="ROUGE needs the [eval] extra")
     r = metrics.rouge_scores(["fixes"], ["fixed"])
     assert r["rouge-1"][0] == 0.0
 
@@ -66,6 +67,7 @@ def test_macro_f1_equals_sklearn_with_explicit_labels():
 
 
 def test_bootstrap_interval_and_paired_difference():
+    pytest.importorskip("rouge_score", reason="ROUGE needs the [eval] extra")
     rows = metrics.GENERATION.per_example(["a b", "a", "c", "a b c"], ["a b", "b", "c", "a"])
     est = metrics.bootstrap(metrics.GENERATION, rows, n_resamples=200)
     for e in est.values():

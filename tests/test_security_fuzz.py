@@ -525,12 +525,14 @@ def run_server_fuzz(pllm: PersonalLLM, examples: int) -> dict[str, int]:
 
 
 def test_server_fuzz_fast(pllm, report_counts):
+    pytest.importorskip("starlette", reason="the server needs the [server] extra")
     seen = run_server_fuzz(pllm, 150)
     report_counts(f"{sum(seen.values())} server requests, statuses {dict(sorted(seen.items()))}")
 
 
 @pytest.mark.slow
 def test_server_fuzz_many(pllm, report_counts):
+    pytest.importorskip("starlette", reason="the server needs the [server] extra")
     seen = run_server_fuzz(pllm, 1200)
     report_counts(f"{sum(seen.values())} server requests, statuses {dict(sorted(seen.items()))}")
 
