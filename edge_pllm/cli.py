@@ -444,17 +444,18 @@ SAMPLE_BODY = (
 
 def first_line(pieces: Iterator[str]) -> Iterator[str]:
     """The stream up to the end of its first non-blank line: a one-line answer stops there
-    (the generation stops with it)."""
-    started = False
+    (the generation stops with it). A first line that only announces the answer ("The
+    subject line is:") is dropped for the line after it, as the task's scorer reads it."""
+    line = ""
     for piece in pieces:
-        if not started:
-            piece = piece.lstrip()
-            started = bool(piece)
-        line, newline, _ = piece.partition("\n")
-        if line:
-            yield line
-        if newline and started:
-            return
+        line += piece
+        while "\n" in line:
+            head, _, line = line.partition("\n")
+            if head.strip() and not head.rstrip().endswith(":"):
+                yield head.strip()
+                return
+    if line.strip():
+        yield line.strip()
 
 
 @cli.command()

@@ -143,4 +143,5 @@ def test_one_line_answers_stop_at_the_end_of_their_first_line():
     assert consumed == ["\n", " fix: x", "y\n"]  # the generation stopped there
     assert "".join(first_line(iter(["one", " line"]))) == "one line"
     assert "".join(first_line(iter(["a\nb"]))) == "a"
+    assert "".join(first_line(iter(["The subject is:\n", "BUG: fix\nmore"]))) == "BUG: fix"
     assert "".join(first_line(iter([]))) == ""

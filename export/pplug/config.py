@@ -81,7 +81,7 @@ class TrainConfig:
     )
     max_history: int = option(512, "Newest history items the head reads (the paper: 512).")
     # --- training
-    steps: int = option(600, "Optimizer steps.", type=click.IntRange(min=1))
+    steps: int = option(1200, "Optimizer steps.", type=click.IntRange(min=1))
     batch_size: int = option(8, "Examples per step.", type=click.IntRange(min=1))
     lr: float = option(1e-3, "Learning rate (AdamW, warmup then linear decay).")
     weight_decay: float = option(1e-4, "AdamW weight decay.")
