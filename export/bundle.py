@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from importlib import metadata
@@ -32,7 +31,7 @@ from edge_pllm.bundle import (
 )
 from edge_pllm.defaults import LLM_FILE
 from edge_pllm.errors import BundleError, MissingDependencyError
-from edge_pllm.files import atomic_write
+from edge_pllm.files import atomic_write, replacing_folder
 
 from .embedder import embedder_report, export_embedder
 from .plug_graph import split_head
@@ -138,9 +137,10 @@ def build_bundle(
         raise BundleError(f"The LLM file {llm_gguf} does not exist.", file=str(llm_gguf))
     info = gguf_info(llm_gguf)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    steps = tqdm(total=4, desc="Building bundle", unit="step")
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
+    with (
+        tqdm(total=4, desc="Building bundle", unit="step") as steps,
+        replacing_folder(dest) as work,
+    ):
         steps.set_postfix_str("copying LLM")
         _copy_with_progress(llm_gguf, work / LLM_FILE, "LLM")
         steps.update()
@@ -182,14 +182,6 @@ def build_bundle(
         steps.set_postfix_str("verifying")
         load_bundle(work)
         steps.update()
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(work, dest)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    finally:
-        steps.close()
     return dest
 
 

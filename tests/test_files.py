@@ -51,3 +51,20 @@ def test_a_failed_writer_leaves_the_destination_alone(tmp_path: Path):
         tmp.write_bytes(b"whole model")
     assert target.read_bytes() == b"whole model"
     assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+
+
+def test_replacing_folder_swaps_in_whole_or_leaves_the_old_one(tmp_path):
+    from edge_pllm.files import replacing_folder
+
+    dest = tmp_path / "bundle"
+    dest.mkdir()
+    (dest / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), replacing_folder(dest) as work:
+        (work / "half.txt").write_text("half")
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no temporary left
+    assert [p.name for p in dest.iterdir()] == ["old.txt"]
+    with replacing_folder(dest) as work:
+        (work / "new.txt").write_text("new")
+    assert [p.name for p in dest.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
