@@ -212,9 +212,10 @@ def copy_head(bundle_dir: str | Path, source: str | Path) -> Path:
     """Put the head of another bundle (or of a bundle's shipped parts, `models/default`),
     already split, into `bundle_dir`; BundleError if it was trained for other files."""
     source = Path(source)
-    spec = load_bundle(source, verify=False).require_plug()
+    parts = load_bundle(source, verify=False)
+    spec = parts.require_plug()
     names = [spec.file, *([spec.project_file] if spec.project_file else [])]
-    entries = load_bundle(source, verify=False).manifest["files"]
+    entries = parts.manifest["files"]
 
     def write(folder: Path) -> None:
         for name in names:
