@@ -442,20 +442,22 @@ SAMPLE_BODY = (
 )
 
 
-def first_line(pieces: Iterator[str]) -> Iterator[str]:
-    """The stream up to the end of its first non-blank line: a one-line answer stops there
-    (the generation stops with it). A first line that only announces the answer ("The
-    subject line is:") is dropped for the line after it, as the task's scorer reads it."""
+def first_line(pieces: Iterator[str], clean: Callable[[str], str] = str.strip) -> Iterator[str]:
+    """The stream up to the end of its first line with an answer, as `clean` (the task's
+    scorer's reading of an answer) leaves it: a one-line answer stops there, and so does
+    the generation. A line that only announces the answer ("The subject line is:") or that
+    `clean` empties (markup) is passed over."""
     line = ""
     for piece in pieces:
         line += piece
         while "\n" in line:
             head, _, line = line.partition("\n")
-            if head.strip() and not head.rstrip().endswith(":"):
-                yield head.strip()
+            answer = clean(head)
+            if answer and not answer.endswith(":"):
+                yield answer
                 return
-    if line.strip():
-        yield line.strip()
+    if clean(line):
+        yield clean(line)
 
 
 @cli.command()
@@ -492,7 +494,7 @@ def demo(obj: Context, strategies: tuple[str, ...]) -> None:
             sampling=SamplingConfig(max_tokens=48),
             style=spec.style,
         )
-        for piece in first_line(pieces):
+        for piece in first_line(pieces, spec.clean):
             click.echo(piece, nl=False)
         click.echo()
 
