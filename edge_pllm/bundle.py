@@ -17,14 +17,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from .embedder import EmbedderConfig
-from .errors import BundleError
+from .embedder import POOLINGS, EmbedderConfig
+from .errors import BundleError, InvalidInputError
 from .files import atomic_write
+from .items import json_type
+from .jsonio import parse_json
 
 MANIFEST = "manifest.json"
 STAMP = ".verified.json"
@@ -34,6 +37,12 @@ HEAD_FILE = "plug.onnx"  # the head's aggregate graph (or, attached before the s
 PROJECT_FILE = "plug_project.onnx"  # Proj(h_i) per history item (export/plug_graph.py)
 N_SOFT = 2  # soft tokens of heads whose entry predates `n_soft`: [instruction; persona]
 MAX_HISTORY = 512  # history items a head reads when its entry does not say
+# Bounds of the manifest's numbers: a value outside is a malformed manifest, refused on load
+# (a width of 0 or a negative length would otherwise fail later, deep in sqlite-vec or a model).
+MAX_WIDTH = 65_536  # embedder dim, LLM n_embd, a head's d_enc and d_llm
+MAX_SEQ_LENGTH = 100_000  # tokens an encoder reads
+MAX_SOFT_TOKENS = 1_024  # soft tokens a head writes
+MAX_HISTORY_ITEMS = 100_000  # history items a head reads
 
 InputEncoder = Literal["linear", "trainable"]
 """How the head reads the request: `linear`, the bundle embedder's vector through a learned
@@ -135,17 +144,24 @@ class PlugSpec:
         optional = {"project_file", "tokenizer_sha256", "max_seq_length"}
         for key in ("file", "llm_sha256", "embedder_sha256", "project_file", "tokenizer_sha256"):
             value = getattr(self, key)
-            if not (value is None and key in optional) and not (isinstance(value, str) and value):
+            if not (value is None and key in optional) and not (_is_text(value) and value):
                 _malformed(folder, key, "a non-empty string", value)
-        for key in ("d_enc", "d_llm", "n_soft", "max_history", "max_seq_length"):
+        bounds = {
+            "d_enc": MAX_WIDTH,
+            "d_llm": MAX_WIDTH,
+            "n_soft": MAX_SOFT_TOKENS,
+            "max_history": MAX_HISTORY_ITEMS,
+            "max_seq_length": MAX_SEQ_LENGTH,
+        }
+        for key, high in bounds.items():
             value = getattr(self, key)
-            positive = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-            if not (value is None and key in optional) and not positive:
-                _malformed(folder, key, "a positive integer", value)
+            accepts, wanted = _positive_int(high)
+            if not (value is None and key in optional) and not accepts(value):
+                _malformed(folder, key, wanted, value)
         if self.input_encoder not in INPUT_ENCODERS:
             raise BundleError(
                 f"The Persona-Plug head in {folder} declares an unknown input encoder "
-                f"{self.input_encoder!r} (this edge-pllm knows {', '.join(INPUT_ENCODERS)}); "
+                f"{_shown(self.input_encoder)} (this edge-pllm knows {', '.join(INPUT_ENCODERS)}); "
                 "update edge-pllm or retrain the head.",
                 bundle=str(folder),
                 file=self.file,
@@ -153,7 +169,7 @@ class PlugSpec:
         if self.placement not in PLACEMENTS:
             raise BundleError(
                 f"The Persona-Plug head in {folder} declares an unknown placement "
-                f"{self.placement!r} for its soft tokens (this edge-pllm knows "
+                f"{_shown(self.placement)} for its soft tokens (this edge-pllm knows "
                 f"{', '.join(PLACEMENTS)}); update edge-pllm or retrain the head.",
                 bundle=str(folder),
                 file=self.file,
@@ -166,7 +182,7 @@ class PlugSpec:
 def _malformed(folder: Path, key: str, wanted: str, value: Any) -> None:
     raise BundleError(
         f"The Persona-Plug head in {folder} has a malformed manifest entry: {key} must be "
-        f"{wanted} (got {value!r}); retrain the head for this bundle or rebuild the bundle.",
+        f"{wanted} (got {_shown(value)}); retrain the head for this bundle or rebuild the bundle.",
         bundle=str(folder),
         file=MANIFEST,
     )
@@ -258,78 +274,147 @@ def file_entries(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     }
 
 
-def _parse(folder: Path, manifest: dict[str, Any]) -> Bundle:
+_MISSING: Any = object()
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _positive_int(high: int) -> tuple[Callable[[Any], bool], str]:
+    """A check (and its wording) for an integer from 1 to `high` (not a bool)."""
+    return (lambda v: type(v) is int and 1 <= v <= high, f"a positive integer (at most {high:,})")
+
+
+def _is_text(value: Any) -> bool:
+    """A string that is valid Unicode (no lone surrogates, which JSON's \\u escapes allow
+    but no terminal or file system encoding can write)."""
+    if not isinstance(value, str):
+        return False
     try:
-        if manifest.get("format") != FORMAT:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_TEXT = (lambda v: _is_text(v) and bool(v), "a non-empty string")
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+
+
+def _field(
+    folder: Path,
+    section: Mapping[str, Any],
+    where: str,
+    key: str,
+    check: tuple[Callable[[Any], bool], str],
+    default: Any = _MISSING,
+) -> Any:
+    """The value of `key` in the manifest's `where` section, if `check` accepts it (absent:
+    `default`, when there is one); else a BundleError naming the field and what it must be."""
+    label = f"{where}.{key}" if where else key
+    if key not in section:
+        if default is _MISSING:
             raise BundleError(
-                f"The bundle {folder} has manifest format {manifest.get('format')!r}; this "
-                f"edge-pllm reads format {FORMAT}. Rebuild it with `edge-pllm setup --rebuild`.",
+                f"The manifest of {folder} is incomplete or malformed: {label} is missing; "
+                "rebuild the bundle.",
                 bundle=str(folder),
+                file=MANIFEST,
             )
-        llm, emb = manifest["llm"], manifest["embedder"]
-        plug, plug_error = None, None
-        if manifest.get("plug") not in (None, {}):  # null or {}: no head
-            try:
-                plug = PlugSpec.from_manifest(folder, manifest["plug"])
-            except BundleError as exc:
-                plug_error = exc
-        return Bundle(
-            path=folder,
-            name=manifest.get("name", folder.name),
-            llm=LLMSpec(
-                file=llm["file"],
-                architecture=llm["architecture"],
-                n_embd=int(llm["n_embd"]),
-                quantization=llm.get("quantization", "unknown"),
-                chat_template=llm.get("chat_template"),
-            ),
-            embedder=EmbedderSpec(
-                file=emb["file"],
-                tokenizer=emb["tokenizer"],
-                int8=bool(emb.get("int8", False)),
-                config=EmbedderConfig(
-                    dim=int(emb["dim"]),
-                    pooling=emb.get("pooling", "mean"),
-                    normalize=bool(emb.get("normalize", True)),
-                    max_seq_length=int(emb.get("max_seq_length", 256)),
+        return default
+    value = section[key]
+    accepts, wanted = check
+    if not accepts(value):
+        raise BundleError(
+            f"The manifest of {folder} is incomplete or malformed: {label} must be {wanted} "
+            f"(got {_shown(value)}); rebuild the bundle.",
+            bundle=str(folder),
+            file=MANIFEST,
+        )
+    return value
+
+
+def _file_field(folder: Path, section: Mapping[str, Any], where: str, key: str) -> str:
+    """A file name of the manifest: present, and a relative path inside the bundle."""
+    return _check_name(folder, _field(folder, section, where, key, (lambda v: True, "")))
+
+
+def _shown(value: Any) -> str:
+    """A value as a message shows it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _section(folder: Path, manifest: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    return _field(folder, manifest, "", key, (_is_object, "an object"))
+
+
+def _is_object(value: Any) -> bool:
+    return isinstance(value, Mapping)
+
+
+def _parse(folder: Path, manifest: dict[str, Any]) -> Bundle:
+    """The bundle that `manifest` describes. Every field is checked for its type and bounds
+    here (a width of 0, a negative length or a string where a number goes is a BundleError
+    naming the field), before anything is built or loaded from it."""
+    fmt = manifest.get("format")
+    if type(fmt) is not int or fmt != FORMAT:
+        raise BundleError(
+            f"The bundle {folder} has manifest format {_shown(fmt)}; this edge-pllm reads "
+            f"format {FORMAT}. Rebuild it with `edge-pllm setup --rebuild`.",
+            bundle=str(folder),
+        )
+    name = _field(folder, manifest, "", "name", _TEXT, folder.name)
+    llm, emb = _section(folder, manifest, "llm"), _section(folder, manifest, "embedder")
+    plug, plug_error = None, None
+    if manifest.get("plug") not in (None, {}):  # null or {}: no head
+        try:
+            plug = PlugSpec.from_manifest(folder, manifest["plug"])
+        except BundleError as exc:
+            plug_error = exc
+    optional_text = (lambda v: v is None or _is_text(v), "a string or null")
+    return Bundle(
+        path=folder,
+        name=name,
+        llm=LLMSpec(
+            file=_file_field(folder, llm, "llm", "file"),
+            architecture=_field(folder, llm, "llm", "architecture", _TEXT),
+            n_embd=_field(folder, llm, "llm", "n_embd", _positive_int(MAX_WIDTH)),
+            quantization=_field(folder, llm, "llm", "quantization", _TEXT, "unknown"),
+            chat_template=_field(folder, llm, "llm", "chat_template", optional_text, None),
+        ),
+        embedder=EmbedderSpec(
+            file=_file_field(folder, emb, "embedder", "file"),
+            tokenizer=_file_field(folder, emb, "embedder", "tokenizer"),
+            int8=_field(folder, emb, "embedder", "int8", _BOOL, False),
+            config=EmbedderConfig(
+                dim=_field(folder, emb, "embedder", "dim", _positive_int(MAX_WIDTH)),
+                pooling=_field(
+                    folder,
+                    emb,
+                    "embedder",
+                    "pooling",
+                    (lambda v: v in POOLINGS, f"one of {', '.join(POOLINGS)}"),
+                    "mean",
+                ),
+                normalize=_field(folder, emb, "embedder", "normalize", _BOOL, True),
+                max_seq_length=_field(
+                    folder, emb, "embedder", "max_seq_length", _positive_int(MAX_SEQ_LENGTH), 256
                 ),
             ),
-            manifest=manifest,
-            plug=plug,
-            plug_error=plug_error,
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BundleError(
-            f"The manifest of {folder} is incomplete or malformed ({exc!r}); rebuild the bundle.",
-            bundle=str(folder),
-            file=MANIFEST,
-        ) from None
+        ),
+        manifest=manifest,
+        plug=plug,
+        plug_error=plug_error,
+    )
 
 
-def load_bundle(folder: str | Path, verify: bool = True) -> Bundle:
-    """Read and (by default) verify the bundle in `folder`."""
-    folder = Path(folder)
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise BundleError(
-            f"No bundle at {folder} (manifest.json is missing); build one with `edge-pllm setup`.",
-            bundle=str(folder),
-            file=MANIFEST,
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(
-            f"The manifest of {folder} is not valid JSON ({exc}); rebuild the bundle.",
-            bundle=str(folder),
-            file=MANIFEST,
-        ) from None
-    if not isinstance(manifest, dict):
-        raise BundleError(f"The manifest of {folder} is not a JSON object.", bundle=str(folder))
-    bundle = _parse(folder, manifest)
+def _files_section(folder: Path, manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The manifest's `files` section: each entry a sha256 (64 hex digits) and a size."""
     files = manifest.get("files") or {}
     if not isinstance(files, dict) or not all(
-        isinstance(e, dict) and isinstance(e.get("sha256"), str) and type(e.get("size")) is int
+        isinstance(e, dict)
+        and isinstance(e.get("sha256"), str)
+        and SHA256.match(e["sha256"]) is not None
+        and type(e.get("size")) is int
+        and e["size"] >= 0
         for e in files.values()
     ):
         raise BundleError(
@@ -338,8 +423,51 @@ def load_bundle(folder: str | Path, verify: bool = True) -> Bundle:
             bundle=str(folder),
             file=MANIFEST,
         )
+    return files
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    """The parsed manifest of `folder` (`jsonio.parse_json`: bounded numbers and nesting),
+    or a BundleError: missing, a symbolic link, unreadable, not JSON, not an object."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise BundleError(
+            f"No bundle at {folder} (manifest.json is missing); build one with `edge-pllm setup`.",
+            bundle=str(folder),
+            file=MANIFEST,
+        )
+    _check_inside(folder, MANIFEST)
+    try:
+        manifest = parse_json(path.read_bytes(), f"The manifest of {folder}")
+    except InvalidInputError as exc:
+        raise BundleError(
+            f"{str(exc).removesuffix('.')}; rebuild the bundle.", bundle=str(folder), file=MANIFEST
+        ) from None
+    except OSError as exc:
+        raise BundleError(
+            f"The manifest of {folder} cannot be read ({exc.strerror or exc}).",
+            bundle=str(folder),
+            file=MANIFEST,
+        ) from None
+    if not isinstance(manifest, dict):
+        raise BundleError(
+            f"The manifest of {folder} is a JSON {json_type(manifest)}, not an object; rebuild "
+            "the bundle.",
+            bundle=str(folder),
+            file=MANIFEST,
+        )
+    return manifest
+
+
+def load_bundle(folder: str | Path, verify: bool = True) -> Bundle:
+    """Read and (by default) verify the bundle in `folder`."""
+    folder = Path(folder)
+    manifest = _read_manifest(folder)
+    bundle = _parse(folder, manifest)
+    files = _files_section(folder, manifest)
     for name in files:
         _check_name(folder, name)
+        _check_inside(folder, name)
     for needed in _loaded_files(folder, bundle):
         if needed not in files:
             raise BundleError(
@@ -360,7 +488,7 @@ def load_bundle(folder: str | Path, verify: bool = True) -> Bundle:
 def _check_name(folder: Path, name: Any) -> str:
     """A file named by a manifest must be a relative path inside the bundle folder."""
     if (
-        not isinstance(name, str)
+        not _is_text(name)
         or not name
         or "\x00" in name
         or Path(name).is_absolute()
@@ -375,6 +503,27 @@ def _check_name(folder: Path, name: Any) -> str:
     return name
 
 
+def _check_inside(folder: Path, name: str) -> None:
+    """A bundle file must be the bundle's own: not a symbolic link, and (through any linked
+    folder on its way) not resolving to a place outside the bundle folder. Hard links and
+    copies are the bundle's own files; a link could be pointed elsewhere after the check."""
+    path = folder / name
+    try:
+        refused = path.is_symlink() or (
+            path.exists() and not path.resolve().is_relative_to(folder.resolve())
+        )
+    except (OSError, RuntimeError):  # a link loop, a name too long, ...
+        refused = True
+    if refused:
+        raise BundleError(
+            f"The bundle file {name} in {folder} is a symbolic link or lies outside the bundle "
+            "folder; a bundle must hold its files itself (copies or hard links): rebuild the "
+            "bundle.",
+            bundle=str(folder),
+            file=name,
+        )
+
+
 def _loaded_files(folder: Path, bundle: Bundle) -> list[str]:
     """Every file the runtime will load from this bundle: each must have a checksum."""
     names = [bundle.llm.file, bundle.embedder.file, bundle.embedder.tokenizer]
@@ -386,9 +535,11 @@ def _loaded_files(folder: Path, bundle: Bundle) -> list[str]:
 def verify_files(folder: Path, files: dict[str, dict[str, Any]]) -> None:
     """Check each file's size and sha256; raise BundleError naming the first bad one."""
     stamp_path = folder / STAMP
-    try:
-        stamp = json.loads(stamp_path.read_text())
-    except (OSError, ValueError):
+    try:  # any stamp that cannot be used is as good as none: every file is hashed
+        stamp = parse_json(stamp_path.read_bytes(), f"The verification stamp of {folder}")
+    except (OSError, InvalidInputError):
+        stamp = {}
+    if not isinstance(stamp, dict):
         stamp = {}
     fresh: dict[str, Any] = {}
     for name, entry in files.items():
@@ -401,7 +552,7 @@ def verify_files(folder: Path, files: dict[str, dict[str, Any]]) -> None:
                 file=name,
             )
         fingerprint = _fingerprint(path)
-        if stamp.get(name) == [entry["sha256"], *fingerprint]:
+        if fingerprint[1] == entry["size"] and stamp.get(name) == [entry["sha256"], *fingerprint]:
             fresh[name] = stamp[name]
             continue
         if fingerprint[1] != entry["size"] or sha256_file(path) != entry["sha256"]:

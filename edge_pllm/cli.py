@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -18,7 +19,8 @@ from tqdm.auto import tqdm
 from . import paths
 from .defaults import default_bundle_path, ensure_default_bundle
 from .errors import EdgePLLMError, InvalidInputError
-from .items import NewItem, read_jsonl, validate_items
+from .files import open_private
+from .items import NewItem, as_text, read_jsonl, validate_items, validate_user
 from .llm import LLMConfig, SamplingConfig
 from .personal import DEFAULT_STRATEGY, PersonalLLM
 from .strategies import REGISTRY
@@ -29,10 +31,13 @@ ENV_PASSPHRASE = "EDGE_PLLM_PASSPHRASE"
 # the `cli` group (the workstation's `export` and `train-plug` come this way), so the
 # runtime never names them.
 COMMANDS_GROUP = "edge_pllm.commands"
+MIN_N_CTX, MAX_N_CTX = 64, 1 << 20  # context windows llama.cpp can be asked for
 
 
 def plain_errors(fn: F) -> F:
-    """Turn library errors into click errors: one sentence, exit status 1."""
+    """Turn library errors into click errors: one sentence, exit status 1. An OSError
+    (a --home or file the system refuses: missing, not a folder, not permitted) is one too:
+    it says what the system said about which path."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -40,8 +45,45 @@ def plain_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except EdgePLLMError as exc:
             raise click.ClickException(str(exc)) from exc
+        except OSError as exc:
+            raise click.ClickException(_os_error(exc)) from exc
 
     return wrapper  # type: ignore[return-value]
+
+
+def _os_error(exc: OSError) -> str:
+    """An OSError as one sentence: the system's reason and the path it concerns."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    name = exc.filename
+    if name is None:
+        return f"{reason}."
+    shown = os.fsdecode(name) if isinstance(name, str | bytes) else str(name)
+    return f"Cannot use {shown!r}: {reason}."
+
+
+def normalize_passphrase(raw: str | bytes, source: str) -> str:
+    """The passphrase that `raw` (from `source`: the environment, a file, the prompt) holds:
+    its first line, without the line ending ("\\n" or "\\r\\n"); every other character, spaces
+    included, is part of it. The one rule for every source, so a passphrase given one way
+    opens what it made given another. InvalidInputError for text that is not UTF-8."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInputError(
+                f"The passphrase in {source} is not valid UTF-8 (bad byte at offset "
+                f"{exc.start}); save it as UTF-8 text.",
+                field="passphrase",
+            ) from None
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:  # a non-UTF-8 environment variable, decoded with escapes
+        raise InvalidInputError(
+            f"The passphrase in {source} is not valid UTF-8; set it as UTF-8 text.",
+            field="passphrase",
+        ) from None
+    line = raw.split("\n", 1)[0]
+    return line.removesuffix("\r") if "\n" in raw else line
 
 
 class Context:
@@ -102,16 +144,23 @@ class PluginGroup(click.Group):
 @click.group(cls=PluginGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--home", envvar=paths.ENV_HOME, help="Data directory (default: platform data dir).")
 @click.option("--bundle", type=click.Path(file_okay=False), help="Model bundle folder.")
-@click.option("--n-ctx", default=2048, show_default=True, help="LLM context window.")
+@click.option(
+    "--n-ctx",
+    default=2048,
+    show_default=True,
+    type=click.IntRange(MIN_N_CTX, MAX_N_CTX),
+    help="LLM context window.",
+)
 @click.option(
     "--passphrase-file",
-    type=click.File("r", encoding="utf-8"),
+    type=click.File("rb"),
     help="Encrypt the history database with the passphrase on this file's first line "
     "(needs the [encryption] extra); also EDGE_PLLM_PASSPHRASE.",
 )
 @click.option("--ask-passphrase", is_flag=True, help="Prompt for the database passphrase (hidden).")
 @click.version_option(package_name="edge-pllm")
 @click.pass_context
+@plain_errors
 def cli(
     ctx: click.Context,
     home: str | None,
@@ -121,14 +170,23 @@ def cli(
     ask_passphrase: bool,
 ) -> None:
     """A personalized LLM that runs entirely on this device."""
-    passphrase = os.environ.get(ENV_PASSPHRASE) or None
-    if passphrase_file is not None:
-        passphrase = passphrase_file.readline().rstrip("\r\n")
+    raw: str | bytes | None  # the prompt, else the file, else the environment
     if ask_passphrase:
-        passphrase = click.prompt("Database passphrase", hide_input=True)
+        source, raw = "the prompt", click.prompt("Database passphrase", hide_input=True)
+    elif passphrase_file is not None:
+        source, raw = _name(passphrase_file), passphrase_file.readline()
+    else:
+        source, raw = ENV_PASSPHRASE, os.environ.get(ENV_PASSPHRASE) or None
+    passphrase = None if raw is None else normalize_passphrase(raw, source)
     if passphrase == "":
-        raise click.UsageError("The passphrase is empty.")
+        raise InvalidInputError(f"The passphrase from {source} is empty.", field="passphrase")
     ctx.obj = Context(home, bundle, n_ctx, passphrase)
+
+
+def _name(stream: Any) -> str:
+    """How an input stream is named in messages: its file name, or "stdin"."""
+    name = getattr(stream, "name", None)
+    return name if isinstance(name, str) and not name.startswith("<") else "stdin"
 
 
 def _count(n: int, noun: str) -> str:
@@ -181,10 +239,13 @@ def add(
             items.append(NewItem(text=text, kind=kind))
     for source in sources:
         if jsonl:
-            items.extend(read_jsonl(source))
+            items.extend(read_jsonl(source, _name(source)))
         else:
             raw = source.read().rstrip(b"\r\n")  # bytes: validated as UTF-8 on add
             items.append(NewItem(text=raw, kind=kind))
+    if not items and sources:  # JSON lines files with no line that is not blank
+        names = ", ".join(_name(source) for source in sources)
+        raise InvalidInputError(f"No items in {names}; each line must be one JSON object.")
     if not items:
         raise click.UsageError("Give at least one TEXT, '-' for stdin, or --file.")
     _add(obj, user, items)
@@ -198,7 +259,7 @@ def add(
     "the outputs file beside QUESTIONS.",
 )
 @click.option("--user-prefix", default="", help="Prefix for user names (one user per question id).")
-@click.option("--limit", type=int, help="Only the first N questions.")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N questions.")
 @pass_ctx
 @plain_errors
 def ingest(
@@ -211,10 +272,23 @@ def ingest(
     if not path.name.endswith("_questions.json"):
         raise InvalidInputError(f"{path.name} is not a LaMP *_questions.json file.")
     split = load_split(path.parent, path.name.removesuffix("_questions.json"), task)
+    # Every user name and profile item is checked before any is stored: a file refused
+    # for its tenth question leaves the store as it was.
+    profiles: list[tuple[str, list[NewItem]]] = []
     for question in split.questions(limit):
         items = [i for i in split.spec.profile_items(question.profile) if i.text.strip()]
-        if items:
-            _add(obj, f"{user_prefix}{question.id}", items)
+        if not items:
+            continue
+        try:
+            user = validate_user(f"{user_prefix}{question.id}")
+            profiles.append((user, validate_items(items)))
+        except InvalidInputError as exc:
+            raise InvalidInputError(
+                f"Question {question.id[:64]!r} of {path} cannot be ingested: {exc}",
+                field=exc.field,
+            ) from None
+    for user, checked in profiles:
+        _add(obj, user, checked)
 
 
 @cli.command()
@@ -243,7 +317,7 @@ def ask(
 ) -> None:
     """Answer PROMPT personalized by USER's history (streams to the terminal)."""
     if prompt == "-":
-        prompt = click.get_text_stream("stdin").read()
+        prompt = as_text(click.get_binary_stream("stdin").read(), "prompt", None)
     pllm = obj.pllm()
     sampling = SamplingConfig(max_tokens=max_tokens, temperature=temperature)
     if show_context:
@@ -267,7 +341,7 @@ def users(obj: Context) -> None:
 
 @cli.command()
 @click.argument("user")
-@click.option("--limit", default=20, show_default=True)
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @pass_ctx
 @plain_errors
@@ -284,11 +358,12 @@ def items(obj: Context, user: str, limit: int, as_json: bool) -> None:
 @cli.command()
 @click.argument("user")
 @click.argument("query")
-@click.option("-k", default=5, show_default=True)
+@click.option("-k", default=5, show_default=True, type=click.IntRange(min=1))
 @pass_ctx
 @plain_errors
 def search(obj: Context, user: str, query: str, k: int) -> None:
     """Show USER's history items nearest to QUERY."""
+    query = validate_items([query])[0].text  # the checks of any text that is embedded
     pllm = obj.pllm()
     for hit in pllm.store.search(user, pllm.embedder.embed_one(query), k):
         click.echo(f"{hit.item.id}\t{1 - hit.distance:.3f}\t{hit.item.text.splitlines()[0][:100]}")
@@ -337,20 +412,25 @@ def _note_residue(store: Any) -> None:
 @click.option(
     "-o",
     "--output",
-    type=click.File("w", encoding="utf-8"),
+    type=click.Path(dir_okay=False, allow_dash=True),
     default="-",
-    help="File to write (default stdout).",
+    help="File to write, owner-only (default stdout).",
 )
 @pass_ctx
 @plain_errors
-def dump(obj: Context, user: str, output: Any) -> None:
+def dump(obj: Context, user: str, output: str) -> None:
     """Write USER's history as JSON lines (read back with `load`)."""
+    store = obj.pllm().store
+    store.count(user)  # an unknown user fails before the file is made or emptied
+    to_file = output != "-"
+    sink = open_private(output, field="output") if to_file else contextlib.nullcontext(sys.stdout)
     n = 0
-    for item in obj.pllm().store.iter_items(user):
-        output.write(json.dumps(item.to_json(), ensure_ascii=False) + "\n")
-        n += 1
-    if output.name != "<stdout>":
-        click.echo(f"Exported {_count(n, 'item')} of {user} to {output.name}.", err=True)
+    with sink as out:
+        for item in store.iter_items(user):
+            out.write(json.dumps(item.to_json(), ensure_ascii=False) + "\n")
+            n += 1
+    if to_file:
+        click.echo(f"Exported {_count(n, 'item')} of {user} to {output}.", err=True)
 
 
 @cli.command()
@@ -360,7 +440,7 @@ def dump(obj: Context, user: str, output: Any) -> None:
 @plain_errors
 def load(obj: Context, user: str, file: Any) -> None:
     """Add JSON lines (as written by `dump`) to USER's history."""
-    _add(obj, user, list(read_jsonl(file)))
+    _add(obj, user, list(read_jsonl(file, _name(file))))
 
 
 @cli.command()
@@ -393,7 +473,9 @@ def status(obj: Context) -> None:
         plug = "none (train one with `edge-pllm train-plug`)"
         if head is not None:
             spec = head.spec
-            steps = spec.extra.get("config", {}).get("steps", spec.extra.get("steps", "?"))
+            config = spec.extra.get("config")  # training facts, free-form: shown, not trusted
+            steps = config.get("steps") if isinstance(config, dict) else None
+            steps = str(spec.extra.get("steps", "?") if steps is None else steps)[:20]
             plug = (
                 f"{spec.file} (trained for this bundle; {spec.input_encoder} input encoder, "
                 f"{spec.n_soft} soft tokens {spec.placement.replace('_', ' ')}; {steps} steps)"
@@ -501,7 +583,7 @@ def demo(obj: Context, strategies: tuple[str, ...]) -> None:
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8400, show_default=True)
+@click.option("--port", default=8400, show_default=True, type=click.IntRange(0, 65535))
 @click.option(
     "--api-key",
     envvar="EDGE_PLLM_API_KEY",
@@ -555,7 +637,7 @@ DEFAULT_EVAL_STRATEGIES = "none,recent:1,recent:3,rag:1,rag:3"
     show_default=True,
     help="Comma-separated strategies.",
 )
-@click.option("--limit", type=int, help="Only the first N queries of each split.")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N queries of each split.")
 @click.option(
     "--out",
     "out_dir",

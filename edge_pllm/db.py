@@ -13,11 +13,19 @@ See docs/SECURITY.md for what that does and does not cover.
 Every connection runs with `secure_delete = ON`: deleted rows are overwritten with zeros
 in the database file, so erasing an item leaves no plaintext behind once the write-ahead
 log is checkpointed (`checkpoint()`).
+
+The database file is created owner-only (0o600) before SQLite opens it, and SQLite gives
+its -wal, -shm and -journal files the database file's mode; files of an earlier release
+are tightened when opened (`files.private_file`). SQLite is always given an absolute path,
+which it cannot read as a `file:` URI.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import importlib
+import os
 import random
 import sqlite3
 import time
@@ -36,12 +44,15 @@ from .errors import (
     MissingDependencyError,
     PassphraseError,
 )
+from .files import private_file
 
 DRIVERS: tuple[str, ...] = ("sqlite3", "pysqlite3.dbapi2")
 ENCRYPTED_DRIVER = "sqlcipher3.dbapi2"
 BUSY_TIMEOUT_MS = 10_000
 CHECKPOINT_TIMEOUT_MS = 2_000
 SQLITE_MAGIC = b"SQLite format 3\x00"
+MIN_PAGE = 512  # SQLite's smallest page: a database file, encrypted or not, has one at least
+SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
 def _try_load(module: ModuleType, path: str) -> tuple[Any, str | None]:
@@ -69,6 +80,12 @@ def connect(
     """
     if passphrase is not None:
         return _connect_encrypted(path, passphrase)
+    kind = file_kind(path)
+    if kind == "not_a_database":
+        raise PassphraseError(str(path), "not_a_database")
+    if kind == "encrypted_or_damaged":
+        raise PassphraseError(str(path), "missing")
+    name_for_sqlite = _prepare_file(path)
     reasons: list[str] = []
     for name in drivers:
         try:
@@ -76,18 +93,41 @@ def connect(
         except ImportError:
             reasons.append(f"{name} is not installed")
             continue
-        conn, reason = _try_load(module, str(path))
+        conn, reason = _try_load(module, name_for_sqlite)
         if conn is not None:
             try:
                 _configure(conn, path)
-            except Exception as exc:
+            except BaseException as exc:
                 conn.close()
-                if is_sqlite_error(exc) and _looks_encrypted(path):
-                    raise PassphraseError(str(path), "missing") from None
+                if is_damage(exc):
+                    raise PassphraseError(str(path), "damaged") from None
                 raise
             return conn
         reasons.append(reason or name)
     raise ExtensionLoadingError("; ".join(reasons))
+
+
+def is_damage(exc: BaseException) -> bool:
+    """SQLite's "database disk image is malformed" or "file is not a database" (a damaged
+    header): a plain DatabaseError, where a busy or locked database is an OperationalError."""
+    return is_sqlite_error(exc) and type(exc).__name__ == "DatabaseError"
+
+
+def _is_memory(path: str | Path) -> bool:
+    return str(path) in (":memory:", "")
+
+
+def _prepare_file(path: str | Path) -> str:
+    """The name to give SQLite for `path` (absolute: never read as a URI), with the file
+    made owner-only first: created 0o600 if missing, and it and its side files tightened if
+    an earlier release left them readable. An in-memory name is returned as it is."""
+    if _is_memory(path):
+        return str(path)
+    absolute = os.path.abspath(path)
+    # A missing folder, a read-only disk: SQLite says so in its own words.
+    with contextlib.suppress(OSError):
+        private_file(absolute, also=[absolute + suffix for suffix in SIDE_FILES])
+    return absolute
 
 
 def _configure(conn: Any, path: str | Path) -> None:
@@ -117,14 +157,37 @@ def _use_wal(conn: Any) -> None:
             time.sleep(random.uniform(0.005, 0.05))
 
 
-def _looks_encrypted(path: str | Path) -> bool:
-    """A non-empty file without SQLite's header: encrypted, or not a database at all."""
+def file_kind(path: str | Path) -> str:
+    """What the first bytes of the file at `path` say it is: "new" (missing, empty or
+    unreadable: SQLite starts it, or says why not), "sqlite" (SQLite's header),
+    "not_a_database" (shorter than one page, text, or a zeroed header: no SQLite database,
+    encrypted or not, looks like that), else "encrypted_or_damaged" (SQLCipher's file begins
+    with random bytes: only the passphrase tells an encrypted file from a damaged one)."""
+    if _is_memory(path):
+        return "new"
     try:
         with open(path, "rb") as fh:
-            head = fh.read(len(SQLITE_MAGIC))
+            size = os.fstat(fh.fileno()).st_size
+            head = fh.read(4096)
     except OSError:
+        return "new"
+    if not head:
+        return "new"
+    if head.startswith(SQLITE_MAGIC):
+        return "sqlite"
+    if size < MIN_PAGE or not any(head[:16]) or _is_text(head):
+        return "not_a_database"
+    return "encrypted_or_damaged"
+
+
+def _is_text(head: bytes) -> bool:
+    """UTF-8 text without control characters other than white space: a random page of
+    ciphertext is that with a probability far below 10^-100."""
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
         return False
-    return bool(head) and head != SQLITE_MAGIC
+    return all(c.isprintable() or c in "\t\n\r\f\v" for c in text)
 
 
 def _connect_encrypted(path: str | Path, passphrase: str) -> Any:
@@ -138,10 +201,13 @@ def _connect_encrypted(path: str | Path, passphrase: str) -> Any:
         raise MissingDependencyError(
             "sqlcipher3-binary", "encryption", "An encrypted history database"
         ) from None
-    existing = str(path) != ":memory:" and Path(path).is_file() and Path(path).stat().st_size
-    if existing and not _looks_encrypted(path):
+    kind = file_kind(path)
+    if kind == "sqlite":
         raise PassphraseError(str(path), "unencrypted")
-    conn = module.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+    if kind == "not_a_database":
+        raise PassphraseError(str(path), "not_a_database")
+    name_for_sqlite = _prepare_file(path)
+    conn = module.connect(name_for_sqlite, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
     try:
         # PRAGMA takes no bound parameters: the passphrase goes in as a quoted SQL string.
         conn.execute("PRAGMA key = '{}'".format(passphrase.replace("'", "''")))

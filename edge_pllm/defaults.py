@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 from .bundle import MANIFEST, load_bundle
 from .errors import BundleError, MissingDependencyError
-from .files import replacing_folder
+from .files import copy_private, replacing_folder
 from .paths import bundles_dir
 
 DEFAULT_BUNDLE = "default"
@@ -81,11 +80,14 @@ def ensure_default_bundle(home_dir: Path, rebuild: bool = False) -> Path:
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    """A hard link where the file system allows one (no second copy on disk), else a copy."""
+    """A hard link where the file system allows one (no second copy on disk), else a copy;
+    never a symbolic link, which a bundle refuses. `src` is resolved first: on Linux,
+    `os.link` of a symbolic link links the link itself, not the file it names."""
+    src = Path(src).resolve()
     try:
         os.link(src, dst)
     except OSError:
-        shutil.copyfile(src, dst)
+        copy_private(src, dst)
 
 
 def assemble_bundle(dest: Path, shipped: Path, llm_gguf: Path) -> Path:
@@ -94,7 +96,7 @@ def assemble_bundle(dest: Path, shipped: Path, llm_gguf: Path) -> Path:
     with replacing_folder(dest) as work:
         for entry in shipped.iterdir():
             if entry.is_file() and not entry.name.startswith((".", "_")):
-                shutil.copyfile(entry, work / entry.name)
+                copy_private(entry, work / entry.name)
         _link_or_copy(llm_gguf, work / LLM_FILE)
         try:
             load_bundle(work)

@@ -32,6 +32,8 @@ from .errors import BundleError
 from .onnx_session import open_session
 
 SHORT_TOKENS = 64  # a lone text up to this long runs on one thread
+POOLINGS = ("mean", "cls", "max")
+PROBE_TEXT = "width probe"  # embedded once on load when the model does not declare its width
 
 
 def usable_cpus() -> int:
@@ -76,6 +78,37 @@ class Embedder:
             ) from exc
         self._tokenizer.enable_truncation(max_length=config.max_seq_length)
         self._tokenizer.no_padding()
+        self._check_width()
+
+    def _check_width(self) -> None:
+        """Refuse a model whose vectors are not `config.dim` wide, before anything is stored
+        with them (a store records its width when it is made). The width is the last
+        dimension of the model's declared output shape, or, when the model declares none,
+        that of one short text's vector."""
+        if "input_ids" not in self._inputs:
+            raise BundleError(
+                f"The embedder {self._model_path} takes no input_ids (its inputs: "
+                f"{', '.join(sorted(self._inputs))}); rebuild the bundle.",
+                file=self._model_path,
+            )
+        shape = self._session.get_outputs()[0].shape
+        width = shape[-1] if isinstance(shape, list) and len(shape) == 3 else None
+        if not (isinstance(width, int) and width > 0):  # dynamic: ask the model itself
+            encoding = self._tokenizer.encode(PROBE_TEXT)
+            try:
+                width = int(self._run(self._session, [encoding]).shape[-1])
+            except Exception as exc:  # onnxruntime raises its own untyped errors
+                raise BundleError(
+                    f"The embedder {self._model_path} could not embed a test text ({exc}); "
+                    "rebuild the bundle.",
+                    file=self._model_path,
+                ) from exc
+        if width != self.config.dim:
+            raise BundleError(
+                f"The embedder {self._model_path} makes {width}-dim vectors, but the bundle's "
+                f"manifest says dim {self.config.dim}; fix the manifest or rebuild the bundle.",
+                file=self._model_path,
+            )
 
     def _open(self, threads: int) -> ort.InferenceSession:
         return open_session(self._model_path, threads, "embedder")

@@ -137,8 +137,11 @@ class PassphraseError(EdgePLLMError, PermissionError):
     """The history database and the passphrase given do not go together.
 
     `reason` is "wrong" (a passphrase that does not open this file), "missing" (the file is
-    encrypted, or is not a SQLite database at all, and no passphrase was given) or
-    "unencrypted" (a passphrase was given for a plaintext database).
+    encrypted, or is damaged, and no passphrase was given: without one the two look
+    alike), "unencrypted" (a passphrase was given for a plaintext database) or
+    "not_a_database" (the file is no database, encrypted or not: too short, text, or a
+    zeroed header) or "damaged" (a SQLite file that SQLite finds malformed on opening, or
+    that lacks what every edge-pllm database has).
     """
 
     def __init__(self, path: str, reason: str):
@@ -147,8 +150,13 @@ class PassphraseError(EdgePLLMError, PermissionError):
         messages = {
             "wrong": f"Cannot open {path}: the passphrase is wrong (or the file is not an "
             "edge-pllm database).",
-            "missing": f"{path} is encrypted (or is not a SQLite database): give its passphrase "
-            "(EDGE_PLLM_PASSPHRASE, --passphrase-file or --ask-passphrase; passphrase= in Python).",
+            "missing": f"{path} is encrypted or is not an edge-pllm database (damaged?): if it "
+            "is encrypted, give its passphrase (EDGE_PLLM_PASSPHRASE, --passphrase-file or "
+            "--ask-passphrase; passphrase= in Python).",
+            "not_a_database": f"{path} is not a database, encrypted or not (damaged, or another "
+            "program's file?): move it aside to start a new one, or restore a backup.",
+            "damaged": f"{path} is a damaged SQLite database, or not edge-pllm's: restore a "
+            "backup, or move it aside to start a new one.",
             "unencrypted": f"{path} is not encrypted, but a passphrase was given: open it without "
             "one, or start an encrypted database in a new --home and `load` a `dump` into it.",
         }

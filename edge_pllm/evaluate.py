@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .errors import InvalidInputError
+from .jsonio import parse_json
 from .lamp import Question, TaskSpec, TaskSplit, load_split
 from .llm import SamplingConfig
 from .personal import PersonalLLM
@@ -74,20 +75,33 @@ class SplitResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def _is_row(row: Any) -> bool:
+    """Whether `row` (a parsed line of predictions.jsonl) is a prediction as `run` writes it."""
+    return (
+        isinstance(row, dict)
+        and all(isinstance(row.get(key), str) for key in ("split", "strategy", "id", "output"))
+        and isinstance(row.get("seconds"), int | float)
+        and not isinstance(row.get("seconds"), bool)
+    )
+
+
 def _load_done(path: Path) -> dict[tuple[str, str, str], dict[str, Any]]:
-    """Rows already written; a last line cut short by a kill is removed (it is redone)."""
+    """Rows already written; a last line cut short by a kill is removed (it is redone), and
+    so is any line that is not a prediction (`jsonio.parse_json` reads each line: bounded
+    numbers and nesting)."""
     done: dict[tuple[str, str, str], dict[str, Any]] = {}
     if path.is_file():
         data = path.read_bytes()
         if data and not data.endswith(b"\n"):
             with open(path, "r+b") as fh:
                 fh.truncate(data.rfind(b"\n") + 1)
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill: redone
+            data = data[: data.rfind(b"\n") + 1]
+        for line in data.splitlines():
+            try:
+                row = parse_json(line, f"A line of {path}")
+            except InvalidInputError:
+                continue  # a line cut by a kill, or damaged: redone
+            if _is_row(row):
                 done[(row["split"], row["strategy"], row["id"])] = row
     return done
 

@@ -9,15 +9,19 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from .errors import InvalidInputError
+from .jsonio import parse_json
 
 MAX_ITEM_CHARS = 100_000
 MAX_USER_CHARS = 200
+MAX_METADATA_CHARS = 100_000  # an item's metadata, as JSON text
+MAX_METADATA_DEPTH = 32  # nesting levels, the metadata object itself included (jsonio's limit)
 _KIND = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
@@ -61,19 +65,25 @@ def now_iso() -> str:
 def normalize_time(value: str) -> str:
     """ISO 8601 in UTC (`2024-01-02T03:04:05+00:00`), so that text order is time order.
 
-    A date or time without a zone is taken as UTC.
+    A date or time without a zone is taken as UTC. ValueError for text that is not such a
+    date, or one that lies outside the years 1 to 9999 once moved to UTC.
     """
     parsed = datetime.fromisoformat(value.strip())
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC).isoformat(timespec="seconds")
+    try:
+        return parsed.astimezone(UTC).isoformat(timespec="seconds")
+    except OverflowError:  # 9999-12-31T23:59:59-14:00 is in year 10000 in UTC
+        raise ValueError(f"{value!r} lies outside the years 1 to 9999 in UTC") from None
 
 
 def content_hash(kind: str, text: str) -> str:
     return hashlib.sha256(f"{kind}\x1f{text}".encode()).hexdigest()
 
 
-def _as_text(value: Any, what: str, index: int | None) -> str:
+def as_text(value: Any, what: str, index: int | None) -> str:
+    """`value` as text that can be stored as UTF-8 (bytes are decoded), or an
+    InvalidInputError naming `what`."""
     if isinstance(value, bytes | bytearray):
         try:
             return bytes(value).decode("utf-8")
@@ -100,13 +110,36 @@ def _as_text(value: Any, what: str, index: int | None) -> str:
     return value
 
 
-def validate_user(user: Any) -> str:
-    name = _as_text(user, "user name", None).strip()
-    if not name:
+def validate_user(user: Any, *, existing: bool = False) -> str:
+    """`user` itself, if it can name a user; else an InvalidInputError saying why.
+
+    A name is compared exactly, never folded: surrounding spaces (any Unicode space),
+    control and format characters, and `/` (a name must fit one URL path segment, so the
+    CLI and the server reach the same users) are refused, not stripped. With `existing`,
+    a name to look up: only its type and length are checked, so that a user stored under
+    an earlier, looser rule can still be listed, exported and forgotten.
+    """
+    name = as_text(user, "user name", None)
+    if not name.strip():
         raise InvalidInputError("The user name is empty; give a non-blank name.", field="user")
-    if len(name) > MAX_USER_CHARS or "\x00" in name:
+    if len(name) > MAX_USER_CHARS:
         raise InvalidInputError(
-            f"The user name must be at most {MAX_USER_CHARS} characters with no NUL bytes.",
+            f"The user name has {len(name)} characters; the limit is {MAX_USER_CHARS}.",
+            field="user",
+        )
+    if existing:
+        return name
+    if name != name.strip():
+        raise InvalidInputError(
+            f"The user name {name!r} begins or ends with a space; names are compared exactly, "
+            "so remove it.",
+            field="user",
+        )
+    bad = next((c for c in name if c == "/" or unicodedata.category(c) in ("Cc", "Cf")), None)
+    if bad is not None:
+        raise InvalidInputError(
+            f"The user name {name!r} contains {bad!r} (U+{ord(bad):04X}); a name cannot hold "
+            "'/' or control or format characters.",
             field="user",
         )
     return name
@@ -126,16 +159,19 @@ def validate_item(
             )
         if "text" not in item:
             raise InvalidInputError("The item has no 'text' field.", field="text", index=index)
+        # A missing or null field takes its default; any other value is checked as given
+        # (a kind of 0 or a metadata of [] is refused, not silently replaced).
+        kind, metadata = item.get("kind"), item.get("metadata")
         item = NewItem(
             text=item["text"],
-            kind=item.get("kind") or "text",
+            kind="text" if kind is None else kind,
             created_at=item.get("created_at"),
-            metadata=item.get("metadata") or {},
+            metadata={} if metadata is None else metadata,
         )
     elif not isinstance(item, NewItem):
         item = NewItem(text=item)  # type: ignore[arg-type]
 
-    text = _as_text(item.text, "text", index)
+    text = as_text(item.text, "text", index)
     if not text.strip():
         raise InvalidInputError(
             "The text is empty or only whitespace; give some content.", field="text", index=index
@@ -151,33 +187,76 @@ def validate_item(
         raise InvalidInputError(
             "The text contains a NUL byte; remove it.", field="text", index=index
         )
-    kind = _as_text(item.kind, "kind", index)
+    kind = as_text(item.kind, "kind", index)
     if not _KIND.match(kind):
         raise InvalidInputError(
-            f"The kind {kind!r} is not a short label (letters, digits, _ . : -, up to 64).",
+            f"The kind {kind[:80]!r} is not a short label (letters, digits, _ . : -, up to 64).",
             field="kind",
             index=index,
         )
     created = item.created_at
     if created is not None:
-        created = _as_text(created, "created_at", index)
+        created = as_text(created, "created_at", index)
         try:
             created = normalize_time(created)
         except ValueError:
             raise InvalidInputError(
-                f"created_at {created!r} is not an ISO 8601 date or time (e.g. 2024-05-01).",
+                f"created_at {created[:64]!r} is not an ISO 8601 date or time in the years "
+                "1 to 9999 (e.g. 2024-05-01).",
                 field="created_at",
                 index=index,
             ) from None
-    if not isinstance(item.metadata, dict):
-        raise InvalidInputError("metadata must be a JSON object.", field="metadata", index=index)
+    metadata = _checked_metadata(item.metadata, index)
+    return NewItem(text=text, kind=kind, created_at=created, metadata=metadata)
+
+
+def _shape_fault(value: Any) -> str | None:
+    """What makes `value` too deep or too big to be metadata, or None: a walk without
+    recursion that stops at the first fault, so neither a deep, a self-containing nor a
+    vastly shared value (a list holding one list many times over) can exhaust the stack or
+    the time. Each value takes at least one character of JSON, so more values than
+    MAX_METADATA_CHARS are over that limit before a character is written."""
+    stack, seen = [(value, 1)], 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if isinstance(node, dict | list | tuple):
+            if depth > MAX_METADATA_DEPTH:
+                return f"is nested too deeply (at most {MAX_METADATA_DEPTH} levels)"
+            if seen + len(stack) + len(node) > MAX_METADATA_CHARS:  # before any is pushed
+                return f"holds over {MAX_METADATA_CHARS:,} values"
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children)
+    return None
+
+
+def _checked_metadata(metadata: Any, index: int | None) -> dict[str, Any]:
+    """`metadata` if it is a JSON object that can be stored: at most MAX_METADATA_DEPTH
+    levels deep, MAX_METADATA_CHARS long as JSON, with no NaN, infinity or unserializable
+    value; else an InvalidInputError."""
+    if not isinstance(metadata, dict):
+        raise InvalidInputError(
+            f"metadata must be a JSON object, not {type(metadata).__name__}.",
+            field="metadata",
+            index=index,
+        )
+    fault = _shape_fault(metadata)
+    if fault is not None:
+        raise InvalidInputError(f"metadata {fault}.", field="metadata", index=index)
     try:
-        json.dumps(item.metadata, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+        size = len(json.dumps(metadata, allow_nan=False, ensure_ascii=False))
+    except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidInputError(
             f"metadata is not JSON-serializable ({exc}).", field="metadata", index=index
         ) from None
-    return NewItem(text=text, kind=kind, created_at=created, metadata=dict(item.metadata))
+    if size > MAX_METADATA_CHARS:
+        raise InvalidInputError(
+            f"metadata is {size:,} characters as JSON, over the limit of "
+            f"{MAX_METADATA_CHARS:,}; store less in it.",
+            field="metadata",
+            index=index,
+        )
+    return dict(metadata)
 
 
 def validate_items(items: Iterable[NewItem | str | bytes | dict[str, Any]]) -> list[NewItem]:
@@ -194,24 +273,33 @@ def validate_items(items: Iterable[NewItem | str | bytes | dict[str, Any]]) -> l
     return checked
 
 
-def read_jsonl(lines: Iterable[str | bytes]) -> Iterator[dict[str, Any]]:
-    """Parse JSONL: one object per non-blank line; a bare JSON string is taken as its text."""
+def read_jsonl(lines: Iterable[str | bytes], source: str | None = None) -> Iterator[dict[str, Any]]:
+    """Parse JSONL: one object per non-blank line; a bare JSON string is taken as its text.
+
+    Each line is parsed as any JSON that crosses a boundary (`jsonio.parse_json`: bounded
+    numbers and nesting); `source` (a file name) is named in the errors."""
+    where = f" of {source}" if source else ""
     for number, raw in enumerate(lines, 1):
-        line = _as_text(raw, f"line {number}", None).strip()
+        line = as_text(raw, f"line {number}{where}", None).strip()
         if not line:
             continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidInputError(
-                f"Line {number} is not valid JSON ({exc.msg}); each line must be one JSON object.",
-                field="jsonl",
-            ) from None
+        value = parse_json(line, f"Line {number}{where}", field="jsonl")
         if isinstance(value, str):
             value = {"text": value}
         if not isinstance(value, dict):
             raise InvalidInputError(
-                f"Line {number} is a JSON {type(value).__name__}, not an object with 'text'.",
+                f"Line {number}{where} is a JSON {json_type(value)}, not an object with 'text'.",
                 field="jsonl",
             )
         yield value
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type (array, number, ...), for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return {list: "array", dict: "object", str: "string"}.get(type(value), type(value).__name__)

@@ -12,7 +12,6 @@ strategies differ only in which history they add.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +21,8 @@ from typing import Any
 
 from . import metrics
 from .errors import InvalidInputError
-from .items import HistoryItem, NewItem, normalize_time
+from .items import HistoryItem, NewItem, json_type, normalize_time
+from .jsonio import parse_json
 from .prompts import PromptStyle
 
 
@@ -235,6 +235,89 @@ class Question:
     profile: list[dict[str, Any]]
 
 
+def _read_json(path: Path, what: str) -> Any:
+    """The parsed content of `path` (`jsonio.parse_json`: valid UTF-8, bounded numbers and
+    nesting); an unreadable file is an InvalidInputError too."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InvalidInputError(f"Cannot read {what} {path} ({exc.strerror or exc}).") from None
+    return parse_json(raw, f"The {what} {path}")
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _is_scalar(value: Any) -> bool:
+    """A JSON string or number (or null): what a profile field the task reads may hold."""
+    return value is None or isinstance(value, str | float) or _is_id(value)
+
+
+def questions_fault(data: Any, spec: TaskSpec) -> str | None:
+    """What makes `data` (a parsed questions file) not a list of LaMP questions, or None.
+
+    The shape: a list of objects, each with `id` (a string or an integer), `input` (a
+    string) and `profile` (a list of objects, in which each field the task reads, i.e. its
+    input and output fields, `text` and `date`, is a string, a number or null)."""
+    if not isinstance(data, list):
+        return f"it holds a JSON {json_type(data)}, not a list of questions"
+    read = {spec.input_field, "text", "date"} | ({spec.output_field} - {None})
+    for n, q in enumerate(data):
+        if not isinstance(q, dict):
+            return f"question {n} is a JSON {json_type(q)}, not an object"
+        missing = [key for key in ("id", "input", "profile") if key not in q]
+        if missing:
+            return f"question {n} has no {' and no '.join(map(repr, missing))}"
+        if not _is_id(q["id"]):
+            return f"the id of question {n} is a JSON {json_type(q['id'])}, not a string or integer"
+        if not isinstance(q["input"], str):
+            return f"the input of question {n} is a JSON {json_type(q['input'])}, not a string"
+        if not isinstance(q["profile"], list):
+            return f"the profile of question {n} is a JSON {json_type(q['profile'])}, not a list"
+        for i, entry in enumerate(q["profile"]):
+            if not isinstance(entry, dict):
+                return (
+                    f"profile entry {i} of question {n} is a JSON {json_type(entry)}, not an object"
+                )
+            for key in sorted(read & set(entry)):
+                if not _is_scalar(entry[key]):
+                    return (
+                        f"the {key!r} of profile entry {i} of question {n} is a JSON "
+                        f"{json_type(entry[key])}, not a string or number"
+                    )
+    return None
+
+
+def outputs_fault(data: Any) -> str | None:
+    """What makes `data` (a parsed outputs file) not LaMP gold outputs, or None.
+
+    The shape: an object with an optional `task` (a string) and optional `golds` (a list
+    of objects, each with `id`, a string or an integer, and `output`, a string or number)."""
+    if not isinstance(data, dict):
+        return f"it holds a JSON {json_type(data)}, not an object with 'task' and 'golds'"
+    task = data.get("task")
+    if task is not None and not isinstance(task, str):
+        return f"its task is a JSON {json_type(task)}, not a string"
+    golds = data.get("golds", [])
+    if not isinstance(golds, list):
+        return f"its golds are a JSON {json_type(golds)}, not a list"
+    for n, gold in enumerate(golds):
+        if not isinstance(gold, dict):
+            return f"gold {n} is a JSON {json_type(gold)}, not an object"
+        missing = [key for key in ("id", "output") if key not in gold]
+        if missing:
+            return f"gold {n} has no {' and no '.join(map(repr, missing))}"
+        if not _is_id(gold["id"]):
+            return f"the id of gold {n} is a JSON {json_type(gold['id'])}, not a string or integer"
+        if gold["output"] is None or not _is_scalar(gold["output"]):
+            return (
+                f"the output of gold {n} is a JSON {json_type(gold['output'])}, not a string "
+                "or number"
+            )
+    return None
+
+
 @dataclass(frozen=True)
 class TaskSplit:
     """One split of a task folder: its questions (streamed) and their gold outputs."""
@@ -245,21 +328,22 @@ class TaskSplit:
     golds: dict[str, str]
 
     def questions(self, limit: int | None = None) -> Iterator[Question]:
+        """The split's questions (the first `limit`); the whole file is checked first
+        (`questions_fault`), so a fault is an InvalidInputError before any is given."""
         path = self.folder / f"{self.split}_questions.json"
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-        if not isinstance(data, list):
-            raise InvalidInputError(f"{path} must hold a JSON list of questions.")
+        data = _read_json(path, "questions file")
+        fault = questions_fault(data, self.spec)
+        if fault is not None:
+            raise InvalidInputError(f"{path} is not a LaMP questions file: {fault}.")
         for n, q in enumerate(data):
             if limit is not None and n >= limit:
                 return
-            if not isinstance(q, dict) or not {"id", "input", "profile"} <= set(q):
-                raise InvalidInputError(f"Question {n} of {path} needs id, input and profile.")
-            yield Question(str(q["id"]), str(q["input"]), list(q["profile"]))
+            yield Question(str(q["id"]), q["input"], q["profile"])
 
 
 def load_split(folder: str | Path, split: str, task: str | None = None) -> TaskSplit:
-    """Open `{split}_questions.json` / `{split}_outputs.json` in `folder`."""
+    """Open `{split}_questions.json` / `{split}_outputs.json` in `folder`; the outputs file
+    is read and checked here (`outputs_fault`), the questions file when they are read."""
     folder = Path(folder)
     questions = folder / f"{split}_questions.json"
     outputs = folder / f"{split}_outputs.json"
@@ -268,7 +352,10 @@ def load_split(folder: str | Path, split: str, task: str | None = None) -> TaskS
     golds: dict[str, str] = {}
     name = task
     if outputs.is_file():
-        data = json.loads(outputs.read_text(encoding="utf-8"))
+        data = _read_json(outputs, "outputs file")
+        fault = outputs_fault(data)
+        if fault is not None:
+            raise InvalidInputError(f"{outputs} is not a LaMP outputs file: {fault}.")
         name = name or data.get("task")
         golds = {str(g["id"]): str(g["output"]) for g in data.get("golds", [])}
     return TaskSplit(folder, split, task_spec(name or folder.name), golds)

@@ -20,7 +20,7 @@ from .defaults import ensure_default_bundle
 from .embedder import Embedder
 from .errors import InvalidInputError
 from .head import PlugHead
-from .items import NewItem, validate_items, validate_user
+from .items import NewItem, as_text, validate_items, validate_user
 from .llm import LLM, Completion, LLMConfig, SamplingConfig
 from .prompts import DEFAULT_STYLE, PromptStyle, fit_prompt
 from .store import HistoryStore
@@ -259,8 +259,10 @@ def _as_messages(prompt: str | Sequence[dict[str, str]]) -> list[dict[str, str]]
         content = m.get("content")
         if m["role"] == "user":
             content = validate_items([content])[0].text
-        elif not isinstance(content, str):
-            raise InvalidInputError(f"Message {i} has no text content.", field="messages")
+        else:  # every role's text is checked the same way, not only the user's
+            content = as_text(content, f"content of message {i}", None)
+            if "\x00" in content:
+                raise InvalidInputError(f"Message {i} contains a NUL byte.", field="messages")
         messages.append({"role": m["role"], "content": content})
     if not any(m["role"] == "user" for m in messages):
         raise InvalidInputError("The messages contain no user turn.", field="messages")

@@ -12,8 +12,14 @@ personalizes the answer.
 - Errors are OpenAI-style bodies mapped from typed exceptions (never from message text).
 - llama.cpp contexts are not safe for concurrent use: generations are serialized by the
   runtime's lock and run in worker threads, so the event loop keeps serving.
-- Bearer-token auth: optional on loopback, required on any other address. Bodies over
-  `max_body_bytes` are refused with 413.
+- Bearer-token auth: optional on loopback, required on any other address.
+- Every request is parsed by one schema (`schema.py`): strict types, bounded numbers, no
+  unknown fields, and OpenAI fields this server does not implement (`n > 1`, `logprobs`,
+  `tools`, `response_format` other than text, ...) refused with a 400 that names them.
+  Bodies over `max_body_bytes` are refused with 413 while they are read (chunked ones
+  too), a body that stalls for `read_timeout` seconds with 408, and a connection whose
+  headers do not arrive within `read_timeout` is closed. No error is ever plain text.
+- A user the store has never seen gets the plain prompt (`edge_pllm.fallback` says so).
 
 Each response carries `edge_pllm` with what personalized it (strategy, history item ids,
 and a fingerprint of the soft tokens), so clients and tests can see what the runtime used.
@@ -35,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from . import schema
 from .errors import (
     BundleError,
     ContextOverflowError,
@@ -51,6 +58,7 @@ from .errors import (
     UnknownStrategyError,
     UnknownUserError,
 )
+from .items import validate_items, validate_user
 from .llm import SamplingConfig
 from .personal import DEFAULT_STRATEGY, PersonalLLM, Prepared
 
@@ -74,6 +82,7 @@ class ServerConfig:
     default_user: str | None = None  # for clients that cannot send `user`
     max_body_bytes: int = 1_000_000
     max_tokens_limit: int = 1024
+    read_timeout: float = 30.0  # seconds a client may stall while sending a body
 
 
 def is_loopback(host: str) -> bool:
@@ -141,17 +150,6 @@ def _fingerprint(soft: np.ndarray | None) -> str | None:
     return hashlib.sha256(np.ascontiguousarray(soft, dtype=np.float32).tobytes()).hexdigest()[:16]
 
 
-def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, kind) or (
-        isinstance(value, bool) and kind in (int, float, (int, float))
-    ):
-        raise HTTPError(400, f"'{name}' has the wrong type.", "invalid_request_error", name)
-    return value
-
-
 class Service:
     """The HTTP layer over one PersonalLLM."""
 
@@ -161,61 +159,58 @@ class Service:
 
     # --- plumbing --------------------------------------------------------------------------
 
-    async def body(self, request: Request) -> dict[str, Any]:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.config.max_body_bytes:
-            raise HTTPError(
-                413,
-                f"Request body over {self.config.max_body_bytes} bytes.",
-                "invalid_request_error",
-            )
-        raw = await request.body()
-        if len(raw) > self.config.max_body_bytes:
-            raise HTTPError(
-                413,
-                f"Request body over {self.config.max_body_bytes} bytes.",
-                "invalid_request_error",
-            )
-        try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise HTTPError(
-                400, f"The body is not valid JSON ({exc}).", "invalid_request_error"
-            ) from None
-        if not isinstance(data, dict):
-            raise HTTPError(400, "The body must be a JSON object.", "invalid_request_error")
-        return data
+    async def body(self, request: Request) -> bytes:
+        """The request body, refused with 413 as soon as it passes `max_body_bytes` (chunked
+        bodies included: the limit applies while reading), and with 408 when the client
+        stalls for `read_timeout` seconds."""
+        limit = self.config.max_body_bytes
+        too_large = HTTPError(413, f"Request body over {limit} bytes.", "invalid_request_error")
+        length = request.headers.get("content-length", "")
+        if length.isascii() and length.isdigit() and len(length) < 20 and int(length) > limit:
+            raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        stream = request.stream().__aiter__()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(anext(stream), self.config.read_timeout)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise HTTPError(
+                    408,
+                    f"The request body stalled for {self.config.read_timeout:g} s.",
+                    "invalid_request_error",
+                ) from None
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
 
-    def sampling(self, body: dict[str, Any]) -> SamplingConfig:
-        max_tokens = _field(body, "max_tokens", int, None) or _field(
-            body, "max_completion_tokens", int, 128
+    def sampling(self, req: schema.GenerationRequest) -> SamplingConfig:
+        max_tokens = (
+            req.max_tokens or req.max_completion_tokens or min(128, self.config.max_tokens_limit)
         )
-        if not 1 <= max_tokens <= self.config.max_tokens_limit:
+        if max_tokens > self.config.max_tokens_limit:
             raise HTTPError(
                 400,
                 f"max_tokens must be 1..{self.config.max_tokens_limit}.",
                 "invalid_request_error",
                 "max_tokens",
             )
-        stop = body.get("stop") or ()
-        if isinstance(stop, str):
-            stop = (stop,)
-        if not isinstance(stop, list | tuple) or not all(isinstance(s, str) for s in stop):
-            raise HTTPError(
-                400,
-                "'stop' must be a string or a list of strings.",
-                "invalid_request_error",
-                "stop",
-            )
+        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         return SamplingConfig(
             max_tokens=max_tokens,
-            temperature=float(_field(body, "temperature", (int, float), 0.0)),
-            top_p=float(_field(body, "top_p", (int, float), 0.95)),
-            stop=tuple(stop),
+            temperature=0.0 if req.temperature is None else req.temperature,
+            top_p=0.95 if req.top_p is None else req.top_p,
+            stop=stop,
         )
 
-    def personalization(self, body: dict[str, Any]) -> tuple[str, str]:
-        user = _field(body, "user", str, None) or self.config.default_user
+    def personalization(
+        self, req: schema.ChatRequest | schema.CompletionRequest
+    ) -> tuple[str, str]:
+        user = req.user or self.config.default_user
         if not user:
             raise HTTPError(
                 400,
@@ -223,15 +218,7 @@ class Service:
                 "invalid_request_error",
                 "user",
             )
-        ext = _field(body, "edge_pllm", dict, {})
-        strategy = ext.get("strategy", self.config.default_strategy)
-        if not isinstance(strategy, str):
-            raise HTTPError(
-                400,
-                "edge_pllm.strategy must be a string.",
-                "invalid_request_error",
-                "edge_pllm.strategy",
-            )
+        strategy = (req.edge_pllm and req.edge_pllm.strategy) or self.config.default_strategy
         return user, strategy
 
     @staticmethod
@@ -262,27 +249,20 @@ class Service:
         )
 
     async def complete(self, request: Request, chat: bool) -> Response:
-        body = await self.body(request)
-        user, strategy = self.personalization(body)
-        sampling = self.sampling(body)
+        raw = await self.body(request)
+        req: schema.GenerationRequest
+        prompt: Any
         if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise HTTPError(
-                    400, "'messages' must be a non-empty list.", "invalid_request_error", "messages"
-                )
-            prompt: Any = messages
+            req = schema.parse(schema.ChatRequest, raw)
+            prompt = [m.as_dict() for m in req.messages]
         else:
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1:
-                prompt = prompt[0]
-            if not isinstance(prompt, str):
-                raise HTTPError(
-                    400, "'prompt' must be a string.", "invalid_request_error", "prompt"
-                )
+            req = schema.parse(schema.CompletionRequest, raw)
+            prompt = req.text
+        user, strategy = self.personalization(req)
+        sampling = self.sampling(req)
         created = int(time.time())
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        if _field(body, "stream", bool, False):
+        if req.stream:
             return await self.stream(rid, created, chat, user, prompt, strategy, sampling)
         info: dict[str, Any] = {}
 
@@ -391,30 +371,24 @@ class Service:
     # --- history ---------------------------------------------------------------------------
 
     async def add_history(self, request: Request) -> Response:
-        user = request.path_params["user"]
-        body = await self.body(request)
-        items = body.get("items")
-        if items is None and "text" in body:
-            items = [body]
-        if not isinstance(items, list):
-            raise HTTPError(
-                400, "Send {'items': [...]} or one {'text': ...}.", "invalid_request_error", "items"
-            )
+        user = _user(request)
+        items = schema.parse(schema.HistoryRequest, await self.body(request)).item_list()
         ids = await asyncio.to_thread(self.pllm.add, user, items)
         return JSONResponse({"user": user, "ids": ids}, status_code=201)
 
     async def list_history(self, request: Request) -> Response:
-        user = request.path_params["user"]
-        limit = _int_param(request, "limit", 20)
+        user = _user(request)
+        limit = schema.query_int(request.query_params, "limit", 20, schema.MAX_LIMIT)
         items = await asyncio.to_thread(lambda: self.pllm.store.items(user, limit=limit))
         return JSONResponse({"user": user, "items": [{"id": i.id, **i.to_json()} for i in items]})
 
     async def search(self, request: Request) -> Response:
-        user = request.path_params["user"]
+        user = _user(request)
         query = request.query_params.get("q", "")
         if not query.strip():
             raise HTTPError(400, "Give a query with ?q=.", "invalid_request_error", "q")
-        k = _int_param(request, "k", 5)
+        query = validate_items([query])[0].text
+        k = schema.query_int(request.query_params, "k", 5, schema.MAX_K)
 
         def work() -> list[dict[str, Any]]:
             vec = self.pllm.embedder.embed_one(query)
@@ -424,18 +398,18 @@ class Service:
         return JSONResponse({"user": user, "hits": await asyncio.to_thread(work)})
 
     async def delete_item(self, request: Request) -> Response:
-        user = request.path_params["user"]
-        item = request.path_params["item"]
+        user = _user(request)
+        item = schema.item_id(request.path_params["item"])
         await asyncio.to_thread(self.pllm.delete, user, [item])
         return JSONResponse({"user": user, "deleted": [item]})
 
     async def forget(self, request: Request) -> Response:
-        user = request.path_params["user"]
+        user = _user(request)
         n = await asyncio.to_thread(self.pllm.forget, user)
         return JSONResponse({"user": user, "forgotten_items": n})
 
     async def export(self, request: Request) -> Response:
-        user = request.path_params["user"]
+        user = _user(request)
 
         def work() -> str:
             return "".join(
@@ -466,13 +440,9 @@ class Service:
         )
 
 
-def _int_param(request: Request, name: str, default: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    if not raw.isdigit() or int(raw) < 1:
-        raise HTTPError(400, f"'{name}' must be a positive integer.", "invalid_request_error", name)
-    return int(raw)
+def _user(request: Request) -> str:
+    """The user named in the URL path, exactly as given (never folded), or a 400."""
+    return validate_user(request.path_params["user"])
 
 
 def create_app(pllm: PersonalLLM, config: ServerConfig | None = None) -> Starlette:
@@ -490,7 +460,10 @@ def create_app(pllm: PersonalLLM, config: ServerConfig | None = None) -> Starlet
         async def wrapped(request: Request) -> Response:
             if config.api_key:
                 given = request.headers.get("authorization", "")
-                if not secrets.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
+                # Starlette decodes headers as Latin-1: compare the bytes that were sent with
+                # the key's UTF-8 bytes, so a non-ASCII key works as a client sends it.
+                expected = f"Bearer {config.api_key}".encode()
+                if not secrets.compare_digest(given.encode("latin-1"), expected):
                     status, body = (
                         401,
                         {
@@ -507,7 +480,9 @@ def create_app(pllm: PersonalLLM, config: ServerConfig | None = None) -> Starlet
                 return await handler(request)
             except (EdgePLLMError, HTTPError) as exc:
                 status, body = error_body(exc)
-                return JSONResponse(body, status_code=status)
+                # The rest of an oversized or stalled body is not read: end the connection.
+                close = {"connection": "close"} if status in (408, 413) else None
+                return JSONResponse(body, status_code=status, headers=close)
             except Exception as exc:  # a bug: a 500 with a plain body, the server stays up
                 status, body = error_body(exc)
                 return JSONResponse(body, status_code=status)
@@ -527,9 +502,7 @@ def create_app(pllm: PersonalLLM, config: ServerConfig | None = None) -> Starlet
         Route("/v1/users/{user}/history", endpoint(service.add_history), methods=["POST"]),
         Route("/v1/users/{user}/history", endpoint(service.list_history), methods=["GET"]),
         Route("/v1/users/{user}/search", endpoint(service.search), methods=["GET"]),
-        Route(
-            "/v1/users/{user}/history/{item:int}", endpoint(service.delete_item), methods=["DELETE"]
-        ),
+        Route("/v1/users/{user}/history/{item}", endpoint(service.delete_item), methods=["DELETE"]),
         Route("/v1/users/{user}", endpoint(service.forget), methods=["DELETE"]),
         Route("/v1/users/{user}/export", endpoint(service.export), methods=["GET"]),
     ]
@@ -542,14 +515,65 @@ def create_app(pllm: PersonalLLM, config: ServerConfig | None = None) -> Starlet
         body = {"error": {"message": str(detail), "type": type_, "param": None, "code": None}}
         return JSONResponse(body, status_code=status)
 
-    return Starlette(routes=routes, exception_handlers={404: http_error, 405: http_error})
+    async def bug(request: Request, exc: Exception) -> Response:
+        # Outside any endpoint (routing, middleware): still a JSON body, never plain text.
+        status, body = error_body(exc)
+        return JSONResponse(body, status_code=status)
+
+    app = Starlette(
+        routes=routes, exception_handlers={404: http_error, 405: http_error, Exception: bug}
+    )
+    # No redirect from `/v1/models/` to `/v1/models`: its Location would be built from the
+    # client's Host header, before authentication.
+    app.router.redirect_slashes = False
+    return app
+
+
+def uvicorn_config(pllm: PersonalLLM, config: ServerConfig) -> Any:
+    """The uvicorn settings `serve` runs with: the app, and HTTP/1.1 through h11 with a
+    deadline for a request's headers (uvicorn by itself waits for them forever)."""
+    try:
+        import uvicorn
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+    except ImportError as exc:
+        raise MissingDependencyError("uvicorn", "server", "The server") from exc
+
+    class HeaderDeadline(H11Protocol):
+        """Closes a connection whose next request's headers are not complete within
+        `read_timeout` seconds (a stalled or trickling client holds no socket for long)."""
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self) -> None:
+            self._waiting_for = self.cycle  # a new cycle means the headers arrived
+            self._deadline = self.loop.call_later(config.read_timeout, self._late)
+
+        def _late(self) -> None:
+            if self.cycle is self._waiting_for and not self.transport.is_closing():
+                self.transport.close()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._deadline.cancel()
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._deadline.cancel()
+            super().connection_lost(exc)
+
+    return uvicorn.Config(
+        create_app(pllm, config),
+        host=config.host,
+        port=config.port,
+        http=HeaderDeadline,
+        log_level="warning",
+    )
 
 
 def serve(pllm: PersonalLLM, config: ServerConfig) -> None:
     """Run the server until interrupted (Ctrl-C shuts it down cleanly)."""
-    try:
-        import uvicorn
-    except ImportError as exc:
-        raise MissingDependencyError("uvicorn", "server", "The server") from exc
-    app = create_app(pllm, config)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+    import uvicorn
+
+    uvicorn.Server(uvicorn_config(pllm, config)).run()

@@ -24,7 +24,14 @@ from typing import Any
 import numpy as np
 
 from . import db
-from .errors import InvalidInputError, ItemNotFoundError, StoreMismatchError, UnknownUserError
+from .errors import (
+    InvalidInputError,
+    ItemNotFoundError,
+    PassphraseError,
+    StoreMismatchError,
+    UnknownUserError,
+)
+from .files import new_private_file
 from .items import HistoryItem, NewItem, content_hash, now_iso, validate_items, validate_user
 
 _ITEM_COLUMNS = (
@@ -103,14 +110,18 @@ class HistoryStore:
             stored = int(self._meta("embedding_dim"))
             if stored != self.dim:
                 raise StoreMismatchError(self.path, stored, self.dim)
-        except BaseException:
+        except BaseException as exc:
             self._conn.close()
+            if db.is_damage(exc):
+                raise PassphraseError(self.path, "damaged") from None
             raise
 
     # --- plumbing --------------------------------------------------------------------------
 
     def _meta(self, key: str) -> str:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is None:  # every migrated store has it: a damaged file, or another program's
+            raise PassphraseError(self.path, "damaged")
         return row[0]
 
     @property
@@ -129,7 +140,7 @@ class HistoryStore:
         self.close()
 
     def _user_id(self, user: str) -> int:
-        user = validate_user(user)  # as stored: a name that add() could not store is refused
+        user = validate_user(user, existing=True)  # compared exactly, never folded
         row = self._conn.execute("SELECT id FROM users WHERE name = ?", (user,)).fetchone()
         if row is None:
             raise UnknownUserError(user)
@@ -252,13 +263,29 @@ class HistoryStore:
             return db.checkpoint(self._conn)
 
     def backup(self, dest: str | Path) -> Path:
-        """Write a consistent copy of the whole database to `dest` (VACUUM INTO)."""
-        dest = Path(dest)
-        if dest.exists():
-            raise InvalidInputError(f"{dest} already exists; choose a new file name.", field="dest")
-        with self._lock:
-            self._conn.execute("VACUUM INTO ?", (str(dest),))
-        return dest
+        """Write a consistent copy of the whole database to the new file `dest` (VACUUM
+        INTO; an encrypted store's copy is encrypted with the same key) and return its
+        absolute path. The copy is owner-only (0o600): it is created empty first (VACUUM
+        INTO fills an empty file), and SQLite is given its absolute path, never read as a
+        URI. A name that is taken (a symbolic link too, even dangling), a missing or
+        unwritable folder: InvalidInputError."""
+        target = new_private_file(dest, field="dest")
+        try:
+            with self._lock:
+                self._conn.execute("VACUUM INTO ?", (str(target),))
+            written = target.stat().st_size
+        except BaseException as exc:  # no half copy left, even when interrupted
+            target.unlink(missing_ok=True)
+            if not (db.is_sqlite_error(exc) or isinstance(exc, OSError)):
+                raise
+            reason = str(exc).rstrip(".")
+            raise InvalidInputError(
+                f"Cannot back up to {target}: {reason}.", field="dest"
+            ) from None
+        if not written:  # never seen since the name is absolute; a copy that is not there
+            target.unlink(missing_ok=True)
+            raise InvalidInputError(f"SQLite wrote nothing to {target}.", field="dest")
+        return target
 
     # --- reading ----------------------------------------------------------------------------
 

@@ -18,12 +18,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from .embedder import Embedder
-from .errors import BundleError, InvalidInputError, UnknownStrategyError, UnknownUserError
+from .errors import BundleError, InvalidInputError, UnknownStrategyError
 from .head import PlugHead
 from .items import HistoryItem
 from .store import HistoryStore
 
 DEFAULT_K = 3
+MAX_K = 100  # items in a prompt: more never fits a context
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,15 @@ class Strategy(Protocol):
     def personalize(self, request: Request) -> Personalization: ...
 
 
-def require_user(request: Request) -> None:
-    """UnknownUserError unless the request's user has history in the store."""
-    if not request.store.has_user(request.user):
-        raise UnknownUserError(request.user)
+NO_HISTORY = "no history: plain prompt"
+
+
+def no_history(request: Request) -> Personalization | None:
+    """The plain prompt, said so in `info["fallback"]`, for a user the store has never
+    seen: a first conversation is not an error."""
+    if request.store.has_user(request.user):
+        return None
+    return Personalization(info={"fallback": NO_HISTORY})
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,8 @@ class Recent:
     needs_head: bool = field(default=False, init=False)
 
     def personalize(self, request: Request) -> Personalization:
-        require_user(request)
+        if (fallback := no_history(request)) is not None:
+            return fallback
         items = request.store.items(request.user, limit=self.k)
         return Personalization(context=items, info={"item_ids": [i.id for i in items]})
 
@@ -96,7 +103,8 @@ class Retrieval:
     needs_head: bool = field(default=False, init=False)
 
     def personalize(self, request: Request) -> Personalization:
-        require_user(request)
+        if (fallback := no_history(request)) is not None:
+            return fallback
         query_vec = request.embedder.embed_one(request.query)
         hits = request.store.search(request.user, query_vec, self.k)
         return Personalization(
@@ -110,22 +118,23 @@ class Plug:
     """PPlug: the user's whole history as soft tokens made by the bundle's head; with `rag`
     > 0, also the k nearest history items in the prompt (plug+rag).
 
-    A user with no history gets no soft tokens: `plug` then answers with the plain prompt
-    (and `plug+rag` with neither retrieved items nor soft tokens), and the Personalization
-    says so in `info["fallback"]`."""
+    A user with no history (or unknown to the store) gets no soft tokens: `plug` then
+    answers with the plain prompt (and `plug+rag` with neither retrieved items nor soft
+    tokens), and the Personalization says so in `info["fallback"]`."""
 
     rag: int = 0
     name: str = "plug"
     needs_head: bool = field(default=True, init=False)
 
     def personalize(self, request: Request) -> Personalization:
-        require_user(request)
         head = request.plug
         if head is None:
             raise BundleError("This bundle has no Persona-Plug head; use none, recent or rag.")
+        if (fallback := no_history(request)) is not None:
+            return fallback
         ids, history = request.store.vectors(request.user, limit=head.max_history)
         if not ids:
-            return Personalization(info={"fallback": "no history: plain prompt"})
+            return Personalization(info={"fallback": NO_HISTORY})
         # The request's embedding is needed by a linear head and by retrieval only.
         query: str | np.ndarray = request.query
         if self.rag or not head.reads_text:
@@ -166,11 +175,13 @@ def get_strategy(spec: str | Strategy, k: int | None = None) -> Strategy:
         raise UnknownStrategyError(name, sorted(REGISTRY))
     if k_text:
         try:
+            if not (k_text.isascii() and k_text.isdigit() and len(k_text) <= 6):
+                raise ValueError(k_text)
             k = int(k_text)
         except ValueError:
             raise InvalidInputError(
                 f"In strategy {spec!r}, k must be an integer.", field="strategy"
             ) from None
-    if k is not None and k < 1:
-        raise InvalidInputError(f"k must be at least 1 (got {k}).", field="k")
+    if k is not None and not 1 <= k <= MAX_K:
+        raise InvalidInputError(f"k must be 1..{MAX_K} (got {k}).", field="k")
     return REGISTRY[name](k)

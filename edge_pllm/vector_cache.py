@@ -4,18 +4,23 @@ embedded once across runs: the evaluation's run folder and the training's cache
 
 A cache holds vectors of one embedder only: its file name should say which (see
 `cache_key`). Several processes may share one file (SQLite locks it); a file that is not
-a readable cache is set aside and started anew, never trusted.
+a readable cache is set aside and started anew, never trusted. The file (and its journal)
+is owner-only, and so is any folder made for it (`files`): vectors of private text can
+tell a lot about it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from .files import private_dir, private_file
 
 Embed = Callable[[list[str]], np.ndarray]
 _CHUNK = 500  # keys per SELECT (SQLite's variable limit is 999 on old builds)
@@ -31,7 +36,7 @@ class VectorCache:
 
     def __init__(self, path: str | Path, embed: Embed, dim: int):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         self._embed, self.dim = embed, dim
         self.hits = self.misses = 0
         try:
@@ -45,7 +50,9 @@ class VectorCache:
             self._conn = self._open()
 
     def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=60)
+        name = os.path.abspath(self.path)  # absolute: SQLite never reads it as a URI
+        private_file(name, also=[name + "-journal"])  # the journal gets the file's mode
+        conn = sqlite3.connect(name, timeout=60)
         conn.execute("CREATE TABLE IF NOT EXISTS vec (hash TEXT PRIMARY KEY, v BLOB)")
         conn.execute("SELECT count(*) FROM vec").fetchone()
         return conn

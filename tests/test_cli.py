@@ -97,7 +97,8 @@ def test_ingest_lamp_profiles_one_user_per_question(run, tmp_path: Path):
     [
         (("add", "alice", "   "), None, "empty or only whitespace"),
         (("add", "alice", "-"), b"\xff\xfe\xfd", "not valid UTF-8"),
-        (("ask", "nobody", "hi"), None, "No user named 'nobody'"),
+        (("ask", "alice\x1f", "hi"), None, "begins or ends with"),
+        (("add", " alice", "x"), None, "begins or ends with a space"),
         (("ask", "alice", "hi", "-s", "telepathy"), None, "Unknown strategy 'telepathy'"),
         (("forget", "nobody", "--yes"), None, "No user named 'nobody'"),
         (("add", "alice"), None, "Give at least one TEXT"),

@@ -99,9 +99,15 @@ def test_bad_input_leaves_the_store_unchanged(loaded):
     assert after == before
 
 
-def test_unknown_user_and_strategy_are_typed_errors(loaded):
+def test_unknown_user_gets_the_plain_prompt_and_bad_strategies_typed_errors(loaded):
+    for spec in ("recent", "rag", "plug", "plug+rag"):
+        prepared = loaded.prepare("nobody", "hi", spec)
+        assert prepared.personalization.info["fallback"] == "no history: plain prompt"
+        assert prepared.prompt == loaded.prepare("nobody", "hi", "none").prompt
+        assert prepared.personalization.soft_tokens is None
+    assert not loaded.store.has_user("nobody")
     with pytest.raises(UnknownUserError):
-        loaded.generate("nobody", "hi", strategy="rag")
+        loaded.store.items("nobody")
     with pytest.raises(UnknownStrategyError, match="choose one of"):
         loaded.generate("alice", "hi", strategy="telepathy")
     with pytest.raises(InvalidInputError):

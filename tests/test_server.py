@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import http.client
 import json
-import socket
-import threading
 import time
-import urllib.parse
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,88 +16,10 @@ uvicorn = pytest.importorskip("uvicorn")
 from edge_pllm import InvalidInputError, LLMConfig, PersonalLLM  # noqa: E402
 from edge_pllm.server import ServerConfig, create_app  # noqa: E402
 
+from .server_support import Raw, Running, free_port  # noqa: E402
+
 ALICE = ["fix(parser): handle blank lines", "docs: explain the cache", "feat: add json flag"]
 BOB = ["Apple pie needs cinnamon.", "Sourdough starter: feed twice a day.", "Jam jars low."]
-
-
-class Raw:
-    """Plain HTTP on loopback (stdlib), for requests no well-behaved client would send."""
-
-    class Reply:
-        def __init__(self, status: int, text: str):
-            self.status_code, self.text = status, text
-
-        def json(self):
-            return json.loads(self.text)
-
-    def __init__(self, base_url: str, timeout: float = 60):
-        parts = urllib.parse.urlsplit(base_url)
-        self.host, self.port, self.prefix, self.timeout = (
-            parts.hostname,
-            parts.port,
-            parts.path,
-            timeout,
-        )
-
-    def request(self, method, path, content=None, json_body=None, params=None, headers=None):
-        if json_body is not None:
-            content = json.dumps(json_body).encode()
-        url = self.prefix + path + ("?" + urllib.parse.urlencode(params) if params else "")
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-        try:
-            conn.request(
-                method,
-                url,
-                body=content,
-                headers={"content-type": "application/json", **(headers or {})},
-            )
-            reply = conn.getresponse()
-            return Raw.Reply(reply.status, reply.read().decode())
-        finally:
-            conn.close()
-
-    def get(self, path, params=None):
-        return self.request("GET", path, params=params)
-
-    def post(self, path, content=None, json=None, headers=None):
-        return self.request("POST", path, content=content, json_body=json, headers=headers)
-
-    def delete(self, path):
-        return self.request("DELETE", path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Running:
-    def __init__(self, pllm: PersonalLLM, config: ServerConfig):
-        self.config = config
-        self.server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(pllm, config), host=config.host, port=config.port, log_level="warning"
-            )
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> Running:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        assert not self.thread.is_alive(), "server did not shut down"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.config.port}/v1"
 
 
 @pytest.fixture
@@ -182,14 +100,17 @@ def test_soft_tokens_follow_the_user_when_the_bundle_has_a_head(server):
 def test_errors_are_openai_style_and_the_server_stays_up(server):
     running, pllm = server
     c = client(running)
-    with pytest.raises(openai.NotFoundError) as err:
-        c.chat.completions.create(
-            model="m",
-            messages=[{"role": "user", "content": "hi"}],
-            user="nobody",
-            extra_body={"edge_pllm": {"strategy": "rag"}},
-        )
-    assert "nobody" in err.value.body["message"]
+    # A user the store has never seen is a first conversation, not an error.
+    first = c.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "hi"}],
+        user="nobody",
+        max_tokens=4,
+        extra_body={"edge_pllm": {"strategy": "rag"}},
+    )
+    assert first.model_extra["edge_pllm"]["fallback"] == "no history: plain prompt"
+    assert first.model_extra["edge_pllm"]["context_ids"] == []
+    assert not pllm.store.has_user("nobody")  # answering stores nothing
     with pytest.raises(openai.BadRequestError) as err:
         c.chat.completions.create(
             model="m",

@@ -187,6 +187,23 @@ def test_unknown_user_is_a_typed_error(store: HistoryStore):
         store.items("nobody")
 
 
+def test_names_are_exact_and_a_legacy_name_can_still_be_forgotten(store: HistoryStore):
+    rng = np.random.default_rng(5)
+    store.add("bob", ["bob's"], unit(rng, 1))
+    for folded in ("bob\x1f", " bob", "bob\u3000", "\u200bbob"):
+        with pytest.raises(InvalidInputError):
+            store.add(folded, ["x"], unit(rng, 1))
+        with pytest.raises(UnknownUserError):  # looked up exactly: not bob
+            store.items(folded)
+    with pytest.raises(InvalidInputError, match="'/'"):
+        store.add("a/b", ["x"], unit(rng, 1))
+    # A name stored under the old rule (the CLI once allowed '/') stays reachable.
+    store._conn.execute("INSERT INTO users (name, created_at) VALUES ('a/b', '2024-01-01')")
+    assert store.has_user("a/b")
+    store.forget("a/b")
+    assert not store.has_user("a/b") and [u.name for u in store.users()] == ["bob"]
+
+
 def test_vectors_returns_most_recent_in_time_order(store: HistoryStore):
     rng = np.random.default_rng(7)
     vecs = unit(rng, 4)
