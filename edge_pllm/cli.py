@@ -652,6 +652,18 @@ DEFAULT_EVAL_STRATEGIES = "none,recent:1,recent:3,rag:1,rag:3"
 )
 @click.option("--task", help="Task name if the outputs file does not say (e.g. LaMP_4).")
 @click.option("--no-floors", is_flag=True, help="Skip the trivial floor baselines.")
+@click.option(
+    "--shard",
+    help="Answer only share I of N of the queries (e.g. 2/4), on this machine; score with "
+    "--merge once every share is done.",
+)
+@click.option(
+    "--merge",
+    "merge_dirs",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="A shard's run folder to gather into --out before scoring; repeatable.",
+)
 @pass_ctx
 @plain_errors
 def eval_command(
@@ -664,8 +676,14 @@ def eval_command(
     report_path: str | None,
     task: str | None,
     no_floors: bool,
+    shard: str | None,
+    merge_dirs: tuple[str, ...],
 ) -> None:
-    """Evaluate strategies on a LaMP-format TASK_DIR; writes predictions and metrics."""
+    """Evaluate strategies on a LaMP-format TASK_DIR; writes predictions and metrics.
+
+    On several machines: `--shard I/N --out runI` on each, then `--merge run1 --merge run2
+    ... --out all` (same TASK_DIR, splits, strategies and limit) scores them all together,
+    exactly as one process would."""
     from . import evaluate
     from .lamp import load_split
 
@@ -680,11 +698,24 @@ def eval_command(
         task=task,
         strategies=[s.strip() for s in strategies.split(",") if s.strip()],
         floors=not no_floors,
+        shard=evaluate.Shard.parse(shard) if shard else None,
     )
+    if config.shard and merge_dirs:
+        raise click.UsageError("--shard answers a share; --merge scores them all: use one.")
+    if merge_dirs:
+        n = evaluate.merge(config, [Path(d) for d in merge_dirs])
+        click.echo(f"Merged {_count(n, 'answer')} from {len(merge_dirs)} run folders.", err=True)
     # The run keeps its own store in the run folder: eval users never mix with real ones.
     base = obj.pllm()
     pllm = PersonalLLM(base.bundle.path, home=out, llm_config=base.llm_config)
     results = evaluate.run(config, pllm)
+    if config.shard:
+        click.echo(
+            f"Shard {config.shard} answered in {out}; when every shard is done, score them "
+            "with `edge-pllm eval TASK_DIR --merge RUN_FOLDER ...` (same options).",
+            err=True,
+        )
+        return
     spec = load_split(folder, splits[0], task).spec
     b = pllm.bundle
     command = " ".join(

@@ -9,6 +9,11 @@ Besides LLM strategies, two trivial floors give every number context (generation
 with an output field): `floor:first-line` (the input document's first line) and
 `floor:latest` (the output the user wrote most recently).
 
+Evaluation spreads over machines: `RunConfig.shard` (`--shard I/N`) answers every N-th
+query only and scores nothing; `merge` gathers the shards' predictions into one run
+folder, after which `run` scores them exactly as one process would have (it finds every
+answer done and generates nothing).
+
 The ablation `STRATEGY@other` runs a strategy with the history of another query's user (the
 next query in the split): the gap between `plug` and `plug@other` is the personalization
 itself; the rest is task adaptation.
@@ -27,6 +32,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .errors import InvalidInputError
+from .files import private_dir
 from .jsonio import parse_json
 from .lamp import Question, TaskSpec, TaskSplit, load_split
 from .llm import SamplingConfig
@@ -50,6 +56,35 @@ def floor_answer(strategy: str, spec: TaskSpec, question: Question) -> str:
     return str(latest[spec.output_field])
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Share `index` (1-based) of `count`: the queries at positions index−1, index−1+count, …"""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """`"2/4"` → Shard(2, 4); an InvalidInputError for anything else."""
+        index, _, count = text.partition("/")
+        if not (index.isascii() and index.isdigit() and count.isascii() and count.isdigit()):
+            raise InvalidInputError(
+                f"--shard {text!r} is not I/N (e.g. 2/4: the second of four shares).",
+                field="shard",
+            )
+        if not 1 <= int(index) <= int(count) <= 10_000:
+            raise InvalidInputError(
+                f"--shard {text!r}: I must be 1..N, and N at most 10,000.", field="shard"
+            )
+        return cls(int(index), int(count))
+
+    def owns(self, position: int) -> bool:
+        return position % self.count == self.index - 1
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
 @dataclass
 class RunConfig:
     """What to evaluate and where to keep the run."""
@@ -62,6 +97,7 @@ class RunConfig:
     floors: bool = True
     task: str | None = None
     max_tokens: int | None = None
+    shard: Shard | None = None  # answer this share of the queries only, and score nothing
 
 
 @dataclass
@@ -117,7 +153,9 @@ def _ingest(pllm: PersonalLLM, cache: VectorCache, spec: TaskSpec, user: str, q:
 
 
 def run(config: RunConfig, pllm: PersonalLLM, progress: bool = True) -> list[SplitResult]:
-    """Evaluate every strategy on every split; returns the metrics (also written to disk)."""
+    """Evaluate every strategy on every split; returns the metrics (also written to disk).
+    A sharded run answers its share and returns no metrics: `merge` the shards, then run
+    again to score."""
     for s in config.strategies:
         base, _, variant = s.partition("@")
         get_strategy(base)  # fail fast on a bad name
@@ -125,7 +163,7 @@ def run(config: RunConfig, pllm: PersonalLLM, progress: bool = True) -> list[Spl
             raise InvalidInputError(
                 f"Unknown variant @{variant} in {s!r}; the one known is @other."
             )
-    config.out_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(config.out_dir)
     pred_path = config.out_dir / PREDICTIONS
     done = _load_done(pred_path)
     cache = VectorCache(
@@ -136,10 +174,59 @@ def run(config: RunConfig, pllm: PersonalLLM, progress: bool = True) -> list[Spl
         with open(pred_path, "a", encoding="utf-8") as out:
             for split in config.splits:
                 task = load_split(config.task_dir, split, config.task)
-                results.append(_run_split(config, pllm, cache, task, done, out, progress))
+                result = _run_split(config, pllm, cache, task, done, out, progress)
+                if result is not None:
+                    results.append(result)
     finally:
         cache.close()
     return results
+
+
+def _expected(config: RunConfig, task: TaskSplit) -> list[tuple[str, str, str]]:
+    """Every (split, strategy, id) a whole run of `config` answers on `task`."""
+    questions = list(task.questions(config.limit))
+    return [(task.split, s, q.id) for q in questions for s in _strategies(config, task.spec)]
+
+
+def _strategies(config: RunConfig, spec: TaskSpec) -> list[str]:
+    text_task = spec.output_field and spec.answer_kind == "text"
+    return (list(FLOORS) if config.floors and text_task else []) + config.strategies
+
+
+def merge(config: RunConfig, shards: list[Path]) -> int:
+    """Gather the predictions of the shard run folders `shards` into `config.out_dir`, and
+    check they answer every query of `config` (same task, splits, strategies and limit).
+    Returns how many predictions were added; InvalidInputError if two shards disagree on
+    an answer or one is missing (naming it)."""
+    private_dir(config.out_dir)
+    pred_path = config.out_dir / PREDICTIONS
+    done = _load_done(pred_path)
+    added: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for folder in shards:
+        if not (folder / PREDICTIONS).is_file():
+            raise InvalidInputError(f"{folder} holds no {PREDICTIONS}: is it a shard's run folder?")
+        for key, row in _load_done(folder / PREDICTIONS).items():
+            known = done.get(key) or added.get(key)
+            if known is not None and known["output"] != row["output"]:
+                raise InvalidInputError(
+                    f"Two runs disagree on {key[1]} for {key[2]} ({key[0]}): were they made "
+                    "with the same bundle and settings?"
+                )
+            if known is None:
+                added[key] = row
+    for split in config.splits:
+        task = load_split(config.task_dir, split, config.task)
+        missing = [k for k in _expected(config, task) if k not in done and k not in added]
+        if missing:
+            split_, strategy, qid = missing[0]
+            raise InvalidInputError(
+                f"The shards lack {len(missing)} answers of {split_} (first: {strategy} for "
+                f"{qid}); run the missing --shard and merge again."
+            )
+    with open(pred_path, "a", encoding="utf-8") as out:
+        for row in added.values():
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return len(added)
 
 
 def _run_split(
@@ -150,12 +237,9 @@ def _run_split(
     done: dict[tuple[str, str, str], dict[str, Any]],
     out: Any,
     progress: bool,
-) -> SplitResult:
+) -> SplitResult | None:
     spec = task.spec
-    floors = (
-        list(FLOORS) if config.floors and spec.output_field and spec.answer_kind == "text" else []
-    )
-    strategies = floors + config.strategies
+    strategies = _strategies(config, spec)
     questions = list(task.questions(config.limit))
     missing_gold = [q.id for q in questions if q.id not in task.golds]
     if missing_gold:
@@ -164,17 +248,21 @@ def _run_split(
             f"(first: {missing_gold[0]}); check {task.split}_outputs.json."
         )
     sampling = SamplingConfig(max_tokens=config.max_tokens or spec.max_tokens)
-    total = len(questions) * len(strategies)
-    todo = [(q, s) for q in questions for s in strategies if (task.split, s, q.id) not in done]
+    shard = config.shard
+    mine = [q for n, q in enumerate(questions) if shard is None or shard.owns(n)]
+    total = len(mine) * len(strategies)
+    todo = [(q, s) for q in mine for s in strategies if (task.split, s, q.id) not in done]
     bar = tqdm(
         total=total,
         initial=total - len(todo),
-        desc=f"{spec.name} {task.split}",
+        desc=f"{spec.name} {task.split}" + (f" shard {shard}" if shard else ""),
         unit="answer",
         disable=not progress,
     )
     with bar:
         for n, q in enumerate(questions):
+            if shard is not None and not shard.owns(n):
+                continue
             user = f"{task.split}:{q.id}"
             pending = [s for s in strategies if (task.split, s, q.id) not in done]
             if not pending:
@@ -213,6 +301,8 @@ def _run_split(
                 out.flush()
                 done[(task.split, s, q.id)] = row
                 bar.update()
+    if shard is not None:
+        return None
     return _score(config, task, questions, strategies, done)
 
 

@@ -128,3 +128,54 @@ def test_killed_run_resumes_where_it_stopped(default_bundle, tmp_path):
     first = {(r["strategy"], r["id"]): r["output"] for r in reversed(rows)}
     assert all(first[(r["strategy"], r["id"])] == r["output"] for r in before)
     assert "| `rag:1` |" in done.stdout
+
+
+def _without_timings(metrics_json: dict) -> dict:
+    return {k: v for k, v in metrics_json.items() if k != "seconds"}
+
+
+def test_sharded_runs_merged_score_as_one_run(default_bundle, tmp_path):
+    """Two shards on their own homes (as on two machines), merged, give the same metrics,
+    outputs and report as one unsharded run."""
+    pytest.importorskip("rouge_score", reason="ROUGE needs the [eval] extra")
+    from edge_pllm.errors import InvalidInputError
+    from edge_pllm.evaluate import Shard, merge
+
+    task = make_task(tmp_path / "task")
+    strategies = ["rag:2", "rag:2@other"]
+    llm_config = LLMConfig(n_ctx=1024, n_threads=2)
+
+    def run_in(out: Path, shard: Shard | None = None):
+        config = RunConfig(task, ["dev"], strategies, out, max_tokens=8, shard=shard)
+        with PersonalLLM(default_bundle, home=out, llm_config=llm_config) as pllm:
+            return run(config, pllm, progress=False)
+
+    (whole,) = run_in(tmp_path / "whole")
+    assert run_in(tmp_path / "s1", Shard(1, 2)) == []  # a shard answers, and scores nothing
+    merged_config = RunConfig(task, ["dev"], strategies, tmp_path / "merged", max_tokens=8)
+    with pytest.raises(InvalidInputError, match="lack 8 answers"):
+        merge(merged_config, [tmp_path / "s1"])  # shard 2 is not done yet
+    run_in(tmp_path / "s2", Shard(2, 2))
+    assert merge(merged_config, [tmp_path / "s1", tmp_path / "s2"]) == 16
+    with PersonalLLM(default_bundle, home=tmp_path / "merged", llm_config=llm_config) as pllm:
+        (together,) = run(merged_config, pllm, progress=False)
+        assert pllm.store.users() == []  # scoring the merged answers generated nothing
+
+    def saved(folder: str) -> dict:
+        return _without_timings(json.loads((tmp_path / folder / "dev_metrics.json").read_text()))
+
+    assert saved("merged") == saved("whole")
+    for name in ("floor-first-line", "rag-2", "rag-2@other"):
+        file = f"dev_{name}_outputs.json"
+        assert (tmp_path / "merged" / file).read_text() == (tmp_path / "whole" / file).read_text()
+    spec = task_spec("commit_subject")
+
+    def table(result) -> list[str]:  # the report's rows without the s/query column
+        lines = report([result], spec, {}).splitlines()
+        return [line.rsplit("|", 2)[0] for line in lines if line.startswith("| `")]
+
+    assert table(together) == table(whole)
+    assert Shard.parse("2/4") == Shard(2, 4)
+    for bad in ("0/2", "3/2", "x/2", "2", "²/4"):
+        with pytest.raises(InvalidInputError, match="--shard"):
+            Shard.parse(bad)
