@@ -35,6 +35,9 @@ FORMAT = 1
 
 HEAD_FILE = "plug.onnx"  # the head's aggregate graph (or, attached before the split, all of it)
 PROJECT_FILE = "plug_project.onnx"  # Proj(h_i) per history item (export/plug_graph.py)
+# The population's history (the training users' mean history vector, (1, d_enc) float32
+# .npy): the persona of a user with no history, and the prior of one with little.
+POPULATION_FILE = "plug_population.npy"
 N_SOFT = 2  # soft tokens of heads whose entry predates `n_soft`: [instruction; persona]
 MAX_HISTORY = 512  # history items a head reads when its entry does not say
 # Bounds of the manifest's numbers: a value outside is a malformed manifest, refused on load
@@ -98,7 +101,13 @@ class PlugSpec:
     max_seq_length: int | None = None
     tokenizer_sha256: str | None = None
     placement: Placement = "prefix"
+    population_file: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def files(self) -> list[str]:
+        """Every file of the head, as named in the bundle."""
+        return [n for n in (self.file, self.project_file, self.population_file) if n is not None]
 
     @classmethod
     def from_manifest(cls, folder: str | Path, entry: Any) -> PlugSpec:
@@ -141,8 +150,9 @@ class PlugSpec:
         return {**entry, **self.extra}
 
     def _check_values(self, folder: Path) -> None:
-        optional = {"project_file", "tokenizer_sha256", "max_seq_length"}
-        for key in ("file", "llm_sha256", "embedder_sha256", "project_file", "tokenizer_sha256"):
+        optional = {"project_file", "tokenizer_sha256", "max_seq_length", "population_file"}
+        texts = ("file", "llm_sha256", "embedder_sha256", "project_file", "tokenizer_sha256")
+        for key in (*texts, "population_file"):
             value = getattr(self, key)
             if not (value is None and key in optional) and not (_is_text(value) and value):
                 _malformed(folder, key, "a non-empty string", value)
@@ -174,9 +184,8 @@ class PlugSpec:
                 bundle=str(folder),
                 file=self.file,
             )
-        for name in (self.file, self.project_file):
-            if name is not None:
-                _check_name(folder, name)
+        for name in self.files:
+            _check_name(folder, name)
 
 
 def _malformed(folder: Path, key: str, wanted: str, value: Any) -> None:
@@ -528,7 +537,7 @@ def _loaded_files(folder: Path, bundle: Bundle) -> list[str]:
     """Every file the runtime will load from this bundle: each must have a checksum."""
     names = [bundle.llm.file, bundle.embedder.file, bundle.embedder.tokenizer]
     if bundle.plug is not None:  # a head that does not parse is never loaded
-        names += [n for n in (bundle.plug.file, bundle.plug.project_file) if n is not None]
+        names += bundle.plug.files
     return [_check_name(folder, name) for name in names]
 
 

@@ -98,6 +98,7 @@ class RunConfig:
     task: str | None = None
     max_tokens: int | None = None
     shard: Shard | None = None  # answer this share of the queries only, and score nothing
+    profile_items: int | None = None  # keep each user's newest N profile items (cold start)
 
 
 @dataclass
@@ -142,9 +143,17 @@ def _load_done(path: Path) -> dict[tuple[str, str, str], dict[str, Any]]:
     return done
 
 
-def _ingest(pllm: PersonalLLM, cache: VectorCache, spec: TaskSpec, user: str, q: Question) -> None:
-    items = spec.profile_items(q.profile)
-    items = [i for i in items if i.text.strip()]
+def _ingest(
+    pllm: PersonalLLM,
+    cache: VectorCache,
+    spec: TaskSpec,
+    user: str,
+    q: Question,
+    keep: int | None = None,
+) -> None:
+    items = [i for i in spec.profile_items(q.profile) if i.text.strip()]
+    if keep is not None:  # the user's newest `keep` items: a user with little history
+        items = sorted(items, key=lambda i: i.created_at or "")[max(len(items) - keep, 0) :]
     if not items:
         return
     if pllm.store.has_user(user) and pllm.store.count(user) >= len({i.text for i in items}):
@@ -268,7 +277,7 @@ def _run_split(
             if not pending:
                 continue
             if any(not s.startswith("floor:") for s in pending):
-                _ingest(pllm, cache, spec, user, q)
+                _ingest(pllm, cache, spec, user, q, config.profile_items)
             for s in pending:
                 started = time.perf_counter()
                 if s.startswith("floor:"):
@@ -279,13 +288,13 @@ def _run_split(
                     if variant == "other":
                         other = questions[(n + 1) % len(questions)]
                         history_user = f"{task.split}:{other.id}"
-                        _ingest(pllm, cache, spec, history_user, other)
-                    has_history = pllm.store.has_user(history_user)
-                    strategy = base if has_history or base == "none" else "none"
+                        _ingest(pllm, cache, spec, history_user, other, config.profile_items)
+                    # A user without history gets what the strategy gives such a user (the
+                    # plain prompt, or plug's population persona).
                     raw = pllm.generate(
                         history_user,
                         spec.query(q.input),
-                        strategy=strategy,
+                        strategy=base,
                         sampling=sampling,
                         style=spec.style,
                     ).text

@@ -99,6 +99,9 @@ class PlugHead:
                 f"declares the {self.input_encoder!r} input encoder ({expected}); re-export it.",
                 file=str(path),
             )
+        self.population: np.ndarray | None = None
+        if spec.population_file:
+            self.population = _population(bundle.file(spec.population_file), spec.d_enc)
         self._tokenizer: QueryTokenizer | None = None
         if self.input_encoder == "trainable":
             max_length = spec.max_seq_length or bundle.embedder.config.max_seq_length
@@ -147,6 +150,27 @@ class PlugHead:
             if len(self._projections) > PROJECTION_CACHE:
                 self._projections.popitem(last=False)
         return out
+
+
+def _population(path: Path, d_enc: int) -> np.ndarray:
+    """The head's population history: a read-only (k, d_enc) finite float32 matrix (read-only,
+    so its projections are computed once, see `PlugHead.projected`)."""
+    try:
+        rows = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise BundleError(
+            f"The population file {path} cannot be read ({exc}).", file=str(path)
+        ) from None
+    shape_ok = rows.dtype.kind == "f" and rows.ndim == 2 and len(rows) and rows.shape[1] == d_enc
+    if not shape_ok or not np.isfinite(rows).all():
+        raise BundleError(
+            f"The population file {path} must hold a (k, {d_enc}) finite matrix; it holds "
+            f"{rows.dtype} {rows.shape}. Re-attach the head.",
+            file=str(path),
+        )
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    rows.setflags(write=False)
+    return rows
 
 
 def _open(path: Path) -> ort.InferenceSession:

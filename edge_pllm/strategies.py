@@ -58,6 +58,8 @@ class Strategy(Protocol):
 
 
 NO_HISTORY = "no history: plain prompt"
+POPULATION = "no history: population persona"
+POPULATION_PRIOR = 2.0  # how many history items the population persona weighs as
 
 
 def no_history(request: Request) -> Personalization | None:
@@ -118,31 +120,46 @@ class Plug:
     """PPlug: the user's whole history as soft tokens made by the bundle's head; with `rag`
     > 0, also the k nearest history items in the prompt (plug+rag).
 
-    A user with no history (or unknown to the store) gets no soft tokens: `plug` then
-    answers with the plain prompt (and `plug+rag` with neither retrieved items nor soft
-    tokens), and the Personalization says so in `info["fallback"]`."""
+    With `population` (and a head that ships its population history), a user with little
+    history is shrunk towards the population persona: soft tokens
+    α·own + (1 − α)·population with α = n / (n + POPULATION_PRIOR) for n history items, so
+    a user with none gets the population persona and the own persona takes over as the
+    history grows. Without it (or without a population file), a user with no history, or
+    unknown to the store, gets no soft tokens: `plug` then answers with the plain prompt
+    (and `plug+rag` with neither retrieved items nor soft tokens). `info["fallback"]` says
+    which happened."""
 
     rag: int = 0
     name: str = "plug"
+    population: bool = True
     needs_head: bool = field(default=True, init=False)
 
     def personalize(self, request: Request) -> Personalization:
         head = request.plug
         if head is None:
             raise BundleError("This bundle has no Persona-Plug head; use none, recent or rag.")
-        if (fallback := no_history(request)) is not None:
-            return fallback
-        ids, history = request.store.vectors(request.user, limit=head.max_history)
-        if not ids:
+        prior = head.population if self.population else None
+        known = no_history(request) is None
+        ids, history = (
+            request.store.vectors(request.user, limit=head.max_history) if known else ([], None)
+        )
+        if not ids and prior is None:
             return Personalization(info={"fallback": NO_HISTORY})
         # The request's embedding is needed by a linear head and by retrieval only.
         query: str | np.ndarray = request.query
-        if self.rag or not head.reads_text:
+        if (self.rag and ids) or not head.reads_text:
             query_vec = request.embedder.embed_one(request.query)
             query = request.query if head.reads_text else query_vec
-        found = Personalization(
-            soft_tokens=head.soft_tokens(query, history), info={"history_items": len(ids)}
-        )
+        if not ids:
+            soft = head.soft_tokens(query, prior)
+            return Personalization(soft_tokens=soft, info={"fallback": POPULATION})
+        soft = head.soft_tokens(query, history)
+        found = Personalization(info={"history_items": len(ids)})
+        if prior is not None:
+            weight = POPULATION_PRIOR / (len(ids) + POPULATION_PRIOR)
+            soft = (1 - weight) * soft + weight * head.soft_tokens(query, prior)
+            found.info["population_weight"] = round(weight, 4)
+        found.soft_tokens = soft.astype(np.float32)
         if self.rag:
             hits = request.store.search(request.user, query_vec, self.rag)
             found.context = [h.item for h in hits]
@@ -158,6 +175,8 @@ REGISTRY: dict[str, StrategyFactory] = {
     "rag": lambda k: Retrieval(k=k or DEFAULT_K),
     "plug": lambda k: Plug(),
     "plug+rag": lambda k: Plug(rag=k or DEFAULT_K, name="plug+rag"),
+    # The persona from the user's own history alone (no population prior): the ablation.
+    "plug-own": lambda k: Plug(name="plug-own", population=False),
 }
 
 

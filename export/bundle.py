@@ -22,6 +22,7 @@ from edge_pllm.bundle import (
     FORMAT,
     HEAD_FILE,
     MANIFEST,
+    POPULATION_FILE,
     PROJECT_FILE,
     PlugSpec,
     check_plug,
@@ -34,7 +35,7 @@ from edge_pllm.errors import BundleError, MissingDependencyError
 from edge_pllm.files import atomic_write, replacing_folder
 
 from .embedder import embedder_report, export_embedder
-from .plug_graph import split_head
+from .plug_graph import split_head, write_population
 
 
 def _version(package: str) -> str | None:
@@ -200,10 +201,13 @@ def attach_head(
     bundle_dir = Path(bundle_dir)
     if not isinstance(spec, PlugSpec):
         spec = PlugSpec.from_manifest(bundle_dir, spec)
-    spec = replace(spec, file=HEAD_FILE, project_file=PROJECT_FILE)
+    spec = replace(spec, file=HEAD_FILE, project_file=PROJECT_FILE, population_file=None)
 
-    def write(folder: Path) -> None:
+    def write(folder: Path) -> PlugSpec:
         split_head(onnx_path, folder / HEAD_FILE, folder / PROJECT_FILE)
+        if write_population(folder / PROJECT_FILE, folder / POPULATION_FILE):
+            return replace(spec, population_file=POPULATION_FILE)
+        return spec
 
     return _install_head(bundle_dir, spec, write)
 
@@ -214,25 +218,31 @@ def copy_head(bundle_dir: str | Path, source: str | Path) -> Path:
     source = Path(source)
     parts = load_bundle(source, verify=False)
     spec = parts.require_plug()
-    names = [spec.file, *([spec.project_file] if spec.project_file else [])]
+    names = spec.files
     entries = parts.manifest["files"]
 
-    def write(folder: Path) -> None:
+    def write(folder: Path) -> PlugSpec:
         for name in names:
             shutil.copyfile(source / name, folder / name)
         verify_files(folder, {name: entries[name] for name in names})
+        return spec
 
     return _install_head(Path(bundle_dir), spec, write)
 
 
-def _install_head(bundle_dir: Path, spec: PlugSpec, write: Callable[[Path], None]) -> Path:
+def _install_head(bundle_dir: Path, spec: PlugSpec, write: Callable[[Path], PlugSpec]) -> Path:
+    """Write the head's files with `write` (which returns the spec of what it wrote) and
+    its manifest entry, and check the bundle loads with it."""
     bundle = load_bundle(bundle_dir)
     check_plug(bundle, spec)
-    write(bundle_dir)
-    names = [spec.file, *([spec.project_file] if spec.project_file else [])]
+    spec = write(bundle_dir)
     manifest = dict(bundle.manifest)
     manifest["plug"] = spec.to_manifest()
-    manifest["files"] = {**manifest["files"], **file_entries(bundle_dir, names)}
+    files = dict(manifest["files"])
+    for stale in set(bundle.plug.files if bundle.plug else []) - set(spec.files):
+        files.pop(stale, None)  # the previous head's file that this one lacks
+        (bundle_dir / stale).unlink(missing_ok=True)
+    manifest["files"] = {**files, **file_entries(bundle_dir, spec.files)}
     write_manifest(bundle_dir, manifest)
     load_bundle(bundle_dir)
     return bundle_dir

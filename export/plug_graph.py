@@ -58,3 +58,27 @@ def split_head(onnx_path: str | Path, aggregate_path: str | Path, project_path: 
         onnx.checker.check_model(part)
     onnx.save(aggregate, str(aggregate_path))
     onnx.save(project, str(project_path))
+
+
+POPULATION_INITIALIZER = "history_mean"  # μ of PPlugHead (export/pplug/model.py)
+
+
+def write_population(project_path: str | Path, dest: str | Path) -> bool:
+    """Save the head's population history, μ (the training users' mean history vector the
+    head centres on), as a (1, d_enc) float32 .npy at `dest`: fed as a history, it gives
+    the persona of an average user. False (nothing written) for a head without centring
+    (μ absent or zero), whose persona of an empty history is not meaningful."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(project_path))
+    found = [t for t in model.graph.initializer if t.name == POPULATION_INITIALIZER]
+    if not found:
+        return False
+    mean = numpy_helper.to_array(found[0]).astype(np.float32).reshape(1, -1)
+    if not np.any(mean):
+        return False
+    with open(dest, "wb") as fh:
+        np.save(fh, mean, allow_pickle=False)
+    return True

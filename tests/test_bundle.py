@@ -19,7 +19,7 @@ def test_manifest_records_every_file_and_dims(default_bundle: Path):
     assert "<|im_start|>" in manifest["llm"]["chat_template"]
     assert manifest["embedder"]["dim"] == 384 and manifest["embedder"]["int8"] is True
     assert {"llm.gguf", "embedder.onnx", "tokenizer.json"} <= set(manifest["files"])
-    head = {"plug.onnx", "plug_project.onnx"}
+    head = {"plug.onnx", "plug_project.onnx", "plug_population.npy"}
     assert set(manifest["files"]) <= {"llm.gguf", "embedder.onnx", "tokenizer.json", *head}
     for name, entry in manifest["files"].items():
         assert (default_bundle / name).stat().st_size == entry["size"]

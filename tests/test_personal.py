@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from edge_pllm import (
@@ -100,11 +101,20 @@ def test_bad_input_leaves_the_store_unchanged(loaded):
 
 
 def test_unknown_user_gets_the_plain_prompt_and_bad_strategies_typed_errors(loaded):
-    for spec in ("recent", "rag", "plug", "plug+rag"):
+    plain = loaded.prepare("nobody", "hi", "none").prompt
+    for spec in ("recent", "rag", "plug-own"):
         prepared = loaded.prepare("nobody", "hi", spec)
         assert prepared.personalization.info["fallback"] == "no history: plain prompt"
-        assert prepared.prompt == loaded.prepare("nobody", "hi", "none").prompt
+        assert prepared.prompt == plain
         assert prepared.personalization.soft_tokens is None
+    # The default head ships its population history: plug gives a newcomer the population
+    # persona (the same for every newcomer), with no history items in the prompt.
+    for spec in ("plug", "plug+rag"):
+        prepared = loaded.prepare("nobody", "hi", spec)
+        assert prepared.personalization.info["fallback"] == "no history: population persona"
+        assert prepared.prompt == plain and not prepared.personalization.context
+        other = loaded.prepare("someone else", "hi", spec).personalization.soft_tokens
+        assert np.array_equal(prepared.personalization.soft_tokens, other)
     assert not loaded.store.has_user("nobody")
     with pytest.raises(UnknownUserError):
         loaded.store.items("nobody")
@@ -127,3 +137,24 @@ def test_forget_and_delete_drop_the_cached_prompt(loaded):
     loaded.generate("alice", "Write a commit subject for a json fix.", sampling=sampling)
     assert loaded.forget("alice") == len(ALICE) - 1
     assert loaded.llm.llama.n_tokens == 0
+
+
+def test_the_population_prior_gives_way_to_the_users_own_persona(pllm):
+    """plug = α·own + (1 − α)·population with α = n / (n + 2): one item weighs 1/3, and the
+    own persona takes over as the history grows; plug-own is the own persona alone."""
+    from edge_pllm.strategies import POPULATION_PRIOR
+
+    query = "Write a commit subject: the parser crashed on blank lines"
+    population = pllm.prepare("nobody", query, "plug").personalization.soft_tokens
+    texts = [f"fix(parser): case {i} of blank lines" for i in range(10)]
+    have = 0
+    for n in (1, 3, 10):
+        pllm.add("grower", texts[have:n])
+        have = n
+        mixed = pllm.prepare("grower", query, "plug").personalization
+        own = pllm.prepare("grower", query, "plug-own").personalization.soft_tokens
+        weight = POPULATION_PRIOR / (n + POPULATION_PRIOR)
+        assert mixed.info["population_weight"] == pytest.approx(weight, abs=1e-4)
+        expected = (1 - weight) * own + weight * population
+        assert np.allclose(mixed.soft_tokens, expected, atol=1e-5)
+        assert not np.allclose(own, population, atol=1e-3)  # the user's own persona differs

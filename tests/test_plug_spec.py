@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from edge_pllm.bundle import (
@@ -192,3 +193,21 @@ def test_the_head_files_of_a_parsed_head_need_checksums(tmp_path: Path):
     (folder / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=r"no checksum for plug_project\.onnx"):
         load_bundle(folder)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [np.zeros((1, 7), np.float32), np.full((1, 384), np.nan, np.float32), np.zeros(384)],
+    ids=["wrong width", "not finite", "not a matrix"],
+)
+def test_a_population_file_that_does_not_fit_the_head_is_refused(bundle_copy: Path, rows):
+    from edge_pllm.bundle import MANIFEST, POPULATION_FILE, STAMP, file_entries, load_bundle
+    from edge_pllm.head import PlugHead
+
+    np.save(bundle_copy / POPULATION_FILE, rows)
+    manifest = json.loads((bundle_copy / MANIFEST).read_text())
+    manifest["files"].update(file_entries(bundle_copy, [POPULATION_FILE]))
+    (bundle_copy / MANIFEST).write_text(json.dumps(manifest))
+    (bundle_copy / STAMP).unlink(missing_ok=True)
+    with pytest.raises(BundleError, match="population file"):
+        PlugHead(load_bundle(bundle_copy))

@@ -194,6 +194,15 @@ def test_several_persona_tokens_through_the_device_path(tiny_bundle, trained, tm
     persona = got[1:]  # the persona tokens differ from one another
     assert np.abs(persona[0] - persona[1]).max() > 1e-3
     assert np.abs(persona[1] - persona[2]).max() > 1e-3
+    # Attaching wrote μ as the population history: the device's persona of a newcomer.
+    from edge_pllm.bundle import POPULATION_FILE
+    from edge_pllm.head import PlugHead
+
+    attached = load_bundle(copy)
+    assert attached.plug is not None and attached.plug.population_file == POPULATION_FILE
+    population = PlugHead(attached).population
+    assert population.shape == (1, head.config.d_enc)
+    assert np.allclose(population[0], head.history_mean.numpy(), atol=1e-7)
 
 
 def test_checkpoint_resumes_when_the_embedding_norm_differs_in_its_last_bits(
