@@ -18,6 +18,7 @@ if "onnxruntime" in _sys.modules and _os.environ.get("ORT_DISABLE_TELEMETRY") !=
 _os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
 from .errors import (
+    AnswerNotFoundError,
     BundleError,
     ContextOverflowError,
     EdgePLLMError,
@@ -37,6 +38,7 @@ from .personal import PersonalLLM, Response
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnswerNotFoundError",
     "BundleError",
     "ContextOverflowError",
     "EdgePLLMError",

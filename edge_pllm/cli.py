@@ -22,7 +22,7 @@ from .errors import EdgePLLMError, InvalidInputError
 from .files import open_private
 from .items import NewItem, as_text, read_jsonl, validate_items, validate_user
 from .llm import LLMConfig, SamplingConfig
-from .personal import DEFAULT_STRATEGY, PersonalLLM
+from .personal import DEFAULT_STRATEGY, PersonalLLM, Response
 from .strategies import REGISTRY
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -304,6 +304,12 @@ def ingest(
 @click.option("-n", "--max-tokens", default=128, show_default=True)
 @click.option("-t", "--temperature", default=0.0, show_default=True)
 @click.option("--show-context", is_flag=True, help="Print the history items used, to stderr.")
+@click.option(
+    "--remember",
+    is_flag=True,
+    help="Store PROMPT in USER's history (kind 'turn') once answered, and keep the answer for "
+    "`feedback`; its id is printed to stderr.",
+)
 @pass_ctx
 @plain_errors
 def ask(
@@ -314,6 +320,7 @@ def ask(
     max_tokens: int,
     temperature: float,
     show_context: bool,
+    remember: bool,
 ) -> None:
     """Answer PROMPT personalized by USER's history (streams to the terminal)."""
     if prompt == "-":
@@ -324,9 +331,46 @@ def ask(
         prepared = pllm.prepare(user, prompt, strategy, sampling)
         for item in prepared.personalization.context:
             click.echo(f"[context #{item.id}] {item.text[:200]}", err=True)
-    for piece in pllm.stream(user, prompt, strategy=strategy, sampling=sampling):
+    done: list[Response] = []
+    pieces = pllm.stream(
+        user, prompt, strategy=strategy, sampling=sampling, remember=remember, on_done=done.append
+    )
+    for piece in pieces:
         click.echo(piece, nl=False)
     click.echo()
+    memory = done[0].memory if done else None
+    if memory is not None:
+        if memory.remembered:
+            click.echo(f"answer id: {done[0].id} (turn remembered as #{memory.item_id})", err=True)
+        else:
+            click.echo(f"Not remembered: {memory.reason}", err=True)
+
+
+@cli.command()
+@click.argument("user")
+@click.argument("answer_id")
+@click.option(
+    "--rating",
+    type=click.Choice(["+1", "1", "-1"]),
+    help="+1 (a good answer) or -1 (a bad one).",
+)
+@click.option("--edit", help="The text you kept instead of the answer ('-' reads stdin).")
+@pass_ctx
+@plain_errors
+def feedback(obj: Context, user: str, answer_id: str, rating: str | None, edit: str | None) -> None:
+    """Rate USER's answer ANSWER_ID (given with `ask --remember`), or say what you kept
+    instead: an edit is stored as your own writing (a history item of kind 'edit')."""
+    if (rating is None) == (edit is None):
+        raise click.UsageError("Give --rating +1|-1 or --edit TEXT: one of them.")
+    if edit == "-":
+        edit = as_text(click.get_binary_stream("stdin").read(), "edit", None).rstrip("\r\n")
+    done = obj.pllm().feedback(
+        user, answer_id, rating=None if rating is None else int(rating), edit=edit
+    )
+    if done.edit_id is not None:
+        click.echo(f"Kept your edit of {answer_id} as history item #{done.edit_id}.")
+    else:
+        click.echo(f"Rated {answer_id} {done.rating:+d}.")
 
 
 @cli.command()
@@ -416,12 +460,32 @@ def _note_residue(store: Any) -> None:
     default="-",
     help="File to write, owner-only (default stdout).",
 )
+@click.option(
+    "--feedback",
+    "feedback_dir",
+    type=click.Path(file_okay=False),
+    help="Instead: write USER's edits and +1-rated answers, each with the history it was "
+    "answered with, as a LaMP task folder (task 'chat') that `train-plug` reads.",
+)
+@click.option(
+    "--split", default="train", show_default=True, help="With --feedback: the split's name."
+)
 @pass_ctx
 @plain_errors
-def dump(obj: Context, user: str, output: str) -> None:
+def dump(obj: Context, user: str, output: str, feedback_dir: str | None, split: str) -> None:
     """Write USER's history as JSON lines (read back with `load`)."""
     store = obj.pllm().store
     store.count(user)  # an unknown user fails before the file is made or emptied
+    if feedback_dir is not None:
+        if output != "-":
+            raise click.UsageError("--feedback writes a folder: give it instead of -o.")
+        n = obj.pllm().export_feedback(user, feedback_dir, split)
+        click.echo(
+            f"Exported {_count(n, 'question')} of {user} to {feedback_dir} "
+            f"({split}_questions.json, {split}_outputs.json).",
+            err=True,
+        )
+        return
     to_file = output != "-"
     sink = open_private(output, field="output") if to_file else contextlib.nullcontext(sys.stdout)
     n = 0
@@ -597,10 +661,22 @@ def demo(obj: Context, strategies: tuple[str, ...]) -> None:
     help="Default strategy; a request may pick another (edge_pllm.strategy).",
 )
 @click.option("--default-user", help="User for requests that carry no `user` field.")
+@click.option(
+    "--remember",
+    is_flag=True,
+    help="Memory on for requests that do not say (edge_pllm.remember): each user's turn is "
+    "stored in their history, and the answer kept for feedback.",
+)
 @pass_ctx
 @plain_errors
 def serve(
-    obj: Context, host: str, port: int, api_key: str | None, strategy: str, default_user: str | None
+    obj: Context,
+    host: str,
+    port: int,
+    api_key: str | None,
+    strategy: str,
+    default_user: str | None,
+    remember: bool,
 ) -> None:
     """Serve an OpenAI-compatible API; the request's `user` selects the persona."""
     from .server import ServerConfig
@@ -609,7 +685,12 @@ def serve(
 
     get_strategy(strategy)
     config = ServerConfig(
-        host=host, port=port, api_key=api_key, default_strategy=strategy, default_user=default_user
+        host=host,
+        port=port,
+        api_key=api_key,
+        default_strategy=strategy,
+        default_user=default_user,
+        remember=remember,
     )
     pllm = obj.pllm()
     click.echo(f"Serving {pllm.bundle.name} on http://{host}:{port}/v1 (Ctrl-C to stop).", err=True)
@@ -653,6 +734,12 @@ DEFAULT_EVAL_STRATEGIES = "none,recent:1,recent:3,rag:1,rag:3"
 @click.option("--task", help="Task name if the outputs file does not say (e.g. LaMP_4).")
 @click.option("--no-floors", is_flag=True, help="Skip the trivial floor baselines.")
 @click.option(
+    "--profile-items",
+    type=click.IntRange(min=0),
+    help="Keep only each user's newest N profile items (0: no history), to measure users "
+    "with little history.",
+)
+@click.option(
     "--shard",
     help="Answer only share I of N of the queries (e.g. 2/4), on this machine; score with "
     "--merge once every share is done.",
@@ -676,6 +763,7 @@ def eval_command(
     report_path: str | None,
     task: str | None,
     no_floors: bool,
+    profile_items: int | None,
     shard: str | None,
     merge_dirs: tuple[str, ...],
 ) -> None:
@@ -699,6 +787,7 @@ def eval_command(
         strategies=[s.strip() for s in strategies.split(",") if s.strip()],
         floors=not no_floors,
         shard=evaluate.Shard.parse(shard) if shard else None,
+        profile_items=profile_items,
     )
     if config.shard and merge_dirs:
         raise click.UsageError("--shard answers a share; --merge scores them all: use one.")
@@ -721,6 +810,7 @@ def eval_command(
     command = " ".join(
         ["edge-pllm eval", task_dir, *(f"--split {s}" for s in splits), f"--strategy {strategies}"]
         + ([f"--limit {limit}"] if limit else [])
+        + ([f"--profile-items {profile_items}"] if profile_items is not None else [])
     )
     text = evaluate.report(
         results,

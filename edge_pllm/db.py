@@ -271,9 +271,41 @@ def _m002_vectors(conn: Any, settings: dict[str, Any]) -> None:
     conn.execute("INSERT INTO meta (key, value) VALUES ('embedding_dim', ?)", (str(dim),))
 
 
+def _m003_answers(conn: Any, settings: dict[str, Any]) -> None:
+    # Answers kept for feedback (only those given with memory on): the request is the
+    # remembered turn (`turn_id`), so deleting that turn deletes the answer and its feedback.
+    # A feedback row is a rating or an edit (a history item of its own), never both; it goes
+    # with its answer, and an edit's row with the edit.
+    for statement in (
+        """CREATE TABLE answers (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            answer_id TEXT NOT NULL,
+            turn_id INTEGER NOT NULL REFERENCES history(id) ON DELETE CASCADE,
+            text TEXT NOT NULL,
+            strategy TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            UNIQUE (user_id, answer_id)
+        )""",
+        "CREATE INDEX answers_turn ON answers (turn_id)",
+        """CREATE TABLE feedback (
+            id INTEGER PRIMARY KEY,
+            answer_row INTEGER NOT NULL REFERENCES answers(id) ON DELETE CASCADE,
+            rating INTEGER CHECK (rating IN (-1, 1)),
+            edit_id INTEGER REFERENCES history(id) ON DELETE CASCADE,
+            created_at TEXT NOT NULL,
+            CHECK ((rating IS NULL) <> (edit_id IS NULL))
+        )""",
+        "CREATE INDEX feedback_answer ON feedback (answer_row, id)",
+        "CREATE INDEX feedback_edit ON feedback (edit_id)",
+    ):
+        conn.execute(statement)
+
+
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("m001_initial", _m001_initial),
     ("m002_vectors", _m002_vectors),
+    ("m003_answers", _m003_answers),
 ]
 
 

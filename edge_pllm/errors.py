@@ -38,6 +38,20 @@ class ItemNotFoundError(EdgePLLMError, LookupError):
         super().__init__(f"No history item with id {item_id}{owner}.")
 
 
+class AnswerNotFoundError(EdgePLLMError, LookupError):
+    """An answer id that this store keeps no record of for this user: never given, given
+    without memory on (nothing was kept), another user's, or erased with its turn."""
+
+    def __init__(self, answer_id: str, user: str | None = None):
+        self.answer_id = answer_id
+        self.user = user
+        owner = f" of user {user!r}" if user else ""
+        super().__init__(
+            f"No answer {answer_id!r}{owner} is kept on this device; answers are kept for "
+            "feedback only when memory is on (remember)."
+        )
+
+
 class ExtensionLoadingError(EdgePLLMError, RuntimeError):
     """No SQLite reachable from this Python can load the sqlite-vec extension."""
 

@@ -145,6 +145,19 @@ def validate_user(user: Any, *, existing: bool = False) -> str:
     return name
 
 
+def validate_answer_id(value: Any) -> str:
+    """`value` if it can name an answer (a short label: letters, digits, _ . : -, up to 64,
+    as the server's `chatcmpl-…` ids are); else an InvalidInputError."""
+    answer_id = as_text(value, "answer_id", None)
+    if not _KIND.match(answer_id):
+        raise InvalidInputError(
+            f"The answer id {answer_id[:80]!r} is not an answer id (letters, digits, _ . : -, "
+            "up to 64).",
+            field="answer_id",
+        )
+    return answer_id
+
+
 def validate_item(
     item: NewItem | str | bytes | dict[str, Any], index: int | None = None
 ) -> NewItem:

@@ -12,6 +12,7 @@ strategies differ only in which history they add.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,9 +22,12 @@ from typing import Any
 
 from . import metrics
 from .errors import InvalidInputError
+from .files import atomic_write, private_dir
 from .items import HistoryItem, NewItem, json_type, normalize_time
 from .jsonio import parse_json
 from .prompts import PromptStyle
+
+CHAT_TASK = "chat"
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ class TaskSpec:
         return f"{self.input_label}: {document}\n{self.output_label}: {out}"
 
     def query(self, question_input: str) -> str:
+        if not self.answer_instruction:  # a request asked as it is (the chat task)
+            return question_input.strip()
         return f"{question_input.strip()}\n\n{self.answer_instruction}"
 
     def profile_items(self, profile: list[dict[str, Any]]) -> list[NewItem]:
@@ -204,6 +210,9 @@ TASKS: dict[str, TaskSpec] = {
         # body is enough context, and a shorter prompt is faster to train on and to answer.
         item_chars=400,
     ),
+    # A user's own requests and the answers they kept (`edge-pllm dump USER --feedback DIR`):
+    # the request is asked as it is, as the device is asked it; the profile is plain text.
+    CHAT_TASK: _gen(CHAT_TASK, "text", None, "Text", None, "", 128),
 }
 _ALIASES = {
     "lamp1": "LaMP_1",
@@ -215,6 +224,7 @@ _ALIASES = {
     "lamp7": "LaMP_7",
     "commitsubject": "commit_subject",
     "commitsubjects": "commit_subject",
+    "chat": CHAT_TASK,
 }
 
 
@@ -359,3 +369,31 @@ def load_split(folder: str | Path, split: str, task: str | None = None) -> TaskS
         name = name or data.get("task")
         golds = {str(g["id"]): str(g["output"]) for g in data.get("golds", [])}
     return TaskSplit(folder, split, task_spec(name or folder.name), golds)
+
+
+def write_split(
+    folder: str | Path,
+    split: str,
+    task: str,
+    questions: list[dict[str, Any]],
+    golds: list[dict[str, Any]],
+) -> tuple[Path, Path]:
+    """Write `{split}_questions.json` and `{split}_outputs.json` (owner-only, each replaced
+    in one step) into `folder`, made owner-only if missing: a task folder `load_split` and
+    `train-plug` read. The content is checked as `load_split` checks it before anything is
+    written."""
+    spec = task_spec(task)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", split):
+        raise InvalidInputError(
+            f"The split name {split[:80]!r} is not a short label.", field="split"
+        )
+    outputs = {"task": spec.name, "golds": golds}
+    fault = questions_fault(questions, spec) or outputs_fault(outputs)
+    if fault is not None:
+        raise InvalidInputError(f"Cannot write a LaMP split: {fault}.")
+    folder = private_dir(folder)
+    written = []
+    for name, data in ((f"{split}_questions.json", questions), (f"{split}_outputs.json", outputs)):
+        text = json.dumps(data, ensure_ascii=False, indent=1) + "\n"
+        written.append(atomic_write(folder / name, text))
+    return written[0], written[1]

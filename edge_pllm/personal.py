@@ -4,29 +4,70 @@ from edge_pllm import PersonalLLM
 pllm = PersonalLLM()                       # default bundle, default home
 pllm.add("alice", ["...", "..."])          # history, embedded once at insert
 print(pllm.generate("alice", "...").text)  # personalized by retrieval (rag)
+
+Memory is opt-in, per call: `generate(..., remember=True)` (or `stream`) stores the user's
+own request, once the answer is complete, as a history item of kind "turn", and keeps the
+answer (its id, `Response.id`, is the one a client sees) so the user can rate it or say what
+they kept instead: `feedback(user, answer_id, rating=+1)` or `feedback(..., edit="...")`.
+An edit is the user's own writing: it becomes a history item of kind "edit". Without
+memory nothing of a request or its answer is stored.
 """
 
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import paths
 from .bundle import Bundle, Placement, load_bundle
 from .defaults import ensure_default_bundle
 from .embedder import Embedder
-from .errors import InvalidInputError
+from .errors import AnswerNotFoundError, InvalidInputError
 from .head import PlugHead
-from .items import NewItem, as_text, validate_items, validate_user
+from .items import (
+    MAX_ITEM_CHARS,
+    NewItem,
+    as_text,
+    validate_answer_id,
+    validate_items,
+    validate_user,
+)
+from .lamp import CHAT_TASK, write_split
 from .llm import LLM, Completion, LLMConfig, SamplingConfig
 from .prompts import DEFAULT_STYLE, PromptStyle, fit_prompt
-from .store import HistoryStore
+from .store import AnswerRecord, Feedback, HistoryStore, check_rating
 from .strategies import Personalization, Request, Strategy, get_strategy
 
 DEFAULT_STRATEGY = "rag"
+TURN_KIND = "turn"  # a request the user wrote, remembered
+EDIT_KIND = "edit"  # the text the user kept instead of an answer
+LINKED_REQUEST_CHARS = 2_000  # how much of its request an edit's metadata carries
+PROFILE_ITEMS = 512  # history items per exported training question (the head reads 512)
+
+
+def new_answer_id() -> str:
+    return "ans-" + uuid.uuid4().hex[:24]
+
+
+@dataclass
+class Memory:
+    """What remembering a turn did: the turn's history item id, or why it was not stored
+    (the answer itself is never failed for it)."""
+
+    remembered: bool
+    item_id: int | None = None
+    reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        if self.remembered:
+            return {"remembered": True, "item_id": self.item_id}
+        return {"remembered": False, "reason": self.reason}
 
 
 @dataclass
@@ -40,6 +81,8 @@ class Response:
     dropped_context: int = 0
     soft_tokens: int = 0
     completion: Completion | None = None
+    id: str = ""  # the answer's id: what `feedback` names it by
+    memory: Memory | None = None  # with remember=True: what was stored
 
 
 @dataclass
@@ -51,6 +94,26 @@ class Prepared:
     strategy: str
     dropped_context: int
     placement: Placement = "prefix"  # where the soft tokens go (the head says)
+    request: str = ""  # the user's own last turn
+    request_vector: np.ndarray | None = None  # its embedding, if a strategy computed it
+
+
+class _RequestMemo:
+    """The embedder, keeping the request's vector when a strategy computes it, so that a
+    remembered turn is embedded once, not once for retrieval and again for the store."""
+
+    def __init__(self, embedder: Embedder, request: str):
+        self._embedder, self._request = embedder, request
+        self.vector: np.ndarray | None = None
+
+    def embed_one(self, text: str) -> np.ndarray:
+        vector = self._embedder.embed_one(text)
+        if text == self._request:
+            self.vector = vector.copy()
+        return vector
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._embedder, name)
 
 
 class PersonalLLM:
@@ -64,9 +127,12 @@ class PersonalLLM:
         llm_config: LLMConfig | None = None,
         system_prompt: str | None = None,
         passphrase: str | None = None,
+        remember_max_chars: int = MAX_ITEM_CHARS,
     ):
         """`passphrase` opens (or creates) the history database encrypted at rest
-        (SQLCipher; needs `pip install 'edge-pllm[encryption]'`)."""
+        (SQLCipher; needs `pip install 'edge-pllm[encryption]'`). A remembered turn longer
+        than `remember_max_chars` is not stored (the answer says so in `Response.memory`)."""
+        self.remember_max_chars = remember_max_chars
         self.home = paths.home(home)
         bundle_path = Path(bundle) if bundle is not None else ensure_default_bundle(self.home)
         self.bundle: Bundle = load_bundle(bundle_path)
@@ -161,7 +227,8 @@ class PersonalLLM:
         chosen = get_strategy(strategy)
         sampling = sampling or SamplingConfig()
         plug = self.plug if chosen.needs_head else None
-        found = chosen.personalize(Request(user, query, self.store, self.embedder, plug))
+        memo = _RequestMemo(self.embedder, query)
+        found = chosen.personalize(Request(user, query, self.store, memo, plug))  # type: ignore[arg-type]
         llm = self.llm
         n_soft = 0 if found.soft_tokens is None else len(found.soft_tokens)
         text, kept = fit_prompt(
@@ -179,7 +246,7 @@ class PersonalLLM:
         dropped = len(found.context) - len(kept)
         found.context = kept
         placement = plug.placement if plug is not None else "prefix"
-        return Prepared(text, found, chosen.name, dropped, placement)
+        return Prepared(text, found, chosen.name, dropped, placement, query, memo.vector)
 
     def generate(
         self,
@@ -189,10 +256,17 @@ class PersonalLLM:
         strategy: str | Strategy = DEFAULT_STRATEGY,
         sampling: SamplingConfig | None = None,
         style: PromptStyle = DEFAULT_STYLE,
+        remember: bool = False,
+        answer_id: str | None = None,
     ) -> Response:
-        """Generate an answer to `prompt` personalized by `user`'s history."""
+        """Generate an answer to `prompt` personalized by `user`'s history.
+
+        With `remember`, the user's last turn is then stored as a history item (kind
+        "turn") and the answer kept for `feedback` under `Response.id` (`answer_id`, or a
+        new one); `Response.memory` says what was stored."""
         sampling = sampling or SamplingConfig()
-        with self._llm_lock:
+        answer_id = self._answer_id(user, answer_id, remember)
+        with self._llm_lock:  # held while remembering: the next request sees the turn
             prepared = self.prepare(user, prompt, strategy, sampling, style)
             completion = self.llm.complete(
                 prepared.prompt,
@@ -200,7 +274,10 @@ class PersonalLLM:
                 sampling,
                 prepared.placement,
             )
-        return self._response(user, prepared, completion)
+            response = self._response(user, prepared, completion, answer_id)
+            if remember:
+                response.memory = self._remember(user, prepared, response)
+        return response
 
     def stream(
         self,
@@ -211,33 +288,170 @@ class PersonalLLM:
         sampling: SamplingConfig | None = None,
         style: PromptStyle = DEFAULT_STYLE,
         on_prepared: Callable[[Prepared], None] | None = None,
+        remember: bool = False,
+        answer_id: str | None = None,
+        on_done: Callable[[Response], None] | None = None,
     ) -> Iterator[str]:
         """Like `generate`, yielding text as it is produced; `on_prepared` sees what
-        personalized the prompt before the first piece."""
+        personalized the prompt before the first piece, `on_done` the whole `Response`
+        (its id, and with `remember` what was stored) once the stream has ended. The turn
+        is remembered only when the stream ends normally: a reader that stops early (an
+        interrupted reply) stores nothing."""
         sampling = sampling or SamplingConfig()
+        answer_id = self._answer_id(user, answer_id, remember)
+        pieces: list[str] = []
         with self._llm_lock:
             prepared = self.prepare(user, prompt, strategy, sampling, style)
             if on_prepared is not None:
                 on_prepared(prepared)
-            yield from self.llm.stream(
+            for piece in self.llm.stream(
                 prepared.prompt,
                 prepared.personalization.soft_tokens,
                 sampling,
                 prepared.placement,
+            ):
+                pieces.append(piece)
+                yield piece
+            response = self._response(user, prepared, None, answer_id, "".join(pieces))
+            if remember:
+                response.memory = self._remember(user, prepared, response)
+        if on_done is not None:
+            on_done(response)
+
+    # --- memory and feedback ----------------------------------------------------------------
+
+    def _answer_id(self, user: str, answer_id: str | None, remember: bool) -> str:
+        """`answer_id` checked (with memory on: not one of `user`'s kept answers yet), or a
+        new id."""
+        if answer_id is None:
+            return new_answer_id()
+        answer_id = validate_answer_id(answer_id)
+        if remember and self.store.has_user(user):
+            try:
+                self.store.answer(user, answer_id)
+            except AnswerNotFoundError:
+                return answer_id
+            raise InvalidInputError(
+                f"The answer id {answer_id!r} is already used for {user!r}.", field="answer_id"
             )
+        return answer_id
+
+    def _remember(self, user: str, prepared: Prepared, response: Response) -> Memory:
+        """Store the user's turn (kind "turn", linked to the answer by its id) and keep the
+        answer; a turn that cannot be stored is reported, not raised: the answer stands."""
+        text = prepared.request
+        if len(text) > self.remember_max_chars:
+            return Memory(
+                False,
+                reason=f"The turn has {len(text):,} characters, over the memory's limit of "
+                f"{self.remember_max_chars:,}; it was not remembered.",
+            )
+        turn = NewItem(text=text, kind=TURN_KIND, metadata={"answer_id": response.id})
+        try:
+            vector = prepared.request_vector
+            if vector is None:
+                vector = self.embedder.embed_one(validate_items([turn])[0].text)
+            item_id = self.store.remember(
+                user,
+                turn,
+                vector,
+                answer_id=response.id,
+                answer=response.text,
+                strategy=response.strategy,
+            )
+        except InvalidInputError as exc:
+            return Memory(False, reason=f"{exc} It was not remembered.")
+        return Memory(True, item_id)
+
+    def feedback(
+        self,
+        user: str,
+        answer_id: str,
+        *,
+        rating: int | None = None,
+        edit: str | None = None,
+    ) -> Feedback:
+        """Say how an answer (kept with memory on) went for `user`: `rating` +1 or -1, or
+        `edit`, the text the user kept instead. An edit is the user's own writing: it is
+        stored as a history item of kind "edit" (metadata: the answer id and its request)
+        and personalizes later answers. One of the two; an answer that is not `user`'s (or
+        not kept) is an AnswerNotFoundError, and nothing is stored."""
+        answer_id = validate_answer_id(answer_id)
+        check_rating(rating, edit is not None)
+        record = self.store.answer(user, answer_id)  # before anything is embedded
+        if edit is None:
+            return self.store.add_feedback(user, answer_id, rating=rating)
+        item = validate_items(
+            [
+                NewItem(
+                    text=edit,
+                    kind=EDIT_KIND,
+                    metadata={
+                        "answer_id": answer_id,
+                        "request": record.request[:LINKED_REQUEST_CHARS],
+                    },
+                )
+            ]
+        )[0]
+        vector = self.embedder.embed_one(item.text)
+        return self.store.add_feedback(user, answer_id, edit=item, vector=vector)
+
+    def export_feedback(self, user: str, folder: str | Path, split: str = "train") -> int:
+        """Write `user`'s edits and well-rated answers as a LaMP-format task ("chat") in
+        `folder` (`{split}_questions.json`, `{split}_outputs.json`), the form `train-plug`
+        reads: each question is a request, its profile the history the user had when it was
+        answered (without the request itself), its output the text the user kept (their
+        edit, else the answer if they rated it +1). Returns how many questions."""
+        answers = self.store.answers(user)
+        items = list(self.store.iter_items(user))
+        questions, golds = [], []
+        for answer in answers:
+            kept = answer.edit
+            if kept is None and answer.rating == 1:
+                kept = answer.text
+            if kept is None or not kept.strip():
+                continue
+            profile = _profile(answer, items)
+            questions.append({"id": answer.answer_id, "input": answer.request, "profile": profile})
+            golds.append({"id": answer.answer_id, "output": kept})
+        write_split(folder, split, CHAT_TASK, questions, golds)
+        return len(questions)
 
     @staticmethod
-    def _response(user: str, prepared: Prepared, completion: Completion) -> Response:
+    def _response(
+        user: str,
+        prepared: Prepared,
+        completion: Completion | None,
+        answer_id: str,
+        text: str | None = None,
+    ) -> Response:
         found = prepared.personalization
         return Response(
-            text=completion.text,
+            text=completion.text if completion is not None else text or "",
             user=user,
             strategy=prepared.strategy,
             context_ids=[i.id for i in found.context],
             dropped_context=prepared.dropped_context,
             soft_tokens=0 if found.soft_tokens is None else len(found.soft_tokens),
             completion=completion,
+            id=answer_id,
         )
+
+
+def _profile(answer: AnswerRecord, items: Sequence[Any]) -> list[dict[str, Any]]:
+    """The history `answer` was given with, as LaMP profile entries (oldest first): items
+    written by then, less the request itself and anything linked to this answer."""
+    before = [
+        i
+        for i in items
+        if i.created_at <= answer.created_at
+        and i.id != answer.turn_id
+        and i.metadata.get("answer_id") != answer.answer_id
+    ]
+    return [
+        {"id": str(i.id), "text": i.text, "date": i.created_at, "kind": i.kind}
+        for i in before[-PROFILE_ITEMS:]
+    ]
 
 
 def _as_messages(prompt: str | Sequence[dict[str, str]]) -> list[dict[str, str]]:

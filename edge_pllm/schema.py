@@ -38,6 +38,12 @@ def _utf8(value: str) -> str:
     return value
 
 
+def _rating(value: int) -> int:
+    if value not in (1, -1):
+        raise ValueError("a rating is 1 or -1")
+    return value
+
+
 def _user(value: str) -> str:
     try:
         return validate_user(value)
@@ -75,6 +81,9 @@ class Extension(_Strict):
     """`edge_pllm: {...}`: what edge-pllm adds to an OpenAI request."""
 
     strategy: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    # Store the user's turn as history and keep the answer for feedback (server default:
+    # `serve --remember`).
+    remember: bool | None = None
 
 
 class ResponseFormat(_Strict):
@@ -143,6 +152,28 @@ class HistoryRequest(_Strict):
                 "Send {'items': [...]} or one item as {'text': ...}.", field="items"
             )
         return [dict(self.model_extra)]
+
+
+AnswerId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+
+
+class FeedbackRequest(_Strict):
+    """`{"answer_id": ..., "rating": 1}` (or -1), or `{"answer_id": ..., "edit": "..."}`:
+    one of the two. The edit is checked as any history item is (`items.validate_items`)."""
+
+    answer_id: AnswerId
+    rating: Annotated[int, AfterValidator(_rating)] | None = None
+    edit: Text | None = None
+
+    def checked(self) -> FeedbackRequest:
+        """This request, if it holds a rating or an edit (one of them); else an
+        InvalidInputError."""
+        if (self.rating is None) == (self.edit is None):
+            raise InvalidInputError(
+                "Send a rating (1 or -1) or an edit (the text kept): one of them.",
+                field="rating" if self.edit is None else "edit",
+            )
+        return self
 
 
 GenerationRequest = ChatRequest | CompletionRequest

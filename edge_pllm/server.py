@@ -7,6 +7,7 @@ personalizes the answer.
   strategy is chosen per request with the extension field `edge_pllm: {"strategy": ...}`,
   else the server default. `GET /v1/models` lists the loaded bundle.
 - History: `POST/GET /v1/users/{user}/history`, `GET /v1/users/{user}/search?q=&k=`,
+  `POST /v1/users/{user}/feedback`,
   `DELETE /v1/users/{user}/history/{id}`, `DELETE /v1/users/{user}`,
   `GET /v1/users/{user}/export` (JSON lines).
 - Errors are OpenAI-style bodies mapped from typed exceptions (never from message text).
@@ -20,6 +21,12 @@ personalizes the answer.
   too), a body that stalls for `read_timeout` seconds with 408, and a connection whose
   headers do not arrive within `read_timeout` is closed. No error is ever plain text.
 - A user the store has never seen gets the plain prompt (`edge_pllm.fallback` says so).
+- Memory is opt-in: `edge_pllm: {"remember": true}` on a request (or `serve --remember` for
+  every request that does not say `false`) stores the user's last turn as a history item
+  (kind "turn") once the answer is complete, and keeps the answer under the response's `id`
+  for `POST /v1/users/{user}/feedback` (`{"answer_id", "rating": 1 | -1}` or
+  `{"answer_id", "edit": "..."}`). `edge_pllm.memory` says what was stored (in a stream's
+  last chunk).
 
 Each response carries `edge_pllm` with what personalized it (strategy, history item ids,
 and a fingerprint of the soft tokens), so clients and tests can see what the runtime used.
@@ -43,6 +50,7 @@ import numpy as np
 
 from . import schema
 from .errors import (
+    AnswerNotFoundError,
     BundleError,
     ContextOverflowError,
     EdgePLLMError,
@@ -61,6 +69,7 @@ from .errors import (
 from .items import validate_items, validate_user
 from .llm import SamplingConfig
 from .personal import DEFAULT_STRATEGY, PersonalLLM, Prepared
+from .personal import Response as Answer
 
 try:
     from starlette.applications import Starlette
@@ -83,6 +92,7 @@ class ServerConfig:
     max_body_bytes: int = 1_000_000
     max_tokens_limit: int = 1024
     read_timeout: float = 30.0  # seconds a client may stall while sending a body
+    remember: bool = False  # memory for requests that do not say (edge_pllm.remember)
 
 
 def is_loopback(host: str) -> bool:
@@ -107,6 +117,7 @@ class HTTPError(Exception):
 _STATUS: list[tuple[type[Exception], int, str]] = [
     (UnknownUserError, 404, "not_found_error"),
     (ItemNotFoundError, 404, "not_found_error"),
+    (AnswerNotFoundError, 404, "not_found_error"),
     (ContextOverflowError, 400, "context_length_exceeded"),
     (UnknownStrategyError, 400, "invalid_request_error"),
     (SoftTokenShapeError, 400, "invalid_request_error"),
@@ -209,7 +220,8 @@ class Service:
 
     def personalization(
         self, req: schema.ChatRequest | schema.CompletionRequest
-    ) -> tuple[str, str]:
+    ) -> tuple[str, str, bool]:
+        """Whose history, which strategy, and whether to remember the turn."""
         user = req.user or self.config.default_user
         if not user:
             raise HTTPError(
@@ -219,12 +231,13 @@ class Service:
                 "user",
             )
         strategy = (req.edge_pllm and req.edge_pllm.strategy) or self.config.default_strategy
-        return user, strategy
+        remember = req.edge_pllm.remember if req.edge_pllm else None
+        return user, strategy, self.config.remember if remember is None else remember
 
     @staticmethod
-    def extension(prepared: Prepared) -> dict[str, Any]:
+    def extension(prepared: Prepared, answer: Answer | None = None) -> dict[str, Any]:
         found = prepared.personalization
-        return {
+        info = {
             "strategy": prepared.strategy,
             "context_ids": [i.id for i in found.context],
             "dropped_context": prepared.dropped_context,
@@ -232,6 +245,9 @@ class Service:
             "soft_tokens_sha256": _fingerprint(found.soft_tokens),
             **({"fallback": found.info["fallback"]} if "fallback" in found.info else {}),
         }
+        if answer is not None and answer.memory is not None:
+            info["memory"] = answer.memory.to_json()
+        return info
 
     # --- generation ------------------------------------------------------------------------
 
@@ -242,10 +258,23 @@ class Service:
         strategy: str,
         sampling: SamplingConfig,
         on_prepared: Callable[[Prepared], None] | None = None,
+        *,
+        remember: bool = False,
+        answer_id: str | None = None,
+        on_done: Callable[[Answer], None] | None = None,
     ) -> Iterator[str]:
-        """Prepare and generate (the runtime serializes use of its one llama context)."""
+        """Prepare and generate (the runtime serializes use of its one llama context); with
+        `remember`, the turn is stored once the stream has ended, and the answer kept under
+        `answer_id` (the id the client sees)."""
         return self.pllm.stream(
-            user, prompt, strategy=strategy, sampling=sampling, on_prepared=on_prepared
+            user,
+            prompt,
+            strategy=strategy,
+            sampling=sampling,
+            on_prepared=on_prepared,
+            remember=remember,
+            answer_id=answer_id,
+            on_done=on_done,
         )
 
     async def complete(self, request: Request, chat: bool) -> Response:
@@ -258,21 +287,33 @@ class Service:
         else:
             req = schema.parse(schema.CompletionRequest, raw)
             prompt = req.text
-        user, strategy = self.personalization(req)
+        user, strategy, remember = self.personalization(req)
         sampling = self.sampling(req)
         created = int(time.time())
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if req.stream:
-            return await self.stream(rid, created, chat, user, prompt, strategy, sampling)
+            return await self.stream(rid, created, chat, user, prompt, strategy, sampling, remember)
         info: dict[str, Any] = {}
 
-        def work() -> tuple[str, Prepared]:
+        def work() -> tuple[str, Prepared, Answer]:
             prepared_box: list[Prepared] = []
-            text = "".join(self._run(user, prompt, strategy, sampling, prepared_box.append))
-            return text, prepared_box[0]
+            done: list[Answer] = []
+            text = "".join(
+                self._run(
+                    user,
+                    prompt,
+                    strategy,
+                    sampling,
+                    prepared_box.append,
+                    remember=remember,
+                    answer_id=rid,
+                    on_done=done.append,
+                )
+            )
+            return text, prepared_box[0], done[0]
 
-        text, prepared = await asyncio.to_thread(work)
-        info = self.extension(prepared)
+        text, prepared, answer = await asyncio.to_thread(work)
+        info = self.extension(prepared, answer)
         prompt_tokens = self.pllm.llm.count_tokens(prepared.prompt) + info["soft_tokens"]
         completion_tokens = self.pllm.llm.count_tokens(text) if text else 0
         finish = "length" if completion_tokens >= sampling.max_tokens else "stop"
@@ -306,31 +347,52 @@ class Service:
         prompt: Any,
         strategy: str,
         sampling: SamplingConfig,
+        remember: bool = False,
     ) -> Response:
-        """SSE. Preparation (where bad requests fail) happens before the 200 is sent."""
+        """SSE. Preparation (where bad requests fail) happens before the 200 is sent. When
+        the client goes away, generation stops at the next piece (and with memory on,
+        nothing is stored); the last chunk of a stream that ends says what was stored."""
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[Prepared] = loop.create_future()
+        gone = threading.Event()  # the client left before the end
 
         def producer() -> None:
             def prepared_cb(p: Prepared) -> None:
                 loop.call_soon_threadsafe(ready.set_result, p)
 
+            done: list[Answer] = []
+            pieces = self._run(
+                user,
+                prompt,
+                strategy,
+                sampling,
+                prepared_cb,
+                remember=remember,
+                answer_id=rid,
+                on_done=done.append,
+            )
             try:
-                for piece in self._run(user, prompt, strategy, sampling, prepared_cb):
+                for piece in pieces:
+                    if gone.is_set():
+                        return  # closing the stream below: an interrupted answer, not kept
                     loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
-                loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
+                loop.call_soon_threadsafe(queue.put_nowait, ("end", done[0]))
             except Exception as exc:  # delivered to the client, as an error or an event
                 if not ready.done():
                     loop.call_soon_threadsafe(ready.set_exception, exc)
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
+            finally:
+                pieces.close()  # type: ignore[attr-defined]
 
         threading.Thread(target=producer, daemon=True).start()
         prepared = await ready  # raises the typed error -> proper 4xx before streaming
         info = self.extension(prepared)
         kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
+        def chunk(
+            delta: str | None, finish: str | None, first: bool = False, answer: Answer | None = None
+        ) -> str:
             if chat:
                 d: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
                 if delta:
@@ -344,27 +406,31 @@ class Service:
                 "created": created,
                 "model": self.model_id,
                 "choices": [choice],
-                "edge_pllm": info,
+                "edge_pllm": info if answer is None else self.extension(prepared, answer),
             }
             return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
         async def events() -> AsyncIterator[str]:
             n = 0
-            if chat:
-                yield chunk(None, None, first=True)
-            while True:
-                kind_, value = await queue.get()
-                if kind_ == "piece":
-                    n += 1
-                    yield chunk(value, None)
-                elif kind_ == "end":
-                    yield chunk(None, "length" if n >= sampling.max_tokens else "stop")
-                    yield "data: [DONE]\n\n"
-                    return
-                else:
-                    _, err = error_body(value)
-                    yield f"data: {json.dumps(err)}\n\n"
-                    return
+            try:
+                if chat:
+                    yield chunk(None, None, first=True)
+                while True:
+                    kind_, value = await queue.get()
+                    if kind_ == "piece":
+                        n += 1
+                        yield chunk(value, None)
+                    elif kind_ == "end":
+                        finish = "length" if n >= sampling.max_tokens else "stop"
+                        yield chunk(None, finish, answer=value)
+                        yield "data: [DONE]\n\n"
+                        return
+                    else:
+                        _, err = error_body(value)
+                        yield f"data: {json.dumps(err)}\n\n"
+                        return
+            finally:
+                gone.set()  # harmless once the producer is done; stops it if not
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -396,6 +462,22 @@ class Service:
             return [{"id": h.item.id, "distance": h.distance, **h.item.to_json()} for h in hits]
 
         return JSONResponse({"user": user, "hits": await asyncio.to_thread(work)})
+
+    async def feedback(self, request: Request) -> Response:
+        user = _user(request)
+        req = schema.parse(schema.FeedbackRequest, await self.body(request)).checked()
+        done = await asyncio.to_thread(
+            self.pllm.feedback, user, req.answer_id, rating=req.rating, edit=req.edit
+        )
+        return JSONResponse(
+            {
+                "user": user,
+                "answer_id": done.answer_id,
+                "rating": done.rating,
+                "edit_id": done.edit_id,
+            },
+            status_code=201,
+        )
 
     async def delete_item(self, request: Request) -> Response:
         user = _user(request)
@@ -502,6 +584,7 @@ def create_app(pllm: PersonalLLM, config: ServerConfig | None = None) -> Starlet
         Route("/v1/users/{user}/history", endpoint(service.add_history), methods=["POST"]),
         Route("/v1/users/{user}/history", endpoint(service.list_history), methods=["GET"]),
         Route("/v1/users/{user}/search", endpoint(service.search), methods=["GET"]),
+        Route("/v1/users/{user}/feedback", endpoint(service.feedback), methods=["POST"]),
         Route("/v1/users/{user}/history/{item}", endpoint(service.delete_item), methods=["DELETE"]),
         Route("/v1/users/{user}", endpoint(service.forget), methods=["DELETE"]),
         Route("/v1/users/{user}/export", endpoint(service.export), methods=["GET"]),

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import db
 from .errors import (
+    AnswerNotFoundError,
     InvalidInputError,
     ItemNotFoundError,
     PassphraseError,
@@ -32,7 +33,15 @@ from .errors import (
     UnknownUserError,
 )
 from .files import new_private_file
-from .items import HistoryItem, NewItem, content_hash, now_iso, validate_items, validate_user
+from .items import (
+    HistoryItem,
+    NewItem,
+    content_hash,
+    now_iso,
+    validate_answer_id,
+    validate_items,
+    validate_user,
+)
 
 _ITEM_COLUMNS = (
     "h.id, u.name, h.kind, h.text, h.created_at, h.written_at, h.metadata, h.content_hash"
@@ -55,6 +64,47 @@ class SearchHit:
 
     item: HistoryItem
     distance: float
+
+
+@dataclass(frozen=True)
+class AnswerRecord:
+    """An answer kept for feedback (only answers given with memory on): its id as the
+    client saw it, the request (the remembered turn, `turn_id`), the answer's text, and the
+    newest rating and edit given for it."""
+
+    answer_id: str
+    user: str
+    request: str
+    text: str
+    strategy: str
+    created_at: str
+    turn_id: int
+    rating: int | None = None
+    edit: str | None = None
+    edit_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """One preference record: a rating (+1/-1) of an answer, or an edit (`edit_id`: the
+    history item holding the text the user kept)."""
+
+    answer_id: str
+    user: str
+    rating: int | None
+    edit_id: int | None
+    created_at: str
+
+
+_ANSWER_QUERY = """SELECT a.answer_id, u.name, t.text, a.text, a.strategy, a.created_at, a.turn_id,
+    (SELECT f.rating FROM feedback f WHERE f.answer_row = a.id AND f.rating IS NOT NULL
+        ORDER BY f.id DESC LIMIT 1),
+    (SELECT e.text FROM feedback f JOIN history e ON e.id = f.edit_id WHERE f.answer_row = a.id
+        ORDER BY f.id DESC LIMIT 1),
+    (SELECT f.edit_id FROM feedback f WHERE f.answer_row = a.id AND f.edit_id IS NOT NULL
+        ORDER BY f.id DESC LIMIT 1)
+    FROM answers a JOIN users u ON u.id = a.user_id JOIN history t ON t.id = a.turn_id
+    WHERE a.user_id = ?"""
 
 
 def _row_to_item(row: Sequence[Any]) -> HistoryItem:
@@ -91,6 +141,29 @@ def _item_ids(ids: Sequence[Any]) -> list[int]:
         except (TypeError, ValueError):
             raise InvalidInputError(f"Item ids are integers, not {i!r}.", field="ids") from None
     return checked
+
+
+def check_rating(rating: Any, with_edit: bool) -> int | None:
+    """`rating` if it is +1 or -1 and no edit comes with it, None for an edit alone; else
+    an InvalidInputError (feedback is a rating or an edit: one of them)."""
+    if (rating is None) != with_edit:
+        raise InvalidInputError(
+            "Give feedback as a rating (+1 or -1) or as an edit (the text kept): one of them.",
+            field="rating" if with_edit else "edit",
+        )
+    if rating is None:
+        return None
+    if isinstance(rating, bool) or rating not in (1, -1) or not isinstance(rating, int):
+        raise InvalidInputError(f"A rating is +1 or -1, not {rating!r}.", field="rating")
+    return int(rating)
+
+
+def as_stored_text(text: Any) -> str:
+    """An answer's text as it can be stored: text, with any NUL byte or unpaired surrogate
+    a model might produce replaced."""
+    if not isinstance(text, str):
+        raise InvalidInputError(f"An answer is text, not {type(text).__name__}.", field="answer")
+    return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
 
 
 class HistoryStore:
@@ -176,43 +249,150 @@ class HistoryStore:
         checked = validate_items(items)
         arr = self._check_vectors(vectors, len(checked))
         written = now_iso()
-        ids: list[int] = []
         with self._lock, db.transaction(self._conn) as conn:
-            row = conn.execute("SELECT id FROM users WHERE name = ?", (user,)).fetchone()
-            if row is None:
-                uid = conn.execute(
-                    "INSERT INTO users (name, created_at) VALUES (?, ?)", (user, written)
-                ).lastrowid
-            else:
-                uid = row[0]
-            for item, vec in zip(checked, arr, strict=True):
-                digest = content_hash(item.kind, item.text)
-                existing = conn.execute(
-                    "SELECT id FROM history WHERE user_id = ? AND kind = ? AND content_hash = ?",
-                    (uid, item.kind, digest),
-                ).fetchone()
-                if existing is not None:
-                    ids.append(existing[0])
-                    continue
-                item_id = conn.execute(
-                    "INSERT INTO history (user_id, kind, text, metadata, content_hash, created_at,"
-                    " written_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        uid,
-                        item.kind,
-                        item.text,
-                        json.dumps(item.metadata, ensure_ascii=False),
-                        digest,
-                        item.created_at or written,
-                        written,
-                    ),
-                ).lastrowid
-                conn.execute(
-                    "INSERT INTO history_vec (rowid, user_id, embedding) VALUES (?, ?, ?)",
-                    (item_id, uid, vec.tobytes()),
-                )
-                ids.append(item_id)
+            return self._insert(conn, self._ensure_user(conn, user, written), checked, arr, written)
+
+    @staticmethod
+    def _ensure_user(conn: Any, user: str, written: str) -> int:
+        row = conn.execute("SELECT id FROM users WHERE name = ?", (user,)).fetchone()
+        if row is not None:
+            return row[0]
+        return conn.execute(
+            "INSERT INTO users (name, created_at) VALUES (?, ?)", (user, written)
+        ).lastrowid
+
+    @staticmethod
+    def _insert(
+        conn: Any, uid: int, checked: Sequence[NewItem], arr: np.ndarray, written: str
+    ) -> list[int]:
+        """Insert checked items and their vectors (the caller holds a transaction); an item
+        already stored (same kind and text) keeps its row and id."""
+        ids: list[int] = []
+        for item, vec in zip(checked, arr, strict=True):
+            digest = content_hash(item.kind, item.text)
+            existing = conn.execute(
+                "SELECT id FROM history WHERE user_id = ? AND kind = ? AND content_hash = ?",
+                (uid, item.kind, digest),
+            ).fetchone()
+            if existing is not None:
+                ids.append(existing[0])
+                continue
+            item_id = conn.execute(
+                "INSERT INTO history (user_id, kind, text, metadata, content_hash, created_at,"
+                " written_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    uid,
+                    item.kind,
+                    item.text,
+                    json.dumps(item.metadata, ensure_ascii=False),
+                    digest,
+                    item.created_at or written,
+                    written,
+                ),
+            ).lastrowid
+            conn.execute(
+                "INSERT INTO history_vec (rowid, user_id, embedding) VALUES (?, ?, ?)",
+                (item_id, uid, vec.tobytes()),
+            )
+            ids.append(item_id)
         return ids
+
+    # --- memory and feedback ------------------------------------------------------------------
+
+    def remember(
+        self,
+        user: str,
+        turn: NewItem,
+        vector: np.ndarray,
+        *,
+        answer_id: str,
+        answer: str,
+        strategy: str,
+    ) -> int:
+        """Store the user's turn as a history item (deduplicated like any item) and the
+        answer given to it, for feedback, in one transaction; return the turn's item id.
+        A new user is created. InvalidInputError if `answer_id` is already one of theirs."""
+        user = validate_user(user)
+        answer_id = validate_answer_id(answer_id)
+        checked = validate_items([turn])
+        arr = self._check_vectors(np.asarray(vector).reshape(1, -1), 1)
+        answer = as_stored_text(answer)
+        written = now_iso()
+        with self._lock, db.transaction(self._conn) as conn:
+            uid = self._ensure_user(conn, user, written)
+            if conn.execute(
+                "SELECT 1 FROM answers WHERE user_id = ? AND answer_id = ?", (uid, answer_id)
+            ).fetchone():
+                raise InvalidInputError(
+                    f"The answer id {answer_id!r} is already used for {user!r}.", field="answer_id"
+                )
+            (turn_id,) = self._insert(conn, uid, checked, arr, written)
+            conn.execute(
+                "INSERT INTO answers (user_id, answer_id, turn_id, text, strategy, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (uid, answer_id, turn_id, answer, strategy, written),
+            )
+        return turn_id
+
+    def answer(self, user: str, answer_id: str) -> AnswerRecord:
+        """The answer `answer_id` of `user`; AnswerNotFoundError if none is kept (another
+        user's answer is not found either)."""
+        answer_id = validate_answer_id(answer_id)
+        with self._lock:
+            uid = self._user_id(user)
+            row = self._conn.execute(
+                _ANSWER_QUERY + " AND a.answer_id = ?", (uid, answer_id)
+            ).fetchone()
+        if row is None:
+            raise AnswerNotFoundError(answer_id, user)
+        return AnswerRecord(*row)
+
+    def answers(self, user: str) -> list[AnswerRecord]:
+        """Every answer kept for `user`, oldest first, with its newest rating and edit."""
+        with self._lock:
+            uid = self._user_id(user)
+            rows = self._conn.execute(
+                _ANSWER_QUERY + " ORDER BY a.created_at, a.id", (uid,)
+            ).fetchall()
+        return [AnswerRecord(*row) for row in rows]
+
+    def add_feedback(
+        self,
+        user: str,
+        answer_id: str,
+        *,
+        rating: int | None = None,
+        edit: NewItem | None = None,
+        vector: np.ndarray | None = None,
+    ) -> Feedback:
+        """Record a rating (+1/-1) of one of `user`'s answers, or an edit: the text they
+        kept, stored as a history item (with its `vector`) in the same transaction. Exactly
+        one of the two; AnswerNotFoundError (nothing stored) if the answer is not theirs."""
+        answer_id = validate_answer_id(answer_id)
+        rating = check_rating(rating, edit is not None)
+        checked, arr = None, None
+        if edit is not None:
+            checked = validate_items([edit])
+            if vector is None:
+                raise InvalidInputError("An edit needs its vector.", field="vector")
+            arr = self._check_vectors(np.asarray(vector).reshape(1, -1), 1)
+        written = now_iso()
+        with self._lock, db.transaction(self._conn) as conn:
+            uid = self._user_id(user)
+            row = conn.execute(
+                "SELECT id FROM answers WHERE user_id = ? AND answer_id = ?", (uid, answer_id)
+            ).fetchone()
+            if row is None:
+                raise AnswerNotFoundError(answer_id, user)
+            edit_id = None
+            if checked is not None and arr is not None:
+                (edit_id,) = self._insert(conn, uid, checked, arr, written)
+            conn.execute(
+                "INSERT INTO feedback (answer_row, rating, edit_id, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                (row[0], rating, edit_id, written),
+            )
+        return Feedback(answer_id, user, rating, edit_id, written)
 
     def _erase_vector(self, conn: Any, item_id: int) -> None:
         conn.execute("UPDATE history_vec SET embedding = ? WHERE rowid = ?", (self._zeros, item_id))
@@ -250,6 +430,8 @@ class HistoryStore:
                 ]
                 for item_id in ids:
                     self._erase_vector(conn, item_id)
+                # Their answers and feedback (the cascade would take them with the turns).
+                conn.execute("DELETE FROM answers WHERE user_id = ?", (uid,))
                 conn.execute("DELETE FROM history WHERE user_id = ?", (uid,))
                 conn.execute("DELETE FROM users WHERE id = ?", (uid,))
             self.checkpoint()

@@ -112,12 +112,18 @@ def test_names_are_compared_exactly_never_folded(app, pllm):
 
 
 def test_a_brand_new_user_gets_the_plain_prompt(app, pllm):
-    for strategy in ("none", "recent", "rag", "plug", "plug+rag"):
+    for strategy in ("none", "recent", "rag", "plug-own", "plug", "plug+rag"):
         body = {"user": "newcomer", "messages": HI, "edge_pllm": {"strategy": strategy}}
         reply = asgi_request(app, "POST", CHAT, json_body=body)
         assert reply.status_code == 200, reply.text
         ext = reply.json()["edge_pllm"]
-        assert ext["context_ids"] == [] and ext["soft_tokens"] == 0
+        assert ext["context_ids"] == []
+        # plug gives a newcomer the population persona the head ships, the others nothing
+        population = strategy in ("plug", "plug+rag")
+        assert ext["soft_tokens"] == (pllm.plug.n_soft if population else 0)
+        if strategy != "none":  # none is the plain prompt for everyone: no fallback to say
+            said = ext["fallback"]
+            assert said.endswith("population persona" if population else "plain prompt")
     assert not pllm.store.has_user("newcomer")
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from edge_pllm import db as edge_db
 from edge_pllm.cli import cli
+from edge_pllm.items import NewItem
 from edge_pllm.store import HistoryStore
 
 DIM = 384
@@ -154,6 +155,66 @@ def test_erasure_through_the_cli(default_bundle: Path, isolated_home: Path, repo
     searched = assert_gone(db, [b"ERIN-PRIVATE-a1b2", b"ERIN-PRIVATE-c3d4", b"erin"])
     assert b"FRANK-STAYS-0000" in raw_bytes(db)
     report_counts(f"{searched:,} bytes searched after `edge-pllm forget`: 0 found")
+
+
+def remembered(store: HistoryStore, user: str, marker: str, vec: np.ndarray) -> str:
+    """A remembered turn with its answer (a long one: overflow pages), as memory keeps them."""
+    answer_id = f"chatcmpl-{marker}-ID"
+    turn = NewItem(
+        f"{marker}-TURN what shall I bake", kind="turn", metadata={"answer_id": answer_id}
+    )
+    answer = f"{marker}-ANSWER try rye " + "crumb and crust " * 1200
+    store.remember(user, turn, vec, answer_id=answer_id, answer=answer, strategy="rag")
+    return answer_id
+
+
+def test_forget_erases_remembered_turns_answers_and_feedback(store: HistoryStore, report_counts):
+    """Memory's records (a remembered turn, the answer kept for feedback, a rating, an edit
+    with its link to the request) are erased by forget like any history item."""
+    db = Path(store.path)
+    rng = np.random.default_rng(11)
+    turn_vec, edit_vec, ivan_vec = distinctive(rng, 3)
+    answer_id = remembered(store, "hal-user-77", "HAL-8e2c", turn_vec)
+    store.add_feedback("hal-user-77", answer_id, rating=1)
+    edit = NewItem(
+        "HAL-8e2c-EDIT rye on Sundays",
+        kind="edit",
+        metadata={"answer_id": answer_id, "request": "HAL-8e2c-TURN what shall I bake"},
+    )
+    store.add_feedback("hal-user-77", answer_id, edit=edit, vector=edit_vec)
+    remembered(store, "ivan", "IVAN-0b7d", ivan_vec)
+    needles = [
+        b"HAL-8e2c-TURN",
+        b"HAL-8e2c-ANSWER",
+        b"HAL-8e2c-EDIT",
+        b"HAL-8e2c-ID",
+        b"hal-user-77",
+    ]
+    before = raw_bytes(db)
+    assert all(n in before for n in needles), "the test must see the records before erasing"
+    needles += [*pieces(turn_vec), *pieces(edit_vec)]
+
+    assert store.forget("hal-user-77") == 2
+    searched = assert_gone(db, needles)
+    after = raw_bytes(db)
+    assert b"IVAN-0b7d-TURN" in after and b"IVAN-0b7d-ANSWER" in after
+    assert [a.user for a in store.answers("ivan")] == ["ivan"]
+    conn = store._conn
+    assert conn.execute("SELECT COUNT(*) FROM answers").fetchone()[0] == 1
+    assert conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0
+    assert store.integrity()["integrity_check"] == "ok"
+    report_counts(f"{searched:,} bytes searched after forgetting memory's records: 0 found")
+
+
+def test_deleting_a_remembered_turn_erases_its_answer(store: HistoryStore):
+    rng = np.random.default_rng(12)
+    answer_id = remembered(store, "jo", "JO-44aa", distinctive(rng, 1))
+    store.add_feedback("jo", answer_id, rating=-1)
+    turn = store.answer("jo", answer_id).turn_id
+    store.delete("jo", [turn])
+    assert_gone(Path(store.path), [b"JO-44aa-TURN", b"JO-44aa-ANSWER", b"JO-44aa-ID"])
+    assert store.answers("jo") == []
+    assert store._conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 0
 
 
 def test_secure_delete_is_on_for_every_connection(store: HistoryStore):

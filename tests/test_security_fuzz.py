@@ -443,6 +443,7 @@ PATHS = st.sampled_from(
         ("DELETE", "/v1/users/{u}/history/{i}"),
         ("DELETE", "/v1/users/{u}"),
         ("GET", "/v1/users/{u}/export"),
+        ("POST", "/v1/users/{u}/feedback"),
         ("GET", "/v1/models"),
     ]
 )
@@ -456,9 +457,17 @@ BODY_FIELDS = st.fixed_dictionaries(
         "temperature": st.one_of(st.floats(), JSONISH),
         "stream": st.one_of(st.booleans(), JSONISH),
         "stop": st.one_of(NASTY_TEXT, JSONISH),
-        "edge_pllm": st.one_of(st.fixed_dictionaries({"strategy": SPEC}), JSONISH),
+        "edge_pllm": st.one_of(
+            st.fixed_dictionaries(
+                {"strategy": SPEC}, optional={"remember": st.one_of(st.booleans(), JSONISH)}
+            ),
+            JSONISH,
+        ),
         "items": st.one_of(st.lists(ITEM, max_size=3), JSONISH),
         "text": NASTY_TEXT,
+        "answer_id": st.one_of(st.just("chatcmpl-0"), NASTY_TEXT, JSONISH),
+        "rating": st.one_of(st.integers(-2, 2), JSONISH),
+        "edit": st.one_of(NASTY_TEXT, JSONISH),
     },
 )
 
