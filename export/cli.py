@@ -215,15 +215,24 @@ def train_plug(
 ) -> None:
     """Train a Persona-Plug head for the bundle on a LaMP-format task (needs [export]).
 
-    Every setting is recorded with the head, with the command that trains it again."""
+    Every setting is recorded with the head, with the command that trains it again.
+    Under torchrun or accelerate launch the processes share each step (--batch-size is the
+    whole step's); rank 0 writes the head and attaches it."""
     from edge_pllm.bundle import load_bundle
     from edge_pllm.lamp import load_split
 
     from . import pplug
+    from .pplug.distributed import join
 
     config = pplug.config_from_options(**options)
+    world = join(pplug.resolve_device(config.device))
+    world.check_batch(config.batch_size)
     obj = ctx.find_object(Context)
-    bundle = Path(obj.bundle) if obj.bundle else ensure_default_bundle(obj.home)
+    if obj.bundle:
+        bundle = Path(obj.bundle)
+    else:
+        with world.local_first():  # one process per machine assembles it
+            bundle = ensure_default_bundle(obj.home)
     folder = Path(task_dir)
     spec = load_split(folder, config.splits[0], config.task).spec
     examples = [
@@ -239,7 +248,8 @@ def train_plug(
             pplug.lamp_examples(folder, config.validate, spec, 0, limit=config.validate_limit)
         )
     out = Path(out_dir) if out_dir else obj.home / "plug-train"
-    click.echo(f"{len(examples)} training examples from {', '.join(config.splits)}.", err=True)
+    if world.is_main:
+        click.echo(f"{len(examples)} training examples from {', '.join(config.splits)}.", err=True)
     head, result = pplug.train(
         bundle,
         examples,
@@ -250,6 +260,8 @@ def train_plug(
         log=lambda line: click.echo(line, err=True),
         validation=held_out,
     )
+    if not world.is_main:
+        return  # rank 0 writes the head, its entry and the bundle
     onnx_path = pplug.export_onnx(head, out / "plug.onnx")
     info = {
         "task": spec.name,
@@ -260,6 +272,7 @@ def train_plug(
         "examples_per_hour": round(result.examples_per_hour),
         "final_loss": round(result.final_loss, 4),
         "device": result.device,
+        "world_size": world.size,  # processes that shared each step of --batch-size examples
         **(
             {"validation": {"split": config.validate, **result.validation.as_dict()}}
             if result.validation

@@ -264,10 +264,15 @@ def test_plug_strategies_on_the_device(tiny_bundle, trained, tmp_path):
         again = p.generate("bob", "Say my word.", strategy="plug", sampling=short)
         assert again.completion.cached_tokens == len(before)
         assert again.text == out.text
-        # A user whose history was all deleted falls back to the plain prompt.
+        # A user whose history was all deleted gets the population persona with plug, and
+        # the plain prompt with plug-own.
         p.store.delete("ann", [i.id for i in p.store.items("ann")])
         fallback = p.prepare("ann", "Say my word.", "plug").personalization
-        assert fallback.soft_tokens is None and "fallback" in fallback.info
+        assert fallback.info["fallback"] == "no history: population persona"
+        newcomer = p.prepare("nobody", "Say my word.", "plug").personalization.soft_tokens
+        assert np.array_equal(fallback.soft_tokens, newcomer)
+        own = p.prepare("ann", "Say my word.", "plug-own").personalization
+        assert own.soft_tokens is None and own.info["fallback"] == "no history: plain prompt"
 
 
 def test_head_trained_for_another_llm_is_refused(tiny_bundle, trained, tmp_path):
@@ -515,6 +520,7 @@ def test_train_plug_cli_attaches_a_trainable_encoder_head(trainable):
     )
     # The bundle runs the head as two graphs (export/plug_graph.py); otherwise as trained.
     assert spec.pop("project_file") == "plug_project.onnx"
+    assert spec.pop("population_file") == "plug_population.npy"  # μ, written on attaching
     assert json.loads((out / "plug.json").read_text()) == spec
     # The reload ran no step: the 3 losses are the CLI run's, and its encoder was trained.
     assert len(reloaded.losses) == 3
@@ -574,11 +580,11 @@ def test_trainable_encoder_head_on_the_device(trainable, tmp_path):
         for user, texts in HISTORY.items():
             p.add(user, texts)
         assert p.plug is not None and p.plug.reads_text
-        ann = p.prepare("ann", "Say my word.", "plug").personalization
+        ann = p.prepare("ann", "Say my word.", "plug-own").personalization  # no prior
         assert ann.soft_tokens.shape == (3, 64) and ann.context == []
         _, stored = p.store.vectors("ann", limit=512)
         np.testing.assert_array_equal(ann.soft_tokens, p.plug.soft_tokens("Say my word.", stored))
-        bob = p.prepare("bob", "Say my word.", "plug").personalization.soft_tokens
+        bob = p.prepare("bob", "Say my word.", "plug-own").personalization.soft_tokens
         assert np.abs(ann.soft_tokens - bob).max() > 1e-3
         both = p.prepare("ann", "Which plants need sun?", "plug+rag:1").personalization
         assert [i.text for i in both.context] == ["Tomatoes need full sun."]
@@ -592,12 +598,13 @@ def test_trainable_encoder_head_for_other_files_is_refused(trainable, tmp_path):
     bundle, *_ = trainable
 
     def with_plug(**changes) -> Path:
-        """The bundle's files (linked, not copied) with a changed `plug` entry."""
+        """The bundle's files (hard-linked, not copied: a bundle refuses symbolic links)
+        with a changed `plug` entry."""
         other = tmp_path / f"other{len(list(tmp_path.iterdir()))}"
         other.mkdir()
         for f in bundle.iterdir():
             if f.name != "manifest.json" and not f.name.startswith("."):
-                (other / f.name).symlink_to(f)
+                (other / f.name).hardlink_to(f)
         manifest = json.loads((bundle / "manifest.json").read_text())
         manifest["plug"].update(changes)
         (other / "manifest.json").write_text(json.dumps(manifest))

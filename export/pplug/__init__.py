@@ -9,6 +9,7 @@ Rooms:
     frozen    the frozen LLM and input encoder in torch; the teacher-forced loss, with the
               request's keys and values computed once when the soft tokens follow it
     training  set up, resume, step, save
+    distributed  several processes (torchrun, accelerate launch): each its share of a step
     validation the held-out own-versus-other loss gap
     onnx      ONNX export and the manifest entry
 """
@@ -21,6 +22,7 @@ from typing import Any
 # Names resolve on first use (PEP 562): `export.pplug.config`, which the CLI reads for
 # train-plug's options, imports no torch, so listing the commands stays light.
 _WHERE = {
+    "Draw": "training",
     "Encoded": "data",
     "Example": "data",
     "FrozenPrefix": "frozen",
@@ -32,12 +34,14 @@ _WHERE = {
     "TrainResult": "training",
     "Validation": "validation",
     "VectorTable": "data",
+    "World": "distributed",
     "check_head_settings": "model",
     "check_input_encoder": "frozen",
     "clip_text": "data",
     "config_from_options": "config",
     "config_options": "config",
     "device_label": "training",
+    "draw_batch": "training",
     "export_onnx": "onnx",
     "head_spec": "onnx",
     "lamp_examples": "data",

@@ -32,7 +32,9 @@ class TrainConfig:
         ("train",), "Training split(s); repeatable.", flag="--split", multiple=True
     )
     task: str | None = option(None, "Task name if the outputs file does not say.")
-    limit: int | None = option(None, "Only the first N questions of each split.")
+    limit: int | None = option(
+        None, "Only the first N questions of each split.", type=click.IntRange(min=1)
+    )
     profile_examples: int = option(
         4,
         "Examples drawn from each profile's most recent items, each with only the earlier "
@@ -82,7 +84,12 @@ class TrainConfig:
     max_history: int = option(512, "Newest history items the head reads (the paper: 512).")
     # --- training
     steps: int = option(1200, "Optimizer steps.", type=click.IntRange(min=1))
-    batch_size: int = option(8, "Examples per step.", type=click.IntRange(min=1))
+    batch_size: int = option(
+        8,
+        "Examples per step; under torchrun the step's, shared out among the processes (the "
+        "same head whatever their number).",
+        type=click.IntRange(min=1),
+    )
     lr: float = option(1e-3, "Learning rate (AdamW, warmup then linear decay).")
     weight_decay: float = option(1e-4, "AdamW weight decay.")
     warmup: float = option(0.05, "Share of the steps spent warming up the learning rate.")

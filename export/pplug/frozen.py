@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from edge_pllm.bundle import Bundle, sha256_file
 from edge_pllm.embedder import Embedder
 from edge_pllm.errors import InvalidInputError
-from edge_pllm.files import atomic_write
+from edge_pllm.files import atomic_write, private_dir
 from edge_pllm.head import QueryTokenizer
 
 from ..embedder import quiet_third_party
@@ -126,7 +126,7 @@ class FrozenPrefix:
         self.kv: list[torch.Tensor | None] = []
         device = next(llm.parameters()).device
         if cache_dir is not None:
-            cache_dir.mkdir(parents=True, exist_ok=True)
+            private_dir(cache_dir)  # the requests of private history: owner-only
         with torch.no_grad():
             for e in tqdm(
                 encoded, desc="Request keys/values", unit="example", disable=not progress

@@ -7,10 +7,16 @@ history); optionally (`rag`) a share of the examples shown with their k nearest 
 items in the prompt, as plug+rag shows them. With the soft tokens before the answer
 (`placement`), each request's keys and values are computed once (`frozen.FrozenPrefix`)
 and each step runs the LLM over the soft tokens, the answer's header and the answer only.
+
+Under a launcher (`torchrun`, `accelerate launch`: WORLD_SIZE > 1) each process takes its
+share of every step's examples and the gradients are summed over the processes
+(`distributed`); the head, the loss and the checkpoint are those of one process training
+with the same --batch-size, which is the whole step's, whatever the number of processes.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import random
 import time
@@ -26,6 +32,7 @@ from tqdm.auto import tqdm
 from edge_pllm.bundle import Bundle, load_bundle
 from edge_pllm.embedder import Embedder
 from edge_pllm.errors import InvalidInputError
+from edge_pllm.files import atomic_write
 from edge_pllm.head import QueryTokenizer
 from edge_pllm.lamp import TaskSpec
 from edge_pllm.llm import LLM, LLMConfig
@@ -33,6 +40,7 @@ from edge_pllm.vector_cache import cache_key
 
 from .config import TrainConfig
 from .data import Encoded, Example, PromptEncoder, VectorTable, retrieve, vector_cache
+from .distributed import World, join
 from .frozen import (
     FrozenPrefix,
     check_input_encoder,
@@ -61,9 +69,10 @@ class TrainResult:
 
 def resolve_device(name: str) -> torch.device:
     """The torch device to train on: "auto" picks a CUDA GPU when torch sees one, else the
-    CPU; a device torch cannot use here is refused with what to do instead."""
+    CPU; a device torch cannot use here is refused with what to do instead. Under a
+    launcher, "auto" and "cuda" are the GPU of the process's LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return _local_gpu(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -89,7 +98,25 @@ def resolve_device(name: str) -> torch.device:
             f"Training on {device.type!r} is not supported: use auto, cpu, cuda, cuda:N or mps.",
             field="device",
         )
-    return device
+    return _local_gpu(device)
+
+
+def _local_gpu(device: torch.device) -> torch.device:
+    """`device`, or under a launcher the GPU of this process's LOCAL_RANK for "cuda" (the
+    only GPU when a launcher shows each process one)."""
+    world = World.from_env()
+    if device.type != "cuda" or device.index is not None or world.size == 1:
+        return device
+    count = torch.cuda.device_count()
+    if world.local_rank < count:
+        return torch.device("cuda", world.local_rank)
+    if count == 1:
+        return torch.device("cuda", 0)
+    raise InvalidInputError(
+        f"Process {world.local_rank} of {world.local_size} on this machine has no GPU: torch "
+        f"sees {count}. Start at most {count} processes per machine (--nproc_per_node).",
+        field="device",
+    )
 
 
 def device_label(device: torch.device) -> str:
@@ -125,6 +152,7 @@ class Session:
     step: int = 0
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0  # training time of earlier runs (resumed)
+    world: World = field(default_factory=World)  # the training processes (one: World())
 
 
 def _optimizer(head: PPlugHead, config: TrainConfig) -> torch.optim.AdamW:
@@ -161,11 +189,18 @@ def setup(
     validation: Sequence[Example] = (),
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    world: World | None = None,
 ) -> Session:
     """Load the frozen models, embed the histories (cached in `home_dir`), encode the
-    prompts, compute the requests' keys and values, and build a fresh head."""
+    prompts, compute the requests' keys and values, and build a fresh head.
+
+    With several processes (`world`), each machine's first process embeds the histories
+    while the others wait, then they read the cache; the requests' keys and values are
+    computed in shares (one per process of a machine) into the cache, then read by all."""
     if not examples:
         raise InvalidInputError("No training examples: check the task folder and split.")
+    world = world or World()
+    progress = progress and world.is_main
     device = resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -183,20 +218,24 @@ def setup(
     texts = [t for e in [*examples, *validation] for t in e.texts[first:]]
     if not trainable or config.rag:
         texts += [e.query for e in [*examples, *validation]]
-    with vector_cache(home_dir, bundle, embedder) as cache:
+    with world.local_first(), vector_cache(home_dir, bundle, embedder) as cache:
         table = VectorTable(cache, texts)
     encode = PromptEncoder(runtime, spec, config.max_prompt_tokens, config.placement)
     encoded = [encode(e) for e in examples]
+    # plug+rag: the same examples with their k nearest history items shown in the prompt.
+    encoded_rag = (
+        [encode(e, retrieve(e, table, config.rag)) for e in examples] if config.rag else []
+    )
     # The requests' keys and values, kept per LLM (and its source) in <home>/cache.
     llm_key = bundle.manifest["files"][bundle.llm.file]["sha256"]
     if config.llm_source:
         llm_key = cache_key(str(Path(config.llm_source).resolve()))
     kv_dir = home_dir / "cache" / f"prefix-{llm_key[:16]}"
+    if world.size > 1:  # each process of a machine its share (files written atomically)
+        share = [*encoded, *encoded_rag][world.local_rank :: world.local_size]
+        FrozenPrefix(llm, share, progress, kv_dir)
+        world.barrier()
     prefixes = FrozenPrefix(llm, encoded, progress, kv_dir)
-    # plug+rag: the same examples with their k nearest history items shown in the prompt.
-    encoded_rag = (
-        [encode(e, retrieve(e, table, config.rag)) for e in examples] if config.rag else []
-    )
     prefixes_rag = FrozenPrefix(llm, encoded_rag, progress, kv_dir) if config.rag else None
     if log:
         log(f"requests' keys and values: {prefixes.nbytes / 1e9:.2f} GB (fp16)")
@@ -240,17 +279,45 @@ def setup(
     return Session(
         config, bundle, device, llm, runtime.embed_scale, examples, table, encode, encoded,
         prefixes, encoded_rag, prefixes_rag, head, query_inputs, opt, _schedule(opt, config),
+        world=world,
     )  # fmt: skip
 
 
 def resume(session: Session, out_dir: Path) -> None:
-    """Continue from the checkpoint in `out_dir`, if there is one (from any device); one of
-    another head configuration is refused."""
+    """Continue from the checkpoint in `out_dir`, if there is one (from any device, and any
+    number of processes); one of another head configuration, or of another batch size
+    (the whole step's), is refused. With several processes, rank 0 reads it and hands it
+    to the others, and every process starts from rank 0's head."""
+    world, config = session.world, session.config
     ckpt = out_dir / CHECKPOINT
-    if not ckpt.is_file():
-        random.seed(session.config.seed)
-        return
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = None
+    if world.is_main and ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = world.broadcast_object(state)
+    if state is None:
+        random.seed(config.seed)
+    else:
+        _load(session, state, out_dir)
+    world.broadcast_module_(session.head)
+    if world.size > 1:
+        # Each process its own stream for the trainable encoder's dropout (none else draws
+        # from torch's generator in a step): reproducible for the same number of processes.
+        seeds = np.random.SeedSequence([config.seed & 0xFFFFFFFF, session.step, world.rank])
+        torch.manual_seed(int(seeds.generate_state(1)[0]))
+
+
+def _load(session: Session, state: dict[str, Any], out_dir: Path) -> None:
+    ckpt = out_dir / CHECKPOINT
+    saved_batch = state.get("batch_size")  # older checkpoints did not say
+    if saved_batch is not None and saved_batch != session.config.batch_size:
+        trained_on = state.get("world_size", 1)
+        raise InvalidInputError(
+            f"The checkpoint in {out_dir} was trained with --batch-size {saved_batch} (the "
+            f"examples of a step across all processes; it ran on {trained_on}); this run's "
+            f"is {session.config.batch_size}. Resume with --batch-size {saved_batch}, with "
+            f"any number of processes, or train into another folder or delete {ckpt.name}.",
+            field="batch_size",
+        )
     head_config = session.head.config
     saved = HeadConfig(**state.get("head_config", {}))
     same_norm = math.isclose(saved.embed_norm, head_config.embed_norm, rel_tol=1e-5)
@@ -282,8 +349,11 @@ def upgrade_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save(session: Session, out_dir: Path, seconds: float) -> None:
-    """Write the checkpoint (head, optimizer, schedule, random states) for `resume`."""
+    """Write the checkpoint (head, optimizer, schedule, random states) for `resume`, in
+    one step (an interrupted write leaves the previous one). The step and the batch size
+    are the whole run's, whatever the number of processes (rank 0's random states)."""
     device = session.device
+    buffer = io.BytesIO()
     torch.save(
         {
             "head": session.head.state_dict(),
@@ -296,9 +366,12 @@ def save(session: Session, out_dir: Path, seconds: float) -> None:
             "torch_rng": torch.get_rng_state(),
             **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
             "head_config": asdict(session.head.config),
+            "batch_size": session.config.batch_size,
+            "world_size": session.world.size,
         },
-        out_dir / CHECKPOINT,
+        buffer,
     )
+    atomic_write(out_dir / CHECKPOINT, buffer.getvalue())
 
 
 def _history(hist: list[str], config: TrainConfig) -> list[str]:
@@ -311,29 +384,57 @@ def _history(hist: list[str], config: TrainConfig) -> list[str]:
     return hist
 
 
+@dataclass(frozen=True)
+class Draw:
+    """One example of a step: which, its history (after dropout), shown with retrieval."""
+
+    index: int
+    history: list[str]
+    rag: bool
+
+
+def draw_batch(examples: Sequence[Example], config: TrainConfig, rag: bool) -> list[Draw]:
+    """A step's whole batch (`config.batch_size` examples), drawn from `random`: every
+    process draws all of it, in the order one process does, so the random streams stay
+    the same everywhere and each process takes its share (`World.shard`)."""
+    idx = [random.randrange(len(examples)) for _ in range(config.batch_size)]
+    hists = [_history(examples[i].texts, config) for i in idx]
+    with_rag = [rag and random.random() < config.rag_fraction for _ in idx]
+    return [Draw(*d) for d in zip(idx, hists, with_rag, strict=True)]
+
+
 def train_step(session: Session) -> float:
-    """One optimizer step on a random batch; returns its loss (nats per target token)."""
-    s, config = session, session.config
-    idx = [random.randrange(len(s.examples)) for _ in range(config.batch_size)]
-    hists = [s.table(_history(s.examples[i].texts, config)) for i in idx]
-    query = s.query_inputs([s.examples[i].query for i in idx])
-    with_rag = [bool(s.encoded_rag) and random.random() < config.rag_fraction for _ in idx]
-    prompts = [s.encoded_rag[i] if r else s.encoded[i] for i, r in zip(idx, with_rag, strict=True)]
+    """One optimizer step on a random batch; returns its loss (nats per target token).
+
+    With several processes each runs its share of the batch; each share's loss sum is
+    divided by the whole batch's target tokens and the gradients are summed, which is the
+    gradient of the batch's mean loss in one process (up to the order of float sums)."""
+    s, config, world = session, session.config, session.world
+    mine = draw_batch(s.examples, config, bool(s.encoded_rag))[world.shard(config.batch_size)]
+    hists = [s.table(d.history) for d in mine]
+    query = s.query_inputs([s.examples[d.index].query for d in mine])
+    prompts = [s.encoded_rag[d.index] if d.rag else s.encoded[d.index] for d in mine]
     prefixes = [
-        s.prefixes_rag[i] if r and s.prefixes_rag else s.prefixes[i]
-        for i, r in zip(idx, with_rag, strict=True)
+        s.prefixes_rag[d.index] if d.rag and s.prefixes_rag else s.prefixes[d.index] for d in mine
     ]
     soft = soft_tokens(s.head, query, hists)
     losses, mask = token_losses(s.llm, prompts, soft, s.embed_scale, prefixes)
-    loss = losses.sum() / mask.sum()
+    if world.size == 1:
+        loss = losses.sum() / mask.sum()
+        whole = loss.detach()
+    else:  # the whole batch's loss sum and target tokens
+        total = losses.sum()
+        sums = world.all_reduce_(torch.stack([total.detach(), mask.sum().to(total.dtype)]))
+        loss, whole = total / sums[1], sums[0] / sums[1]
     s.opt.zero_grad()
     loss.backward()
     params = [p for group in s.opt.param_groups for p in group["params"]]
+    world.sum_gradients(params)
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     s.opt.step()
     s.sched.step()
     s.step += 1
-    s.losses.append(loss.item())
+    s.losses.append(whole.item())
     return s.losses[-1]
 
 
@@ -351,15 +452,24 @@ def train(
     """Train a head for the bundle's LLM and embedder on `examples`; resumes from out_dir
     (a checkpoint there must be of the same head configuration, from any device). The head
     returned is on the CPU. With `validation` examples (held out: another split), the
-    trained head's held-out losses are measured and returned in the result."""
+    trained head's held-out losses are measured and returned in the result.
+
+    Under a launcher (WORLD_SIZE > 1) every process calls this alike: they share each step
+    (see `train_step`); only rank 0 writes the checkpoint, logs and shows progress; the
+    validation is shared out and gathered; every process returns the same head."""
     config = config or TrainConfig()
-    resolve_device(config.device)  # an unusable device is refused before anything is written
+    # an unusable device is refused before anything is written
+    world = join(resolve_device(config.device))
+    world.check_batch(config.batch_size)
+    progress, log = progress and world.is_main, log if world.is_main else None
     if validation:
         validation = validation_examples(validation)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    s = setup(bundle_dir, examples, spec, config, home_dir or out_dir, validation, progress, log)
+    s = setup(
+        bundle_dir, examples, spec, config, home_dir or out_dir, validation, progress, log, world
+    )
     setup_seconds = time.perf_counter() - started
     resume(s, out_dir)
     bar = tqdm(
@@ -373,25 +483,33 @@ def train(
             train_step(s)
             bar.set_postfix(loss=f"{np.mean(s.losses[-20:]):.3f}")
             bar.update()
-            if s.step % config.checkpoint_every == 0 or s.step == config.steps:
+            if world.is_main and (s.step % config.checkpoint_every == 0 or s.step == config.steps):
                 save(s, out_dir, s.seconds + time.perf_counter() - started)
     run_seconds = time.perf_counter() - started
     seconds = s.seconds + run_seconds
     checked = None
     if validation:
         checked = validate(
-            s.head, s.llm, validation, s.encode, s.table, s.query_inputs, s.embed_scale
+            s.head,
+            s.llm,
+            validation,
+            s.encode,
+            s.table,
+            s.query_inputs,
+            s.embed_scale,
+            world=world,
         )
         if log:
             log(checked.summary())
     s.head.eval().cpu()  # exported and compared on the CPU, as the device runs it
     done = (s.step - first) * config.batch_size
+    label = device_label(s.device)
     result = TrainResult(
         config.steps,
         seconds,
         float(np.mean(s.losses[-20:])) if s.losses else 0.0,
         s.losses,
-        device_label(s.device),
+        label if world.size == 1 else f"{label} × {world.size} processes",
         checked,
         examples_per_hour=done / run_seconds * 3600 if run_seconds > 0 and done else 0.0,
         setup_seconds=setup_seconds,

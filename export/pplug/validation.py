@@ -16,6 +16,7 @@ from edge_pllm import metrics
 from edge_pllm.errors import InvalidInputError
 
 from .data import Encoded, Example
+from .distributed import World
 from .frozen import FrozenPrefix, token_losses
 from .model import PPlugHead
 
@@ -92,18 +93,25 @@ def validate(
     query_inputs: Callable[[list[str]], tuple[torch.Tensor, ...]],
     embed_scale: float,
     batch_size: int = 8,
+    world: World | None = None,
 ) -> Validation:
     """The held-out losses of `examples` (those with a history; at least two) without soft
-    tokens, with the user's own history, and with the next example's user's history."""
+    tokens, with the user's own history, and with the next example's user's history.
+
+    With several processes (`world`), each computes every size-th batch and the rows are
+    gathered: the same batches, so the same numbers as one process, on every process."""
+    world = world or World()
     examples = validation_examples(examples)
     own = [vectors(e.texts[-head.config.max_history :]) for e in examples]
     other = own[1:] + own[:1]
-    rows: dict[str, list[float]] = {"none": [], "plug": [], "plug_other": []}
+    names = ("none", "plug", "plug_other")
+    mine: dict[int, dict[str, list[float]]] = {}  # each batch's rows, by its start
     was_training = head.training
     head.eval()
     try:
         with torch.no_grad():
-            for b in range(0, len(examples), batch_size):
+            for b in range(0, len(examples), batch_size)[world.rank :: world.size]:
+                mine[b] = {k: [] for k in names}
                 chunk = examples[b : b + batch_size]
                 encoded = [encode(e) for e in chunk]
                 prefixes = FrozenPrefix(llm, encoded, progress=False).kv  # once per batch
@@ -115,9 +123,11 @@ def validate(
                         else soft_tokens(head, query, histories[b : b + batch_size])
                     )
                     losses, mask = token_losses(llm, encoded, soft, embed_scale, prefixes)
-                    rows[name] += (losses.sum(1) / mask.sum(1)).tolist()
+                    mine[b][name] = (losses.sum(1) / mask.sum(1)).tolist()
     finally:
         head.train(was_training)
+    batches = {b: r for part in world.gather_objects(mine) for b, r in part.items()}
+    rows = {k: [v for b in sorted(batches) for v in batches[b][k]] for k in names}
     table = {k: np.array(v)[:, None] for k, v in rows.items()}
     spec = metrics.mean_of("loss", higher_is_better=False)
     gap = metrics.paired_difference(spec, table["plug_other"], table["plug"])["loss"]
