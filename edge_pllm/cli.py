@@ -16,14 +16,16 @@ from typing import Any, TypeVar
 import click
 from tqdm.auto import tqdm
 
+from . import chat as chat_session
 from . import paths
+from .chat import count_of as _count
 from .defaults import default_bundle_path, ensure_default_bundle
 from .errors import EdgePLLMError, InvalidInputError
 from .files import open_private
 from .items import NewItem, as_text, read_jsonl, validate_items, validate_user
 from .llm import LLMConfig, SamplingConfig
 from .personal import DEFAULT_STRATEGY, PersonalLLM, Response
-from .strategies import REGISTRY
+from .strategies import REGISTRY, get_strategy
 
 F = TypeVar("F", bound=Callable[..., Any])
 ENV_PASSPHRASE = "EDGE_PLLM_PASSPHRASE"
@@ -187,10 +189,6 @@ def _name(stream: Any) -> str:
     """How an input stream is named in messages: its file name, or "stdin"."""
     name = getattr(stream, "name", None)
     return name if isinstance(name, str) and not name.startswith("<") else "stdin"
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _progress(total: int, desc: str) -> tuple[Any, Callable[[int], None]]:
@@ -371,6 +369,88 @@ def feedback(obj: Context, user: str, answer_id: str, rating: str | None, edit: 
         click.echo(f"Kept your edit of {answer_id} as history item #{done.edit_id}.")
     else:
         click.echo(f"Rated {answer_id} {done.rating:+d}.")
+
+
+@cli.command(epilog=chat_session.COMMANDS)
+@click.argument("user")
+@click.option(
+    "-s",
+    "--strategy",
+    default=DEFAULT_STRATEGY,
+    show_default=True,
+    help=f"Personalization: {', '.join(sorted(REGISTRY))}; 'rag:5' sets k.",
+)
+@click.option(
+    "-n",
+    "--max-tokens",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Most tokens in a reply.",
+)
+@click.option("-t", "--temperature", default=0.0, show_default=True)
+@click.option("--system", help="A system message at the start of the conversation.")
+@click.option(
+    "--remember",
+    is_flag=True,
+    help="Store each of your turns in USER's history (kind 'turn') once answered, and keep "
+    "the answer for /rate and /edit; also /remember on|off.",
+)
+@pass_ctx
+@plain_errors
+def chat(
+    obj: Context,
+    user: str,
+    strategy: str,
+    max_tokens: int,
+    temperature: float,
+    system: str | None,
+    remember: bool,
+) -> None:
+    """Talk with USER's personalized model, turn by turn. Each reply streams after a dim
+    line saying what personalized it: [strategy · history items · soft tokens · earlier
+    exchanges]. The whole conversation is sent each turn; when it no longer fits the
+    context, its oldest exchanges leave it, and a dim line says so.
+
+    Ctrl-C while a reply streams ends that reply, not the session: what was shown stays in
+    the conversation, but the turn is not remembered. Ctrl-C at the prompt drops the line;
+    a second Ctrl-C in a row there leaves, as do /quit and Ctrl-D (exit status 0)."""
+    user = validate_user(user)
+    get_strategy(strategy)
+    sampling = SamplingConfig(max_tokens=max_tokens, temperature=temperature)
+    pllm = obj.pllm()
+    session = chat_session.ChatSession(pllm, user, strategy, remember, system, sampling)
+    n = pllm.store.count(user) if pllm.store.has_user(user) else 0
+    pllm.llm  # noqa: B018  (loaded now rather than in the first reply)
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input(), where it exists)
+    click.echo(
+        f"Chatting with {user} ({_count(n, 'history item')}; strategy {strategy}; memory "
+        f"{'on' if remember else 'off'}). /help lists the commands; /quit or Ctrl-D leaves."
+    )
+    interrupted = False  # the last thing at the prompt was a Ctrl-C
+    while True:
+        try:
+            line = input(f"{user}> ")
+        except EOFError:
+            click.echo()
+            return
+        except KeyboardInterrupt:
+            click.echo()
+            if interrupted:
+                return
+            interrupted = True
+            session.note("(Ctrl-C again, /quit or Ctrl-D leaves.)")
+            continue
+        interrupted = False
+        try:
+            with chat_session.sigint_as_flag():  # a Ctrl-C during a command waits for it to finish
+                if not session.handle(line):
+                    return
+        except EdgePLLMError as exc:
+            click.echo(str(exc), err=True)
+        except OSError as exc:
+            click.echo(_os_error(exc), err=True)
 
 
 @cli.command()

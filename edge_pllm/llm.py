@@ -143,7 +143,9 @@ class LLM:
         self.architecture: str = meta.get("general.architecture", "unknown")
         self.chat_template: str | None = meta.get("tokenizer.chat_template")
         self.n_embd: int = self._llama.n_embd()
-        self.n_ctx: int = self._llama.n_ctx()
+        # llama.cpp rounds the context up (to a multiple of 256), but llama-cpp-python's
+        # token buffer keeps the size asked for: the smaller one is what fits.
+        self.n_ctx: int = min(self.config.n_ctx, self._llama.n_ctx())
         self.embed_scale: float = (
             math.sqrt(self.n_embd) if self.architecture in _SCALED_INPUT_ARCHS else 1.0
         )

@@ -163,6 +163,17 @@ def test_context_overflow_is_an_error_with_the_numbers(llm):
     assert err.value.max_tokens == 1024
 
 
+def test_a_context_size_llama_cpp_rounds_up_is_kept_as_asked(default_bundle: Path):
+    """llama.cpp makes n_ctx 192 a 256-token context, but llama-cpp-python's token buffer
+    stays 192: a prompt between the two is refused with the numbers, not a crash."""
+    small = LLM(default_bundle / "llm.gguf", LLMConfig(n_ctx=192, n_threads=2))
+    assert small.n_ctx == 192
+    with pytest.raises(ContextOverflowError) as err:
+        small.complete("word " * 200, sampling=SamplingConfig(max_tokens=4))
+    assert err.value.n_ctx == 192
+    assert small.complete("hi", sampling=SamplingConfig(max_tokens=2)).text is not None
+
+
 def test_corrupt_gguf_is_a_bundle_error(tmp_path: Path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 64)
