@@ -116,6 +116,15 @@ class Context:
 pass_ctx = click.make_pass_decorator(Context)
 
 
+strategy_option = click.option(
+    "-s",
+    "--strategy",
+    default=DEFAULT_STRATEGY,
+    show_default=True,
+    help=f"Personalization: {', '.join(sorted(REGISTRY))}; 'rag:5' sets k.",
+)
+
+
 class PluginGroup(click.Group):
     """A click group that also holds the commands other packages register through the
     `edge_pllm.commands` entry points, loaded the first time a command is looked up."""
@@ -292,13 +301,7 @@ def ingest(
 @cli.command()
 @click.argument("user")
 @click.argument("prompt")
-@click.option(
-    "-s",
-    "--strategy",
-    default=DEFAULT_STRATEGY,
-    show_default=True,
-    help=f"Personalization: {', '.join(sorted(REGISTRY))}; 'rag:5' sets k.",
-)
+@strategy_option
 @click.option("-n", "--max-tokens", default=128, show_default=True)
 @click.option("-t", "--temperature", default=0.0, show_default=True)
 @click.option("--show-context", is_flag=True, help="Print the history items used, to stderr.")
@@ -373,13 +376,7 @@ def feedback(obj: Context, user: str, answer_id: str, rating: str | None, edit: 
 
 @cli.command(epilog=chat_session.COMMANDS)
 @click.argument("user")
-@click.option(
-    "-s",
-    "--strategy",
-    default=DEFAULT_STRATEGY,
-    show_default=True,
-    help=f"Personalization: {', '.join(sorted(REGISTRY))}; 'rag:5' sets k.",
-)
+@strategy_option
 @click.option(
     "-n",
     "--max-tokens",
