@@ -3,6 +3,7 @@ it) and a plain HTTP client for requests no well-behaved client would send."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -41,12 +42,15 @@ class Raw:
         url = self.prefix + path + ("?" + urllib.parse.urlencode(params) if params else "")
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         try:
-            conn.request(
-                method,
-                url,
-                body=content,
-                headers={"content-type": "application/json", **(headers or {})},
-            )
+            # The server may answer (413) and close before the whole body is sent, as it
+            # should: its answer is then already in the socket, and is read below.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                conn.request(
+                    method,
+                    url,
+                    body=content,
+                    headers={"content-type": "application/json", **(headers or {})},
+                )
             reply = conn.getresponse()
             return Raw.Reply(reply.status, reply.read().decode())
         finally:
