@@ -150,3 +150,15 @@ def test_one_line_answers_stop_at_the_end_of_their_first_line():
 
     clean = task_spec("commit_subject").clean
     assert "".join(first_line(iter(["<text>\n", "BUG: fix\n"]), clean)) == "BUG: fix"
+
+
+def test_python_dash_m_runs_the_same_cli(isolated_home: Path):
+    """`python -m edge_pllm` is the `edge-pllm` command (one module load, plugins included)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "edge_pllm", "path"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(isolated_home)
