@@ -267,17 +267,18 @@ class LLM:
         return head, ids[len(head) :]
 
     def _prefill_soft(
-        self, before: list[int], after: list[int], soft: np.ndarray | None
+        self, before: list[int], after: list[int], soft: np.ndarray | None, tail: int = 1
     ) -> list[int]:
-        """Bring the KV cache to [before][soft rows][after minus its last id], reusing what
-        the previous call left where it matches exactly; return the full token list for
-        generate() (which evaluates the last id itself)."""
+        """Bring the KV cache to [before][soft rows][after minus its last `tail` ids],
+        reusing what the previous call left where it matches exactly; return the full token
+        list for generate() (which evaluates the last `tail` ids itself, in one batch)."""
         k = 0 if soft is None else len(soft)
         tokens = [*before, *([_PLACEHOLDER_ID] * k), *after]
+        tail = min(max(tail, 1), len(after)) if after else 1
         keys: list[int | bytes] = list(tokens)
         for i in range(k):
             keys[len(before) + i] = _row_key(soft[i])  # type: ignore[index]
-        keep = self._common_prefix(keys[:-1]) if self.config.prefix_cache else 0
+        keep = self._common_prefix(keys[:-tail]) if self.config.prefix_cache else 0
         self.cached_tokens = keep
         llama = self._llama
         if keep == 0:
@@ -292,10 +293,11 @@ class LLM:
             if llama.n_tokens < len(before):
                 llama.eval(before[llama.n_tokens :])
             self._decode_embeddings(soft[llama.n_tokens - len(before) :])  # type: ignore[index]
-        if self.config.prefix_cache and llama.n_tokens < len(tokens) - 1:
-            # Logits depend on the batch a token is evaluated in. Evaluating the last prompt
-            # token alone, always, makes a repeated prompt's answer bit-identical to the first.
-            llama.eval(tokens[llama.n_tokens : -1])
+        if self.config.prefix_cache and llama.n_tokens < len(tokens) - tail:
+            # Logits depend on the batch a token is evaluated in. Evaluating the last `tail`
+            # prompt tokens as one batch, always, makes a repeated prompt's answer
+            # bit-identical to the first.
+            llama.eval(tokens[llama.n_tokens : -tail])
         return tokens
 
     def reset(self) -> None:
@@ -368,7 +370,11 @@ class LLM:
             before, after = self.split_prompt(prompt, placement)
         n_soft = 0 if soft is None else len(soft)
         self._check_fits(len(before) + len(after) + n_soft, sampling.max_tokens, n_soft)
-        tokens = self._prefill_soft(before, after, soft)
+        # Soft rows before the answer: the answer's header after them is a few tokens,
+        # evaluated as the last batch whole (one llama_decode, a pass over every weight,
+        # fewer than evaluating all but its last token and then that token).
+        tail = len(after) if soft is not None and placement == "before_answer" else 1
+        tokens = self._prefill_soft(before, after, soft, tail)
         result = self._llama.create_completion(
             prompt=tokens,
             max_tokens=sampling.max_tokens,

@@ -106,6 +106,31 @@ def test_repeated_prompt_reuses_the_kv_cache_exactly(llm):
     assert reused.text == from_empty_cache(follow, bob)
 
 
+def test_soft_rows_before_the_answer_reuse_the_cache_exactly(llm):
+    """Soft rows before the answer's header: a repeat reuses the request and the rows and
+    computes only the header (evaluated as one batch, every time), answering bit-identically;
+    another persona reuses the request alone and answers as from an empty cache."""
+    prompt = llm.apply_chat_template([{"role": "user", "content": "Describe your week."}])
+    before, after = llm.split_prompt(prompt, "before_answer")
+    assert len(after) > 1  # the header: several tokens, the case this covers
+    sampling = SamplingConfig(max_tokens=12)
+    rng = np.random.default_rng(5)
+    alice, bob = (rng.normal(0, 0.5, (3, llm.n_embd)).astype(np.float32) for _ in range(2))
+
+    def complete(soft: np.ndarray):
+        return llm.complete(prompt, soft=soft, sampling=sampling, placement="before_answer")
+
+    llm.reset()
+    first = complete(alice)
+    again = complete(alice)
+    assert again.cached_tokens == len(before) + 3
+    assert again.text == first.text
+    other = complete(bob)
+    assert other.cached_tokens == len(before)
+    llm.reset()
+    assert complete(bob).text == other.text
+
+
 def test_stream_equals_complete_at_temperature_zero(llm):
     prompt = llm.apply_chat_template([{"role": "user", "content": "Write a haiku about git."}])
     sampling = SamplingConfig(max_tokens=40, temperature=0.0)
