@@ -3,6 +3,13 @@
 onnxruntime's worker threads spin for a while after each run by default. Right after a
 request is embedded, llama.cpp starts its prefill on the same cores, and spinning threads
 slow that prefill by tens of milliseconds or more on a 2-core machine; they are told not to.
+
+Nor do they keep an arena: onnxruntime's CPU arena holds on to the largest activations a
+session has ever needed (the embedder's at 256 tokens, the head's projection of 512 history
+items), memory that the rest of the request (sqlite-vec's KNN, llama.cpp's prefill) could
+reuse. Without it, freed activations go back to the allocator: measured, a generate
+process's peak RSS drops by about 26 MiB, with the embedder's and the head's run times
+unchanged (paired medians within 1.5%).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ def open_session(path: str | Path, threads: int = 0, what: str = "model") -> ort
         options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.enable_cpu_mem_arena = False
     options.log_severity_level = 3
     try:
         return ort.InferenceSession(
