@@ -38,7 +38,6 @@ from .items import (
     validate_items,
     validate_user,
 )
-from .lamp import CHAT_TASK, write_split
 from .llm import LLM, Completion, LLMConfig, SamplingConfig
 from .prompts import DEFAULT_STYLE, PromptStyle, fit_prompt
 from .store import AnswerRecord, Feedback, HistoryStore, check_rating
@@ -402,6 +401,8 @@ class PersonalLLM:
         reads: each question is a request, its profile the history the user had when it was
         answered (without the request itself), its output the text the user kept (their
         edit, else the answer if they rated it +1). Returns how many questions."""
+        from .lamp import CHAT_TASK, write_split  # evaluation's module: not on the generate path
+
         answers = self.store.answers(user)
         items = list(self.store.iter_items(user))
         questions, golds = [], []
