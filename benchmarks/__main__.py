@@ -1,6 +1,6 @@
 """Run every benchmark and regenerate docs/BENCHMARKS.md with its plots.
 
-    .venv/bin/python -m benchmarks            # histories up to 100,000 items (~15 min, 2 cores)
+    .venv/bin/python -m benchmarks            # histories up to 1,000,000 items (~25 min, 2 cores)
     .venv/bin/python -m benchmarks --quick    # up to 10,000 items, fewer repeats (~5 min)
 
 Needs the `bench` extra (matplotlib, and sentence-transformers as the ingest reference).
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes, repeats, n_prompts, n_texts, max_tokens = [10, 1_000, 10_000], 3, 6, 300, 128
     else:
         sizes, repeats, n_prompts, n_texts, max_tokens = (
-            [10, 1_000, 10_000, 100_000],
+            [10, 1_000, 10_000, 100_000, 1_000_000],
             5,
             12,
             1000,
@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             items, vecs = synthetic_history(texts, vectors, n, seed=n)
             for start in range(0, n, 5000):
                 pllm.store.add(users[n], items[start : start + 5000], vecs[start : start + 5000])
+            del items, vecs  # 1,000,000 items take about 2 GB here
             print(f"  user {users[n]}: {n:,} items", flush=True)
 
         model = pllm.bundle.file(pllm.bundle.llm.file)
