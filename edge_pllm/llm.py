@@ -69,6 +69,7 @@ class SamplingConfig:
     top_k: int = 40
     repeat_penalty: float = 1.1
     stop: tuple[str, ...] = ()
+    seed: int | None = None  # of a sampled answer; None: the model's `LLMConfig.seed`
 
     def __post_init__(self) -> None:
         # llama.cpp reads max_tokens ≤ 0 as "until the context is full" and takes NaN as a
@@ -85,6 +86,14 @@ class SamplingConfig:
                 raise InvalidInputError(
                     f"{name} must be a finite number ≥ 0 (got {value!r}).", field=name
                 )
+        if self.seed is not None and (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not 0 <= self.seed < 2**31
+        ):
+            raise InvalidInputError(
+                f"seed must be an integer 0..2^31-1 (got {self.seed!r}).", field="seed"
+            )
 
 
 @dataclass
@@ -384,7 +393,7 @@ class LLM:
             repeat_penalty=sampling.repeat_penalty,
             stop=list(sampling.stop) or None,
             stream=stream,
-            seed=self.config.seed,
+            seed=self.config.seed if sampling.seed is None else sampling.seed,
         )
         return result, len(tokens), n_soft
 

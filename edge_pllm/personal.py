@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import numpy as np
 
 from . import paths
 from .bundle import Bundle, Placement, load_bundle
+from .consensus import Consensus, choose
 from .defaults import ensure_default_bundle
 from .embedder import Embedder
 from .errors import AnswerNotFoundError, InvalidInputError
@@ -224,6 +225,11 @@ class PersonalLLM:
         messages = _as_messages(prompt)
         query = next(m["content"] for m in reversed(messages) if m["role"] == "user")
         chosen = get_strategy(strategy)
+        if isinstance(chosen, Consensus):
+            raise InvalidInputError(
+                f"{chosen.name} chooses among whole answers: use generate or stream.",
+                field="strategy",
+            )
         sampling = sampling or SamplingConfig()
         plug = self.plug if chosen.needs_head else None
         memo = _RequestMemo(self.embedder, query)
@@ -266,13 +272,7 @@ class PersonalLLM:
         sampling = sampling or SamplingConfig()
         answer_id = self._answer_id(user, answer_id, remember)
         with self._llm_lock:  # held while remembering: the next request sees the turn
-            prepared = self.prepare(user, prompt, strategy, sampling, style)
-            completion = self.llm.complete(
-                prepared.prompt,
-                prepared.personalization.soft_tokens,
-                sampling,
-                prepared.placement,
-            )
+            prepared, completion = self._complete(user, prompt, strategy, sampling, style)
             response = self._response(user, prepared, completion, answer_id)
             if remember:
                 response.memory = self._remember(user, prepared, response)
@@ -300,15 +300,20 @@ class PersonalLLM:
         answer_id = self._answer_id(user, answer_id, remember)
         pieces: list[str] = []
         with self._llm_lock:
-            prepared = self.prepare(user, prompt, strategy, sampling, style)
+            if isinstance(get_strategy(strategy), Consensus):  # chosen whole: one piece
+                prepared, completion = self._complete(user, prompt, strategy, sampling, style)
+                stream: Iterator[str] = iter([completion.text])
+            else:
+                prepared = self.prepare(user, prompt, strategy, sampling, style)
+                stream = self.llm.stream(
+                    prepared.prompt,
+                    prepared.personalization.soft_tokens,
+                    sampling,
+                    prepared.placement,
+                )
             if on_prepared is not None:
                 on_prepared(prepared)
-            for piece in self.llm.stream(
-                prepared.prompt,
-                prepared.personalization.soft_tokens,
-                sampling,
-                prepared.placement,
-            ):
+            for piece in stream:
                 pieces.append(piece)
                 yield piece
             response = self._response(user, prepared, None, answer_id, "".join(pieces))
@@ -316,6 +321,43 @@ class PersonalLLM:
                 response.memory = self._remember(user, prepared, response)
         if on_done is not None:
             on_done(response)
+
+    def _complete(
+        self,
+        user: str,
+        prompt: str | Sequence[dict[str, str]],
+        strategy: str | Strategy | Consensus,
+        sampling: SamplingConfig,
+        style: PromptStyle,
+    ) -> tuple[Prepared, Completion]:
+        """Prepare and complete `prompt` (the caller holds the LLM lock). A `Consensus`
+        answers with each member strategy, greedy and then sampled (seeds 1..samples), and
+        keeps the answer the others agree with most; `info["consensus"]` says which."""
+        chosen = get_strategy(strategy)
+        if not isinstance(chosen, Consensus):
+            prepared = self.prepare(user, prompt, chosen, sampling, style)
+            soft = prepared.personalization.soft_tokens
+            return prepared, self.llm.complete(prepared.prompt, soft, sampling, prepared.placement)
+        candidates: list[tuple[Prepared, Completion]] = []
+        for member in chosen.members:
+            prepared = self.prepare(user, prompt, member, sampling, style)
+            soft = prepared.personalization.soft_tokens
+            for seed in range(chosen.samples + 1):  # the KV cache keeps the prompt between
+                draw = (
+                    sampling
+                    if seed == 0
+                    else replace(sampling, temperature=chosen.temperature, seed=seed)
+                )
+                completion = self.llm.complete(prepared.prompt, soft, draw, prepared.placement)
+                candidates.append((prepared, completion))
+        best = choose([completion.text for _, completion in candidates])
+        prepared, completion = candidates[best]
+        prepared.personalization.info["consensus"] = {
+            "member": prepared.strategy,
+            "candidate": best,
+            "candidates": len(candidates),
+        }
+        return replace(prepared, strategy=chosen.name), completion
 
     # --- memory and feedback ----------------------------------------------------------------
 

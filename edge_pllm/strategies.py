@@ -7,6 +7,8 @@ are turned into a prompt is `prompts.py`'s job, so strategies differ only in wha
 Strategies are named by a spec string: `none`, `recent`, `recent:5`, `rag`, `rag:3`, `plug`,
 `plug+rag`, `plug+rag:3`. A strategy that reads the bundle's Persona-Plug head says so with
 `needs_head`, and the caller then puts the head (`head.PlugHead`) in the `Request`.
+`consensus` and `consensus:N` name a way to answer rather than a prompt (consensus.py):
+`PersonalLLM` answers with several strategies and keeps the answer the others agree with.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .consensus import DEFAULT_SAMPLES, Consensus
 from .embedder import Embedder
 from .errors import BundleError, InvalidInputError, UnknownStrategyError
 from .head import PlugHead
@@ -167,7 +170,7 @@ class Plug:
         return found
 
 
-StrategyFactory = Callable[[int | None], Strategy]
+StrategyFactory = Callable[[int | None], Strategy | Consensus]
 
 REGISTRY: dict[str, StrategyFactory] = {
     "none": lambda k: NoPersonalization(),
@@ -177,6 +180,8 @@ REGISTRY: dict[str, StrategyFactory] = {
     "plug+rag": lambda k: Plug(rag=k or DEFAULT_K, name="plug+rag"),
     # The persona from the user's own history alone (no population prior): the ablation.
     "plug-own": lambda k: Plug(name="plug-own", population=False),
+    # Not a prompt but a way to answer: several answers, the one the others agree with.
+    "consensus": lambda k: Consensus(samples=DEFAULT_SAMPLES if k is None else k),
 }
 
 
@@ -185,7 +190,7 @@ def register(name: str, factory: StrategyFactory) -> None:
     REGISTRY[name] = factory
 
 
-def get_strategy(spec: str | Strategy, k: int | None = None) -> Strategy:
+def get_strategy(spec: str | Strategy | Consensus, k: int | None = None) -> Strategy | Consensus:
     """Resolve `spec` ("rag", "rag:5", or a Strategy object) to a strategy."""
     if not isinstance(spec, str):
         return spec

@@ -1,0 +1,79 @@
+"""Consensus decoding: the selection rule, and the whole path on the tiny real model."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from edge_pllm.consensus import choose, tokens, unigram_f1
+
+
+def test_the_candidate_the_others_agree_with_wins():
+    candidates = [
+        "gitk: fix colors",  # shares two words with each of the next two
+        "gitk: fix the error when changing colors",
+        "gitk: fix error when closing the window",
+        "docs: typo",
+    ]
+    # summed F1 against the rest: the second shares most with the first and the third
+    assert choose(candidates) == 1
+    assert choose(["same words", "same words", "other"]) == 0  # a tie goes to the earliest
+    assert choose(["", "", "a b"]) == 2  # an empty answer never wins over a real one
+    assert choose([""]) == 0
+    with pytest.raises(ValueError):
+        choose([])
+
+
+def test_unigram_f1_is_rouge_1():
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False)
+    pairs = [
+        ("Fix the Bug in foo.c", "foo.c: fix bug"),
+        ("ENH: add np.unpackbits little endian", "BUG: unpackbits, little-endian fix"),
+        ("a a a b", "a b b"),
+        ("", "nothing shared"),
+        ("Ünïcode wörds 42", "unicode words 42"),
+    ]
+    for a, b in pairs:
+        ours = unigram_f1(Counter(tokens(a)), Counter(tokens(b)))
+        assert ours == pytest.approx(scorer.score(b, a)["rouge1"].fmeasure)
+
+
+def test_consensus_answers_with_the_candidate_its_members_agree_on(pllm):
+    """On the real model: the answer is choose() over exactly the candidates the members
+    give (greedy, then sampled with seeds 1..N), streamed whole, and reproducible."""
+    from dataclasses import replace
+
+    from edge_pllm.errors import InvalidInputError
+    from edge_pllm.llm import SamplingConfig
+
+    pllm.add("ada", ["Fix the parser crash on empty input", "docs: explain the cache budget"])
+    query = "Write a one-line commit subject for: the parser crashed when the input was empty."
+    sampling = SamplingConfig(max_tokens=12)
+    candidates = []
+    for member in ("plug", "plug+rag:1"):
+        for seed in range(3):
+            draw = sampling if seed == 0 else replace(sampling, temperature=0.8, seed=seed)
+            candidates.append(pllm.generate("ada", query, strategy=member, sampling=draw).text)
+    assert len(set(candidates)) > 1  # the samples differ, so the choice means something
+
+    answer = pllm.generate("ada", query, strategy="consensus:2", sampling=sampling)
+    assert answer.text == candidates[choose(candidates)]
+    assert answer.strategy == "consensus"
+    seen = []
+    pieces = list(
+        pllm.stream(
+            "ada", query, strategy="consensus:2", sampling=sampling, on_prepared=seen.append
+        )
+    )
+    assert pieces == [answer.text]
+    info = seen[0].personalization.info["consensus"]
+    assert info["candidates"] == 6 and candidates[info["candidate"]] == answer.text
+
+    with pytest.raises(InvalidInputError):
+        pllm.prepare("ada", query, "consensus")
+    with pytest.raises(InvalidInputError):
+        pllm.generate("ada", query, strategy="consensus:17")
+    with pytest.raises(InvalidInputError):
+        SamplingConfig(seed=-1)
