@@ -44,6 +44,7 @@ MAX_HISTORY = 512  # history items a head reads when its entry does not say
 # (a width of 0 or a negative length would otherwise fail later, deep in sqlite-vec or a model).
 MAX_WIDTH = 65_536  # embedder dim, LLM n_embd, a head's d_enc and d_llm
 MAX_SEQ_LENGTH = 100_000  # tokens an encoder reads
+MAX_BATCH = 4_096  # texts an embedder runs at once
 MAX_SOFT_TOKENS = 1_024  # soft tokens a head writes
 MAX_HISTORY_ITEMS = 100_000  # history items a head reads
 
@@ -407,12 +408,32 @@ def _parse(folder: Path, manifest: dict[str, Any]) -> Bundle:
                 max_seq_length=_field(
                     folder, emb, "embedder", "max_seq_length", _positive_int(MAX_SEQ_LENGTH), 256
                 ),
+                **_batching(folder, emb),
             ),
         ),
         manifest=manifest,
         plug=plug,
         plug_error=plug_error,
     )
+
+
+def _batching(folder: Path, emb: Mapping[str, Any]) -> dict[str, Any]:
+    """`batch_invariant` and the ingest `batch_size` of the manifest's embedder entry. Only
+    a model whose vectors do not depend on the batch may batch: an entry without
+    `batch_invariant: true` (every bundle made before the field) embeds one text per run."""
+    invariant = _field(folder, emb, "embedder", "batch_invariant", _BOOL, False)
+    size = _field(
+        folder,
+        emb,
+        "embedder",
+        "batch_size",
+        (
+            lambda v: _positive_int(MAX_BATCH)[0](v) and (invariant or v == 1),
+            f"a positive integer (at most {MAX_BATCH:,}), and 1 unless batch_invariant is true",
+        ),
+        1,
+    )
+    return {"batch_invariant": invariant, "batch_size": size}
 
 
 def _files_section(folder: Path, manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

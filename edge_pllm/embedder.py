@@ -4,14 +4,19 @@ Pooling and normalization follow the sentence-transformers config the model was 
 from (recorded in the bundle manifest). Texts are sorted by length before batching, as
 sentence-transformers does, so a batch pads to similar lengths.
 
-The default batch size is 1: a dynamically quantized (int8) model computes one activation
-scale per tensor, i.e. per batch, so a text's vector would depend on the texts batched
-with it (measured: cosine down to 0.981 between batched and alone). Stored vectors must
-not depend on how they were ingested; batch_size > 1 trades that for ~2x throughput.
+Stored vectors must not depend on how they were ingested, so a model batches only when
+its manifest says it is batch-invariant. A dynamically quantized (int8) model, the shipped
+one, computes one activation scale per tensor, i.e. per batch, so a text's vector would
+depend on the texts batched with it (measured: cosine down to 0.981 between batched and
+alone): it embeds one text per run (batch size 1). A `per-row` model (`export embedder
+--quantization per-row`) scales each token on its own and gives the same vector, bit for
+bit, alone or in any batch (tests/test_embedder.py checks); it batches up to `batch_size`
+texts of similar length per run (the manifest's), and at most BATCH_TOKENS padded tokens:
+batching saves per-run overhead, which short texts feel, while long texts gain nothing.
 
-Throughput without batching comes from running texts side by side instead: many texts go
-to a pool of workers, one per core, sharing a second session that runs each text on a
-single thread. A text's vector is the same either way (tests/test_embedder.py checks).
+Throughput comes from running batches side by side: many batches go to a pool of workers,
+one per core, sharing a second session that runs each batch on a single thread. A text's
+vector is the same on one thread or several (tests/test_embedder.py checks).
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from tokenizers import Tokenizer
 from .errors import BundleError
 from .onnx_session import open_session
 
-SHORT_TOKENS = 64  # a lone text up to this long runs on one thread
+SHORT_TOKENS = 64  # a lone run of up to this many tokens runs on one thread
+BATCH_TOKENS = 256  # padded tokens per run beyond which batching gains nothing
 POOLINGS = ("mean", "cls", "max")
 PROBE_TEXT = "width probe"  # embedded once on load when the model does not declare its width
 
@@ -53,8 +59,9 @@ class EmbedderConfig:
     pooling: str = "mean"  # "mean", "cls" or "max"
     normalize: bool = True
     max_seq_length: int = 256
-    batch_size: int = 1
+    batch_size: int = 1  # texts per run; > 1 only for a batch-invariant model
     threads: int = 0  # 0: onnxruntime's default
+    batch_invariant: bool = False  # a text's vector does not depend on its batch-mates
 
 
 class Embedder:
@@ -125,16 +132,17 @@ class Embedder:
     ) -> np.ndarray:
         """Embed `texts`; returns an array of shape (len(texts), dim), float32.
 
-        `batch_size` overrides the configured one (see the module note on int8 batching)."""
+        `batch_size` overrides the configured one (see the module note on batching: with a
+        model that is not batch-invariant, > 1 makes vectors depend on their batch-mates)."""
         batch_size = batch_size or self.config.batch_size
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
         encodings = self._tokenizer.encode_batch(list(texts))
-        order = np.argsort([-len(e.ids) for e in encodings], kind="stable")
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        parallel = batch_size == 1 and len(batches) > 1 and self.workers > 1
-        short = len(batches) == 1 and max(len(e.ids) for e in encodings) <= SHORT_TOKENS
+        lengths = [len(e.ids) for e in encodings]
+        batches = _batches(np.argsort([-n for n in lengths], kind="stable"), lengths, batch_size)
+        parallel = len(batches) > 1 and self.workers > 1
+        short = len(batches) == 1 and sum(lengths) <= SHORT_TOKENS
         # One thread beats waking a pool for a short text (measured: 2.9 vs 3.9 ms at 16
         # tokens); a long one is faster on all cores (25 vs 31 ms at 238).
         session = self._worker_session() if parallel or short else self._session
@@ -188,3 +196,22 @@ class Embedder:
         if self.config.normalize:
             pooled = pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
         return pooled.astype(np.float32)
+
+
+def _batches(order: np.ndarray, lengths: list[int], batch_size: int) -> list[np.ndarray]:
+    """`order` (longest first) cut into runs of at most `batch_size` texts and, past the
+    first text, at most BATCH_TOKENS padded tokens: batching saves per-run overhead, which
+    only short texts feel; a run of long texts gains nothing and spills the cache (measured:
+    16 commit bodies of ~110 tokens a run were 25% slower than one a run)."""
+    batches, start = [], 0
+    while start < len(order):
+        width, end = lengths[order[start]], start + 1
+        while (
+            end < len(order)
+            and end - start < batch_size
+            and (end - start + 1) * width <= BATCH_TOKENS
+        ):
+            end += 1
+        batches.append(order[start:end])
+        start = end
+    return batches

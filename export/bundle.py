@@ -34,7 +34,7 @@ from edge_pllm.defaults import LLM_FILE
 from edge_pllm.errors import BundleError, MissingDependencyError
 from edge_pllm.files import atomic_write, replacing_folder
 
-from .embedder import embedder_report, export_embedder
+from .embedder import embedder_manifest_entry, embedder_report, export_embedder
 from .plug_graph import split_head, write_population
 
 
@@ -124,8 +124,10 @@ def build_bundle(
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
     report: bool = True,
+    embedder_quantization: str = "dynamic",
 ) -> Path:
-    """Build a bundle in `dest` from a GGUF file and a sentence-transformers folder.
+    """Build a bundle in `dest` from a GGUF file and a sentence-transformers folder, the
+    embedder quantized as `embedder_quantization` says (`export.embedder.QUANTIZATIONS`).
 
     With `report`, the embedder's parity report (cosine and top-5 overlap against
     sentence-transformers, throughput) is measured and recorded in the manifest, and an
@@ -146,7 +148,7 @@ def build_bundle(
         _copy_with_progress(llm_gguf, work / LLM_FILE, "LLM")
         steps.update()
         steps.set_postfix_str("exporting embedder to ONNX int8")
-        emb = export_embedder(embedder_source, work)
+        emb = export_embedder(embedder_source, work, embedder_quantization)
         parity: dict[str, Any] = {}
         if report:
             steps.set_postfix_str("embedder parity report")
@@ -162,16 +164,7 @@ def build_bundle(
             "format": FORMAT,
             "name": name or dest.name,
             "llm": {"file": LLM_FILE, "source": llm_gguf.name, **info},
-            "embedder": {
-                "file": emb.onnx_int8.name,
-                "tokenizer": emb.tokenizer.name,
-                "int8": True,
-                "source": Path(embedder_source).name,
-                "dim": emb.config.dim,
-                "pooling": emb.config.pooling,
-                "normalize": emb.config.normalize,
-                "max_seq_length": emb.config.max_seq_length,
-            },
+            "embedder": embedder_manifest_entry(emb, embedder_source),
             "plug": None,
             "parity": parity,
             "files": file_entries(work, names),

@@ -89,23 +89,40 @@ def export_llm_command(
     )
 
 
+def quantization_option(flag: str) -> Any:
+    """The embedder's int8 quantization, one of `export.embedder.QUANTIZATIONS`."""
+    from .embedder import QUANTIZATIONS
+
+    return click.option(
+        flag,
+        "quantization",
+        type=click.Choice(list(QUANTIZATIONS)),
+        default="dynamic",
+        show_default=True,
+        help="; ".join(f"{name}: {what}" for name, what in QUANTIZATIONS.items()) + ".",
+    )
+
+
 @export_group.command("embedder")
 @click.argument("source", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@quantization_option("--quantization")
 @click.option("--dry-run", is_flag=True, help="Print what would be made, make nothing.")
 @plain_errors
-def export_embedder_command(source: str, out_dir: str, dry_run: bool) -> None:
-    """A sentence-transformers SOURCE folder -> ONNX fp32 and int8, with a parity report."""
+def export_embedder_command(source: str, out_dir: str, quantization: str, dry_run: bool) -> None:
+    """A sentence-transformers SOURCE folder -> ONNX fp32 and int8, with a parity report and
+    the bundle manifest's `embedder` entry (embedder.parity.json)."""
     if dry_run:
         click.echo(
-            f"Would write {out_dir}/embedder.fp32.onnx, embedder.onnx (int8), "
+            f"Would write {out_dir}/embedder.fp32.onnx, embedder.onnx (int8, {quantization}), "
             "tokenizer.json, embedder.parity.json"
         )
         return
-    from export.embedder import embedder_report, export_embedder
+    from export.embedder import embedder_manifest_entry, embedder_report, export_embedder
 
-    exported = export_embedder(source, out_dir)
+    exported = export_embedder(source, out_dir, quantization)
     report = embedder_report(source, exported)
+    report["manifest_entry"] = embedder_manifest_entry(exported, source)
     (Path(out_dir) / "embedder.parity.json").write_text(json.dumps(report, indent=2))
     _print_json(report)
 
@@ -120,23 +137,33 @@ def export_embedder_command(source: str, out_dir: str, dry_run: bool) -> None:
     help="A sentence-transformers folder.",
 )
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@quantization_option("--embedder-quantization")
 @click.option("--overwrite", is_flag=True)
 @click.option("--dry-run", is_flag=True, help="Print what would be made, make nothing.")
 @plain_errors
 def export_bundle_command(
-    llm_gguf: str, embedder_source: str, out_dir: str, overwrite: bool, dry_run: bool
+    llm_gguf: str,
+    embedder_source: str,
+    out_dir: str,
+    quantization: str,
+    overwrite: bool,
+    dry_run: bool,
 ) -> None:
     """Assemble a verified bundle (manifest + files) from a GGUF and an embedder."""
     if dry_run:
         click.echo(
             f"Would build {out_dir}/ with llm.gguf (from {llm_gguf}), embedder.onnx "
-            f"(int8, from {embedder_source}), tokenizer.json, manifest.json"
+            f"(int8 {quantization}, from {embedder_source}), tokenizer.json, manifest.json"
         )
         return
     from export.bundle import build_bundle
 
     path = build_bundle(
-        out_dir, llm_gguf=llm_gguf, embedder_source=embedder_source, overwrite=overwrite
+        out_dir,
+        llm_gguf=llm_gguf,
+        embedder_source=embedder_source,
+        overwrite=overwrite,
+        embedder_quantization=quantization,
     )
     click.echo(f"Bundle written to {path}.")
 

@@ -79,3 +79,19 @@ def test_swapped_file_is_refused_despite_the_stamp(bundle_copy: Path, tmp_path: 
     replacement.replace(target)
     with pytest.raises(BundleError, match=r"tokenizer\.json"):
         load_bundle(bundle_copy)
+
+
+def test_embedder_batching_fields_round_trip(bundle_copy: Path):
+    manifest = bundle_copy / MANIFEST
+    good = json.loads(manifest.read_text())
+    old = load_bundle(bundle_copy).embedder.config  # written before the fields existed
+    assert "batch_invariant" not in good["embedder"]
+    assert (old.batch_invariant, old.batch_size) == (False, 1)
+    good["embedder"] |= {"batch_invariant": True, "batch_size": 16}
+    manifest.write_text(json.dumps(good))
+    config = load_bundle(bundle_copy).embedder.config
+    assert (config.batch_invariant, config.batch_size) == (True, 16)
+    for bad in ({"batch_invariant": False, "batch_size": 16}, {"batch_invariant": "yes"}):
+        manifest.write_text(json.dumps({**good, "embedder": {**good["embedder"], **bad}}))
+        with pytest.raises(BundleError, match=r"embedder\.batch_"):
+            load_bundle(bundle_copy)

@@ -11,6 +11,7 @@ import pytest
 from edge_pllm.bundle import load_bundle
 from edge_pllm.embedder import Embedder
 from export.defaults import default_embedder_source
+from export.embedder import ExportedEmbedder
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "commit_subjects"
 
@@ -84,3 +85,55 @@ def test_batching_and_order_do_not_change_vectors(embedder):
 
 def test_empty_input_gives_empty_matrix(embedder):
     assert embedder.embed([]).shape == (0, 384)
+
+
+@pytest.fixture(scope="module")
+def tiny_exports(tmp_path_factory) -> dict[str, ExportedEmbedder]:
+    """A tiny random BERT with MiniLM's tokenizer, exported `dynamic` and `per-row`."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("optimum.exporters.onnx")
+    from transformers import BertConfig, BertModel
+
+    from export.embedder import export_embedder
+
+    source = default_embedder_source()
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    BertModel(config).eval().save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (folder / name).write_bytes((source / name).read_bytes())
+    return {q: export_embedder(folder, folder / q, q) for q in ("dynamic", "per-row")}
+
+
+def test_per_row_model_gives_a_text_the_same_vector_alone_and_batched(tiny_exports):
+    texts = SENTENCES[:16]  # short texts of mixed lengths: several batches, padded
+    alone = {}
+    for quantization, exported in tiny_exports.items():
+        embedder = Embedder(exported.onnx_int8, exported.tokenizer, exported.config)
+        alone[quantization] = np.stack([embedder.embed_one(t) for t in texts])
+        batched = embedder.embed(texts, batch_size=16)
+        if quantization == "per-row":
+            np.testing.assert_array_equal(batched, alone[quantization])  # bit for bit
+            np.testing.assert_array_equal(embedder.embed(texts), batched)  # batches by default
+        else:  # the check can fail: per-tensor scales do make batch-mates matter
+            assert np.abs(batched - alone[quantization]).max() > 1e-4
+    assert ((alone["per-row"] * alone["dynamic"]).sum(axis=1) > 0.95).all()  # same encoder
+
+
+def test_only_the_per_row_export_is_recorded_batch_invariant(tiny_exports):
+    from export.embedder import BATCH_INVARIANT_BATCH_SIZE, embedder_manifest_entry
+
+    per_row = embedder_manifest_entry(tiny_exports["per-row"], "tiny")
+    assert per_row["batch_invariant"] is True
+    assert per_row["batch_size"] == BATCH_INVARIANT_BATCH_SIZE > 1
+    dynamic = embedder_manifest_entry(tiny_exports["dynamic"], "tiny")
+    assert "batch_invariant" not in dynamic and "batch_size" not in dynamic
+    assert tiny_exports["dynamic"].config.batch_size == 1
