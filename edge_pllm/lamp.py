@@ -54,6 +54,7 @@ class TaskSpec:
                 "own style and conventions."
             ),
             render_item=self.render_item,
+            answer=self.clean,
         )
 
     def item_text(self, entry: dict[str, Any]) -> str:

@@ -332,7 +332,8 @@ class PersonalLLM:
     ) -> tuple[Prepared, Completion]:
         """Prepare and complete `prompt` (the caller holds the LLM lock). A `Consensus`
         answers with each member strategy, greedy and then sampled (seeds 1..samples), and
-        keeps the answer the others agree with most; `info["consensus"]` says which."""
+        keeps the answer the others agree with most, compared by what of each counts
+        (`style.answer`); `info["consensus"]` says which."""
         chosen = get_strategy(strategy)
         if not isinstance(chosen, Consensus):
             prepared = self.prepare(user, prompt, chosen, sampling, style)
@@ -350,7 +351,7 @@ class PersonalLLM:
                 )
                 completion = self.llm.complete(prepared.prompt, soft, draw, prepared.placement)
                 candidates.append((prepared, completion))
-        best = choose([completion.text for _, completion in candidates])
+        best = choose([style.answer(completion.text) for _, completion in candidates])
         prepared, completion = candidates[best]
         prepared.personalization.info["consensus"] = {
             "member": prepared.strategy,

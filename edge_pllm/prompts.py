@@ -33,6 +33,9 @@ class PromptStyle:
 
     header: str = HISTORY_HEADER
     render_item: Callable[[HistoryItem], str] = render_item
+    # What of a raw answer counts (a task's scorer reads one cleaned line): what `consensus`
+    # compares its candidates by.
+    answer: Callable[[str], str] = str.strip
 
 
 DEFAULT_STYLE = PromptStyle()

@@ -47,6 +47,7 @@ def test_consensus_answers_with_the_candidate_its_members_agree_on(pllm):
 
     from edge_pllm.errors import InvalidInputError
     from edge_pllm.llm import SamplingConfig
+    from edge_pllm.prompts import PromptStyle
 
     pllm.add("ada", ["Fix the parser crash on empty input", "docs: explain the cache budget"])
     query = "Write a one-line commit subject for: the parser crashed when the input was empty."
@@ -70,6 +71,12 @@ def test_consensus_answers_with_the_candidate_its_members_agree_on(pllm):
     assert pieces == [answer.text]
     info = seen[0].personalization.info["consensus"]
     assert info["candidates"] == 6 and candidates[info["candidate"]] == answer.text
+
+    # Candidates are compared by what of them counts (the task's style says): when every
+    # candidate counts the same, the first one (plug, greedy) wins the tie.
+    alike = PromptStyle(answer=lambda text: "the same line")
+    tied = pllm.generate("ada", query, strategy="consensus:2", sampling=sampling, style=alike)
+    assert tied.text == candidates[0]
 
     with pytest.raises(InvalidInputError):
         pllm.prepare("ada", query, "consensus")
