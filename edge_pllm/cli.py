@@ -8,7 +8,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -665,24 +665,6 @@ SAMPLE_BODY = (
 )
 
 
-def first_line(pieces: Iterator[str], clean: Callable[[str], str] = str.strip) -> Iterator[str]:
-    """The stream up to the end of its first line with an answer, as `clean` (the task's
-    scorer's reading of an answer) leaves it: a one-line answer stops there, and so does
-    the generation. A line that only announces the answer ("The subject line is:") or that
-    `clean` empties (markup) is passed over."""
-    line = ""
-    for piece in pieces:
-        line += piece
-        while "\n" in line:
-            head, _, line = line.partition("\n")
-            answer = clean(head)
-            if answer and not answer.endswith(":"):
-                yield answer
-                return
-    if clean(line):
-        yield clean(line)
-
-
 @cli.command()
 @click.option(
     "-s",
@@ -710,14 +692,14 @@ def demo(obj: Context, strategies: tuple[str, ...]) -> None:
     click.echo(f"\nRequest for {SAMPLE_USER}:\n{request}\n")
     for strategy in strategies:
         click.echo(f"--- {strategy} ---")
-        pieces = pllm.stream(
+        pieces = pllm.stream(  # the task's style: the answer ends with its first line
             SAMPLE_USER,
             request,
             strategy=strategy,
             sampling=SamplingConfig(max_tokens=48),
             style=spec.style,
         )
-        for piece in first_line(pieces, spec.clean):
+        for piece in pieces:
             click.echo(piece, nl=False)
         click.echo()
 

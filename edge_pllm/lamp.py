@@ -55,6 +55,7 @@ class TaskSpec:
             ),
             render_item=self.render_item,
             answer=self.clean,
+            one_line=self.answer_kind == "text",  # the scorer reads one line (`clean`)
         )
 
     def item_text(self, entry: dict[str, Any]) -> str:

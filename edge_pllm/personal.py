@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from .items import (
     validate_user,
 )
 from .llm import LLM, Completion, LLMConfig, SamplingConfig
-from .prompts import DEFAULT_STYLE, PromptStyle, fit_prompt
+from .prompts import DEFAULT_STYLE, PromptStyle, first_line, fit_prompt
 from .store import AnswerRecord, Feedback, HistoryStore, check_rating
 from .strategies import Personalization, Request, Strategy, get_strategy
 
@@ -272,8 +273,8 @@ class PersonalLLM:
         sampling = sampling or SamplingConfig()
         answer_id = self._answer_id(user, answer_id, remember)
         with self._llm_lock:  # held while remembering: the next request sees the turn
-            prepared, completion = self._complete(user, prompt, strategy, sampling, style)
-            response = self._response(user, prepared, completion, answer_id)
+            prepared, text, completion = self._complete(user, prompt, strategy, sampling, style)
+            response = self._response(user, prepared, completion, answer_id, text)
             if remember:
                 response.memory = self._remember(user, prepared, response)
         return response
@@ -301,8 +302,8 @@ class PersonalLLM:
         pieces: list[str] = []
         with self._llm_lock:
             if isinstance(get_strategy(strategy), Consensus):  # chosen whole: one piece
-                prepared, completion = self._complete(user, prompt, strategy, sampling, style)
-                stream: Iterator[str] = iter([completion.text])
+                prepared, text, _ = self._complete(user, prompt, strategy, sampling, style)
+                stream: Iterator[str] = iter([text])
             else:
                 prepared = self.prepare(user, prompt, strategy, sampling, style)
                 stream = self.llm.stream(
@@ -311,6 +312,8 @@ class PersonalLLM:
                     sampling,
                     prepared.placement,
                 )
+                if style.one_line:  # the answer is its first line: generation ends there
+                    stream = first_line(stream, style.answer)
             if on_prepared is not None:
                 on_prepared(prepared)
             for piece in stream:
@@ -329,36 +332,46 @@ class PersonalLLM:
         strategy: str | Strategy | Consensus,
         sampling: SamplingConfig,
         style: PromptStyle,
-    ) -> tuple[Prepared, Completion]:
-        """Prepare and complete `prompt` (the caller holds the LLM lock). A `Consensus`
+    ) -> tuple[Prepared, str, Completion | None]:
+        """Prepare and answer `prompt` (the caller holds the LLM lock). A `Consensus`
         answers with each member strategy, greedy and then sampled (seeds 1..samples), and
         keeps the answer the others agree with most, compared by what of each counts
         (`style.answer`); `info["consensus"]` says which."""
         chosen = get_strategy(strategy)
         if not isinstance(chosen, Consensus):
             prepared = self.prepare(user, prompt, chosen, sampling, style)
-            soft = prepared.personalization.soft_tokens
-            return prepared, self.llm.complete(prepared.prompt, soft, sampling, prepared.placement)
-        candidates: list[tuple[Prepared, Completion]] = []
+            return prepared, *self._answer(prepared, sampling, style)
+        candidates: list[tuple[Prepared, str, Completion | None]] = []
         for member in chosen.members:
             prepared = self.prepare(user, prompt, member, sampling, style)
-            soft = prepared.personalization.soft_tokens
             for seed in range(chosen.samples + 1):  # the KV cache keeps the prompt between
                 draw = (
                     sampling
                     if seed == 0
                     else replace(sampling, temperature=chosen.temperature, seed=seed)
                 )
-                completion = self.llm.complete(prepared.prompt, soft, draw, prepared.placement)
-                candidates.append((prepared, completion))
-        best = choose([style.answer(completion.text) for _, completion in candidates])
-        prepared, completion = candidates[best]
+                candidates.append((prepared, *self._answer(prepared, draw, style)))
+        best = choose([style.answer(text) for _, text, _ in candidates])
+        prepared, text, completion = candidates[best]
         prepared.personalization.info["consensus"] = {
             "member": prepared.strategy,
             "candidate": best,
             "candidates": len(candidates),
         }
-        return replace(prepared, strategy=chosen.name), completion
+        return replace(prepared, strategy=chosen.name), text, completion
+
+    def _answer(
+        self, prepared: Prepared, sampling: SamplingConfig, style: PromptStyle
+    ) -> tuple[str, Completion | None]:
+        """Generate from `prepared`: the completion's text and the completion, or with a
+        one-line style the first line that counts, generation stopped there (no
+        `Completion` then: it was cut short on purpose)."""
+        soft = prepared.personalization.soft_tokens
+        if style.one_line:
+            with closing(self.llm.stream(prepared.prompt, soft, sampling, prepared.placement)) as s:
+                return "".join(first_line(s, style.answer)), None
+        completion = self.llm.complete(prepared.prompt, soft, sampling, prepared.placement)
+        return completion.text, completion
 
     # --- memory and feedback ----------------------------------------------------------------
 

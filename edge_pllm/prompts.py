@@ -7,7 +7,7 @@ end of the strategy's list (the least relevant or oldest), never the user's own 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .errors import ContextOverflowError
@@ -34,11 +34,31 @@ class PromptStyle:
     header: str = HISTORY_HEADER
     render_item: Callable[[HistoryItem], str] = render_item
     # What of a raw answer counts (a task's scorer reads one cleaned line): what `consensus`
-    # compares its candidates by.
+    # compares its candidates by; with `one_line`, the answer is that line and generation
+    # stops at its end (`first_line`).
     answer: Callable[[str], str] = str.strip
+    one_line: bool = False
 
 
 DEFAULT_STYLE = PromptStyle()
+
+
+def first_line(pieces: Iterator[str], clean: Callable[[str], str] = str.strip) -> Iterator[str]:
+    """The stream up to the end of its first line with an answer, as `clean` (the task's
+    scorer's reading of an answer) leaves it: a one-line answer stops there, and so does
+    the generation. A line that only announces the answer ("The subject line is:") or that
+    `clean` empties (markup) is passed over."""
+    line = ""
+    for piece in pieces:
+        line += piece
+        while "\n" in line:
+            head, _, line = line.partition("\n")
+            answer = clean(head)
+            if answer and not answer.endswith(":"):
+                yield answer
+                return
+    if clean(line):
+        yield clean(line)
 
 
 def history_block(context: Sequence[HistoryItem], style: PromptStyle = DEFAULT_STYLE) -> str:

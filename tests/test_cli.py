@@ -131,7 +131,7 @@ def test_backup_and_path(run, isolated_home: Path, tmp_path: Path):
 
 
 def test_one_line_answers_stop_at_the_end_of_their_first_line():
-    from edge_pllm.cli import first_line
+    from edge_pllm.prompts import first_line
 
     consumed = []
 

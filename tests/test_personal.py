@@ -158,3 +158,26 @@ def test_the_population_prior_gives_way_to_the_users_own_persona(pllm):
         expected = (1 - weight) * own + weight * population
         assert np.allclose(mixed.soft_tokens, expected, atol=1e-5)
         assert not np.allclose(own, population, atol=1e-3)  # the user's own persona differs
+
+
+def test_a_one_line_style_answers_with_the_first_line_and_stops_there(pllm):
+    """A task whose scorer reads one line (PromptStyle.one_line) gets that line, and the
+    generation ends there: the same greedy answer, cut, and far fewer tokens decoded."""
+    from edge_pllm.prompts import PromptStyle
+
+    query = "List three fruits, one per line, then say why you like each of them."
+    sampling = SamplingConfig(max_tokens=64)
+    whole = pllm.generate("nobody", query, strategy="none", sampling=sampling)
+    lines = [line.strip() for line in whole.text.splitlines() if line.strip()]
+    assert len(lines) > 1  # the model writes several lines when allowed
+    style = PromptStyle(one_line=True)
+    one = pllm.generate("nobody", query, strategy="none", sampling=sampling, style=style)
+    assert one.text == lines[0]
+    assert (
+        "".join(pllm.stream("nobody", query, strategy="none", sampling=sampling, style=style))
+        == lines[0]
+    )
+    assert (
+        pllm.llm._llama.n_tokens
+        < whole.completion.prompt_tokens + whole.completion.completion_tokens
+    )
