@@ -142,10 +142,13 @@ class Embedder:
         lengths = [len(e.ids) for e in encodings]
         batches = _batches(np.argsort([-n for n in lengths], kind="stable"), lengths, batch_size)
         parallel = len(batches) > 1 and self.workers > 1
-        short = len(batches) == 1 and sum(lengths) <= SHORT_TOKENS
         # One thread beats waking a pool for a short text (measured: 2.9 vs 3.9 ms at 16
-        # tokens); a long one is faster on all cores (25 vs 31 ms at 238).
-        session = self._worker_session() if parallel or short else self._session
+        # tokens; a long one is faster on all cores, 25 vs 31 ms at 238), but the one-thread
+        # session is a second copy of the model (+25 MiB peak RSS in a generate process):
+        # a short text uses it only once ingest has opened it.
+        short = len(batches) == 1 and sum(lengths) <= SHORT_TOKENS
+        opened = self._single_thread is not None
+        session = self._worker_session() if parallel or (short and opened) else self._session
 
         def run(idx: np.ndarray) -> np.ndarray:
             return self._run(session, [encodings[i] for i in idx])

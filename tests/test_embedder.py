@@ -83,6 +83,17 @@ def test_batching_and_order_do_not_change_vectors(embedder):
     np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
 
 
+def test_a_short_request_does_not_open_a_second_session(default_bundle):
+    """Embedding one short request (a generate process) keeps one copy of the model; the
+    one-thread session of the worker pool opens for many texts (ingest) only."""
+    b = load_bundle(default_bundle)
+    fresh = Embedder(b.file(b.embedder.file), b.file(b.embedder.tokenizer), b.embedder.config)
+    fresh.embed_one("fix the cache eviction bug")
+    assert fresh._single_thread is None
+    fresh.embed(_texts()[:4])
+    assert (fresh._single_thread is not None) == (fresh.workers > 1)
+
+
 def test_empty_input_gives_empty_matrix(embedder):
     assert embedder.embed([]).shape == (0, 384)
 
