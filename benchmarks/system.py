@@ -24,10 +24,11 @@ import llama_cpp
 from benchmarks.common import peak_rss_mb
 llm = llama_cpp.Llama(sys.argv[2], n_ctx=2048, n_batch=512, n_ubatch=512,
                       n_threads=int(sys.argv[3]), verbose=False)
+tokens = llm.tokenize(sys.argv[4].encode(), special=True)  # a templated text's markers too
 first = None
-for _ in llm.create_completion(sys.argv[4], max_tokens=32, temperature=0.0, stream=True):
+for _ in llm.create_completion(tokens, max_tokens=32, temperature=0.0, stream=True):
     first = first or time.time()
-n_prompt = len(llm.tokenize(sys.argv[4].encode()))
+n_prompt = len(tokens)
 print(json.dumps({"first_token_s": first - t0, "peak_rss_mb": peak_rss_mb(), "n_prompt": n_prompt}))
 """
 
