@@ -81,6 +81,21 @@ class Terminal:
                 tail = self.seen[self.pos :].decode("utf-8", "replace")
                 raise AssertionError(f"{pattern!r} not seen; after the last match:\n{tail}")
 
+    def wait_reading(self, timeout: float = 10.0) -> None:
+        """Wait until the child's main thread sleeps in its terminal read. CPython's
+        readline checks for signals before it blocks in select(), so a Ctrl-C that lands in
+        between is seen only after the next key: no hand types that fast, a test can (seen
+        on a loaded machine). Where /proc is missing, a short pause stands in."""
+        wchan = Path(f"/proc/{self.proc.pid}/wchan")
+        if not wchan.exists():
+            time.sleep(0.5)
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(w in wchan.read_text() for w in ("select", "poll", "wait_woken", "read")):
+                return
+            time.sleep(0.01)
+
     def send(self, text: str | bytes) -> None:
         os.write(self.fd, text.encode() if isinstance(text, str) else text)
 
@@ -197,6 +212,7 @@ def test_chat_remembers_turns_takes_feedback_and_keeps_the_conversation(
 def test_ctrl_c_ends_the_reply_not_the_session(chat, default_bundle: Path, isolated_home: Path):
     term = chat("-s", "rag:2", "-n", "600", "--remember")
     prompt(term)
+    term.wait_reading()
     term.send(b"\x03")  # at the prompt: the line is dropped, and the way out is said
     term.expect(r"Ctrl-C again, /quit or Ctrl-D leaves")
     prompt(term)
