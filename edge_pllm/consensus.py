@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import InvalidInputError
 
@@ -37,7 +37,6 @@ class Consensus:
     members: tuple[str, ...] = DEFAULT_MEMBERS
     temperature: float = TEMPERATURE
     name: str = "consensus"
-    needs_head: bool = field(default=True, init=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.samples <= MAX_SAMPLES:
