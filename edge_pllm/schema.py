@@ -102,6 +102,7 @@ class _Generation(_Strict):
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     stop: ShortText | Annotated[list[ShortText], Field(max_length=MAX_STOP)] | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**31)] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     edge_pllm: Extension | None = None

@@ -216,6 +216,7 @@ class Service:
             temperature=0.0 if req.temperature is None else req.temperature,
             top_p=0.95 if req.top_p is None else req.top_p,
             stop=stop,
+            seed=req.seed,
         )
 
     def personalization(

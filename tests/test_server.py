@@ -79,6 +79,31 @@ def test_streaming_equals_non_streaming(server):
     assert text.choices[0].text == whole  # same request as a completion, same runtime path
 
 
+def test_seed_makes_a_sampled_answer_repeatable(server):
+    running, _ = server
+    c = client(running)
+
+    def sample(seed: int) -> str:
+        return (
+            c.chat.completions.create(
+                model="m",
+                messages=[{"role": "user", "content": "Tell me a story about a cat."}],
+                user="bob",
+                max_tokens=24,
+                temperature=1.5,
+                seed=seed,
+            )
+            .choices[0]
+            .message.content
+        )
+
+    first = sample(7)
+    assert sample(7) == first  # the same seed, the same draw
+    assert any(sample(seed) != first for seed in (8, 9, 10))  # the seed reaches the sampler
+    with pytest.raises(openai.BadRequestError, match="seed"):
+        sample(-1)
+
+
 def test_soft_tokens_follow_the_user_when_the_bundle_has_a_head(server):
     running, pllm = server
     if pllm.plug is None:
