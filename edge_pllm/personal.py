@@ -42,6 +42,7 @@ from .items import (
 )
 from .llm import LLM, Completion, LLMConfig, SamplingConfig
 from .prompts import DEFAULT_STYLE, PromptStyle, first_line, fit_prompt
+from .search import CACHE_BUDGET
 from .store import AnswerRecord, Feedback, HistoryStore, check_rating
 from .strategies import Personalization, Request, Strategy, get_strategy
 
@@ -129,10 +130,13 @@ class PersonalLLM:
         system_prompt: str | None = None,
         passphrase: str | None = None,
         remember_max_chars: int = MAX_ITEM_CHARS,
+        cache_budget: int = CACHE_BUDGET,
     ):
         """`passphrase` opens (or creates) the history database encrypted at rest
         (SQLCipher; needs `pip install 'edge-pllm[encryption]'`). A remembered turn longer
-        than `remember_max_chars` is not stored (the answer says so in `Response.memory`)."""
+        than `remember_max_chars` is not stored (the answer says so in `Response.memory`).
+        `cache_budget`: the bytes of history vectors kept in memory for search (default 256
+        MiB; 0 searches the database file every time, see `HistoryStore`)."""
         self.remember_max_chars = remember_max_chars
         self.home = paths.home(home)
         bundle_path = Path(bundle) if bundle is not None else ensure_default_bundle(self.home)
@@ -142,7 +146,10 @@ class PersonalLLM:
             self.bundle.file(spec.file), self.bundle.file(spec.tokenizer), spec.config
         )
         self.store = HistoryStore(
-            paths.database_path(self.home), spec.config.dim, passphrase=passphrase
+            paths.database_path(self.home),
+            spec.config.dim,
+            passphrase=passphrase,
+            cache_budget=cache_budget,
         )
         self.llm_config = llm_config or LLMConfig()
         self.system_prompt = system_prompt

@@ -190,6 +190,11 @@ class HistoryStore:
         passphrase: str | None = None,
         cache_budget: int = search.CACHE_BUDGET,
     ):
+        if isinstance(cache_budget, bool) or not isinstance(cache_budget, int) or cache_budget < 0:
+            raise InvalidInputError(
+                f"cache_budget must be a number of bytes, 0 or more (got {cache_budget!r}).",
+                field="cache_budget",
+            )
         self.path = str(path)
         self.dim = int(dim)
         self.encrypted = passphrase is not None

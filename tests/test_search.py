@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edge_pllm import search
-from edge_pllm.errors import UnknownUserError
+from edge_pllm.errors import InvalidInputError, UnknownUserError
 from edge_pllm.store import HistoryStore
 
 DIM = 8
@@ -278,3 +278,20 @@ def test_a_stored_vector_of_zeros_is_at_distance_one(store: HistoryStore):
     hits = store.search("alice", vecs[0], 5)
     assert dict((h.item.id, h.distance) for h in hits)[list(vectors)[2]] == 1.0
     assert_exact(store, "alice", vectors, vecs[0], 5)
+
+
+@pytest.mark.parametrize("budget", [-1, 1.5, "256", True])
+def test_a_bad_budget_is_refused_before_the_file_is_opened(tmp_path: Path, budget):
+    with pytest.raises(InvalidInputError, match="cache_budget") as err:
+        HistoryStore(tmp_path / "x.db", DIM, cache_budget=budget)
+    assert err.value.field == "cache_budget" and not (tmp_path / "x.db").exists()
+
+
+def test_personal_llm_passes_its_budget_to_the_store(default_bundle: Path, tmp_path: Path):
+    from edge_pllm import PersonalLLM
+
+    with PersonalLLM(default_bundle, home=tmp_path, cache_budget=0) as pllm:
+        pllm.add("ann", ["one note", "another note"])
+        assert pllm.store.cache_budget == 0
+        assert len(pllm.store.search("ann", pllm.embedder.embed_one("note"), 2)) == 2
+        assert pllm.store.cached_bytes() == 0
