@@ -21,7 +21,7 @@ from edge_pllm.lamp import task_spec
 from edge_pllm.llm import LLMConfig
 
 from . import generation, retrieval, system
-from .common import ROOT, Results, commit_texts, machine, queries, synthetic_history
+from .common import DATA, ROOT, Results, commit_texts, machine, queries, synthetic_history
 from .report import markdown, plot
 
 
@@ -36,7 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, help="bundle folder (default: the default one)")
     parser.add_argument("--threads", type=int, default=2, help="threads for every engine")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    parser.add_argument(
+        "--data", type=Path, default=DATA, help=f"the commit_subjects task folder (default: {DATA})"
+    )
     args = parser.parse_args(argv)
+    if not (args.data / "dev_questions.json").is_file():
+        parser.error(
+            f"no commit_subjects task at {args.data} (its prompts and histories are real "
+            "commits); pass the folder with --data."
+        )
     if args.smoke:
         sizes, repeats, n_prompts, n_texts, max_tokens = [10, 200], 1, 2, 40, 8
     elif args.quick:
@@ -57,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     bundle = args.bundle or ensure_default_bundle(paths.home())
     res = Results()
     spec = task_spec("commit_subject")
-    prompts = [spec.query(q) for q in queries(n_prompts)]
+    prompts = [spec.query(q) for q in queries(n_prompts, args.data)]
     with tempfile.TemporaryDirectory(prefix="edge-pllm-bench-") as tmp:
         home = Path(tmp)
         config = LLMConfig(n_threads=args.threads, prefix_cache=False)
@@ -66,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             print("The default bundle has no Persona-Plug head; run `edge-pllm setup`.")
             return 2
 
-        texts = commit_texts(n_texts)
+        texts = commit_texts(n_texts, args.data)
         vectors = retrieval.ingest(res, pllm.embedder, texts, args.threads)
         retrieval.store_insert(res, pllm.embedder.dim, texts, vectors, 10 * n_texts)
 
@@ -87,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         bare_tps = generation.throughput(res, pllm, bare, users[mid], 2 * repeats - 1, max_tokens)
         del bare
         generation.ttft_by_history(res, pllm, users, prompts, passes=1 if args.smoke else 2)
-        generation.short_request_persona(res, pllm, users[mid], mid)
+        generation.short_request_persona(
+            res, pllm, users[mid], mid, " ".join(queries(4, args.data))
+        )
         query_vecs = np.stack([pllm.embedder.embed_one(p) for p in prompts])
         retrieval.knn(res, pllm.store, users, query_vecs)
         pllm.close()

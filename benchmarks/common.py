@@ -98,11 +98,11 @@ def machine() -> dict[str, str]:
     }
 
 
-def commit_texts(limit: int) -> list[str]:
+def commit_texts(limit: int, data: Path = DATA) -> list[str]:
     """Distinct real commit bodies (profile texts of the dev and test splits)."""
     texts: dict[str, None] = {}
     for split in ("dev", "test"):
-        for q in json.loads((DATA / f"{split}_questions.json").read_text()):
+        for q in json.loads((data / f"{split}_questions.json").read_text()):
             for p in q["profile"]:
                 if p["text"].strip():
                     texts[p["text"]] = None
@@ -111,9 +111,9 @@ def commit_texts(limit: int) -> list[str]:
     return list(texts)
 
 
-def queries(n: int) -> list[str]:
+def queries(n: int, data: Path = DATA) -> list[str]:
     """Real task inputs (commit bodies to title) from the dev split."""
-    questions = json.loads((DATA / "dev_questions.json").read_text())
+    questions = json.loads((data / "dev_questions.json").read_text())
     return [q["input"] for q in questions[:n]]
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from edge_pllm import PersonalLLM
 from edge_pllm.llm import SamplingConfig
 
-from .common import CHAT_PROMPT, Results, Row, queries
+from .common import CHAT_PROMPT, Results, Row
 
 STRATEGIES = ("none", "plug", "plug+rag:1")
 TTFT_STRATEGIES = ("none", "plug", "rag:1", "plug+rag:1")
@@ -206,9 +206,12 @@ def ttft_by_history(
             )
 
 
-def short_request_persona(res: Results, pllm: PersonalLLM, user: str, n_items: int) -> None:
+def short_request_persona(
+    res: Results, pllm: PersonalLLM, user: str, n_items: int, long_text: str
+) -> None:
     """The persona computation for a short chat request, where embedding the request is
-    cheap (the task prompts above are whole commit messages, up to 256 tokens)."""
+    cheap (the task prompts above are whole commit messages, up to 256 tokens); then
+    embedding time by length, cut from `long_text`."""
     row = persona_breakdown(pllm, user, [CHAT_PROMPT] * 20)
     n_tokens = len(pllm.embedder._tokenizer.encode(CHAT_PROMPT).ids)
     res.add(
@@ -223,7 +226,7 @@ def short_request_persona(res: Results, pllm: PersonalLLM, user: str, n_items: i
             met=row["persona"] <= 5 if n_items == 1_000 else None,
         )
     )
-    embed_by_length(res, pllm, " ".join(queries(4)))
+    embed_by_length(res, pllm, long_text)
 
 
 EMBED_LENGTHS = (16, 32, 64, 128, 256)

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "commit_subjects"
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not DATA.is_dir(), reason="shared/data/commit_subjects is not beside the repo")
 def test_benchmarks_smoke_run_writes_every_section(default_bundle, tmp_path: Path):
     pytest.importorskip("matplotlib")
     pytest.importorskip("sentence_transformers")
