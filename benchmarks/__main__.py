@@ -3,7 +3,9 @@
     .venv/bin/python -m benchmarks            # histories up to 1,000,000 items (~25 min, 2 cores)
     .venv/bin/python -m benchmarks --quick    # up to 10,000 items, fewer repeats (~5 min)
 
-Needs the `bench` extra (matplotlib, and sentence-transformers as the ingest reference).
+Needs the `bench` extra (matplotlib, and sentence-transformers as the ingest reference), and
+the commit_subjects task (`../shared/data/commit_subjects`, or `--data DIR`): its real commits
+are the prompts and histories.
 """
 
 from __future__ import annotations
@@ -21,7 +23,16 @@ from edge_pllm.lamp import task_spec
 from edge_pllm.llm import LLMConfig
 
 from . import generation, retrieval, system
-from .common import DATA, ROOT, Results, commit_texts, machine, queries, synthetic_history
+from .common import (
+    DATA,
+    DATA_FILES,
+    ROOT,
+    Results,
+    commit_texts,
+    machine,
+    queries,
+    synthetic_history,
+)
 from .report import markdown, plot
 
 
@@ -40,10 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         "--data", type=Path, default=DATA, help=f"the commit_subjects task folder (default: {DATA})"
     )
     args = parser.parse_args(argv)
-    if not (args.data / "dev_questions.json").is_file():
+    missing = [name for name in DATA_FILES if not (args.data / name).is_file()]
+    if missing:
         parser.error(
-            f"no commit_subjects task at {args.data} (its prompts and histories are real "
-            "commits); pass the folder with --data."
+            f"{args.data} lacks {', '.join(missing)}: the commit_subjects task's real commits "
+            "are the prompts and histories; pass its folder with --data."
         )
     if args.smoke:
         sizes, repeats, n_prompts, n_texts, max_tokens = [10, 200], 1, 2, 40, 8
@@ -119,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         "python -m benchmarks"
         + (" --quick" if args.quick else "")
         + (" --smoke" if args.smoke else "")
+        + ("" if args.data == DATA else f" --data {args.data}")
     )
     args.out.write_text(markdown(res, machine(), command, plots.name) + "\n")
     print(f"wrote {args.out}")

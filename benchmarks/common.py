@@ -17,6 +17,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "commit_subjects"
+DATA_FILES = ("dev_questions.json", "test_questions.json")  # what commit_texts and queries read
 START = datetime(2020, 1, 1, tzinfo=UTC)
 CHAT_PROMPT = "Write a long, detailed story about a lighthouse keeper and a storm."
 

@@ -43,7 +43,7 @@ from .items import (
 from .llm import LLM, Completion, LLMConfig, SamplingConfig
 from .prompts import DEFAULT_STYLE, PromptStyle, first_line, fit_prompt
 from .search import CACHE_BUDGET
-from .store import AnswerRecord, Feedback, HistoryStore, check_rating
+from .store import AnswerRecord, Feedback, HistoryStore, check_cache_budget, check_rating
 from .strategies import Personalization, Request, Strategy, get_strategy
 
 DEFAULT_STRATEGY = "rag"
@@ -137,6 +137,7 @@ class PersonalLLM:
         than `remember_max_chars` is not stored (the answer says so in `Response.memory`).
         `cache_budget`: the bytes of history vectors kept in memory for search (default 256
         MiB; 0 searches the database file every time, see `HistoryStore`)."""
+        check_cache_budget(cache_budget)  # before a bundle is built or a file opened
         self.remember_max_chars = remember_max_chars
         self.home = paths.home(home)
         bundle_path = Path(bundle) if bundle is not None else ensure_default_bundle(self.home)

@@ -216,7 +216,8 @@ class Service:
             temperature=0.0 if req.temperature is None else req.temperature,
             top_p=0.95 if req.top_p is None else req.top_p,
             stop=stop,
-            seed=req.seed,
+            # As OpenAI: no seed, a fresh draw each time (a client's "regenerate" differs).
+            seed=secrets.randbelow(2**31) if req.seed is None else req.seed,
         )
 
     def personalization(

@@ -175,6 +175,16 @@ def as_stored_text(text: Any) -> str:
     return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
 
 
+def check_cache_budget(value: object) -> int:
+    """`value` if it is a whole number of bytes, 0 or more; else InvalidInputError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInputError(
+            f"cache_budget must be a whole number of bytes, 0 or more (got {value!r}).",
+            field="cache_budget",
+        )
+    return value
+
+
 class HistoryStore:
     """Per-user history with embeddings. Safe to share between threads (one lock per store).
 
@@ -190,11 +200,7 @@ class HistoryStore:
         passphrase: str | None = None,
         cache_budget: int = search.CACHE_BUDGET,
     ):
-        if isinstance(cache_budget, bool) or not isinstance(cache_budget, int) or cache_budget < 0:
-            raise InvalidInputError(
-                f"cache_budget must be a number of bytes, 0 or more (got {cache_budget!r}).",
-                field="cache_budget",
-            )
+        check_cache_budget(cache_budget)
         self.path = str(path)
         self.dim = int(dim)
         self.encrypted = passphrase is not None
@@ -269,6 +275,7 @@ class HistoryStore:
 
     @cache_budget.setter
     def cache_budget(self, value: int) -> None:
+        check_cache_budget(value)
         with self._lock:
             self._cache.budget = value
 

@@ -11,16 +11,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "commit_subjects"
+DATA = ROOT.parent / "shared" / "data" / "commit_subjects"  # benchmarks.common.DATA
+DATA_FILES = ("dev_questions.json", "test_questions.json")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not DATA.is_dir(), reason="shared/data/commit_subjects is not beside the repo")
+@pytest.mark.skipif(
+    not all((DATA / name).is_file() for name in DATA_FILES),
+    reason="shared/data/commit_subjects is not beside the repo",
+)
 def test_benchmarks_smoke_run_writes_every_section(default_bundle, tmp_path: Path):
     pytest.importorskip("matplotlib")
     pytest.importorskip("sentence_transformers")
     out = tmp_path / "docs" / "BENCHMARKS.md"
     command = ["-m", "benchmarks", "--smoke", "--bundle", str(default_bundle), "--out", str(out)]
+    command += ["--data", str(DATA)]
     subprocess.run(
         [sys.executable, *command],
         cwd=ROOT,

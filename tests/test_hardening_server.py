@@ -140,7 +140,10 @@ def test_a_brand_new_user_gets_the_plain_prompt(app, pllm):
         ("tool_choice", "auto"),
         ("response_format", {"type": "json_object"}),
         ("presence_penalty", 0.5),
-        ("seed", 7),
+        ("seed", -1),
+        ("seed", 2**31),
+        ("seed", 1.5),
+        ("seed", True),
         ("max_tokens", "8"),
         ("temperature", True),
         ("stream", "yes"),
@@ -216,6 +219,7 @@ HOSTILE_VALUE = st.one_of(
 )
 GENERATION_FIELDS = [
     "max_tokens",
+    "seed",
     "max_completion_tokens",
     "temperature",
     "top_p",

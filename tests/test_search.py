@@ -281,14 +281,22 @@ def test_a_stored_vector_of_zeros_is_at_distance_one(store: HistoryStore):
 
 
 @pytest.mark.parametrize("budget", [-1, 1.5, "256", True])
-def test_a_bad_budget_is_refused_before_the_file_is_opened(tmp_path: Path, budget):
+def test_a_bad_budget_is_refused_and_changes_nothing(tmp_path: Path, budget):
     with pytest.raises(InvalidInputError, match="cache_budget") as err:
         HistoryStore(tmp_path / "x.db", DIM, cache_budget=budget)
     assert err.value.field == "cache_budget" and not (tmp_path / "x.db").exists()
+    with HistoryStore(tmp_path / "y.db", DIM, cache_budget=1000) as store:
+        with pytest.raises(InvalidInputError, match="cache_budget"):
+            store.cache_budget = budget
+        assert store.cache_budget == 1000
 
 
 def test_personal_llm_passes_its_budget_to_the_store(default_bundle: Path, tmp_path: Path):
     from edge_pllm import PersonalLLM
+
+    with pytest.raises(InvalidInputError, match="cache_budget"):
+        PersonalLLM(home=tmp_path / "new", cache_budget=-1)
+    assert not (tmp_path / "new").exists()  # refused before a bundle is built
 
     with PersonalLLM(default_bundle, home=tmp_path, cache_budget=0) as pllm:
         pllm.add("ann", ["one note", "another note"])

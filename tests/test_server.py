@@ -82,26 +82,25 @@ def test_streaming_equals_non_streaming(server):
 def test_seed_makes_a_sampled_answer_repeatable(server):
     running, _ = server
     c = client(running)
+    kwargs = dict(
+        model="m",
+        messages=[{"role": "user", "content": "Tell me a story about a cat."}],
+        user="bob",
+        max_tokens=24,
+        temperature=1.5,
+    )
 
-    def sample(seed: int) -> str:
-        return (
-            c.chat.completions.create(
-                model="m",
-                messages=[{"role": "user", "content": "Tell me a story about a cat."}],
-                user="bob",
-                max_tokens=24,
-                temperature=1.5,
-                seed=seed,
-            )
-            .choices[0]
-            .message.content
-        )
+    def sample(**extra) -> str:
+        return c.chat.completions.create(**kwargs, **extra).choices[0].message.content
 
-    first = sample(7)
-    assert sample(7) == first  # the same seed, the same draw
-    assert any(sample(seed) != first for seed in (8, 9, 10))  # the seed reaches the sampler
+    first = sample(seed=7)
+    assert sample(seed=7) == first  # the same seed, the same draw
+    streamed = c.chat.completions.create(**kwargs, seed=7, stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed) == first
+    assert any(sample(seed=seed) != first for seed in (8, 9, 10))  # it reaches the sampler
+    assert len({sample() for _ in range(3)}) > 1  # no seed: a fresh draw, as OpenAI
     with pytest.raises(openai.BadRequestError, match="seed"):
-        sample(-1)
+        sample(seed=-1)
 
 
 def test_soft_tokens_follow_the_user_when_the_bundle_has_a_head(server):
