@@ -21,7 +21,6 @@ vector is the same on one thread or several (tests/test_embedder.py checks).
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +32,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from .cpus import usable_cpus
 from .errors import BundleError
 from .onnx_session import open_session
 
@@ -40,15 +40,6 @@ SHORT_TOKENS = 64  # a lone run of up to this many tokens runs on one thread
 BATCH_TOKENS = 256  # padded tokens per run beyond which batching gains nothing
 POOLINGS = ("mean", "cls", "max")
 PROBE_TEXT = "width probe"  # embedded once on load when the model does not declare its width
-
-
-def usable_cpus() -> int:
-    """The CPU cores this process may run on: its affinity mask where the OS has one
-    (Linux), else every core (macOS and Windows lack `os.sched_getaffinity`)."""
-    affinity = getattr(os, "sched_getaffinity", None)
-    if affinity is not None:
-        return len(affinity(0))
-    return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from .bundle import PLACEMENTS, Placement
+from .cpus import llm_threads
 from .errors import (
     BundleError,
     ContextOverflowError,
@@ -48,37 +49,10 @@ _SCALED_INPUT_ARCHS = {"gemma", "gemma2", "gemma3", "gemma3n"}
 _PLACEHOLDER_ID = 0
 
 
-def parse_cpu_list(text: str) -> int:
-    """How many CPUs a Linux cpulist names ("0-3,8" -> 5)."""
-    count = 0
-    for part in text.strip().split(","):
-        low, _, high = part.partition("-")
-        count += int(high or low) - int(low) + 1
-    return count
-
-
-def cpu_threads() -> tuple[int, int]:
-    """(decode threads, prompt threads) for this process: one decode thread per physical
-    core it may run on, and every logical CPU it may run on for prompts. llama-cpp-python's
-    own default, half the logical CPUs, assumes two hardware threads per core: where there
-    is one (most VMs, many laptops) it leaves half the cores idle while decoding."""
-    try:
-        logical = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        logical = os.cpu_count() or 1
-    try:
-        siblings = parse_cpu_list(
-            Path("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list").read_text()
-        )
-    except (OSError, ValueError):
-        siblings = 2  # cannot tell: llama-cpp-python's assumption
-    return max(1, logical // max(1, siblings)), logical
-
-
 @dataclass(frozen=True)
 class LLMConfig:
     """How to load the model. n_threads=None: one decode thread per physical core
-    (`cpu_threads`)."""
+    (`cpus.llm_threads`)."""
 
     n_ctx: int = 2048
     n_batch: int = 512
@@ -159,7 +133,7 @@ class LLM:
         self.path = Path(model_path)
         if not self.path.is_file():
             raise BundleError(f"The model file {self.path} does not exist.", file=str(self.path))
-        decode_threads, prompt_threads = cpu_threads()
+        decode_threads, prompt_threads = llm_threads()
         try:
             with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
                 self._llama = llama_cpp.Llama(

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edge_pllm.errors import BundleError, ContextOverflowError, SoftTokenShapeError
-from edge_pllm.llm import LLM, LLMConfig, SamplingConfig, cpu_threads, parse_cpu_list
+from edge_pllm.llm import LLM, LLMConfig, SamplingConfig
 
 TEXT = "Persona-Plug feeds a user embedding to a frozen model as a soft token."
 
@@ -207,19 +206,3 @@ def test_corrupt_gguf_is_a_bundle_error(tmp_path: Path):
         LLM(bad)
     with pytest.raises(BundleError, match="does not exist"):
         LLM(tmp_path / "missing.gguf")
-
-
-@pytest.mark.parametrize("text,count", [("0", 1), ("0-1", 2), ("0,4", 2), ("0-3,8-9,12\n", 7)])
-def test_cpu_lists_are_counted(text: str, count: int):
-    assert parse_cpu_list(text) == count
-
-
-@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux CPU affinity")
-def test_default_threads_use_every_physical_core(default_bundle: Path):
-    decode, prompt = cpu_threads()
-    assert 1 <= decode <= prompt == len(os.sched_getaffinity(0))
-    default = LLM(default_bundle / "llm.gguf", LLMConfig(n_ctx=256))
-    assert default.llama.context_params.n_threads == decode  # not llama-cpp-python's half
-    assert default.llama.context_params.n_threads_batch == prompt
-    one = LLM(default_bundle / "llm.gguf", LLMConfig(n_ctx=256, n_threads=1))
-    assert one.llama.context_params.n_threads == 1
