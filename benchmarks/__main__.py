@@ -11,6 +11,7 @@ are the prompts and histories.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "python -m benchmarks"
         + (" --quick" if args.quick else "")
         + (" --smoke" if args.smoke else "")
-        + ("" if args.data == DATA else f" --data {args.data}")
+        + ("" if args.data == DATA else f" --data {shlex.quote(str(args.data))}")
     )
     args.out.write_text(markdown(res, machine(), command, plots.name) + "\n")
     print(f"wrote {args.out}")

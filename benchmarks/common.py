@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
 import time
@@ -14,6 +13,8 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+from edge_pllm.cpus import llm_threads, usable_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "commit_subjects"
@@ -91,7 +92,8 @@ def machine() -> dict[str, str]:
     )
     return {
         "cpu": cpu,
-        "cores": str(len(os.sched_getaffinity(0))),
+        "cores": str(usable_cpus()),
+        "llama.cpp threads (decode, prompt) by default": ", ".join(map(str, llm_threads())),
         "memory": mem,
         "os": platform.platform(),
         "python": platform.python_version(),

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from . import chat as chat_session
 from . import paths
 from .chat import count_of as _count
+from .cpus import usable_cpus
 from .defaults import default_bundle_path, ensure_default_bundle
 from .errors import EdgePLLMError, InvalidInputError
 from .files import open_private
@@ -881,7 +882,7 @@ def eval_command(
             "decoding": "greedy (temperature 0), repeat penalty 1.1",
             "reproduce": f"`{command}`",
             "wall time of this invocation": f"{time.perf_counter() - started:.0f} s "
-            f"({os.cpu_count()} CPU cores)",
+            f"({usable_cpus()} CPU cores)",
             "run folder": "predictions.jsonl, *_outputs.json (LaMP format), *_metrics.json",
         },
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-_SIBLINGS = Path("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list")
+SYSFS_CPUS = Path("/sys/devices/system/cpu")
 
 
 def usable_cpus() -> int:
@@ -26,19 +26,30 @@ def parse_cpu_list(text: str) -> int:
     return count
 
 
-def threads_per_core() -> int:
-    """Hardware threads per core, from Linux sysfs; 2 where it cannot tell (the assumption
-    llama-cpp-python makes everywhere)."""
+def physical_cores() -> int | None:
+    """The physical cores among the CPUs this process may run on: the distinct sibling
+    sets Linux sysfs gives for them (so a cpuset of one hardware thread per core counts
+    every core, and a hybrid CPU its P- and E-cores alike); None where it cannot tell."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    if affinity is None:
+        return None
+    cores = set()
     try:
-        return max(1, parse_cpu_list(_SIBLINGS.read_text()))
+        for cpu in affinity(0):
+            text = (SYSFS_CPUS / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text()
+            parse_cpu_list(text)  # refuse what is not a cpulist
+            cores.add(text.strip())
     except (OSError, ValueError):
-        return 2
+        return None
+    return len(cores) or None
 
 
 def llm_threads() -> tuple[int, int]:
     """(decode threads, prompt threads) for llama.cpp: one decode thread per physical core
-    this process may use, every usable CPU for prompts. llama-cpp-python's own default, half
-    the logical CPUs, assumes two hardware threads per core: where there is one (most VMs,
-    many laptops) it leaves half the cores idle while decoding."""
+    this process may use, every usable CPU for prompts. Where the cores cannot be counted
+    (macOS, Windows, no sysfs), half the logical CPUs: llama-cpp-python's own default, which
+    assumes two hardware threads per core and so leaves half the cores idle where there is
+    one (most VMs, many laptops)."""
     logical = usable_cpus()
-    return max(1, logical // threads_per_core()), logical
+    cores = physical_cores()
+    return max(1, cores if cores is not None else logical // 2), logical

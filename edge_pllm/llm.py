@@ -51,8 +51,8 @@ _PLACEHOLDER_ID = 0
 
 @dataclass(frozen=True)
 class LLMConfig:
-    """How to load the model. n_threads=None: one decode thread per physical core
-    (`cpus.llm_threads`)."""
+    """How to load the model. `n_threads`: decode threads (None: one per physical core,
+    `cpus.llm_threads`); prompts are always evaluated on every CPU the process may use."""
 
     n_ctx: int = 2048
     n_batch: int = 512

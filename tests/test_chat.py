@@ -214,7 +214,14 @@ def test_ctrl_c_ends_the_reply_not_the_session(chat, default_bundle: Path, isola
     prompt(term)
     term.wait_reading()
     term.send(b"\x03")  # at the prompt: the line is dropped, and the way out is said
-    term.expect(r"Ctrl-C again, /quit or Ctrl-D leaves")
+    try:
+        term.expect(r"Ctrl-C again, /quit or Ctrl-D leaves", timeout=5)
+    except AssertionError:
+        # The kernel may hand the SIGINT to one of the model's threads: readline's select()
+        # in the main thread is not woken, and Python acts on it at the next key (as it
+        # would for a person at the keyboard). Seen once under load in CI.
+        term.send(b"\n")
+        term.expect(r"Ctrl-C again, /quit or Ctrl-D leaves")
     prompt(term)
     term.line("Write a very long story about a cache that forgot everything, in many chapters.")
     term.expect(r"\[rag:2 · 2 items\]\n")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_pllm.cpus import llm_threads, parse_cpu_list, threads_per_core, usable_cpus
+from edge_pllm.cpus import llm_threads, parse_cpu_list, usable_cpus
 from edge_pllm.llm import LLM, LLMConfig
 
 PACKAGE = Path(__file__).resolve().parents[1] / "edge_pllm"
@@ -60,27 +60,47 @@ def test_cpu_lists_are_counted(text: str, count: int):
     assert parse_cpu_list(text) == count
 
 
-def test_without_a_topology_two_threads_per_core_are_assumed(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr("edge_pllm.cpus.usable_cpus", lambda: 8)
-    monkeypatch.setattr("edge_pllm.cpus._SIBLINGS", Path("/nonexistent/siblings"))
-    assert threads_per_core() == 2 and llm_threads() == (4, 8)  # cannot tell: as llama-cpp
+def fake_topology(root: Path, siblings: dict[int, str]) -> None:
+    for cpu, text in siblings.items():
+        folder = root / f"cpu{cpu}" / "topology"
+        folder.mkdir(parents=True)
+        (folder / "thread_siblings_list").write_text(text + "\n")
 
 
-def test_a_machine_without_smt_decodes_on_every_core(monkeypatch, tmp_path: Path):
-    siblings = tmp_path / "thread_siblings_list"
-    siblings.write_text("3\n")  # one hardware thread per core
-    monkeypatch.setattr("edge_pllm.cpus._SIBLINGS", siblings)
-    monkeypatch.setattr("edge_pllm.cpus.usable_cpus", lambda: 2)
-    assert llm_threads() == (2, 2)
-    siblings.write_text("0,8\n")  # two per core
-    monkeypatch.setattr("edge_pllm.cpus.usable_cpus", lambda: 16)
-    assert llm_threads() == (8, 16)
+@pytest.mark.parametrize(
+    "allowed,siblings,decode",
+    [
+        ({0, 1}, {0: "0", 1: "1"}, 2),  # no SMT (this kind of VM): every core decodes
+        (set(range(4)), {0: "0,2", 1: "1,3", 2: "0,2", 3: "1,3"}, 2),  # SMT: one per core
+        ({0, 1}, {0: "0,2", 1: "1,3"}, 2),  # a cpuset of one thread from each of 2 cores
+        ({0, 1, 2}, {0: "0-1", 1: "0-1", 2: "2"}, 2),  # a P-core with 2 threads, an E-core
+    ],
+)
+def test_decode_threads_are_one_per_physical_core(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, allowed, siblings, decode
+):
+    fake_topology(tmp_path, siblings)
+    monkeypatch.setattr("edge_pllm.cpus.SYSFS_CPUS", tmp_path)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: allowed, raising=False)
+    assert llm_threads() == (decode, len(allowed))
 
 
-def test_the_model_gets_the_default_threads(default_bundle: Path):
-    decode, prompt = llm_threads()
+@pytest.mark.parametrize("siblings", [None, "garbage"])
+def test_without_a_topology_half_the_cpus_decode(monkeypatch, tmp_path: Path, siblings):
+    if siblings is not None:
+        fake_topology(tmp_path, {0: siblings})
+    monkeypatch.setattr("edge_pllm.cpus.SYSFS_CPUS", tmp_path)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert llm_threads() == (1, 1)
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS, Windows: llama-cpp-python's default
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert llm_threads() == (4, 8)
+
+
+def test_the_model_gets_the_default_threads(default_bundle: Path, monkeypatch):
+    monkeypatch.setattr("edge_pllm.llm.llm_threads", lambda: (3, 5))  # no library's default
     model = LLM(default_bundle / "llm.gguf", LLMConfig(n_ctx=256))
-    assert model.llama.context_params.n_threads == decode
-    assert model.llama.context_params.n_threads_batch == prompt
+    assert model.llama.context_params.n_threads == 3
+    assert model.llama.context_params.n_threads_batch == 5
     one = LLM(default_bundle / "llm.gguf", LLMConfig(n_ctx=256, n_threads=1))
     assert one.llama.context_params.n_threads == 1

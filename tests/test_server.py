@@ -36,6 +36,11 @@ def client(running: Running, key: str = "unused") -> openai.OpenAI:
     return openai.OpenAI(base_url=running.url, api_key=key, max_retries=0, timeout=120)
 
 
+def bob_asks(content: str, **extra) -> dict:
+    """A chat request from bob, with `extra` fields."""
+    return dict(model="m", messages=[{"role": "user", "content": content}], user="bob", **extra)
+
+
 def ids_of(pllm: PersonalLLM, user: str) -> set[int]:
     return {i.id for i in pllm.store.items(user)}
 
@@ -63,13 +68,7 @@ def test_chat_completion_personalized_by_user(server):
 def test_streaming_equals_non_streaming(server):
     running, _ = server
     c = client(running)
-    kwargs = dict(
-        model="m",
-        messages=[{"role": "user", "content": "Name three fruits."}],
-        user="bob",
-        max_tokens=16,
-        temperature=0,
-    )
+    kwargs = bob_asks("Name three fruits.", max_tokens=16, temperature=0)
     whole = c.chat.completions.create(**kwargs).choices[0].message.content
     pieces = [
         ch.choices[0].delta.content or "" for ch in c.chat.completions.create(stream=True, **kwargs)
@@ -82,13 +81,7 @@ def test_streaming_equals_non_streaming(server):
 def test_seed_makes_a_sampled_answer_repeatable(server):
     running, _ = server
     c = client(running)
-    kwargs = dict(
-        model="m",
-        messages=[{"role": "user", "content": "Tell me a story about a cat."}],
-        user="bob",
-        max_tokens=24,
-        temperature=1.5,
-    )
+    kwargs = bob_asks("Tell me a story about a cat.", max_tokens=24, temperature=1.5)
 
     def sample(**extra) -> str:
         return c.chat.completions.create(**kwargs, **extra).choices[0].message.content
