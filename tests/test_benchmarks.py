@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "commit_subjects"  # benchmarks.common.DATA
+# As benchmarks.common says; not imported: the device CI runs a copy of tests/ alone.
+DATA = ROOT.parent / "shared" / "data" / "commit_subjects"
 DATA_FILES = ("dev_questions.json", "test_questions.json")
 
 
