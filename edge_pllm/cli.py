@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import chat as chat_session
 from . import paths
 from .chat import count_of as _count
-from .cpus import usable_cpus
+from .cpus import ENV_THREADS, usable_cpus
 from .defaults import default_bundle_path, ensure_default_bundle
 from .errors import EdgePLLMError, InvalidInputError
 from .files import open_private
@@ -30,6 +30,7 @@ from .strategies import REGISTRY, get_strategy
 
 F = TypeVar("F", bound=Callable[..., Any])
 ENV_PASSPHRASE = "EDGE_PLLM_PASSPHRASE"
+MAX_THREADS = 4096
 # Packages add commands through this entry-point group: each entry is a callable that takes
 # the `cli` group (the workstation's `export` and `train-plug` come this way), so the
 # runtime never names them.
@@ -164,6 +165,13 @@ class PluginGroup(click.Group):
     help="LLM context window.",
 )
 @click.option(
+    "--threads",
+    envvar=ENV_THREADS,
+    type=click.IntRange(1, MAX_THREADS),
+    help="Use at most this many CPU threads (default: every CPU this process may use, "
+    "within its container's quota); also EDGE_PLLM_THREADS.",
+)
+@click.option(
     "--passphrase-file",
     type=click.File("rb"),
     help="Encrypt the history database with the passphrase on this file's first line "
@@ -178,10 +186,13 @@ def cli(
     home: str | None,
     bundle: str | None,
     n_ctx: int,
+    threads: int | None,
     passphrase_file: Any,
     ask_passphrase: bool,
 ) -> None:
     """A personalized LLM that runs entirely on this device."""
+    if threads is not None:  # for every engine in this process, and any process it starts
+        os.environ[ENV_THREADS] = str(threads)
     raw: str | bytes | None  # the prompt, else the file, else the environment
     if ask_passphrase:
         source, raw = "the prompt", click.prompt("Database passphrase", hide_input=True)

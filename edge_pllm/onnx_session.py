@@ -18,16 +18,17 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from .cpus import compute_threads
 from .errors import BundleError
 
 
 def open_session(path: str | Path, threads: int = 0, what: str = "model") -> ort.InferenceSession:
-    """An InferenceSession on `path` (threads=0: onnxruntime's default count); a file
-    onnxruntime cannot load is a BundleError naming it."""
+    """An InferenceSession on `path` with `threads` threads (0: one per physical core this
+    process may use, `cpus.compute_threads`: onnxruntime's own count ignores container
+    quotas and the user's cap); a file onnxruntime cannot load is a BundleError naming it."""
     options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+    options.intra_op_num_threads = threads or compute_threads()
+    options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     options.enable_cpu_mem_arena = False

@@ -7,13 +7,27 @@ import os
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from edge_pllm.cpus import llm_threads, parse_cpu_list, usable_cpus
+from edge_pllm import cpus
+from edge_pllm.cli import cli
+from edge_pllm.cpus import cgroup_cpu_quota, llm_threads, parse_cpu_list, usable_cpus
+from edge_pllm.errors import InvalidInputError
 from edge_pllm.llm import LLM, LLMConfig
+from edge_pllm.personal import PersonalLLM
 
 PACKAGE = Path(__file__).resolve().parents[1] / "edge_pllm"
 LINUX_ONLY_MODULES = {"fcntl", "resource", "termios", "pwd", "grp"}
 LINUX_ONLY_CALLS = {"sched_getaffinity", "fork", "getuid", "geteuid", "statvfs", "setsid"}
+
+
+@pytest.fixture(autouse=True)
+def no_cgroup(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """An empty cgroup mount: the machine's own quota, if any, stays out of these tests."""
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    monkeypatch.setattr(cpus, "SYSFS_CGROUP", root)
+    return root
 
 
 def test_cpu_count_falls_back_where_there_is_no_affinity(monkeypatch: pytest.MonkeyPatch):
@@ -104,3 +118,59 @@ def test_the_model_gets_the_default_threads(default_bundle: Path, monkeypatch):
     assert model.llama.context_params.n_threads_batch == 5
     one = LLM(default_bundle / "llm.gguf", LLMConfig(n_ctx=256, n_threads=1))
     assert one.llama.context_params.n_threads == 1
+
+
+@pytest.mark.parametrize(
+    "files,quota",
+    [
+        ({"cpu.max": "max 100000\n"}, None),  # cgroup v2, no limit
+        ({"cpu.max": "150000 100000\n"}, 2),  # `docker run --cpus 1.5`: 2 threads
+        ({"cpu.max": "50000 100000\n"}, 1),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),
+        ({"cpu.max": "garbage"}, None),
+        ({}, None),  # no cgroup files (macOS, Windows)
+    ],
+)
+def test_a_container_quota_bounds_the_cpus(monkeypatch, no_cgroup: Path, files, quota):
+    for name, text in files.items():
+        (no_cgroup / name).parent.mkdir(exist_ok=True)
+        (no_cgroup / name).write_text(text)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(cpus, "physical_cores", lambda: 8)
+    assert cgroup_cpu_quota() == quota
+    assert usable_cpus() == (quota or 16)
+    assert llm_threads() == (min(8, quota or 16), quota or 16)
+
+
+def test_the_user_caps_the_threads(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(cpus, "physical_cores", lambda: 8)
+    monkeypatch.setenv(cpus.ENV_THREADS, "3")
+    assert llm_threads() == (3, 3)
+    monkeypatch.setattr(cpus, "physical_cores", lambda: None)  # cores unknown: the cap decodes
+    assert llm_threads() == (3, 3)
+    for bad in ("0", "-2", "two"):
+        monkeypatch.setenv(cpus.ENV_THREADS, bad)
+        with pytest.raises(InvalidInputError, match="EDGE_PLLM_THREADS must be a whole number"):
+            usable_cpus()
+
+
+def test_threads_on_the_command_line_reach_every_engine(
+    default_bundle: Path, isolated_home: Path, monkeypatch
+):
+    """`--threads 1`: llama.cpp decodes and prefills on one thread, and the embedder's and
+    the head's onnxruntime sessions run one."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["--threads", "1", "--bundle", str(default_bundle), "path"])
+    assert result.exit_code == 0, result.output
+    assert os.environ[cpus.ENV_THREADS] == "1"
+    pllm = PersonalLLM(default_bundle, home=isolated_home, llm_config=LLMConfig(n_ctx=256))
+    assert pllm.llm.llama.context_params.n_threads == 1
+    assert pllm.llm.llama.context_params.n_threads_batch == 1
+    assert pllm.plug is not None
+    for session in (pllm.embedder._session, pllm.plug._session):
+        assert session.get_session_options().intra_op_num_threads == 1
+    refused = runner.invoke(cli, ["--threads", "0", "path"])
+    assert refused.exit_code == 2 and "--threads" in refused.output

@@ -114,7 +114,9 @@ class TrainConfig:
         "Where to train: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda, "
         "cuda:N, mps. Checkpoints resume on any device.",
     )
-    threads: int = option(0, "CPU threads for torch (0: torch's default).")
+    threads: int = option(
+        0, "CPU threads for torch (0: the global --threads if given, else torch's default)."
+    )
     llm_source: str | None = option(
         None,
         "Train against this HF folder instead of the bundle's GGUF (dequantized).",
