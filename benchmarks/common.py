@@ -92,7 +92,7 @@ def machine() -> dict[str, str]:
     )
     return {
         "cpu": cpu,
-        "cores": str(usable_cpus()),
+        "usable CPUs (affinity, container quota, --threads)": str(usable_cpus()),
         "llama.cpp threads (decode, prompt) by default": ", ".join(map(str, llm_threads())),
         "memory": mem,
         "os": platform.platform(),

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import chat as chat_session
 from . import paths
 from .chat import count_of as _count
-from .cpus import ENV_THREADS, usable_cpus
+from .cpus import ENV_THREADS, MAX_THREADS, cpu_bound, library_threads, llm_threads, usable_cpus
 from .defaults import default_bundle_path, ensure_default_bundle
 from .errors import EdgePLLMError, InvalidInputError
 from .files import open_private
@@ -30,7 +30,6 @@ from .strategies import REGISTRY, get_strategy
 
 F = TypeVar("F", bound=Callable[..., Any])
 ENV_PASSPHRASE = "EDGE_PLLM_PASSPHRASE"
-MAX_THREADS = 4096
 # Packages add commands through this entry-point group: each entry is a callable that takes
 # the `cli` group (the workstation's `export` and `train-plug` come this way), so the
 # runtime never names them.
@@ -191,8 +190,10 @@ def cli(
     ask_passphrase: bool,
 ) -> None:
     """A personalized LLM that runs entirely on this device."""
-    if threads is not None:  # for every engine in this process, and any process it starts
+    if threads is not None:  # read by every engine (cpus.thread_cap), until the command ends
+        previous = os.environ.get(ENV_THREADS)
         os.environ[ENV_THREADS] = str(threads)
+        ctx.call_on_close(lambda: _restore_env(ENV_THREADS, previous))
     raw: str | bytes | None  # the prompt, else the file, else the environment
     if ask_passphrase:
         source, raw = "the prompt", click.prompt("Database passphrase", hide_input=True)
@@ -204,6 +205,13 @@ def cli(
     if passphrase == "":
         raise InvalidInputError(f"The passphrase from {source} is empty.", field="passphrase")
     ctx.obj = Context(home, bundle, n_ctx, passphrase)
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def _name(stream: Any) -> str:
@@ -636,6 +644,14 @@ def status(obj: Context) -> None:
     except EdgePLLMError as exc:
         plug = f"refused: {exc}"
     click.echo(f"plug:      {plug}")
+    decode, prompt = llm_threads()
+    onnx = library_threads() or "onnxruntime's default"
+    bound = cpu_bound()
+    bounded = f"{bound} (container quota or --threads)" if bound else "none"
+    click.echo(
+        f"threads:   llama.cpp {decode} decode, {prompt} prompt; embedder and head {onnx}; "
+        f"bound {bounded}"
+    )
     click.echo(f"database:  {store.path} (driver {store.driver})")
     click.echo(f"users:     {len(store.users())}")
     click.echo(
@@ -893,7 +909,7 @@ def eval_command(
             "decoding": "greedy (temperature 0), repeat penalty 1.1",
             "reproduce": f"`{command}`",
             "wall time of this invocation": f"{time.perf_counter() - started:.0f} s "
-            f"({usable_cpus()} CPU cores)",
+            f"({usable_cpus()} usable CPUs)",
             "run folder": "predictions.jsonl, *_outputs.json (LaMP format), *_metrics.json",
         },
     )

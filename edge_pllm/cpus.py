@@ -3,12 +3,12 @@
 Three things bound them, the smallest wins: the CPUs the process may run on (its affinity
 mask), the CPU time its container may spend (a cgroup quota, as `docker run --cpus 2` sets:
 more threads than that only take turns), and the user's own cap (`--threads`, or
-`EDGE_PLLM_THREADS`), for a machine shared with other work.
+`EDGE_PLLM_THREADS`), for a machine shared with other work. A bound only ever lowers a
+count.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -17,18 +17,29 @@ from .errors import InvalidInputError
 SYSFS_CPUS = Path("/sys/devices/system/cpu")
 SYSFS_CGROUP = Path("/sys/fs/cgroup")
 ENV_THREADS = "EDGE_PLLM_THREADS"
+MAX_THREADS = 4096
+
+
+def machine_cpus() -> int:
+    """The logical CPUs this process may run on: its affinity mask where the OS has one
+    (Linux), else every CPU (macOS and Windows lack `os.sched_getaffinity`)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    if affinity is not None:
+        return len(affinity(0))
+    return os.cpu_count() or 1
+
+
+def cpu_bound() -> int | None:
+    """The smaller of the container's quota and the user's cap; None where neither is set."""
+    bounds = [b for b in (cgroup_cpu_quota(), thread_cap()) if b is not None]
+    return min(bounds) if bounds else None
 
 
 def usable_cpus() -> int:
-    """The CPUs this process may use: its affinity mask where the OS has one (Linux), else
-    every CPU (macOS and Windows lack `os.sched_getaffinity`), cut to its cgroup's CPU quota
-    and to the user's cap (`thread_cap`)."""
-    affinity = getattr(os, "sched_getaffinity", None)
-    count = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
-    for bound in (cgroup_cpu_quota(), thread_cap()):
-        if bound is not None:
-            count = min(count, bound)
-    return max(1, count)
+    """The CPUs this process may use: `machine_cpus` cut to `cpu_bound`."""
+    bound = cpu_bound()
+    count = machine_cpus()
+    return max(1, count if bound is None else min(count, bound))
 
 
 def thread_cap() -> int | None:
@@ -37,26 +48,27 @@ def thread_cap() -> int | None:
     text = os.environ.get(ENV_THREADS, "").strip()
     if not text:
         return None
-    try:
-        cap = int(text)
-    except ValueError:
-        cap = 0
-    if cap < 1:
+    if not text.isdecimal() or not 1 <= int(text) <= MAX_THREADS:
         raise InvalidInputError(
-            f"{ENV_THREADS} must be a whole number of threads, 1 or more (got {text!r}).",
+            f"{ENV_THREADS} must be a whole number of threads from 1 to {MAX_THREADS} "
+            f"(got {text!r}).",
             field="threads",
         )
-    return cap
+    return int(text)
 
 
 def cgroup_cpu_quota() -> int | None:
-    """The CPUs' worth of time this process's cgroup may spend, rounded up (cgroup v2's
-    `cpu.max`, or v1's CFS quota and period, read where a container sees its own cgroup:
-    the root of the mount); None where there is no quota or no cgroup file to read."""
-    for quota_file, period_file in (
-        (SYSFS_CGROUP / "cpu.max", None),
-        (SYSFS_CGROUP / "cpu" / "cpu.cfs_quota_us", SYSFS_CGROUP / "cpu" / "cpu.cfs_period_us"),
-    ):
+    """The whole CPUs' worth of time this process's cgroup may spend (at least 1; a
+    fraction is dropped, as Go's automaxprocs does: one thread too many thrashes, llama.cpp's
+    threads spin at their barriers), from cgroup v2's `cpu.max` or v1's CFS quota and
+    period; None where there is no quota or no file to read. Read at the root of the
+    mount, which is the process's own cgroup in a container (Docker, Kubernetes); a quota
+    set on the host (systemd's CPUQuota=) or on a parent cgroup is not seen."""
+    candidates = [(SYSFS_CGROUP / "cpu.max", None)] + [
+        (SYSFS_CGROUP / v1 / "cpu.cfs_quota_us", SYSFS_CGROUP / v1 / "cpu.cfs_period_us")
+        for v1 in ("cpu", "cpu,cpuacct")
+    ]
+    for quota_file, period_file in candidates:
         try:
             fields = quota_file.read_text().split()
             if period_file is not None:
@@ -65,7 +77,7 @@ def cgroup_cpu_quota() -> int | None:
             if quota in ("max", "-1"):
                 return None
             if int(quota) > 0 and period > 0:
-                return max(1, math.ceil(int(quota) / period))
+                return max(1, int(quota) // period)
         except (OSError, ValueError, IndexError):
             continue
     return None
@@ -100,15 +112,23 @@ def physical_cores() -> int | None:
 
 def compute_threads() -> int:
     """Threads for work that keeps a core busy (decoding, running an ONNX graph): one per
-    physical core this process may use, no more than `usable_cpus`. Where the cores cannot
-    be counted (macOS, Windows, no sysfs), the user's cap if there is one, else half the
-    logical CPUs: llama-cpp-python's own default, which assumes two hardware threads per
-    core."""
-    logical = usable_cpus()
+    physical core this process may use, within `cpu_bound`. Where the cores cannot be
+    counted (macOS, Windows, no sysfs), half the logical CPUs: llama-cpp-python's own
+    default, which assumes two hardware threads per core."""
     cores = physical_cores()
     if cores is None:
-        cores = logical if thread_cap() is not None else logical // 2  # a cap says how many
-    return max(1, min(cores, logical))
+        cores = machine_cpus() // 2
+    return max(1, min(cores, usable_cpus()))
+
+
+def library_threads() -> int:
+    """The thread count to give a library that counts cores itself (onnxruntime, torch):
+    0, its own default, unless the cores can be counted here or a bound applies (its
+    count ignores container quotas and the user's cap; onnxruntime's also the affinity
+    mask)."""
+    if physical_cores() is None and cpu_bound() is None:
+        return 0
+    return compute_threads()
 
 
 def llm_threads() -> tuple[int, int]:

@@ -51,7 +51,7 @@ class EmbedderConfig:
     normalize: bool = True
     max_seq_length: int = 256
     batch_size: int = 1  # texts per run; > 1 only for a batch-invariant model
-    threads: int = 0  # 0: onnxruntime's default
+    threads: int = 0  # 0: onnx_session.open_session's choice (cpus.library_threads)
     batch_invariant: bool = False  # a text's vector does not depend on its batch-mates
 
 

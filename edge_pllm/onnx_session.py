@@ -18,16 +18,17 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from .cpus import compute_threads
+from .cpus import library_threads
 from .errors import BundleError
 
 
 def open_session(path: str | Path, threads: int = 0, what: str = "model") -> ort.InferenceSession:
-    """An InferenceSession on `path` with `threads` threads (0: one per physical core this
-    process may use, `cpus.compute_threads`: onnxruntime's own count ignores container
-    quotas and the user's cap); a file onnxruntime cannot load is a BundleError naming it."""
+    """An InferenceSession on `path` with `threads` threads (0: `cpus.library_threads`, one
+    per physical core this process may use within its bounds, or onnxruntime's own
+    default where neither can be told); a file onnxruntime cannot load is a BundleError
+    naming it."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or compute_threads()
+    options.intra_op_num_threads = threads or library_threads()
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")

@@ -9,14 +9,15 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.pop("EDGE_PLLM_THREADS", None)  # the shell's thread cap reaches no fixture
 
 
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "home"
     monkeypatch.setenv("EDGE_PLLM_HOME", str(home))
-    # No thread cap from the shell, and none that a test's `--threads` sets outlives it
-    # (set first, so that teardown removes the variable whatever the test did to it).
+    # No thread cap that a test sets outlives it (set first, so that teardown removes the
+    # variable whatever the test did to it).
     monkeypatch.setenv("EDGE_PLLM_THREADS", "")
     monkeypatch.delenv("EDGE_PLLM_THREADS")
     return home

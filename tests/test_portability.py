@@ -124,10 +124,13 @@ def test_the_model_gets_the_default_threads(default_bundle: Path, monkeypatch):
     "files,quota",
     [
         ({"cpu.max": "max 100000\n"}, None),  # cgroup v2, no limit
-        ({"cpu.max": "150000 100000\n"}, 2),  # `docker run --cpus 1.5`: 2 threads
-        ({"cpu.max": "50000 100000\n"}, 1),
+        ({"cpu.max": "250000 100000\n"}, 2),  # `docker run --cpus 2.5`: 2 threads
+        ({"cpu.max": "50000 100000\n"}, 1),  # half a CPU: still one
+        ({"cpu.max": "max 100000\n", "cpu/cpu.cfs_quota_us": "100000"}, None),  # v2 first
         ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1
         ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),
+        ({"cpu,cpuacct/cpu.cfs_quota_us": "200000", "cpu,cpuacct/cpu.cfs_period_us": "100000"}, 2),
+        ({"cpu.max": "0 100000\n"}, None),
         ({"cpu.max": "garbage"}, None),
         ({}, None),  # no cgroup files (macOS, Windows)
     ],
@@ -148,29 +151,55 @@ def test_the_user_caps_the_threads(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(cpus, "physical_cores", lambda: 8)
     monkeypatch.setenv(cpus.ENV_THREADS, "3")
     assert llm_threads() == (3, 3)
-    monkeypatch.setattr(cpus, "physical_cores", lambda: None)  # cores unknown: the cap decodes
+    monkeypatch.setenv(cpus.ENV_THREADS, "12")  # a cap only lowers: still one per core
+    assert llm_threads() == (8, 12)
+    monkeypatch.setattr(cpus, "physical_cores", lambda: None)  # cores unknown: half, capped
+    assert llm_threads() == (8, 12)
+    monkeypatch.setenv(cpus.ENV_THREADS, "3")
     assert llm_threads() == (3, 3)
-    for bad in ("0", "-2", "two"):
+    for bad in ("0", "-2", "two", "1.5", str(cpus.MAX_THREADS + 1)):
         monkeypatch.setenv(cpus.ENV_THREADS, bad)
         with pytest.raises(InvalidInputError, match="EDGE_PLLM_THREADS must be a whole number"):
             usable_cpus()
 
 
-def test_threads_on_the_command_line_reach_every_engine(
-    default_bundle: Path, isolated_home: Path, monkeypatch
-):
-    """`--threads 1`: llama.cpp decodes and prefills on one thread, and the embedder's and
+def test_libraries_keep_their_own_count_only_where_nothing_is_known(monkeypatch):
+    monkeypatch.setattr(cpus, "physical_cores", lambda: None)
+    assert cpus.library_threads() == 0  # onnxruntime's and torch's own defaults
+    monkeypatch.setenv(cpus.ENV_THREADS, "1")
+    assert cpus.library_threads() == 1
+    monkeypatch.delenv(cpus.ENV_THREADS)
+    monkeypatch.setattr(cpus, "physical_cores", lambda: 1)
+    assert cpus.library_threads() == 1
+
+
+def test_a_thread_cap_reaches_every_engine(default_bundle: Path, isolated_home: Path, monkeypatch):
+    """Capped at 1: llama.cpp decodes and prefills on one thread, and the embedder's and
     the head's onnxruntime sessions run one."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setenv(cpus.ENV_THREADS, "1")
+    with PersonalLLM(default_bundle, home=isolated_home, llm_config=LLMConfig(n_ctx=256)) as p:
+        assert p.llm.llama.context_params.n_threads == 1
+        assert p.llm.llama.context_params.n_threads_batch == 1
+        assert p.plug is not None
+        for session in (p.embedder._session, p.plug._session):
+            assert session.get_session_options().intra_op_num_threads == 1
+
+
+def test_threads_on_the_command_line(default_bundle: Path, monkeypatch):
+    """`--threads` caps the command it is given to (status shows the counts), and no more:
+    the process's environment is as it was afterwards."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(cpus, "physical_cores", lambda: 4)
     runner = CliRunner()
-    result = runner.invoke(cli, ["--threads", "1", "--bundle", str(default_bundle), "path"])
-    assert result.exit_code == 0, result.output
-    assert os.environ[cpus.ENV_THREADS] == "1"
-    pllm = PersonalLLM(default_bundle, home=isolated_home, llm_config=LLMConfig(n_ctx=256))
-    assert pllm.llm.llama.context_params.n_threads == 1
-    assert pllm.llm.llama.context_params.n_threads_batch == 1
-    assert pllm.plug is not None
-    for session in (pllm.embedder._session, pllm.plug._session):
-        assert session.get_session_options().intra_op_num_threads == 1
+    bundle = ["--bundle", str(default_bundle)]
+    capped = runner.invoke(cli, ["--threads", "1", *bundle, "status"])
+    assert capped.exit_code == 0, capped.output
+    assert "threads:   llama.cpp 1 decode, 1 prompt; embedder and head 1; bound 1" in capped.output
+    assert cpus.ENV_THREADS not in os.environ
+    free = runner.invoke(cli, [*bundle, "status"])
+    assert "threads:   llama.cpp 4 decode, 4 prompt; embedder and head 4; bound none" in free.output
     refused = runner.invoke(cli, ["--threads", "0", "path"])
     assert refused.exit_code == 2 and "--threads" in refused.output
+    from_env = runner.invoke(cli, ["path"], env={cpus.ENV_THREADS: "0"})
+    assert from_env.exit_code == 2 and "--threads" in from_env.output

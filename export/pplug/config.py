@@ -115,7 +115,9 @@ class TrainConfig:
         "cuda:N, mps. Checkpoints resume on any device.",
     )
     threads: int = option(
-        0, "CPU threads for torch (0: the global --threads if given, else torch's default)."
+        0,
+        "CPU threads for torch (0: torch's default, lowered to the container's quota or the "
+        "global `edge-pllm --threads`).",
     )
     llm_source: str | None = option(
         None,

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from edge_pllm.bundle import Bundle, load_bundle
-from edge_pllm.cpus import thread_cap
+from edge_pllm.cpus import compute_threads, cpu_bound
 from edge_pllm.embedder import Embedder
 from edge_pllm.errors import InvalidInputError
 from edge_pllm.files import atomic_write
@@ -203,9 +203,10 @@ def setup(
     world = world or World()
     progress = progress and world.is_main
     device = resolve_device(config.device)
-    threads = config.threads or thread_cap()  # else `edge-pllm --threads N` caps torch too
-    if threads:
-        torch.set_num_threads(threads)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    elif cpu_bound() is not None:  # `edge-pllm --threads N` or a container quota: fewer only
+        torch.set_num_threads(min(torch.get_num_threads(), compute_threads()))
     bundle = load_bundle(bundle_dir)
     emb = bundle.embedder
     embedder = Embedder(bundle.file(emb.file), bundle.file(emb.tokenizer), emb.config)
