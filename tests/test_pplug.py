@@ -169,19 +169,22 @@ def test_cached_request_keys_and_values_give_the_loss_of_the_whole_sequence(tiny
             np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=2e-2, rtol=2e-2)
 
 
-def test_several_persona_tokens_through_the_device_path(tiny_bundle, trained, tmp_path):
-    """A head with 3 persona tokens and a learned attention scale: each token attends over
-    the history on its own, and the device (split ONNX graphs, onnxruntime) gives the torch
-    head's 1 + 3 soft tokens."""
+def test_several_task_and_persona_tokens_through_the_device_path(tiny_bundle, trained, tmp_path):
+    """A head with 2 task tokens, 3 persona tokens and a learned attention scale: each
+    persona token attends over the history on its own, and the device (split ONNX graphs,
+    onnxruntime) gives the torch head's 2 + 3 soft tokens."""
     tiny, bundle = tiny_bundle
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
     examples = trained[2]
-    config = small_config(tiny, persona_tokens=3, attention_scale=10.0, placement="prefix")
+    config = small_config(
+        tiny, persona_tokens=3, task_tokens=2, attention_scale=10.0, placement="prefix"
+    )
     head, _ = pplug.train(copy, examples, SPEC, tmp_path / "out", config, progress=False)
     onnx = pplug.export_onnx(head, tmp_path / "out" / "plug.onnx")
     spec = pplug.head_spec(head, load_bundle(copy), {"steps": 2})
-    assert spec.n_soft == 4 and spec.extra["n_persona"] == 3 and spec.placement == "prefix"
+    assert spec.n_soft == 5 and spec.extra["n_persona"] == 3 and spec.extra["n_task"] == 2
+    assert spec.placement == "prefix"
     # τ was trained: it moved from where it started, and the device runs the moved value.
     tau = spec.extra["attention_scale"]
     assert tau != pytest.approx(10.0, abs=1e-4)
@@ -189,9 +192,13 @@ def test_several_persona_tokens_through_the_device_path(tiny_bundle, trained, tm
     # The population mean is in the head, and the device's graphs carry it.
     assert float(head.history_mean.norm()) > 0.1
     attach_head(copy, onnx, spec)
-    *_, got = device_matches_torch(head, copy)
-    assert got.shape == (4, 64)
-    persona = got[1:]  # the persona tokens differ from one another
+    first, *_, got = device_matches_torch(head, copy)
+    assert got.shape == (5, 64)
+    task, persona = got[:2], got[2:]
+    # The task tokens are the same for every user, and differ from one another.
+    np.testing.assert_array_equal(first[:2], task)
+    assert np.abs(task[0] - task[1]).max() > 1e-3
+    # The persona tokens differ from one another
     assert np.abs(persona[0] - persona[1]).max() > 1e-3
     assert np.abs(persona[1] - persona[2]).max() > 1e-3
     # Attaching wrote μ as the population history: the device's persona of a newcomer.
@@ -377,6 +384,7 @@ def test_rag_training_shows_what_plug_rag_shows_at_run_time(tiny_bundle, trained
         ({"rag": -1}, "rag"),
         ({"rag": 1, "rag_fraction": 1.5}, "rag_fraction"),
         ({"persona_tokens": 0}, "persona_tokens"),
+        ({"task_tokens": 0}, "task_tokens"),
         ({"attention_scale": -1.0}, "attention_scale"),
         ({"placement": "middle"}, "placement"),
         ({"validate": "train"}, "validate"),
@@ -676,3 +684,21 @@ def test_recorded_command_reproduces_the_head_exactly(tiny_bundle, tmp_path):
         assert torch.equal(a[name], b[name]), name
     other = json.loads((tmp_path / "b" / "plug.json").read_text())
     assert other["command"] == recorded["command"] and other["config"] == recorded["config"]
+
+
+def test_a_head_state_from_before_task_tokens_loads_as_one_task_token():
+    """Checkpoints written before `--task-tokens` hold one instruction vector (and, older
+    still, `query_map` and no population mean): they resume as a head with one task token."""
+    from export.pplug.training import upgrade_state
+
+    config = pplug.HeadConfig(d_enc=8, d_llm=16, embed_norm=1.0)
+    head = pplug.PPlugHead(config)
+    old = {k.replace("query_encoder.", "query_map.", 1): v for k, v in head.state_dict().items()}
+    old["instruction"] = old["instruction"][0]
+    del old["history_mean"]
+    fresh = pplug.PPlugHead(config)
+    fresh.load_state_dict(upgrade_state(old))  # strict: every name and shape
+    assert torch.equal(fresh.instruction, head.instruction)
+    assert torch.equal(fresh.history_mean, torch.zeros(8))
+    with pytest.raises(InvalidInputError, match="n_task"):
+        pplug.PPlugHead(pplug.HeadConfig(d_enc=8, d_llm=16, embed_norm=1.0, n_task=0))

@@ -52,7 +52,14 @@ class TrainConfig:
     persona_tokens: int = option(
         4,
         "Persona soft tokens, each from its own attention over the history (1: the paper's "
-        "head; the LLM sees 1 + K soft tokens).",
+        "head; the LLM sees T + K soft tokens, T the task tokens).",
+        type=click.IntRange(min=1),
+    )
+    task_tokens: int = option(
+        1,
+        "Task soft tokens in front of the persona tokens: learned, the same for every user "
+        "and request (1: the paper's instruction token; more give the frozen LLM a longer "
+        "learned prompt for the task).",
         type=click.IntRange(min=1),
     )
     attention_scale: float | None = option(
@@ -143,6 +150,7 @@ class TrainConfig:
             (self.placement in PLACEMENTS, "placement", f"one of {', '.join(PLACEMENTS)}"),
             (self.input_encoder in INPUT_ENCODERS, "input_encoder", "linear or trainable"),
             (self.persona_tokens >= 1, "persona_tokens", "at least 1"),
+            (self.task_tokens >= 1, "task_tokens", "at least 1"),
             (self.attention_scale is None or self.attention_scale >= 0, "attention_scale", "≥ 0"),
             (self.rag >= 0, "rag", "≥ 0"),
             (0 <= self.rag_fraction <= 1, "rag_fraction", "within [0, 1]"),

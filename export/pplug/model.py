@@ -14,8 +14,9 @@ tokens for the frozen LLM.
                                       cosines, whose softmax over hundreds of items is nearly
                                       uniform)
     P_k = Σ_i w_ki Proj(h_i)_k        Proj = Linear(d_enc→d_llm) → GELU → Linear(d_llm→K·d_llm)
-    I   = Proj_I(v)                   v: a learned instruction vector, its own projector
-    soft tokens = [I; P_1..P_K], each rescaled to the mean row norm of the LLM's token
+    I_t = Proj_I(v_t)                 v_1..v_T: learned task vectors (T = 1: the paper's one
+                                      instruction token), through their own projector
+    soft tokens = [I_1..I_T; P_1..P_K], each rescaled to the mean row norm of the LLM's token
     embeddings, so they live where the LLM's input embeddings live.
 """
 
@@ -42,7 +43,8 @@ class HeadConfig:
     embed_norm: float
     max_history: int = 512
     input_encoder: InputEncoder = "linear"
-    n_persona: int = 1  # persona tokens (the paper: 1); the head emits 1 + n_persona
+    n_persona: int = 1  # persona tokens (the paper: 1)
+    n_task: int = 1  # task tokens, the same for everyone; the head emits n_task + n_persona
     attention_scale: float | None = None  # learned τ's start (None: the paper's, no τ)
     center: bool = False  # subtract the population mean μ from the history vectors
     placement: str = "prefix"  # where the soft tokens go: "prefix" or "before_answer"
@@ -119,7 +121,7 @@ class TrainableQueryEncoder(nn.Module):
 
 
 class PPlugHead(nn.Module):
-    """Input-aware aggregation of history embeddings into [instruction, persona] soft tokens.
+    """Input-aware aggregation of history embeddings into [task, persona] soft tokens.
 
     `encoder` (a transformers model, e.g. from `load_input_encoder`) is required by, and only
     used by, the `trainable` input encoder."""
@@ -154,7 +156,10 @@ class PPlugHead(nn.Module):
             with torch.no_grad():
                 eye = torch.eye(d_enc).repeat(k, 1)
                 self.query_heads.weight.copy_(eye + 0.02 * torch.randn_like(eye))
-        self.instruction = nn.Parameter(torch.randn(d_enc) / math.sqrt(d_enc))
+        n_task = config.n_task
+        if n_task < 1:
+            raise InvalidInputError(f"n_task must be ≥ 1 (got {n_task}).", field="n_task")
+        self.instruction = nn.Parameter(torch.randn(n_task, d_enc) / math.sqrt(d_enc))
         self.proj_instruction = nn.Sequential(
             nn.Linear(d_enc, d_llm), nn.GELU(), nn.Linear(d_llm, d_llm)
         )
@@ -179,7 +184,7 @@ class PPlugHead(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         """The request's inputs (`input_names`: query (B, d_enc), or input_ids and
         attention_mask (B, L)), then history (B, N, d_enc) and mask (B, N) of 1/0
-        -> soft tokens (B, 1 + n_persona, d_llm)."""
+        -> soft tokens (B, n_task + n_persona, d_llm)."""
         *query, history, mask = inputs
         if self.config.center:
             history = history - self.history_mean
@@ -196,6 +201,7 @@ class PPlugHead(nn.Module):
         weights = torch.softmax(scores, dim=-1)
         projected = self.proj(history).unflatten(-1, (k, d_llm))
         persona = torch.einsum("bkn,bnkd->bkd", weights, projected)
-        instruction = self.proj_instruction(self.instruction).expand_as(persona[:, :1])
+        task = self.proj_instruction(self.instruction)  # (n_task, d_llm)
+        instruction = task.unsqueeze(0).expand(persona.shape[0], -1, -1)
         tokens = torch.cat([instruction, persona], dim=1)
         return tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-6) * self.embed_norm

@@ -16,7 +16,7 @@ from .model import PPlugHead
 def export_onnx(head: PPlugHead, path: str | Path) -> Path:
     """The head as ONNX: the request's inputs (`head.input_names`: query (B, d_enc) for the
     linear input encoder, input_ids and attention_mask (B, L) int64 for the trainable one),
-    history (B, N, d_enc) and mask (B, N) -> soft_tokens (B, 1 + n_persona, d_llm). fp32
+    history (B, N, d_enc) and mask (B, N) -> soft_tokens (B, n_task + n_persona, d_llm). fp32
     throughout; the trainable variant carries its encoder (about 90 MB for MiniLM)."""
     path = Path(path)
     d = head.config.d_enc
@@ -50,7 +50,11 @@ def head_spec(head: PPlugHead, bundle: Bundle, info: dict[str, Any]) -> PlugSpec
     settings and results) is kept with it."""
     files = bundle.manifest["files"]
     trainable = head.config.input_encoder == "trainable"
-    extra: dict[str, Any] = {"n_persona": head.config.n_persona, "inputs": list(head.input_names)}
+    extra: dict[str, Any] = {
+        "n_persona": head.config.n_persona,
+        "n_task": head.config.n_task,
+        "inputs": list(head.input_names),
+    }
     if head.log_scale is not None:  # the learned τ (it started at config.attention_scale)
         extra["attention_scale"] = round(float(head.log_scale.detach().exp()), 4)
     return PlugSpec(
@@ -59,7 +63,7 @@ def head_spec(head: PPlugHead, bundle: Bundle, info: dict[str, Any]) -> PlugSpec
         d_llm=head.config.d_llm,
         llm_sha256=files[bundle.llm.file]["sha256"],
         embedder_sha256=files[bundle.embedder.file]["sha256"],
-        n_soft=1 + head.config.n_persona,
+        n_soft=head.config.n_task + head.config.n_persona,
         max_history=head.config.max_history,
         input_encoder=head.config.input_encoder,
         max_seq_length=head.config.max_seq_length if trainable else None,

@@ -250,6 +250,7 @@ def setup(
         max_history=config.max_history,
         input_encoder=config.input_encoder,  # type: ignore[arg-type]
         n_persona=config.persona_tokens,
+        n_task=config.task_tokens,
         attention_scale=config.scale,
         center=config.center,
         placement=config.placement,
@@ -344,10 +345,13 @@ def _load(session: Session, state: dict[str, Any], out_dir: Path) -> None:
 
 def upgrade_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A head state dict from an older head: `query_map` (before the input-encoder option)
-    is the linear encoder; no `history_mean` (before centring) is a zero mean."""
+    is the linear encoder; no `history_mean` (before centring) is a zero mean; a single
+    `instruction` vector (before task tokens) is one task token."""
     state = {k.replace("query_map.", "query_encoder.", 1): v for k, v in state.items()}
-    if "history_mean" not in state and "instruction" in state:
-        state["history_mean"] = torch.zeros_like(state["instruction"])
+    instruction = state.get("instruction")
+    if instruction is not None and instruction.dim() == 1:
+        state.setdefault("history_mean", torch.zeros_like(instruction))
+        state["instruction"] = instruction.unsqueeze(0)
     return state
 
 

@@ -71,7 +71,7 @@ def validation_examples(examples: Sequence[Example]) -> list[Example]:
 def soft_tokens(
     head: PPlugHead, query: tuple[torch.Tensor, ...], histories: Sequence[np.ndarray]
 ) -> torch.Tensor:
-    """The head's soft tokens (B, 1 + n_persona, d_llm) for a batch: `query` is its request
+    """The head's soft tokens (B, n_task + n_persona, d_llm) for a batch: `query` is its request
     inputs (see PPlugHead.input_names), `histories` each user's history vectors, padded and
     masked."""
     n_hist = max(len(h) for h in histories)
