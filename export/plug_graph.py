@@ -3,7 +3,7 @@
 The head computes P = Σ_i softmax_i(h_i · x) · Proj(h_i). Proj(h_i) depends on the history
 item only, not on the request, so the device computes it once per history (the `project`
 graph) and keeps it with the user's cached vectors; each request then runs only the
-`aggregate` graph (scores, softmax, weighted sum, instruction token, norm), which reads the
+`aggregate` graph (scores, softmax, weighted sum, task tokens, norm), which reads the
 projections as an input. Same weights, same arithmetic: the split changes no soft token.
 """
 

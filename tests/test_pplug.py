@@ -235,6 +235,33 @@ def test_checkpoint_resumes_when_the_embedding_norm_differs_in_its_last_bits(
         pplug.train(bundle, examples, SPEC, moved, config, progress=False)
 
 
+def test_a_checkpoint_from_before_task_tokens_resumes_and_trains_on(tiny_bundle, trained, tmp_path):
+    """A checkpoint written before `--task-tokens`: one 1-d instruction vector, its Adam
+    moments of that shape, no `n_task` in the head's shape. It resumes as one task token
+    and keeps training (the moments take the parameter's new shape)."""
+    tiny, bundle = tiny_bundle
+    _, _, examples, out = trained
+    moved = tmp_path / "out"
+    shutil.copytree(out, moved)
+    state = torch.load(moved / "checkpoint.pt", weights_only=False)
+    d_enc = state["head_config"]["d_enc"]
+    del state["head_config"]["n_task"]
+    state["head"]["instruction"] = state["head"]["instruction"].reshape(d_enc)
+    old_moments = 0
+    for moments in state["opt"]["state"].values():
+        for name, value in moments.items():
+            if torch.is_tensor(value) and value.shape == (1, d_enc):
+                moments[name] = value.reshape(d_enc)
+                old_moments += 1
+    assert old_moments == 2  # exp_avg and exp_avg_sq of the instruction vector
+    torch.save(state, moved / "checkpoint.pt")
+    config = small_config(tiny, steps=state["step"] + 2)
+    head, resumed = pplug.train(bundle, examples, SPEC, moved, config, progress=False)
+    assert resumed.losses[: state["step"]] == state["losses"]
+    assert len(resumed.losses) == state["step"] + 2 and np.isfinite(resumed.losses).all()
+    assert head.instruction.shape == (1, d_enc)
+
+
 def test_training_resumes_from_its_checkpoint(tiny_bundle, trained):
     tiny, bundle = tiny_bundle
     _, first, examples, out = trained

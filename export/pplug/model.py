@@ -53,10 +53,12 @@ class HeadConfig:
     max_seq_length: int = 256
 
 
-def check_head_settings(n_persona: int, attention_scale: float | None) -> None:
+def check_head_settings(n_persona: int, attention_scale: float | None, n_task: int = 1) -> None:
     """Refuse a head shape that cannot be built (before anything is loaded or written)."""
     if n_persona < 1:
         raise InvalidInputError(f"n_persona must be ≥ 1 (got {n_persona}).", field="n_persona")
+    if n_task < 1:
+        raise InvalidInputError(f"n_task must be ≥ 1 (got {n_task}).", field="n_task")
     if attention_scale is not None and attention_scale <= 0:
         raise InvalidInputError(
             f"attention_scale must be > 0 (got {attention_scale}).", field="attention_scale"
@@ -146,7 +148,7 @@ class PPlugHead(nn.Module):
                 f"(known: {', '.join(QUERY_INPUTS)}).",
                 field="input_encoder",
             )
-        check_head_settings(config.n_persona, config.attention_scale)
+        check_head_settings(config.n_persona, config.attention_scale, config.n_task)
         k = config.n_persona
         self.proj = nn.Sequential(nn.Linear(d_enc, d_llm), nn.GELU(), nn.Linear(d_llm, k * d_llm))
         # One attention query per persona token; each starts near x itself.
@@ -156,10 +158,7 @@ class PPlugHead(nn.Module):
             with torch.no_grad():
                 eye = torch.eye(d_enc).repeat(k, 1)
                 self.query_heads.weight.copy_(eye + 0.02 * torch.randn_like(eye))
-        n_task = config.n_task
-        if n_task < 1:
-            raise InvalidInputError(f"n_task must be ≥ 1 (got {n_task}).", field="n_task")
-        self.instruction = nn.Parameter(torch.randn(n_task, d_enc) / math.sqrt(d_enc))
+        self.instruction = nn.Parameter(torch.randn(config.n_task, d_enc) / math.sqrt(d_enc))
         self.proj_instruction = nn.Sequential(
             nn.Linear(d_enc, d_llm), nn.GELU(), nn.Linear(d_llm, d_llm)
         )

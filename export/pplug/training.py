@@ -333,6 +333,7 @@ def _load(session: Session, state: dict[str, Any], out_dir: Path) -> None:
         )
     session.head.load_state_dict(upgrade_state(state["head"]))
     session.opt.load_state_dict(state["opt"])
+    fit_optimizer_state(session.opt)
     session.sched.load_state_dict(state["sched"])
     session.step, session.losses, session.seconds = state["step"], state["losses"], state["seconds"]
     random.setstate(state["py_rng"])
@@ -353,6 +354,20 @@ def upgrade_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         state.setdefault("history_mean", torch.zeros_like(instruction))
         state["instruction"] = instruction.unsqueeze(0)
     return state
+
+
+def fit_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """The optimizer's moments in their parameter's shape: a parameter `upgrade_state`
+    reshaped (one instruction vector -> one task token) kept its old moments' shape, which
+    `load_state_dict` does not check and the first step would refuse."""
+    for param, moments in opt.state.items():
+        for name, value in moments.items():
+            if (
+                isinstance(value, torch.Tensor)
+                and value.shape != param.shape
+                and value.numel() == param.numel()
+            ):
+                moments[name] = value.reshape(param.shape)
 
 
 def save(session: Session, out_dir: Path, seconds: float) -> None:
