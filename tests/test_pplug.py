@@ -212,16 +212,21 @@ def test_several_task_and_persona_tokens_through_the_device_path(tiny_bundle, tr
     assert np.allclose(population[0], head.history_mean.numpy(), atol=1e-7)
 
 
+def copied_checkpoint(trained, tmp_path: Path) -> tuple[Path, dict]:
+    """A copy of the trained run's folder (to edit its checkpoint), and that checkpoint."""
+    moved = tmp_path / "out"
+    shutil.copytree(trained[3], moved)
+    return moved, torch.load(moved / "checkpoint.pt", weights_only=False)
+
+
 def test_checkpoint_resumes_when_the_embedding_norm_differs_in_its_last_bits(
     tiny_bundle, trained, tmp_path
 ):
     """The norm is a float summed on whatever device trained: a checkpoint written on
     another device may differ in its last bits, and still resumes; another head does not."""
     tiny, bundle = tiny_bundle
-    _, _, examples, out = trained
-    moved = tmp_path / "out"
-    shutil.copytree(out, moved)
-    state = torch.load(moved / "checkpoint.pt", weights_only=False)
+    examples = trained[2]
+    moved, state = copied_checkpoint(trained, tmp_path)
     norm = state["head_config"]["embed_norm"]
     state["head_config"]["embed_norm"] = float(np.nextafter(norm, np.inf, dtype=np.float64))
     torch.save(state, moved / "checkpoint.pt")
@@ -240,10 +245,8 @@ def test_a_checkpoint_from_before_task_tokens_resumes_and_trains_on(tiny_bundle,
     moments of that shape, no `n_task` in the head's shape. It resumes as one task token
     and keeps training (the moments take the parameter's new shape)."""
     tiny, bundle = tiny_bundle
-    _, _, examples, out = trained
-    moved = tmp_path / "out"
-    shutil.copytree(out, moved)
-    state = torch.load(moved / "checkpoint.pt", weights_only=False)
+    examples = trained[2]
+    moved, state = copied_checkpoint(trained, tmp_path)
     d_enc = state["head_config"]["d_enc"]
     del state["head_config"]["n_task"]
     state["head"]["instruction"] = state["head"]["instruction"].reshape(d_enc)
