@@ -200,7 +200,6 @@ class PPlugHead(nn.Module):
         weights = torch.softmax(scores, dim=-1)
         projected = self.proj(history).unflatten(-1, (k, d_llm))
         persona = torch.einsum("bkn,bnkd->bkd", weights, projected)
-        task = self.proj_instruction(self.instruction)  # (n_task, d_llm)
-        instruction = task.unsqueeze(0).expand(persona.shape[0], -1, -1)
-        tokens = torch.cat([instruction, persona], dim=1)
+        task = self.proj_instruction(self.instruction).expand(persona.shape[0], -1, -1)
+        tokens = torch.cat([task, persona], dim=1)
         return tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-6) * self.embed_norm
