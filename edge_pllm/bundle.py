@@ -38,6 +38,8 @@ PROJECT_FILE = "plug_project.onnx"  # Proj(h_i) per history item (export/plug_gr
 # The population's history (the training users' mean history vector, (1, d_enc) float32
 # .npy): the persona of a user with no history, and the prior of one with little.
 POPULATION_FILE = "plug_population.npy"
+# The head's task adapter: a GGUF LoRA that llama.cpp applies from the soft tokens on.
+ADAPTER_FILE = "plug_adapter.gguf"
 N_SOFT = 2  # soft tokens of heads whose entry predates `n_soft`: [instruction; persona]
 MAX_HISTORY = 512  # history items a head reads when its entry does not say
 # Bounds of the manifest's numbers: a value outside is a malformed manifest, refused on load
@@ -103,12 +105,14 @@ class PlugSpec:
     tokenizer_sha256: str | None = None
     placement: Placement = "prefix"
     population_file: str | None = None
+    adapter_file: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def files(self) -> list[str]:
         """Every file of the head, as named in the bundle."""
-        return [n for n in (self.file, self.project_file, self.population_file) if n is not None]
+        names = (self.file, self.project_file, self.population_file, self.adapter_file)
+        return [n for n in names if n is not None]
 
     @classmethod
     def from_manifest(cls, folder: str | Path, entry: Any) -> PlugSpec:
@@ -151,9 +155,11 @@ class PlugSpec:
         return {**entry, **self.extra}
 
     def _check_values(self, folder: Path) -> None:
-        optional = {"project_file", "tokenizer_sha256", "max_seq_length", "population_file"}
+        optional = {
+            "project_file", "tokenizer_sha256", "max_seq_length", "population_file", "adapter_file"
+        }  # fmt: skip
         texts = ("file", "llm_sha256", "embedder_sha256", "project_file", "tokenizer_sha256")
-        for key in (*texts, "population_file"):
+        for key in (*texts, "population_file", "adapter_file"):
             value = getattr(self, key)
             if not (value is None and key in optional) and not (_is_text(value) and value):
                 _malformed(folder, key, "a non-empty string", value)
@@ -185,6 +191,8 @@ class PlugSpec:
                 bundle=str(folder),
                 file=self.file,
             )
+        if self.adapter_file is not None and self.placement != "before_answer":
+            _malformed(folder, "placement", "before_answer with an adapter_file", self.placement)
         for name in self.files:
             _check_name(folder, name)
 

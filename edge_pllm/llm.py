@@ -164,6 +164,9 @@ class LLM:
         )
         # sha256 of the soft row at each KV position that holds one (valid below n_tokens).
         self._soft_at: dict[int, bytes] = {}
+        # A LoRA adapter (llama.cpp handle) that acts from the soft tokens on (`load_adapter`).
+        self._adapter: Any = None
+        self._adapter_on = False
         self.cached_tokens = 0  # positions the last call reused from the KV cache
         self._formatter = None
         # What the template adds after the last turn to start the answer (its generation
@@ -214,6 +217,44 @@ class LLM:
         return self._llama.detokenize(list(ids)).decode("utf-8", errors="replace")
 
     # --- soft tokens --------------------------------------------------------------------------
+
+    def load_adapter(self, path: str | Path) -> None:
+        """Load a GGUF LoRA adapter that acts exactly where soft tokens do: on the soft
+        tokens and every position after them, never on the tokens before them. A head
+        trained with a task adapter (`train-plug --adapter-rank`) saw the request through
+        the plain model, so its keys and values stay shareable by every strategy and user."""
+        path = Path(path)
+        if not path.is_file():
+            raise BundleError(f"The adapter file {path} does not exist.", file=str(path))
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+            adapter = self._lc.llama_adapter_lora_init(
+                self._llama._model.model, str(path).encode("utf-8")
+            )
+        if not adapter:
+            raise BundleError(
+                f"llama.cpp could not load the adapter {path}: it is damaged or was made for "
+                "another model; re-attach the head.",
+                file=str(path),
+            )
+        self._use_adapter(False)
+        self._adapter = adapter
+        self.reset()  # nothing cached was computed with or without this adapter
+
+    def _use_adapter(self, on: bool) -> None:
+        """Set (or clear) the adapter on the context for the positions decoded next."""
+        on = on and self._adapter is not None
+        if on == self._adapter_on:
+            return
+        lc = self._lc
+        if on:
+            adapters = (lc.llama_adapter_lora_p_ctypes * 1)(self._adapter)
+            scales = (ctypes.c_float * 1)(1.0)
+            code = lc.llama_set_adapters_lora(self._llama.ctx, adapters, 1, scales)
+        else:
+            code = lc.llama_set_adapters_lora(self._llama.ctx, None, 0, None)
+        if code != 0:
+            raise LLMError(f"llama.cpp could not set the adapter (code {code}).", code=code)
+        self._adapter_on = on
 
     def _check_soft(self, soft: np.ndarray | None) -> np.ndarray | None:
         if soft is None:
@@ -302,10 +343,14 @@ class LLM:
             llama._ctx.kv_cache_seq_rm(-1, keep, -1)
             self._soft_at = {p: h for p, h in self._soft_at.items() if p < keep}
         soft_end = len(before) + k
+        self._use_adapter(False)
         if llama.n_tokens < soft_end:
             if llama.n_tokens < len(before):
                 llama.eval(before[llama.n_tokens :])
+            self._use_adapter(True)
             self._decode_embeddings(soft[llama.n_tokens - len(before) :])  # type: ignore[index]
+        # The adapter acts from the soft tokens on: on what follows them and the answer.
+        self._use_adapter(soft is not None)
         if self.config.prefix_cache and llama.n_tokens < len(tokens) - tail:
             # Logits depend on the batch a token is evaluated in. Evaluating the last `tail`
             # prompt tokens as one batch, always, makes a repeated prompt's answer
@@ -353,6 +398,7 @@ class LLM:
     def logits_for_embeddings(self, rows: np.ndarray) -> np.ndarray:
         """Logits after feeding raw input-embedding rows (no scale applied): parity checks."""
         self.reset()
+        self._use_adapter(False)
         self._decode_embeddings(np.ascontiguousarray(rows, dtype=np.float32), want_logits=True)
         ptr = self._lc.llama_get_logits_ith(self._llama.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self._llama.n_vocab(),)).copy()

@@ -163,7 +163,11 @@ class PersonalLLM:
         """The language model, loaded on first use (adding history does not need it)."""
         with self._llm_lock:
             if self._llm is None:
-                self._llm = LLM(self.bundle.file(self.bundle.llm.file), self.llm_config)
+                llm = LLM(self.bundle.file(self.bundle.llm.file), self.llm_config)
+                head = self.bundle.plug
+                if head is not None and head.adapter_file is not None:
+                    llm.load_adapter(self.bundle.file(head.adapter_file))
+                self._llm = llm
             return self._llm
 
     @property

@@ -19,6 +19,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from edge_pllm.bundle import (
+    ADAPTER_FILE,
     FORMAT,
     HEAD_FILE,
     MANIFEST,
@@ -185,18 +186,30 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
 
 
 def attach_head(
-    bundle_dir: str | Path, onnx_path: str | Path, spec: PlugSpec | dict[str, Any]
+    bundle_dir: str | Path,
+    onnx_path: str | Path,
+    spec: PlugSpec | dict[str, Any],
+    adapter: str | Path | None = None,
 ) -> Path:
     """Put a trained Persona-Plug head (its single-graph ONNX file, split into the aggregate
-    and project graphs, and its `plug` manifest entry) into a bundle. `spec` (a `PlugSpec`
-    or its manifest entry, as `export.pplug.head_spec` makes) names the LLM and embedder the
-    head was trained for; BundleError if they are not this bundle's."""
+    and project graphs, its task adapter GGUF if it has one, and its `plug` manifest entry)
+    into a bundle. `spec` (a `PlugSpec` or its manifest entry, as `export.pplug.head_spec`
+    makes) names the LLM and embedder the head was trained for; BundleError if they are
+    not this bundle's."""
     bundle_dir = Path(bundle_dir)
     if not isinstance(spec, PlugSpec):
         spec = PlugSpec.from_manifest(bundle_dir, spec)
-    spec = replace(spec, file=HEAD_FILE, project_file=PROJECT_FILE, population_file=None)
+    spec = replace(
+        spec,
+        file=HEAD_FILE,
+        project_file=PROJECT_FILE,
+        population_file=None,
+        adapter_file=ADAPTER_FILE if adapter is not None else None,
+    )
 
     def write(folder: Path) -> PlugSpec:
+        if adapter is not None:
+            shutil.copyfile(adapter, folder / ADAPTER_FILE)
         split_head(onnx_path, folder / HEAD_FILE, folder / PROJECT_FILE)
         if write_population(folder / PROJECT_FILE, folder / POPULATION_FILE):
             return replace(spec, population_file=POPULATION_FILE)

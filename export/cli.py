@@ -245,7 +245,7 @@ def train_plug(
     Every setting is recorded with the head, with the command that trains it again.
     Under torchrun or accelerate launch the processes share each step (--batch-size is the
     whole step's); rank 0 writes the head and attaches it."""
-    from edge_pllm.bundle import load_bundle
+    from edge_pllm.bundle import ADAPTER_FILE, load_bundle
     from edge_pllm.lamp import load_split
 
     from . import pplug
@@ -290,6 +290,7 @@ def train_plug(
     if not world.is_main:
         return  # rank 0 writes the head, its entry and the bundle
     onnx_path = pplug.export_onnx(head, out / "plug.onnx")
+    adapter_path = pplug.export_adapter(head, out / ADAPTER_FILE, load_bundle(bundle))
     info = {
         "task": spec.name,
         "examples": len(examples),
@@ -316,5 +317,5 @@ def train_plug(
     if attach:
         from .bundle import attach_head
 
-        attach_head(bundle, onnx_path, plug_spec)
+        attach_head(bundle, onnx_path, plug_spec, adapter_path)
         click.echo(f"Head attached to the bundle {bundle}.")

@@ -498,9 +498,9 @@ def test_long_requests_are_clipped_at_their_start_for_training(tmp_path):
 
 @pytest.fixture(scope="module")
 def trainable(tiny_bundle, tmp_path_factory):
-    """A trainable-encoder head with 2 persona tokens, trained and attached through
-    `edge-pllm train-plug`, and the same head in torch, reloaded from the run's final
-    checkpoint."""
+    """A trainable-encoder head with 2 persona tokens and a rank-2 task adapter, trained and
+    attached through `edge-pllm train-plug`, and the same head in torch, reloaded from the
+    run's final checkpoint."""
     from click.testing import CliRunner
 
     from edge_pllm.cli import cli
@@ -517,7 +517,8 @@ def trainable(tiny_bundle, tmp_path_factory):
     refused = CliRunner().invoke(cli, [*args[:-4], "--validate", "train"])
     assert refused.exit_code != 0 and "a held-out split" in refused.output
     assert not out.exists()
-    result = CliRunner().invoke(cli, [*args, "--input-encoder", "trainable", "--rag", "1"])
+    more = ["--input-encoder", "trainable", "--rag", "1", "--adapter-rank", "2"]
+    result = CliRunner().invoke(cli, [*args, *more])
     assert result.exit_code == 0, result.output
     examples = pplug.lamp_examples(task, "train", task_spec("commit_subject"), from_profiles=4)
     config = pplug.TrainConfig(
@@ -526,6 +527,7 @@ def trainable(tiny_bundle, tmp_path_factory):
         input_encoder="trainable",
         rag=1,
         persona_tokens=2,
+        adapter_rank=2,
         llm_source=str(tiny),
         validate="dev",
     )
@@ -559,6 +561,9 @@ def test_train_plug_cli_attaches_a_trainable_encoder_head(trainable):
     # The bundle runs the head as two graphs (export/plug_graph.py); otherwise as trained.
     assert spec.pop("project_file") == "plug_project.onnx"
     assert spec.pop("population_file") == "plug_population.npy"  # μ, written on attaching
+    # The task adapter: trained, exported for llama.cpp and attached with the head.
+    assert spec.pop("adapter_file") == "plug_adapter.gguf" and (out / "plug_adapter.gguf").is_file()
+    assert "--adapter-rank 2" in spec["command"] and spec["adapter"] == {"rank": 2, "alpha": 4.0}
     assert json.loads((out / "plug.json").read_text()) == spec
     # The reload ran no step: the 3 losses are the CLI run's, and its encoder was trained.
     assert len(reloaded.losses) == 3
@@ -603,11 +608,12 @@ def test_trainable_encoder_training_resumes_from_its_checkpoint(tiny_bundle, tra
     resumed_dir = tmp_path / "train"
     resumed_dir.mkdir()
     shutil.copyfile(out / "checkpoint.pt", resumed_dir / "checkpoint.pt")
-    config = small_config(tiny, steps=5, input_encoder="trainable", persona_tokens=2, rag=1)
+    same = {"persona_tokens": 2, "rag": 1, "adapter_rank": 2}
+    config = small_config(tiny, steps=5, input_encoder="trainable", **same)
     _, resumed = pplug.train(bundle, examples, spec, resumed_dir, config, progress=False)
     assert len(resumed.losses) == 5 and resumed.losses[:3] == first.losses
     # A checkpoint of the trainable head is not resumed as a linear one.
-    linear = small_config(tiny, steps=5, persona_tokens=2, rag=1)
+    linear = small_config(tiny, steps=5, **same)
     with pytest.raises(InvalidInputError, match=r"checkpoint .* another head"):
         pplug.train(bundle, examples, spec, resumed_dir, linear, progress=False)
 

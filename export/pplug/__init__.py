@@ -11,7 +11,8 @@ Rooms:
     training  set up, resume, step, save
     distributed  several processes (torchrun, accelerate launch): each its share of a step
     validation the held-out own-versus-other loss gap
-    onnx      ONNX export and the manifest entry
+    adapter   the task adapter: a LoRA on the frozen LLM, acting from the soft tokens on
+    onnx      ONNX and GGUF export and the manifest entry
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ _WHERE = {
     "config_options": "config",
     "device_label": "training",
     "draw_batch": "training",
+    "export_adapter": "onnx",
     "export_onnx": "onnx",
     "head_spec": "onnx",
     "lamp_examples": "data",

@@ -62,6 +62,14 @@ class TrainConfig:
         "learned prompt for the task).",
         type=click.IntRange(min=1),
     )
+    adapter_rank: int = option(
+        0,
+        "Rank of a task adapter (LoRA) on the frozen LLM, trained with the head and applied "
+        "only to the soft tokens and the answer, so the request's keys and values stay the "
+        "plain LLM's (cached; shared on the device). 0: none. Needs --placement "
+        "before_answer.",
+        type=click.IntRange(min=0),
+    )
     attention_scale: float | None = option(
         10.0,
         "Start of a learned scale τ on the attention scores: softmax(τ h·x) can pick the few "
@@ -151,6 +159,12 @@ class TrainConfig:
             (self.input_encoder in INPUT_ENCODERS, "input_encoder", "linear or trainable"),
             (self.persona_tokens >= 1, "persona_tokens", "at least 1"),
             (self.task_tokens >= 1, "task_tokens", "at least 1"),
+            (self.adapter_rank >= 0, "adapter_rank", "≥ 0"),
+            (
+                not self.adapter_rank or self.placement == "before_answer",
+                "placement",
+                "before_answer with --adapter-rank (the adapter acts after the request)",
+            ),
             (self.attention_scale is None or self.attention_scale >= 0, "attention_scale", "≥ 0"),
             (self.rag >= 0, "rag", "≥ 0"),
             (0 <= self.rag_fraction <= 1, "rag_fraction", "within [0, 1]"),

@@ -27,6 +27,7 @@ from edge_pllm.files import atomic_write, private_dir
 from edge_pllm.head import QueryTokenizer
 
 from ..embedder import quiet_third_party
+from .adapter import applied
 from .data import Encoded
 from .model import PPlugHead
 
@@ -221,13 +222,15 @@ def token_losses(
         attention[i, : len(r)] = 1
         label_t[i, : len(lab)] = torch.tensor(lab)
     positions = lengths[:, None] + torch.arange(width, device=device)[None]
-    logits = llm(
-        inputs_embeds=inputs,
-        attention_mask=torch.cat([past_mask, attention], dim=1),
-        position_ids=positions,
-        past_key_values=past,
-        use_cache=past is not None,
-    ).logits[:, :-1]
+    # A task adapter acts with the soft tokens, after the request (adapter.py).
+    with applied(llm, on=soft is not None):
+        logits = llm(
+            inputs_embeds=inputs,
+            attention_mask=torch.cat([past_mask, attention], dim=1),
+            position_ids=positions,
+            past_key_values=past,
+            use_cache=past is not None,
+        ).logits[:, :-1]
     targets = label_t[:, 1:]
     losses = nn.functional.cross_entropy(
         logits.transpose(1, 2), targets, ignore_index=-100, reduction="none"

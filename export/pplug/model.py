@@ -48,6 +48,7 @@ class HeadConfig:
     attention_scale: float | None = None  # learned τ's start (None: the paper's, no τ)
     center: bool = False  # subtract the population mean μ from the history vectors
     placement: str = "prefix"  # where the soft tokens go: "prefix" or "before_answer"
+    adapter_rank: int = 0  # the task adapter's LoRA rank (adapter.py); 0: none
     pooling: str = "mean"
     normalize: bool = True
     max_seq_length: int = 256
@@ -165,10 +166,20 @@ class PPlugHead(nn.Module):
         self.register_buffer("embed_norm", torch.tensor(float(config.embed_norm)))
         # μ, set from the training histories (`set_history_mean`); zero leaves them as they are.
         self.register_buffer("history_mean", torch.zeros(d_enc))
+        # The task adapter on the frozen LLM (adapter.TaskAdapter), set with `add_adapter`:
+        # its shapes are the LLM's. Not part of forward (nor of the ONNX graph).
+        self.adapter: nn.Module | None = None
         self.log_scale: nn.Parameter | None = None
         if config.attention_scale is not None:
             start = torch.tensor(math.log(config.attention_scale))
             self.log_scale = nn.Parameter(start)  # log: τ stays positive
+
+    def add_adapter(self, llm: nn.Module) -> None:
+        """A task adapter of `config.adapter_rank` for `llm`, attached to it (adapter.py)."""
+        from .adapter import TaskAdapter
+
+        self.adapter = TaskAdapter(TaskAdapter.shapes_of(llm), self.config.adapter_rank)
+        self.adapter.attach(llm)
 
     def set_history_mean(self, vectors: torch.Tensor) -> None:
         """μ: the mean of the training population's history vectors (N, d_enc)."""

@@ -1,4 +1,5 @@
-"""The trained head as the device runs it: an ONNX graph and its manifest entry."""
+"""The trained head as the device runs it: an ONNX graph, its task adapter as a GGUF LoRA,
+and its manifest entry."""
 
 from __future__ import annotations
 
@@ -43,6 +44,24 @@ def export_onnx(head: PPlugHead, path: str | Path) -> Path:
     return path
 
 
+def export_adapter(head: PPlugHead, path: str | Path, bundle: Bundle) -> Path | None:
+    """The head's task adapter as a llama.cpp LoRA GGUF for `bundle`'s LLM (None: the head
+    has none)."""
+    if head.adapter is None:
+        return None
+    import gguf
+
+    reader = gguf.GGUFReader(str(bundle.file(bundle.llm.file)))
+
+    def value(key: str) -> Any:
+        return reader.get_field(key).contents()  # type: ignore[union-attr]
+
+    arch = value("general.architecture")
+    n_head = int(value(f"{arch}.attention.head_count"))
+    n_head_kv = int(value(f"{arch}.attention.head_count_kv"))
+    return head.adapter.write_gguf(path, arch, n_head, n_head_kv)  # type: ignore[operator]
+
+
 def head_spec(head: PPlugHead, bundle: Bundle, info: dict[str, Any]) -> PlugSpec:
     """The manifest's `plug` entry for `head` trained against `bundle`'s LLM and embedder:
     its shape, where its soft tokens go, and the sha256 of the files it was trained for (the
@@ -55,6 +74,8 @@ def head_spec(head: PPlugHead, bundle: Bundle, info: dict[str, Any]) -> PlugSpec
         "n_task": head.config.n_task,
         "inputs": list(head.input_names),
     }
+    if head.adapter is not None:
+        extra["adapter"] = {"rank": head.adapter.rank, "alpha": head.adapter.alpha}
     if head.log_scale is not None:  # the learned τ (it started at config.attention_scale)
         extra["attention_scale"] = round(float(head.log_scale.detach().exp()), 4)
     return PlugSpec(

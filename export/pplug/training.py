@@ -254,6 +254,7 @@ def setup(
         attention_scale=config.scale,
         center=config.center,
         placement=config.placement,
+        adapter_rank=config.adapter_rank,
         pooling=emb.config.pooling,
         normalize=emb.config.normalize,
         max_seq_length=emb.config.max_seq_length,
@@ -275,6 +276,14 @@ def setup(
         def query_inputs(queries: list[str]) -> tuple[torch.Tensor, ...]:
             return (torch.from_numpy(table(queries)).to(device),)
 
+    if config.adapter_rank:
+        if runtime.architecture != "llama":
+            raise InvalidInputError(
+                f"A task adapter is supported for Llama-family LLMs; this bundle's is "
+                f"{runtime.architecture!r}. Train without --adapter-rank.",
+                field="adapter_rank",
+            )
+        head.add_adapter(llm)
     if config.center:  # μ over every training user's history, each item once
         seen = list(dict.fromkeys(t for e in examples for t in e.texts[-config.max_history :]))
         head.set_history_mean(torch.from_numpy(table(seen)))

@@ -1,0 +1,140 @@
+"""The task adapter through the real path: a LoRA trained with the head on the tiny Llama ->
+GGUF LoRA -> bundle -> llama.cpp, acting from the soft tokens on and never on the request."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="training needs the [export] extra")
+
+from edge_pllm import LLMConfig, PersonalLLM, SamplingConfig  # noqa: E402
+from edge_pllm.bundle import ADAPTER_FILE, load_bundle  # noqa: E402
+from edge_pllm.errors import BundleError, InvalidInputError  # noqa: E402
+from edge_pllm.head import PlugHead  # noqa: E402
+from edge_pllm.llm import LLM  # noqa: E402
+from export import pplug  # noqa: E402
+from export.bundle import attach_head  # noqa: E402
+from export.pplug.adapter import applied  # noqa: E402
+
+from .test_pplug import HISTORY, SPEC, small_config, tiny_bundle, vectors  # noqa: E402, F401
+
+PROMPT = [{"role": "user", "content": "Say my word."}]
+
+
+@pytest.fixture(scope="module")
+def adapted(tiny_bundle, tmp_path_factory):  # noqa: F811
+    """A head trained with a rank-2 adapter, attached to a copy of the tiny bundle. Its
+    B weights are then drawn large, so that the adapter visibly changes the logits (a
+    two-step adapter has barely left zero) and a wrong layout could not pass."""
+    tiny, bundle = tiny_bundle
+    root = tmp_path_factory.mktemp("adapted")
+    copy = root / "bundle"
+    shutil.copytree(bundle, copy)
+    examples = [
+        pplug.Example.of_texts(user, SPEC.query("Say my word."), texts, word)
+        for (user, texts), word in zip(HISTORY.items(), ["parser", "docs"], strict=True)
+    ]
+    config = small_config(tiny, adapter_rank=2)
+    head, result = pplug.train(copy, examples, SPEC, root / "out", config, progress=False)
+    assert head.adapter is not None and np.isfinite(result.final_loss)
+    trained_b = [b.detach().abs().max().item() for b in head.adapter.b.values()]
+    assert max(trained_b) > 0  # the steps moved it off zero
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for b in head.adapter.b.values():
+            b.normal_(0, 0.5)
+    onnx = pplug.export_onnx(head, root / "out" / "plug.onnx")
+    gguf = pplug.export_adapter(head, root / "out" / ADAPTER_FILE, load_bundle(copy))
+    attach_head(copy, onnx, pplug.head_spec(head, load_bundle(copy), {"steps": 2}), gguf)
+    return head, copy, tiny
+
+
+def _torch_logits(model, before, soft, after, adapter: bool) -> np.ndarray:
+    """The next token's logits in transformers: the request through the plain model, then
+    the soft tokens and the answer's header with the adapter (`adapter`) or without."""
+    embed = model.get_input_embeddings()
+    with torch.no_grad():
+        past = model(input_ids=torch.tensor([before]), use_cache=True).past_key_values
+        rest = torch.cat([torch.from_numpy(soft), embed(torch.tensor(after))])
+        with applied(model, on=adapter):
+            out = model(inputs_embeds=rest[None], past_key_values=past, use_cache=True)
+    return out.logits[0, -1].numpy()
+
+
+def test_llama_cpp_applies_the_adapter_from_the_soft_tokens_on_as_torch_does(adapted):
+    from transformers import AutoModelForCausalLM
+
+    head, bundle, tiny = adapted
+    b = load_bundle(bundle)
+    assert b.plug is not None and b.plug.adapter_file == ADAPTER_FILE
+    assert ADAPTER_FILE in b.manifest["files"]  # hashed and verified like every bundle file
+    assert b.plug.extra["adapter"] == {"rank": 2, "alpha": 4.0}
+    model = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32)
+    head.adapter.attach(model)
+    llm = LLM(b.file(b.llm.file), LLMConfig(n_ctx=256))
+    llm.load_adapter(b.file(ADAPTER_FILE))
+    before, after = llm.split_prompt(llm.apply_chat_template(PROMPT), "before_answer")
+    q = vectors(bundle, ["Say my word."])[0]
+    for texts in HISTORY.values():
+        soft = PlugHead(b).soft_tokens(q, vectors(bundle, texts))
+        cpp = llm.next_token_logits(before + after, soft=soft, at=len(before))
+        ref = _torch_logits(model, before, soft, after, adapter=True)
+        plain = _torch_logits(model, before, soft, after, adapter=False)
+        assert np.abs(ref - plain).max() > 0.5  # the adapter changes the answer's logits
+        assert int(cpp.argmax()) == int(ref.argmax())
+        np.testing.assert_allclose(cpp, ref, atol=0.05)  # llama.cpp's KV cache is f16
+
+
+def test_the_adapter_never_acts_on_the_request_or_a_plain_prompt(adapted):
+    """Prompts without soft tokens give the plain model's logits; a request's keys and
+    values, computed by a plain prompt, serve a plug prompt after it exactly."""
+    _, bundle, _ = adapted
+    b = load_bundle(bundle)
+    plain = LLM(b.file(b.llm.file), LLMConfig(n_ctx=256))
+    llm = LLM(b.file(b.llm.file), LLMConfig(n_ctx=256))
+    llm.load_adapter(b.file(ADAPTER_FILE))
+    ids = llm.tokenize(llm.apply_chat_template(PROMPT))
+    before, after = llm.split_prompt(llm.apply_chat_template(PROMPT), "before_answer")
+    soft = PlugHead(b).soft_tokens(
+        vectors(bundle, ["Say my word."])[0], vectors(bundle, HISTORY["ann"])
+    )
+    reference = plain.next_token_logits(ids)
+    np.testing.assert_array_equal(llm.next_token_logits(ids), reference)
+    first = llm.next_token_logits(before + after, soft=soft, at=len(before))
+    # After a plug prompt, the plain prompt reuses only the request and is still plain.
+    np.testing.assert_array_equal(llm.next_token_logits(ids), reference)
+    assert llm.cached_tokens == len(before)
+    again = llm.next_token_logits(before + after, soft=soft, at=len(before))
+    assert llm.cached_tokens == len(before)
+    np.testing.assert_allclose(again, first, atol=1e-5)
+    llm.reset()
+    np.testing.assert_allclose(
+        llm.next_token_logits(before + after, soft=soft, at=len(before)), first, atol=1e-5
+    )
+
+
+def test_a_bundle_with_an_adapter_personalizes_with_it(adapted, tmp_path):
+    _, bundle, _ = adapted
+    short = SamplingConfig(max_tokens=6)
+    with PersonalLLM(bundle, home=tmp_path, llm_config=LLMConfig(n_ctx=512)) as p:
+        for user, texts in HISTORY.items():
+            p.add(user, texts)
+        plug = p.generate("ann", "Say my word.", strategy="plug", sampling=short)
+        none = p.generate("ann", "Say my word.", strategy="none", sampling=short)
+        assert plug.soft_tokens == 5 and none.soft_tokens == 0
+        assert p.llm._adapter is not None
+    # A damaged adapter file is refused when the bundle is verified.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(bundle, damaged)
+    (damaged / ADAPTER_FILE).write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(BundleError, match=ADAPTER_FILE):
+        load_bundle(damaged)
+
+
+def test_an_adapter_needs_the_soft_tokens_after_the_request():
+    with pytest.raises(InvalidInputError, match="before_answer") as error:
+        pplug.TrainConfig(steps=1, adapter_rank=4, placement="prefix")
+    assert error.value.field == "placement"
