@@ -16,6 +16,11 @@ The KV cache of the previous call is reused for the longest common prefix, where
 token matches only a soft token with the very same bytes (its sha256). Placeholder ids
 alone would let one user's soft tokens stand in for another's; the hashes make reuse
 exact, so a repeated prompt skips its prefill and a different persona never shares state.
+
+A head may come with a task adapter (a GGUF LoRA, `load_adapter`): llama.cpp applies it
+from the soft tokens on, never to the tokens before them, as the head was trained. The
+request's keys and values are then the plain model's, still shared by every strategy, and
+a prompt without soft tokens is the plain model's prompt.
 """
 
 from __future__ import annotations

@@ -138,3 +138,19 @@ def test_an_adapter_needs_the_soft_tokens_after_the_request():
     with pytest.raises(InvalidInputError, match="before_answer") as error:
         pplug.TrainConfig(steps=1, adapter_rank=4, placement="prefix")
     assert error.value.field == "placement"
+
+
+def test_the_adapter_learns_at_its_own_rate(tiny_bundle):  # noqa: F811
+    from export.pplug.training import _optimizer
+
+    tiny, bundle = tiny_bundle
+    llm = pplug.load_frozen_llm(load_bundle(bundle), tiny)
+    head = pplug.PPlugHead(pplug.HeadConfig(d_enc=384, d_llm=64, embed_norm=1.0, adapter_rank=2))
+    head.add_adapter(llm)
+    opt = _optimizer(head, pplug.TrainConfig(lr=1e-3, adapter_lr=2e-4))
+    rates = {len(g["params"]): g["lr"] for g in opt.param_groups}
+    n_adapter = len(list(head.adapter.parameters()))
+    assert n_adapter == 2 * 2 * 7  # A and B of 7 projections in each of the 2 layers
+    assert rates[n_adapter] == 2e-4 and len(opt.param_groups) == 2
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(head.parameters()))
+    assert not any(p.requires_grad for p in llm.parameters())  # the LLM itself stays frozen

@@ -70,6 +70,11 @@ class TrainConfig:
         "before_answer.",
         type=click.IntRange(min=0),
     )
+    adapter_lr: float = option(
+        2e-4,
+        "Learning rate of the task adapter: lower than the head's, since an adapter of a few "
+        "million weights learns the training answers by heart in a few passes over them.",
+    )
     attention_scale: float | None = option(
         10.0,
         "Start of a learned scale τ on the attention scores: softmax(τ h·x) can pick the few "

@@ -157,16 +157,19 @@ class Session:
 
 
 def _optimizer(head: PPlugHead, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the head; a trainable input encoder in its own group at `encoder_lr`."""
+    """AdamW over the head; a trainable input encoder in its own group at `encoder_lr`, a
+    task adapter in its own at `adapter_lr`."""
     encoder = list(head.query_encoder.parameters())
     if head.config.input_encoder != "trainable":
         encoder = []
-    in_encoder = {id(p) for p in encoder}
-    groups: list[dict[str, Any]] = [
-        {"params": [p for p in head.parameters() if id(p) not in in_encoder]}
-    ]
+    adapter = list(head.adapter.parameters()) if head.adapter is not None else []
+    apart = {id(p) for p in [*encoder, *adapter]}
+    head_params = [p for p in head.parameters() if id(p) not in apart]
+    groups: list[dict[str, Any]] = [{"params": head_params}]
     if encoder:
         groups.append({"params": encoder, "lr": config.encoder_lr})
+    if adapter:
+        groups.append({"params": adapter, "lr": config.adapter_lr})
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
