@@ -348,9 +348,9 @@ class LLM:
             llama._ctx.kv_cache_seq_rm(-1, keep, -1)
             self._soft_at = {p: h for p, h in self._soft_at.items() if p < keep}
         soft_end = len(before) + k
-        self._use_adapter(False)
         if llama.n_tokens < soft_end:
             if llama.n_tokens < len(before):
+                self._use_adapter(False)  # switched only when needed: llama.cpp re-plans
                 llama.eval(before[llama.n_tokens :])
             self._use_adapter(True)
             self._decode_embeddings(soft[llama.n_tokens - len(before) :])  # type: ignore[index]
@@ -406,7 +406,9 @@ class LLM:
         self._use_adapter(False)
         self._decode_embeddings(np.ascontiguousarray(rows, dtype=np.float32), want_logits=True)
         ptr = self._lc.llama_get_logits_ith(self._llama.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self._llama.n_vocab(),)).copy()
+        logits = np.ctypeslib.as_array(ptr, shape=(self._llama.n_vocab(),)).copy()
+        self.reset()  # rows decoded without the adapter are not for a later call to reuse
+        return logits
 
     # --- generation ---------------------------------------------------------------------------
 

@@ -106,7 +106,7 @@ def test_the_adapter_never_acts_on_the_request_or_a_plain_prompt(adapted):
     first = llm.next_token_logits(before + after, soft=soft, at=len(before))
     # After a plug prompt, the plain prompt reuses only the request and is still plain.
     np.testing.assert_array_equal(llm.next_token_logits(ids), reference)
-    assert llm.cached_tokens == len(before)
+    assert llm.cached_tokens == len(before) and not llm._adapter_on
     again = llm.next_token_logits(before + after, soft=soft, at=len(before))
     assert llm.cached_tokens == len(before)
     np.testing.assert_allclose(again, first, atol=1e-5)
@@ -132,6 +132,17 @@ def test_a_bundle_with_an_adapter_personalizes_with_it(adapted, tmp_path):
     (damaged / ADAPTER_FILE).write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(BundleError, match=ADAPTER_FILE):
         load_bundle(damaged)
+
+
+def test_a_file_llama_cpp_cannot_use_as_an_adapter_is_refused(adapted):
+    _, bundle, _ = adapted
+    b = load_bundle(bundle)
+    llm = LLM(b.file(b.llm.file), LLMConfig(n_ctx=256))
+    with pytest.raises(BundleError, match="could not load the adapter") as error:
+        llm.load_adapter(b.file(b.llm.file))  # a model, not a LoRA
+    assert error.value.file == str(b.file(b.llm.file))
+    ids = llm.tokenize(llm.apply_chat_template(PROMPT))
+    assert np.isfinite(llm.next_token_logits(ids)).all()  # the model works on, plain
 
 
 def test_an_adapter_needs_the_soft_tokens_after_the_request():

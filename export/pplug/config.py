@@ -65,9 +65,9 @@ class TrainConfig:
     adapter_rank: int = option(
         0,
         "Rank of a task adapter (LoRA) on the frozen LLM, trained with the head and applied "
-        "only to the soft tokens and the answer, so the request's keys and values stay the "
-        "plain LLM's (cached; shared on the device). 0: none. Needs --placement "
-        "before_answer.",
+        "only to the soft tokens, the answer's header and the answer, so the request's keys "
+        "and values stay the plain LLM's (cached; shared on the device). 0: none. Needs "
+        "--placement before_answer.",
         type=click.IntRange(min=0),
     )
     adapter_lr: float = option(

@@ -53,12 +53,14 @@ def export_adapter(head: PPlugHead, path: str | Path, bundle: Bundle) -> Path | 
 
     reader = gguf.GGUFReader(str(bundle.file(bundle.llm.file)))
 
-    def value(key: str) -> Any:
-        return reader.get_field(key).contents()  # type: ignore[union-attr]
+    def value(key: str, default: Any = None) -> Any:
+        found = reader.get_field(key)
+        return default if found is None else found.contents()
 
     arch = value("general.architecture")
     n_head = int(value(f"{arch}.attention.head_count"))
-    n_head_kv = int(value(f"{arch}.attention.head_count_kv"))
+    # Left out by converters when it equals head_count (llama.cpp then reads it so).
+    n_head_kv = int(value(f"{arch}.attention.head_count_kv", n_head))
     return head.adapter.write_gguf(path, arch, n_head, n_head_kv)  # type: ignore[operator]
 
 

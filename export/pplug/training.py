@@ -214,6 +214,12 @@ def setup(
     emb = bundle.embedder
     embedder = Embedder(bundle.file(emb.file), bundle.file(emb.tokenizer), emb.config)
     runtime = LLM(bundle.file(bundle.llm.file), LLMConfig(n_ctx=512))
+    if config.adapter_rank and runtime.architecture != "llama":
+        raise InvalidInputError(
+            f"A task adapter is supported for Llama-family LLMs; this bundle's is "
+            f"{runtime.architecture!r}. Train without --adapter-rank.",
+            field="adapter_rank",
+        )
     llm = load_frozen_llm(bundle, Path(config.llm_source) if config.llm_source else None)
     # Measured on the CPU before the move: the same float whatever the training device.
     embed_norm = token_embedding_norm(llm) / runtime.embed_scale
@@ -280,12 +286,6 @@ def setup(
             return (torch.from_numpy(table(queries)).to(device),)
 
     if config.adapter_rank:
-        if runtime.architecture != "llama":
-            raise InvalidInputError(
-                f"A task adapter is supported for Llama-family LLMs; this bundle's is "
-                f"{runtime.architecture!r}. Train without --adapter-rank.",
-                field="adapter_rank",
-            )
         head.add_adapter(llm)
     if config.center:  # μ over every training user's history, each item once
         seen = list(dict.fromkeys(t for e in examples for t in e.texts[-config.max_history :]))
