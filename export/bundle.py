@@ -62,8 +62,8 @@ def tool_versions() -> dict[str, str | None]:
     return {"python": platform.python_version(), **{n: _version(n) for n in names}}
 
 
-def gguf_info(path: Path) -> dict[str, Any]:
-    """Architecture, embedding width, quantization and chat template from a GGUF header."""
+def gguf_fields(path: Path) -> Callable[[str], Any]:
+    """A GGUF header's fields: the returned function gives a key's value (None if absent)."""
     try:
         import gguf
     except ImportError as exc:
@@ -75,11 +75,16 @@ def gguf_info(path: Path) -> dict[str, Any]:
 
     def field(key: str) -> Any:
         f = reader.fields.get(key)
-        if f is None:
-            return None
-        value = f.contents()
-        return value
+        return None if f is None else f.contents()
 
+    return field
+
+
+def gguf_info(path: Path) -> dict[str, Any]:
+    """Architecture, embedding width, quantization and chat template from a GGUF header."""
+    import gguf
+
+    field = gguf_fields(path)
     arch = field("general.architecture")
     if arch is None:
         raise BundleError(f"{path} has no general.architecture; not a model GGUF.", file=str(path))

@@ -49,18 +49,13 @@ def export_adapter(head: PPlugHead, path: str | Path, bundle: Bundle) -> Path | 
     has none)."""
     if head.adapter is None:
         return None
-    import gguf
+    from ..bundle import gguf_fields
 
-    reader = gguf.GGUFReader(str(bundle.file(bundle.llm.file)))
-
-    def value(key: str, default: Any = None) -> Any:
-        found = reader.get_field(key)
-        return default if found is None else found.contents()
-
-    arch = value("general.architecture")
-    n_head = int(value(f"{arch}.attention.head_count"))
+    field = gguf_fields(bundle.file(bundle.llm.file))
+    arch = field("general.architecture")
+    n_head = int(field(f"{arch}.attention.head_count"))
     # Left out by converters when it equals head_count (llama.cpp then reads it so).
-    n_head_kv = int(value(f"{arch}.attention.head_count_kv", n_head))
+    n_head_kv = int(field(f"{arch}.attention.head_count_kv") or n_head)
     return head.adapter.write_gguf(path, arch, n_head, n_head_kv)  # type: ignore[operator]
 
 
