@@ -299,6 +299,9 @@ def train_plug(
         "setup_seconds": round(result.setup_seconds, 1),
         "examples_per_hour": round(result.examples_per_hour),
         "final_loss": round(result.final_loss, 4),
+        **(
+            {"final_rouge1": round(result.final_score, 4)} if result.final_score is not None else {}
+        ),
         "device": result.device,
         "world_size": world.size,  # processes that shared each step of --batch-size examples
         **(

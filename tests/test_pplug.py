@@ -418,6 +418,7 @@ def test_rag_training_shows_what_plug_rag_shows_at_run_time(tiny_bundle, trained
         ({"attention_scale": -1.0}, "attention_scale"),
         ({"placement": "middle"}, "placement"),
         ({"validate": "train"}, "validate"),
+        ({"outcome_samples": 1}, "outcome_samples"),
     ],
 )
 def test_bad_head_settings_are_refused_before_training(settings, field):

@@ -12,6 +12,7 @@ Rooms:
     distributed  several processes (torchrun, accelerate launch): each its share of a step
     validation the held-out own-versus-other loss gap
     adapter   the task adapter: a LoRA on the frozen LLM, acting from the soft tokens on
+    outcome   training on what decoding writes: sampled answers scored against the gold
     onnx      ONNX and GGUF export and the manifest entry
 """
 
@@ -47,11 +48,13 @@ _WHERE = {
     "export_onnx": "onnx",
     "head_spec": "onnx",
     "lamp_examples": "data",
+    "outcome_loss": "outcome",
     "load_frozen_llm": "frozen",
     "load_input_encoder": "frozen",
     "resolve_device": "training",
     "resume": "training",
     "retrieve": "data",
+    "sample_answers": "outcome",
     "save": "training",
     "setup": "training",
     "soft_tokens": "validation",

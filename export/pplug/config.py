@@ -116,6 +116,22 @@ class TrainConfig:
     dropout_copies: int = option(
         10, "History-dropout copies per example, each dropping 1-50 % of it (the paper: 10)."
     )
+    outcome_samples: int = option(
+        0,
+        "Also train on what decoding writes: sample K answers per example (temperature 0.8), "
+        "score each by ROUGE-1 against the gold, and raise the likelihood of those above "
+        "their example's mean (a policy gradient; 0: off, else at least 2).",
+        type=click.IntRange(min=0),
+    )
+    outcome_weight: float = option(
+        1.0, "With --outcome-samples: the weight of that term beside the cross-entropy."
+    )
+    init_from: str | None = option(
+        None,
+        "Start from the head in this training folder's checkpoint (its weights; a fresh "
+        "optimizer and schedule), e.g. to fine-tune a trained head with --outcome-samples.",
+        type=click.Path(exists=True, file_okay=False),
+    )
     rag: int = option(
         0,
         "Also train plug+rag:K: a share (--rag-fraction) of the examples show their K nearest "
@@ -171,6 +187,11 @@ class TrainConfig:
                 "before_answer with --adapter-rank (the adapter acts after the request)",
             ),
             (self.attention_scale is None or self.attention_scale >= 0, "attention_scale", "≥ 0"),
+            (
+                self.outcome_samples != 1 and self.outcome_samples >= 0,
+                "outcome_samples",
+                "0 or at least 2 (each answer is scored against its example's mean)",
+            ),
             (self.rag >= 0, "rag", "≥ 0"),
             (0 <= self.rag_fraction <= 1, "rag_fraction", "within [0, 1]"),
             (self.steps >= 1 and self.batch_size >= 1, "steps", "steps and batch size ≥ 1"),

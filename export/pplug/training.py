@@ -51,6 +51,7 @@ from .frozen import (
     token_losses,
 )
 from .model import HeadConfig, PPlugHead
+from .outcome import answer_scores, outcome_loss, sample_answers, stop_tokens
 from .validation import Validation, soft_tokens, validate, validation_examples
 
 CHECKPOINT = "checkpoint.pt"
@@ -66,6 +67,7 @@ class TrainResult:
     validation: Validation | None = None
     examples_per_hour: float = 0.0  # training examples (own-history passes) per wall hour
     setup_seconds: float = 0.0  # loading, embedding and the requests' keys and values
+    final_score: float | None = None  # --outcome-samples: sampled answers' ROUGE-1, last 20 steps
 
 
 def resolve_device(name: str) -> torch.device:
@@ -152,8 +154,18 @@ class Session:
     sched: torch.optim.lr_scheduler.LambdaLR
     step: int = 0
     losses: list[float] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)  # --outcome-samples: each step's mean
     seconds: float = 0.0  # training time of earlier runs (resumed)
     world: World = field(default_factory=World)  # the training processes (one: World())
+    stops: frozenset[int] = frozenset()  # where a sampled answer ends (outcome.stop_tokens)
+
+    def answer_text(self, ids: list[int]) -> str:
+        """A sampled answer as the task's scorer reads it."""
+        llama = self.encode.llm.llama
+        eos = llama.token_eos()
+        return self.encode.spec.clean(
+            llama.detokenize([t for t in ids if t != eos]).decode(errors="replace")
+        )
 
 
 def _optimizer(head: PPlugHead, config: TrainConfig) -> torch.optim.AdamW:
@@ -295,23 +307,29 @@ def setup(
     return Session(
         config, bundle, device, llm, runtime.embed_scale, examples, table, encode, encoded,
         prefixes, encoded_rag, prefixes_rag, head, query_inputs, opt, _schedule(opt, config),
-        world=world,
+        world=world, stops=stop_tokens(runtime) if config.outcome_samples else frozenset(),
     )  # fmt: skip
 
 
 def resume(session: Session, out_dir: Path) -> None:
     """Continue from the checkpoint in `out_dir`, if there is one (from any device, and any
     number of processes); one of another head configuration, or of another batch size
-    (the whole step's), is refused. With several processes, rank 0 reads it and hands it
-    to the others, and every process starts from rank 0's head."""
+    (the whole step's), is refused. Without one, a head named by `init_from` is the start
+    (its weights only). With several processes, rank 0 reads it and hands it to the others,
+    and every process starts from rank 0's head."""
     world, config = session.world, session.config
     ckpt = out_dir / CHECKPOINT
-    state = None
+    state = start = None
     if world.is_main and ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    state = world.broadcast_object(state)
+    elif world.is_main and config.init_from:
+        start = _read_init(Path(config.init_from))
+    state, start = world.broadcast_object((state, start))
     if state is None:
         random.seed(config.seed)
+        if start is not None:
+            _check_head(session, start, Path(config.init_from or ""), "init_from")
+            session.head.load_state_dict(upgrade_state(start["head"]))
     else:
         _load(session, state, out_dir)
     world.broadcast_module_(session.head)
@@ -320,6 +338,34 @@ def resume(session: Session, out_dir: Path) -> None:
         # from torch's generator in a step): reproducible for the same number of processes.
         seeds = np.random.SeedSequence([config.seed & 0xFFFFFFFF, session.step, world.rank])
         torch.manual_seed(int(seeds.generate_state(1)[0]))
+
+
+def _read_init(folder: Path) -> dict[str, Any]:
+    path = folder / CHECKPOINT
+    if not path.is_file():
+        raise InvalidInputError(
+            f"{folder} holds no {CHECKPOINT}: pass --init-from the folder a train-plug run "
+            "trained into (its --out).",
+            field="init_from",
+        )
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _check_head(session: Session, state: dict[str, Any], where: Path, field: str) -> None:
+    """Refuse a saved head of another configuration than the session's."""
+    head_config = session.head.config
+    saved = HeadConfig(**state.get("head_config", {}))
+    same_norm = math.isclose(saved.embed_norm, head_config.embed_norm, rel_tol=1e-5)
+    if not same_norm or replace(saved, embed_norm=head_config.embed_norm) != head_config:
+        hint = (
+            f"train into another folder or delete {CHECKPOINT}"
+            if field == "out_dir"
+            else "train with that head's settings, or start from another folder"
+        )
+        raise InvalidInputError(
+            f"The checkpoint in {where} is of another head ({saved}, now {head_config}); {hint}.",
+            field=field,
+        )
 
 
 def _load(session: Session, state: dict[str, Any], out_dir: Path) -> None:
@@ -334,20 +380,13 @@ def _load(session: Session, state: dict[str, Any], out_dir: Path) -> None:
             f"any number of processes, or train into another folder or delete {ckpt.name}.",
             field="batch_size",
         )
-    head_config = session.head.config
-    saved = HeadConfig(**state.get("head_config", {}))
-    same_norm = math.isclose(saved.embed_norm, head_config.embed_norm, rel_tol=1e-5)
-    if not same_norm or replace(saved, embed_norm=head_config.embed_norm) != head_config:
-        raise InvalidInputError(
-            f"The checkpoint in {out_dir} is of another head ({saved}, now {head_config}); "
-            f"train into another folder or delete {ckpt.name}.",
-            field="out_dir",
-        )
+    _check_head(session, state, out_dir, "out_dir")
     session.head.load_state_dict(upgrade_state(state["head"]))
     session.opt.load_state_dict(state["opt"])
     fit_optimizer_state(session.opt)
     session.sched.load_state_dict(state["sched"])
     session.step, session.losses, session.seconds = state["step"], state["losses"], state["seconds"]
+    session.scores = state.get("scores", [])
     random.setstate(state["py_rng"])
     # The trainable encoder's dropout draws from torch's generator (CUDA's on a GPU).
     if "torch_rng" in state:
@@ -395,6 +434,7 @@ def save(session: Session, out_dir: Path, seconds: float) -> None:
             "sched": session.sched.state_dict(),
             "step": session.step,
             "losses": session.losses,
+            "scores": session.scores,
             "seconds": seconds,
             "py_rng": random.getstate(),
             "torch_rng": torch.get_rng_state(),
@@ -460,6 +500,16 @@ def train_step(session: Session) -> float:
         total = losses.sum()
         sums = world.all_reduce_(torch.stack([total.detach(), mask.sum().to(total.dtype)]))
         loss, whole = total / sums[1], sums[0] / sums[1]
+    if config.outcome_samples:
+        k = config.outcome_samples
+        answers, _ = sample_answers(
+            s.llm, prompts, prefixes, soft.detach(), s.embed_scale, k, s.stops
+        )
+        golds = [s.examples[d.index].target for d in mine for _ in range(k)]
+        scores = answer_scores(answers, golds, s.answer_text)
+        term = outcome_loss(s.llm, prompts, prefixes, soft, s.embed_scale, answers, scores)
+        loss = loss + config.outcome_weight * term / config.batch_size
+        s.scores.append(float(scores.mean()))
     s.opt.zero_grad()
     loss.backward()
     params = [p for group in s.opt.param_groups for p in group["params"]]
@@ -515,7 +565,10 @@ def train(
     with bar:
         while s.step < config.steps:
             train_step(s)
-            bar.set_postfix(loss=f"{np.mean(s.losses[-20:]):.3f}")
+            shown = {"loss": f"{np.mean(s.losses[-20:]):.3f}"}
+            if s.scores:
+                shown["rouge1"] = f"{np.mean(s.scores[-20:]):.3f}"
+            bar.set_postfix(shown)
             bar.update()
             if world.is_main and (s.step % config.checkpoint_every == 0 or s.step == config.steps):
                 save(s, out_dir, s.seconds + time.perf_counter() - started)
@@ -547,6 +600,7 @@ def train(
         checked,
         examples_per_hour=done / run_seconds * 3600 if run_seconds > 0 and done else 0.0,
         setup_seconds=setup_seconds,
+        final_score=float(np.mean(s.scores[-20:])) if s.scores else None,
     )
     if log:
         log(f"trained {config.steps} steps in {seconds:.0f} s, final loss {result.final_loss:.3f}")
