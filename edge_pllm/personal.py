@@ -30,7 +30,7 @@ from .bundle import Bundle, Placement, load_bundle
 from .consensus import Consensus, choose
 from .defaults import ensure_default_bundle
 from .embedder import Embedder
-from .errors import AnswerNotFoundError, InvalidInputError
+from .errors import AnswerNotFoundError, BundleError, InvalidInputError
 from .head import PlugHead
 from .items import (
     MAX_ITEM_CHARS,
@@ -166,7 +166,12 @@ class PersonalLLM:
                 llm = LLM(self.bundle.file(self.bundle.llm.file), self.llm_config)
                 head = self.bundle.plug
                 if head is not None and head.adapter_file is not None:
-                    llm.load_adapter(self.bundle.file(head.adapter_file))
+                    try:
+                        llm.load_adapter(self.bundle.file(head.adapter_file))
+                    except BundleError as exc:  # the plain model answers on; the head,
+                        # trained with its adapter, is refused with the reason
+                        self.bundle = replace(self.bundle, plug=None, plug_error=exc)
+                        self._plug = None
                 self._llm = llm
             return self._llm
 
@@ -176,6 +181,9 @@ class PersonalLLM:
         BundleError if it has one that does not fit it (`Bundle.plug_error` says why)."""
         has_head = self.bundle.plug is not None or self.bundle.plug_error is not None
         if self._plug is None and has_head:
+            spec = self.bundle.plug
+            if spec is not None and spec.adapter_file is not None:
+                self.llm  # noqa: B018 - loads the head's adapter first: a head whose adapter fails is refused
             self._plug = PlugHead(self.bundle)
         return self._plug
 

@@ -145,6 +145,33 @@ def test_a_file_llama_cpp_cannot_use_as_an_adapter_is_refused(adapted):
     assert np.isfinite(llm.next_token_logits(ids)).all()  # the model works on, plain
 
 
+def test_a_bundle_whose_adapter_llama_cpp_refuses_answers_plainly_and_refuses_plug(
+    adapted, tmp_path
+):
+    head, bundle, _ = adapted
+    broken = tmp_path / "bundle"
+    shutil.copytree(bundle, broken)
+    b = load_bundle(broken)
+    onnx = pplug.export_onnx(head, tmp_path / "plug.onnx")
+    # The LLM's GGUF listed and hashed as the adapter: it passes verification, and
+    # llama.cpp refuses it as a LoRA.
+    attach_head(broken, onnx, pplug.head_spec(head, b, {"steps": 2}), b.file(b.llm.file))
+    short = SamplingConfig(max_tokens=4)
+    with PersonalLLM(broken, home=tmp_path / "home", llm_config=LLMConfig(n_ctx=512)) as p:
+        p.add("ann", HISTORY["ann"])
+        assert p.generate("ann", "Say my word.", strategy="none", sampling=short).text is not None
+        for strategy in ("plug", "plug+rag:1"):
+            with pytest.raises(BundleError, match="could not load the adapter"):
+                p.generate("ann", "Say my word.", strategy=strategy, sampling=short)
+        assert p.generate("ann", "Say my word.", strategy="rag:1", sampling=short).soft_tokens == 0
+    # The head is refused before it is used when the model has not been loaded yet.
+    with (
+        PersonalLLM(broken, home=tmp_path / "home", llm_config=LLMConfig(n_ctx=512)) as p,
+        pytest.raises(BundleError, match="could not load the adapter"),
+    ):
+        p.generate("ann", "Say my word.", strategy="plug", sampling=short)
+
+
 def test_an_adapter_needs_the_soft_tokens_after_the_request():
     with pytest.raises(InvalidInputError, match="before_answer") as error:
         pplug.TrainConfig(steps=1, adapter_rank=4, placement="prefix")
