@@ -4,6 +4,7 @@ ONNX -> onnxruntime -> soft tokens -> llama.cpp."""
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -265,13 +266,45 @@ def test_a_checkpoint_from_before_task_tokens_resumes_and_trains_on(tiny_bundle,
     assert head.instruction.shape == (1, d_enc)
 
 
-def test_training_resumes_from_its_checkpoint(tiny_bundle, trained):
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},  # batches and history dropout: Python's random stream
+        {"input_encoder": "trainable", "rag": 1, "adapter_rank": 2},  # + torch's: dropout
+    ],
+    ids=["linear", "trainable-rag-adapter"],
+)
+def test_a_run_cut_short_and_resumed_trains_the_head_of_an_uncut_run(
+    tiny_bundle, tmp_path, monkeypatch, settings
+):
+    from export.pplug import training
+
     tiny, bundle = tiny_bundle
-    _, first, examples, out = trained
-    assert (out / "checkpoint.pt").is_file() and len(first.losses) == 6
-    config = small_config(tiny, steps=8, checkpoint_every=3)
-    _, resumed = pplug.train(bundle, examples, SPEC, out, config, progress=False)
-    assert len(resumed.losses) == 8 and resumed.losses[:6] == first.losses
+    spec = task_spec("commit_subject")
+    examples = pplug.lamp_examples(write_task(tmp_path / "task"), "train", spec, from_profiles=2)
+    config = small_config(tiny, steps=5, checkpoint_every=3, **settings)
+    whole_head, whole = pplug.train(
+        bundle, examples, spec, tmp_path / "whole", config, progress=False
+    )
+
+    step = training.train_step
+
+    def cut_after_three(session):
+        if session.step == 3:
+            raise KeyboardInterrupt
+        return step(session)
+
+    monkeypatch.setattr(training, "train_step", cut_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        pplug.train(bundle, examples, spec, tmp_path / "cut", config, progress=False)
+    monkeypatch.undo()
+    random.seed(12345)  # a new process: the random streams do not continue by themselves
+    torch.manual_seed(12345)
+    head, resumed = pplug.train(bundle, examples, spec, tmp_path / "cut", config, progress=False)
+    assert resumed.losses == whole.losses and len(whole.losses) == 5
+    expected = whole_head.state_dict()
+    for name, value in head.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
 
 
 def test_plug_strategies_on_the_device(tiny_bundle, trained, tmp_path):
@@ -602,19 +635,16 @@ def test_trainable_encoder_torch_and_onnx_give_the_same_soft_tokens(tiny_bundle,
         runtime.soft_tokens(vectors(bundle, ["Say my word."])[0], h)
 
 
-def test_trainable_encoder_training_resumes_from_its_checkpoint(tiny_bundle, trainable, tmp_path):
+def test_a_trainable_encoder_checkpoint_is_not_resumed_as_a_linear_head(
+    tiny_bundle, trainable, tmp_path
+):
     tiny, _ = tiny_bundle
-    bundle, _, first, examples, out = trainable
+    bundle, _, _, examples, out = trainable
     spec = task_spec("commit_subject")
     resumed_dir = tmp_path / "train"
     resumed_dir.mkdir()
     shutil.copyfile(out / "checkpoint.pt", resumed_dir / "checkpoint.pt")
-    same = {"persona_tokens": 2, "rag": 1, "adapter_rank": 2}
-    config = small_config(tiny, steps=5, input_encoder="trainable", **same)
-    _, resumed = pplug.train(bundle, examples, spec, resumed_dir, config, progress=False)
-    assert len(resumed.losses) == 5 and resumed.losses[:3] == first.losses
-    # A checkpoint of the trainable head is not resumed as a linear one.
-    linear = small_config(tiny, steps=5, **same)
+    linear = small_config(tiny, steps=5, persona_tokens=2, rag=1, adapter_rank=2)
     with pytest.raises(InvalidInputError, match=r"checkpoint .* another head"):
         pplug.train(bundle, examples, spec, resumed_dir, linear, progress=False)
 
