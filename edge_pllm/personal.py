@@ -181,9 +181,6 @@ class PersonalLLM:
         BundleError if it has one that does not fit it (`Bundle.plug_error` says why)."""
         has_head = self.bundle.plug is not None or self.bundle.plug_error is not None
         if self._plug is None and has_head:
-            spec = self.bundle.plug
-            if spec is not None and spec.adapter_file is not None:
-                self.llm  # noqa: B018 - loads the head's adapter first: a head whose adapter fails is refused
             self._plug = PlugHead(self.bundle)
         return self._plug
 
@@ -252,7 +249,10 @@ class PersonalLLM:
                 field="strategy",
             )
         sampling = sampling or SamplingConfig()
-        plug = self.plug if chosen.needs_head else None
+        plug = None
+        if chosen.needs_head:
+            self.llm  # noqa: B018 - loaded first: a head whose adapter llama.cpp refuses is refused
+            plug = self.plug
         memo = _RequestMemo(self.embedder, query)
         found = chosen.personalize(Request(user, query, self.store, memo, plug))  # type: ignore[arg-type]
         llm = self.llm

@@ -159,7 +159,8 @@ def test_a_bundle_whose_adapter_llama_cpp_refuses_answers_plainly_and_refuses_pl
     short = SamplingConfig(max_tokens=4)
     with PersonalLLM(broken, home=tmp_path / "home", llm_config=LLMConfig(n_ctx=512)) as p:
         p.add("ann", HISTORY["ann"])
-        assert p.generate("ann", "Say my word.", strategy="none", sampling=short).text is not None
+        assert p.generate("ann", "Say my word.", strategy="none", sampling=short).soft_tokens == 0
+        assert p.bundle.plug is None and isinstance(p.bundle.plug_error, BundleError)
         for strategy in ("plug", "plug+rag:1"):
             with pytest.raises(BundleError, match="could not load the adapter"):
                 p.generate("ann", "Say my word.", strategy=strategy, sampling=short)

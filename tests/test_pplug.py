@@ -271,8 +271,9 @@ def test_a_checkpoint_from_before_task_tokens_resumes_and_trains_on(tiny_bundle,
     [
         {},  # batches and history dropout: Python's random stream
         {"input_encoder": "trainable", "rag": 1, "adapter_rank": 2},  # + torch's: dropout
+        {"outcome_samples": 2},  # + torch's: sampled answers, and their scores
     ],
-    ids=["linear", "trainable-rag-adapter"],
+    ids=["linear", "trainable-rag-adapter", "outcome-samples"],
 )
 def test_a_run_cut_short_and_resumed_trains_the_head_of_an_uncut_run(
     tiny_bundle, tmp_path, monkeypatch, settings
@@ -302,6 +303,7 @@ def test_a_run_cut_short_and_resumed_trains_the_head_of_an_uncut_run(
     torch.manual_seed(12345)
     head, resumed = pplug.train(bundle, examples, spec, tmp_path / "cut", config, progress=False)
     assert resumed.losses == whole.losses and len(whole.losses) == 5
+    assert resumed.final_score == whole.final_score
     expected = whole_head.state_dict()
     for name, value in head.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)

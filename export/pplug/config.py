@@ -4,6 +4,7 @@ entry. Each field carries its flag and help; nothing about an option is written 
 
 from __future__ import annotations
 
+import math
 import shlex
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -191,6 +192,11 @@ class TrainConfig:
                 self.outcome_samples != 1 and self.outcome_samples >= 0,
                 "outcome_samples",
                 "0 or at least 2 (each answer is scored against its example's mean)",
+            ),
+            (
+                math.isfinite(self.outcome_weight) and self.outcome_weight >= 0,
+                "outcome_weight",
+                "a number ≥ 0",
             ),
             (self.rag >= 0, "rag", "≥ 0"),
             (0 <= self.rag_fraction <= 1, "rag_fraction", "within [0, 1]"),

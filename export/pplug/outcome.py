@@ -10,34 +10,72 @@ and the policy gradient raises the likelihood of the answers that beat their exa
 mean and lowers the others' (REINFORCE with the mean of the `k` as the baseline). Only
 the head learns; sampling runs without gradient.
 
-A sampled answer ends where the device's one-line answers end: at the end of sequence or
-at the first token that holds a line break.
+A sampled answer ends where the device's one-line answers end (`prompts.first_line`): at an
+end-of-generation token, or at the end of the first line that holds an answer. Sampling
+keeps the device's temperature (0.8, as `consensus` samples), top-k, top-p and min-p, not
+its repeat penalty. The gradient is that of the untempered model's log-probability, the one
+greedy decoding follows, rather than of the tempered sampler's.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+import llama_cpp
 import torch
 from torch import nn
 
-from edge_pllm.consensus import tokens, unigram_f1
-from edge_pllm.llm import LLM
+from edge_pllm.consensus import TEMPERATURE, tokens, unigram_f1
+from edge_pllm.llm import LLM, SamplingConfig
+from edge_pllm.prompts import first_line
 
 from .adapter import applied
 from .data import Encoded
 from .frozen import _batched_past, token_losses
 
-TEMPERATURE = 0.8  # the consensus candidates' temperature: the answers the device samples
 MAX_NEW_TOKENS = 24  # a gold subject is about 12 tokens; longer samples score low anyway
+MIN_P = 0.05  # llama-cpp-python's default, which the device keeps
 
 
-def stop_tokens(runtime_llm: LLM) -> frozenset[int]:
-    """End of sequence and every token whose text holds a line break."""
-    llama = runtime_llm.llama
-    breaks = {t for t in range(llama.n_vocab()) if b"\n" in llama.detokenize([t])}
-    return frozenset({llama.token_eos(), *breaks})
+@dataclass(frozen=True)
+class AnswerReader:
+    """A sampled answer's token ids as the device reads them: where generation ends
+    (`ended`) and the answer the task's scorer sees (`text`)."""
+
+    eog: frozenset[int]  # end-of-generation tokens
+    breaks: frozenset[int]  # tokens whose text holds a line break
+    detokenize: Callable[[list[int]], str]
+    clean: Callable[[str], str]  # the task's reading of an answer (TaskSpec.clean)
+
+    @classmethod
+    def of(cls, runtime_llm: LLM, clean: Callable[[str], str]) -> AnswerReader:
+        llama = runtime_llm.llama
+        vocab = llama._model.vocab  # llama-cpp-python keeps the vocab there, unexposed
+        ids = range(llama.n_vocab())
+        return cls(
+            frozenset(t for t in ids if llama_cpp.llama_vocab_is_eog(vocab, t)),
+            frozenset(t for t in ids if b"\n" in llama.detokenize([t])),
+            lambda t: llama.detokenize(t).decode(errors="replace"),
+            clean,
+        )
+
+    def ended(self, ids: Sequence[int]) -> bool:
+        """Whether the device would have stopped after `ids`."""
+        if not ids:
+            return False
+        if ids[-1] in self.eog:
+            return True
+        if ids[-1] not in self.breaks:
+            return False
+        *lines, _ = self.detokenize(list(ids)).split("\n")
+        return any((a := self.clean(line)) and not a.endswith(":") for line in lines)
+
+    def text(self, ids: Sequence[int]) -> str:
+        """The answer the device returns for `ids` (its first answer line)."""
+        body = self.detokenize([t for t in ids if t not in self.eog])
+        return next(first_line(iter([body]), self.clean), "")
 
 
 @torch.no_grad()
@@ -48,14 +86,16 @@ def sample_answers(
     soft: torch.Tensor,
     embed_scale: float,
     k: int,
-    stops: frozenset[int],
-    temperature: float = TEMPERATURE,
+    reader: AnswerReader,
+    sampling: SamplingConfig | None = None,
     max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> tuple[list[list[int]], torch.Tensor]:
-    """`k` answers per prompt (prompt-major), each [soft][after] then sampled tokens until a
-    stop token (kept) or `max_new_tokens`; and each answer's log-probability under the
-    untempered model (B·k,), the quantity the policy gradient moves. Prompts whose `after`
-    differ in length are sampled in separate groups."""
+    """`k` answers per prompt (prompt-major), each [soft][after] then tokens sampled as the
+    device samples (`sampling`: temperature, top-k, top-p; default the consensus
+    samples') until the device would stop (`reader.ended`, the last token kept) or
+    `max_new_tokens`; and each answer's log-probability under the untempered model (B·k,).
+    Prompts whose `after` differ in length are sampled in separate groups."""
+    sampling = sampling or SamplingConfig(temperature=TEMPERATURE)
     device = next(llm.parameters()).device
     rows = [i for i in range(len(prompts)) for _ in range(k)]
     answers: list[list[int]] = [[] for _ in rows]
@@ -64,7 +104,7 @@ def sample_answers(
         group = [r for r, i in enumerate(rows) if len(prompts[i].after) == width]
         ids, lp = _sample_group(
             llm, [prompts[rows[r]] for r in group], [prefixes[rows[r]] for r in group],
-            soft[[rows[r] for r in group]].to(device), embed_scale, stops, temperature,
+            soft[[rows[r] for r in group]].to(device), embed_scale, reader, sampling,
             max_new_tokens,
         )  # fmt: skip
         for r, a, v in zip(group, ids, lp, strict=True):
@@ -78,8 +118,8 @@ def _sample_group(
     prefixes: Sequence[torch.Tensor | None],
     soft: torch.Tensor,
     embed_scale: float,
-    stops: frozenset[int],
-    temperature: float,
+    reader: AnswerReader,
+    sampling: SamplingConfig,
     max_new_tokens: int,
 ) -> tuple[list[list[int]], torch.Tensor]:
     device = soft.device
@@ -103,12 +143,12 @@ def _sample_group(
         )
         for _ in range(max_new_tokens):
             logits = out.logits[:, -1].float().cpu()
-            picked = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1)[:, 0]
+            picked = torch.multinomial(_sampler_probs(logits, sampling), 1)[:, 0]
             gained = torch.log_softmax(logits, dim=-1).gather(1, picked[:, None])[:, 0]
             logp += torch.where(done, 0.0, gained)
             for r in (~done).nonzero()[:, 0].tolist():
                 answers[r].append(int(picked[r]))
-                done[r] = int(picked[r]) in stops
+                done[r] = reader.ended(answers[r])
             if bool(done.all()):
                 break
             positions = positions[:, -1:] + 1
@@ -123,17 +163,54 @@ def _sample_group(
     return answers, logp
 
 
+def _sampler_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """The distribution the device samples from, in llama.cpp's order: top-k, top-p and
+    min-p on the model's probabilities, then the temperature over what is left."""
+    probs = torch.softmax(logits, dim=-1)
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    if 0 < sampling.top_k < probs.shape[-1]:
+        keep &= probs >= probs.topk(sampling.top_k, dim=-1).values[:, -1:]
+    if sampling.top_p < 1.0:  # the likeliest tokens until their mass reaches top_p
+        kept = torch.where(keep, probs, 0.0)
+        kept = kept / kept.sum(dim=-1, keepdim=True)
+        ordered, order = kept.sort(dim=-1, descending=True)
+        likelier = ordered.cumsum(dim=-1) - ordered
+        keep &= torch.zeros_like(keep).scatter(-1, order, likelier < sampling.top_p)
+    keep &= probs >= MIN_P * probs.max(dim=-1, keepdim=True).values
+    tempered = torch.where(keep, logits / max(sampling.temperature, 1e-6), -torch.inf)
+    return torch.softmax(tempered, dim=-1)
+
+
 def answer_scores(
-    answers: Sequence[Sequence[int]], golds: Sequence[str], text: Callable[[list[int]], str]
+    answers: Sequence[Sequence[int]], golds: Sequence[str], reader: AnswerReader
 ) -> torch.Tensor:
-    """Each answer's ROUGE-1 F1 against its gold; `text` turns token ids into the answer as
-    the task's scorer reads it (stop tokens included: it cleans them)."""
+    """Each answer's ROUGE-1 F1 against its gold, as the task's scorer reads the answer."""
     return torch.tensor(
         [
-            unigram_f1(Counter(tokens(text(list(a)))), Counter(tokens(g)))
+            unigram_f1(Counter(tokens(reader.text(a))), Counter(tokens(g)))
             for a, g in zip(answers, golds, strict=True)
         ]
     )
+
+
+def answer_log_probs(
+    llm: nn.Module,
+    prompts: Sequence[Encoded],
+    prefixes: Sequence[torch.Tensor | None],
+    soft: torch.Tensor,
+    embed_scale: float,
+    answers: Sequence[Sequence[int]],
+) -> torch.Tensor:
+    """log p(answer) through the soft tokens, teacher-forced (with gradient through `soft`),
+    for answers given prompt-major, the same number for each prompt."""
+    k = len(answers) // len(prompts)
+    rows = [i for i in range(len(prompts)) for _ in range(k)]
+    encoded = [
+        Encoded(prompts[i].before, prompts[i].after, list(a))
+        for i, a in zip(rows, answers, strict=True)
+    ]
+    losses, mask = token_losses(llm, encoded, soft[rows], embed_scale, [prefixes[i] for i in rows])
+    return -(losses * mask).sum(dim=1)
 
 
 def outcome_loss(
@@ -145,16 +222,9 @@ def outcome_loss(
     answers: Sequence[Sequence[int]],
     scores: torch.Tensor,
 ) -> torch.Tensor:
-    """The policy-gradient loss of a batch's sampled answers (prompt-major, the same number
-    for each prompt), summed over prompts: −Σ (score − the prompt's mean score) · log p(answer),
-    log p taken through the soft tokens (with gradient)."""
+    """The policy-gradient loss of a batch's sampled answers (prompt-major, k per prompt),
+    summed over the answers: −Σ (score − its prompt's mean score) · log p(answer)."""
     k = len(answers) // len(prompts)
     advantage = scores.view(-1, k) - scores.view(-1, k).mean(dim=1, keepdim=True)
-    rows = [i for i in range(len(prompts)) for _ in range(k)]
-    encoded = [
-        Encoded(prompts[i].before, prompts[i].after, list(a))
-        for i, a in zip(rows, answers, strict=True)
-    ]
-    losses, mask = token_losses(llm, encoded, soft[rows], embed_scale, [prefixes[i] for i in rows])
-    logp = -(losses * mask).sum(dim=1)
+    logp = answer_log_probs(llm, prompts, prefixes, soft, embed_scale, answers)
     return -(advantage.flatten().to(logp.device) * logp).sum()

@@ -51,7 +51,7 @@ from .frozen import (
     token_losses,
 )
 from .model import HeadConfig, PPlugHead
-from .outcome import answer_scores, outcome_loss, sample_answers, stop_tokens
+from .outcome import AnswerReader, answer_scores, outcome_loss, sample_answers
 from .validation import Validation, soft_tokens, validate, validation_examples
 
 CHECKPOINT = "checkpoint.pt"
@@ -157,15 +157,7 @@ class Session:
     scores: list[float] = field(default_factory=list)  # --outcome-samples: each step's mean
     seconds: float = 0.0  # training time of earlier runs (resumed)
     world: World = field(default_factory=World)  # the training processes (one: World())
-    stops: frozenset[int] = frozenset()  # where a sampled answer ends (outcome.stop_tokens)
-
-    def answer_text(self, ids: list[int]) -> str:
-        """A sampled answer as the task's scorer reads it."""
-        llama = self.encode.llm.llama
-        eos = llama.token_eos()
-        return self.encode.spec.clean(
-            llama.detokenize([t for t in ids if t != eos]).decode(errors="replace")
-        )
+    reader: AnswerReader | None = None  # --outcome-samples: how the device reads an answer
 
 
 def _optimizer(head: PPlugHead, config: TrainConfig) -> torch.optim.AdamW:
@@ -304,10 +296,11 @@ def setup(
         head.set_history_mean(torch.from_numpy(table(seen)))
     head.to(device)
     opt = _optimizer(head, config)
+    reader = AnswerReader.of(runtime, spec.clean) if config.outcome_samples else None
     return Session(
         config, bundle, device, llm, runtime.embed_scale, examples, table, encode, encoded,
         prefixes, encoded_rag, prefixes_rag, head, query_inputs, opt, _schedule(opt, config),
-        world=world, stops=stop_tokens(runtime) if config.outcome_samples else frozenset(),
+        world=world, reader=reader,
     )  # fmt: skip
 
 
@@ -334,21 +327,28 @@ def resume(session: Session, out_dir: Path) -> None:
         _load(session, state, out_dir)
     world.broadcast_module_(session.head)
     if world.size > 1:
-        # Each process its own stream for the trainable encoder's dropout (none else draws
-        # from torch's generator in a step): reproducible for the same number of processes.
+        # Each process its own stream for what draws from torch's generator in a step (the
+        # trainable encoder's dropout, sampled answers): reproducible for the same number
+        # of processes.
         seeds = np.random.SeedSequence([config.seed & 0xFFFFFFFF, session.step, world.rank])
         torch.manual_seed(int(seeds.generate_state(1)[0]))
 
 
-def _read_init(folder: Path) -> dict[str, Any]:
-    path = folder / CHECKPOINT
-    if not path.is_file():
+def check_init(config: TrainConfig) -> None:
+    """Refuse an --init-from folder without a checkpoint (every process, before anything
+    is written)."""
+    if config.init_from and not (Path(config.init_from) / CHECKPOINT).is_file():
         raise InvalidInputError(
-            f"{folder} holds no {CHECKPOINT}: pass --init-from the folder a train-plug run "
-            "trained into (its --out).",
+            f"{config.init_from} holds no {CHECKPOINT}: pass --init-from the folder a "
+            "train-plug run trained into (its --out).",
             field="init_from",
         )
-    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _read_init(folder: Path) -> dict[str, Any]:
+    """The head's weights and configuration of the checkpoint in `folder`."""
+    state = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=False)
+    return {"head": state["head"], "head_config": state.get("head_config", {})}
 
 
 def _check_head(session: Session, state: dict[str, Any], where: Path, field: str) -> None:
@@ -388,7 +388,8 @@ def _load(session: Session, state: dict[str, Any], out_dir: Path) -> None:
     session.step, session.losses, session.seconds = state["step"], state["losses"], state["seconds"]
     session.scores = state.get("scores", [])
     random.setstate(state["py_rng"])
-    # The trainable encoder's dropout draws from torch's generator (CUDA's on a GPU).
+    # The trainable encoder's dropout (CUDA's generator on a GPU) and the sampled answers
+    # draw from torch's.
     if "torch_rng" in state:
         torch.set_rng_state(state["torch_rng"])
     if session.device.type == "cuda" and "cuda_rng" in state:
@@ -478,11 +479,13 @@ def draw_batch(examples: Sequence[Example], config: TrainConfig, rag: bool) -> l
 
 
 def train_step(session: Session) -> float:
-    """One optimizer step on a random batch; returns its loss (nats per target token).
+    """One optimizer step on a random batch; returns its cross-entropy (nats per target
+    token; with --outcome-samples the step's mean answer score goes to `session.scores`).
 
     With several processes each runs its share of the batch; each share's loss sum is
     divided by the whole batch's target tokens and the gradients are summed, which is the
-    gradient of the batch's mean loss in one process (up to the order of float sums)."""
+    gradient of the batch's mean loss in one process (up to the order of float sums; the
+    sampled answers are each process's own draws)."""
     s, config, world = session, session.config, session.world
     mine = draw_batch(s.examples, config, bool(s.encoded_rag))[world.shard(config.batch_size)]
     hists = [s.table(d.history) for d in mine]
@@ -500,16 +503,20 @@ def train_step(session: Session) -> float:
         total = losses.sum()
         sums = world.all_reduce_(torch.stack([total.detach(), mask.sum().to(total.dtype)]))
         loss, whole = total / sums[1], sums[0] / sums[1]
-    if config.outcome_samples:
+    if config.outcome_samples and s.reader is not None:
         k = config.outcome_samples
         answers, _ = sample_answers(
-            s.llm, prompts, prefixes, soft.detach(), s.embed_scale, k, s.stops
+            s.llm, prompts, prefixes, soft.detach(), s.embed_scale, k, s.reader
         )
         golds = [s.examples[d.index].target for d in mine for _ in range(k)]
-        scores = answer_scores(answers, golds, s.answer_text)
+        scores = answer_scores(answers, golds, s.reader)
         term = outcome_loss(s.llm, prompts, prefixes, soft, s.embed_scale, answers, scores)
         loss = loss + config.outcome_weight * term / config.batch_size
-        s.scores.append(float(scores.mean()))
+        # the whole batch's mean score (each process scored its share)
+        summed = world.all_reduce_(
+            torch.tensor([float(scores.sum()), len(scores)], device=s.device)
+        )
+        s.scores.append(float(summed[0] / summed[1]))
     s.opt.zero_grad()
     loss.backward()
     params = [p for group in s.opt.param_groups for p in group["params"]]
@@ -545,6 +552,7 @@ def train(
     # an unusable device is refused before anything is written
     world = join(resolve_device(config.device))
     world.check_batch(config.batch_size)
+    check_init(config)
     progress, log = progress and world.is_main, log if world.is_main else None
     if validation:
         validation = validation_examples(validation)
