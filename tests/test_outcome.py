@@ -32,13 +32,15 @@ def _examples() -> list[pplug.Example]:
     ]
 
 
+def _session(built, home, **settings):
+    tiny, bundle = built
+    config = small_config(tiny, outcome_samples=2, **settings)
+    return pplug.setup(bundle, _examples(), SPEC, config, home, progress=False)
+
+
 @pytest.fixture(scope="module")
 def session(tiny_bundle, tmp_path_factory):  # noqa: F811
-    tiny, bundle = tiny_bundle
-    config = small_config(tiny, outcome_samples=2)
-    return pplug.setup(
-        bundle, _examples(), SPEC, config, tmp_path_factory.mktemp("home"), progress=False
-    )
+    return _session(tiny_bundle, tmp_path_factory.mktemp("home"))
 
 
 def _batch(s):
@@ -48,10 +50,23 @@ def _batch(s):
     return s.encoded, [s.prefixes[i] for i in range(len(s.examples))], soft
 
 
-def test_sampled_answers_are_scored_as_the_teacher_forced_pass_scores_them(session):
-    s = session
+@pytest.mark.parametrize("placement", ["before_answer", "prefix"])
+def test_sampled_answers_are_scored_as_the_teacher_forced_pass_scores_them(
+    session,
+    tiny_bundle,  # noqa: F811
+    tmp_path,
+    placement,
+):
+    s = (
+        session
+        if placement == "before_answer"
+        else _session(tiny_bundle, tmp_path, placement=placement)
+    )
     prompts, prefixes, soft = _batch(s)
-    assert len({len(p.before) for p in prompts}) == 2  # left padding is exercised
+    if placement == "before_answer":  # requests of two lengths: left padding is exercised
+        assert len({len(p.before) for p in prompts}) == 2
+    else:  # the whole prompt follows the soft tokens: two groups are sampled
+        assert len({len(p.after) for p in prompts}) == 2
     torch.manual_seed(0)
     answers, logp = sample_answers(
         s.llm, prompts, prefixes, soft.detach(), s.embed_scale, 3, s.reader, max_new_tokens=6
