@@ -137,7 +137,8 @@ def test_the_outcome_term_raises_the_better_answer_against_the_worse(session):
         with torch.no_grad():
             before = answer_log_probs(s.llm, prompts, prefixes, soft, s.embed_scale, answers)
         s.head.zero_grad()
-        outcome_loss(s.llm, prompts, prefixes, soft, s.embed_scale, answers, scores).backward()
+        logp = answer_log_probs(s.llm, prompts, prefixes, soft, s.embed_scale, answers)
+        outcome_loss(logp, scores, 2).backward()
         params = [p for p in s.head.parameters() if p.grad is not None]
         norm = torch.sqrt(sum((p.grad**2).sum() for p in params))
         with torch.no_grad():  # a short step down the gradient: the first-order change

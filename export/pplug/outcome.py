@@ -213,18 +213,9 @@ def answer_log_probs(
     return -(losses * mask).sum(dim=1)
 
 
-def outcome_loss(
-    llm: nn.Module,
-    prompts: Sequence[Encoded],
-    prefixes: Sequence[torch.Tensor | None],
-    soft: torch.Tensor,
-    embed_scale: float,
-    answers: Sequence[Sequence[int]],
-    scores: torch.Tensor,
-) -> torch.Tensor:
-    """The policy-gradient loss of a batch's sampled answers (prompt-major, k per prompt),
-    summed over the answers: −Σ (score − its prompt's mean score) · log p(answer)."""
-    k = len(answers) // len(prompts)
+def outcome_loss(logp: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The policy-gradient loss of a batch's sampled answers (prompt-major, k per prompt;
+    `logp` from `answer_log_probs`), summed over the answers:
+    −Σ (score − its prompt's mean score) · log p(answer)."""
     advantage = scores.view(-1, k) - scores.view(-1, k).mean(dim=1, keepdim=True)
-    logp = answer_log_probs(llm, prompts, prefixes, soft, embed_scale, answers)
     return -(advantage.flatten().to(logp.device) * logp).sum()

@@ -51,7 +51,13 @@ from .frozen import (
     token_losses,
 )
 from .model import HeadConfig, PPlugHead
-from .outcome import AnswerReader, answer_scores, outcome_loss, sample_answers
+from .outcome import (
+    AnswerReader,
+    answer_log_probs,
+    answer_scores,
+    outcome_loss,
+    sample_answers,
+)
 from .validation import Validation, soft_tokens, validate, validation_examples
 
 CHECKPOINT = "checkpoint.pt"
@@ -510,7 +516,8 @@ def train_step(session: Session) -> float:
         )
         golds = [s.examples[d.index].target for d in mine for _ in range(k)]
         scores = answer_scores(answers, golds, s.reader)
-        term = outcome_loss(s.llm, prompts, prefixes, soft, s.embed_scale, answers, scores)
+        logp = answer_log_probs(s.llm, prompts, prefixes, soft, s.embed_scale, answers)
+        term = outcome_loss(logp, scores, k)
         loss = loss + config.outcome_weight * term / config.batch_size
         # the whole batch's mean score (each process scored its share)
         summed = world.all_reduce_(
