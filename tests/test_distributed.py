@@ -207,3 +207,17 @@ def test_a_checkpoint_resumes_with_another_number_of_processes(runs):
     with pytest.raises(InvalidInputError, match="--batch-size 4") as error:
         pplug.train(bundle, examples, spec, root / "two", config, root / "home1", False)
     assert error.value.field == "batch_size"
+
+
+@pytest.mark.slow
+def test_two_processes_fine_tune_a_head_with_sampled_answers(runs):
+    """--init-from and --outcome-samples under torchrun: every process starts from the
+    head, samples its share's answers, and the batch's mean score is gathered."""
+    root, tiny, bundle, task, *_ = runs
+    extra = ("--outcome-samples", "2", "--init-from", str(root / "one"), "--steps", "2")
+    train_plug(bundle, tiny, task, root / "home2", root / "outcome-2", 2, *extra)
+    entry = json.loads((root / "outcome-2" / "plug.json").read_text())
+    assert 0.0 <= entry["final_rouge1"] <= 1.0
+    assert f"--init-from {root / 'one'}" in entry["command"]
+    state = torch.load(root / "outcome-2" / "checkpoint.pt", weights_only=False)
+    assert len(state["scores"]) == 2 and state["world_size"] == 2
