@@ -91,7 +91,7 @@ def sample_answers(
     max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> tuple[list[list[int]], torch.Tensor]:
     """`k` answers per prompt (prompt-major), each [soft][after] then tokens sampled as the
-    device samples (`sampling`: temperature, top-k, top-p; default the consensus
+    device samples (`sampling`: temperature, top-k, top-p, and min-p; default the consensus
     samples') until the device would stop (`reader.ended`, the last token kept) or
     `max_new_tokens`; and each answer's log-probability under the untempered model (B·k,).
     Prompts whose `after` differ in length are sampled in separate groups."""
