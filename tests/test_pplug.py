@@ -241,6 +241,30 @@ def test_checkpoint_resumes_when_the_embedding_norm_differs_in_its_last_bits(
         pplug.train(bundle, examples, SPEC, moved, config, progress=False)
 
 
+def test_a_run_resumes_only_with_the_settings_it_was_trained_with(tiny_bundle, trained, tmp_path):
+    """Another learning rate, number of steps or data would continue as a run that neither
+    the checkpoint nor its recorded command describes: refused, the checkpoint untouched.
+    Where and how fast it runs may change (threads, device, the held-out check)."""
+    tiny, bundle = tiny_bundle
+    examples = trained[2]
+    moved, state = copied_checkpoint(trained, tmp_path)
+    before = (moved / "checkpoint.pt").read_bytes()
+    steps = state["step"]
+    for change, field in [
+        ({"lr": 5e-4}, "lr"),
+        ({"steps": steps + 2}, "steps"),
+        ({"limit": 1}, "limit"),
+    ]:
+        config = small_config(tiny, **{"steps": steps, **change})
+        with pytest.raises(InvalidInputError, match="other settings") as refused:
+            pplug.train(bundle, examples, SPEC, moved, config, progress=False)
+        assert refused.value.field == field and "--init-from" in str(refused.value)
+        assert (moved / "checkpoint.pt").read_bytes() == before
+    config = small_config(tiny, steps=steps, threads=1, device="cpu")
+    _, resumed = pplug.train(bundle, examples, SPEC, moved, config, progress=False)
+    assert resumed.losses == state["losses"]
+
+
 def test_a_checkpoint_from_before_task_tokens_resumes_and_trains_on(tiny_bundle, trained, tmp_path):
     """A checkpoint written before `--task-tokens`: one 1-d instruction vector, its Adam
     moments of that shape, no `n_task` in the head's shape. It resumes as one task token
@@ -258,6 +282,7 @@ def test_a_checkpoint_from_before_task_tokens_resumes_and_trains_on(tiny_bundle,
                 moments[name] = value.reshape(d_enc)
                 old_moments += 1
     assert old_moments == 2  # exp_avg and exp_avg_sq of the instruction vector
+    del state["config"]  # nor did it keep its settings: it resumes with more steps
     torch.save(state, moved / "checkpoint.pt")
     config = small_config(tiny, steps=state["step"] + 2)
     head, resumed = pplug.train(bundle, examples, SPEC, moved, config, progress=False)

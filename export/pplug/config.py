@@ -19,9 +19,11 @@ PLACEMENTS = ("before_answer", "prefix")
 INPUT_ENCODERS = ("linear", "trainable")
 
 
-def option(default: Any, help: str, **click_kwargs: Any) -> Any:
-    """A config field that is also a `train-plug` option (`--field-name`)."""
-    return field(default=default, metadata={"help": help, **click_kwargs})
+def option(default: Any, help: str, *, decides: bool = True, **click_kwargs: Any) -> Any:
+    """A config field that is also a `train-plug` option (`--field-name`). `decides`: whether
+    it changes the trained head (a resumed run must keep it); where and how fast the run
+    goes, and what is measured after it, do not."""
+    return field(default=default, metadata={"help": help, "decides": decides, **click_kwargs})
 
 
 @dataclass(frozen=True)
@@ -150,11 +152,13 @@ class TrainConfig:
         "auto",
         "Where to train: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda, "
         "cuda:N, mps. Checkpoints resume on any device.",
+        decides=False,
     )
     threads: int = option(
         0,
         "CPU threads for torch (0: torch's default, lowered to the container's quota or the "
         "global `edge-pllm --threads`).",
+        decides=False,
     )
     llm_source: str | None = option(
         None,
@@ -167,11 +171,13 @@ class TrainConfig:
         "After training, measure the held-out loss on this split's questions (e.g. dev): "
         "without soft tokens, with the user's own history and with another user's, and how "
         "much lower the own history's loss is, with a 95 % interval (recorded with the head).",
+        decides=False,
     )
     validate_limit: int | None = option(
         None,
         "With --validate: only the split's first N questions (default: all).",
         type=click.IntRange(min=2),
+        decides=False,
     )
     checkpoint_every: int = field(default=50, metadata={"record": False})
 
@@ -223,6 +229,12 @@ class TrainConfig:
             if f.metadata.get("record", True)
         }
 
+    def decisive(self) -> dict[str, Any]:
+        """The recorded settings that decide the trained head: a checkpoint keeps them, and
+        a run that resumes it must have the same."""
+        record = self.record()
+        return {f.name: record[f.name] for f in fields(self) if f.metadata.get("decides")}
+
     def command(self, task_dir: str) -> str:
         """The `train-plug` command line that trains this head again: every setting spelled
         out, so a later change of a default does not change what it reproduces."""
@@ -256,6 +268,7 @@ def config_options(cls: type = TrainConfig) -> Callable[[Callable[..., Any]], Ca
                 continue
             meta = dict(f.metadata)
             help_text, flag = meta.pop("help"), meta.pop("flag", None) or _flag(f)
+            meta.pop("decides", None)
             default = f.default if f.default is not MISSING else None
             if isinstance(default, bool):
                 decl = [f"{flag}/--no-{flag[2:]}", f.name]

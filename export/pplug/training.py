@@ -387,6 +387,7 @@ def _load(session: Session, state: dict[str, Any], out_dir: Path) -> None:
             field="batch_size",
         )
     _check_head(session, state, out_dir, "out_dir")
+    _check_settings(session.config, state.get("config"), out_dir)
     session.head.load_state_dict(upgrade_state(state["head"]))
     session.opt.load_state_dict(state["opt"])
     fit_optimizer_state(session.opt)
@@ -400,6 +401,24 @@ def _load(session: Session, state: dict[str, Any], out_dir: Path) -> None:
         torch.set_rng_state(state["torch_rng"])
     if session.device.type == "cuda" and "cuda_rng" in state:
         torch.cuda.set_rng_state(state["cuda_rng"], session.device)
+
+
+def _check_settings(config: TrainConfig, saved: dict[str, Any] | None, out_dir: Path) -> None:
+    """Refuse to resume with settings that change the head (older checkpoints did not keep
+    them): a run continued with another learning rate, number of steps or data would be
+    neither the run it started as nor the one its recorded command reproduces."""
+    if saved is None:
+        return
+    now = config.decisive()
+    changed = [name for name in now if name in saved and saved[name] != now[name]]
+    if changed:
+        said = ", ".join(f"{name} {saved[name]!r} (now {now[name]!r})" for name in changed)
+        raise InvalidInputError(
+            f"The checkpoint in {out_dir} was trained with other settings: {said}. Resume "
+            f"with the settings it was trained with, or train into another folder (--init-from "
+            f"{out_dir} starts from its head).",
+            field=changed[0],
+        )
 
 
 def upgrade_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -448,6 +467,7 @@ def save(session: Session, out_dir: Path, seconds: float) -> None:
             **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
             "head_config": asdict(session.head.config),
             "batch_size": session.config.batch_size,
+            "config": session.config.decisive(),
             "world_size": session.world.size,
         },
         buffer,
