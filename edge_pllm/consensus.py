@@ -1,11 +1,11 @@
 """Consensus decoding: several personalized answers, and the one the others agree with most.
 
 A small model's single greedy answer is a noisy draw. `consensus` asks the model several
-times — each member strategy's greedy answer plus a few sampled ones (fixed seeds, so the
-result is reproducible) — and returns the candidate with the highest summed unigram F1
-(ROUGE-1) against all the others: minimum-Bayes-risk selection under the task's own metric.
-The request's keys and values are computed once per member prompt; the extra candidates
-cost only their decoding.
+times — each member strategy's likeliest answer (beam search, `beam.py`) plus a few
+sampled ones (fixed seeds, so the result is reproducible) — and returns the candidate with
+the highest summed unigram F1 (ROUGE-1) against all the others: minimum-Bayes-risk
+selection under the task's own metric. The request's keys and values are computed once per
+member prompt; the extra candidates cost only their decoding.
 
 Spec strings: `consensus` (the members `plug` and `plug+rag:1`, 4 samples each) or
 `consensus:N` (N samples each).
@@ -18,11 +18,13 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .beam import MAX_WIDTH
 from .errors import InvalidInputError
 
 DEFAULT_MEMBERS = ("plug", "plug+rag:1")
 DEFAULT_SAMPLES = 4
-TEMPERATURE = 0.8  # of the sampled candidates; greedy ones are temperature 0
+TEMPERATURE = 0.8  # of the sampled candidates
+BEAM_WIDTH = 4  # of each member's first candidate (1: its greedy answer)
 MAX_SAMPLES = 16
 
 _TOKEN = re.compile(r"[a-z0-9]+")
@@ -30,18 +32,25 @@ _TOKEN = re.compile(r"[a-z0-9]+")
 
 @dataclass(frozen=True)
 class Consensus:
-    """Answer with each of `members` (greedy) plus `samples` sampled answers each, then
-    return the candidate that agrees most with the rest (`choose`)."""
+    """Answer with each of `members` (the best of a beam search `beam_width` wide; 1:
+    greedy) plus `samples` sampled answers each, then return the candidate that agrees
+    most with the rest (`choose`)."""
 
     samples: int = DEFAULT_SAMPLES
     members: tuple[str, ...] = DEFAULT_MEMBERS
     temperature: float = TEMPERATURE
+    beam_width: int = BEAM_WIDTH
     name: str = "consensus"
 
     def __post_init__(self) -> None:
         if not 0 <= self.samples <= MAX_SAMPLES:
             raise InvalidInputError(
                 f"consensus takes 0..{MAX_SAMPLES} samples per member (got {self.samples}).",
+                field="strategy",
+            )
+        if not 1 <= self.beam_width <= MAX_WIDTH:
+            raise InvalidInputError(
+                f"consensus takes a beam width of 1..{MAX_WIDTH} (got {self.beam_width}).",
                 field="strategy",
             )
 
@@ -61,7 +70,7 @@ def unigram_f1(a: Counter[str], b: Counter[str]) -> float:
 
 def choose(candidates: Sequence[str]) -> int:
     """The index of the candidate with the highest summed unigram F1 against the others;
-    the earliest wins a tie (candidates come greedy-first). An empty answer never wins
+    the earliest wins a tie (candidates come likeliest-first). An empty answer never wins
     while a non-empty one exists."""
     if not candidates:
         raise ValueError("choose() needs at least one candidate")

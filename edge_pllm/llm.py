@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import math
 import os
@@ -221,6 +222,20 @@ class LLM:
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._llama.detokenize(list(ids)).decode("utf-8", errors="replace")
 
+    @functools.cached_property
+    def eog_ids(self) -> frozenset[int]:
+        """The vocabulary's end-of-generation tokens (EOS, end of turn, …)."""
+        vocab = self._llama._model.vocab  # llama-cpp-python keeps the vocab there, unexposed
+        return frozenset(
+            t for t in range(self._llama.n_vocab()) if self._lc.llama_vocab_is_eog(vocab, t)
+        )
+
+    @functools.cached_property
+    def line_break_ids(self) -> frozenset[int]:
+        """The tokens whose text holds a line break."""
+        llama = self._llama
+        return frozenset(t for t in range(llama.n_vocab()) if b"\n" in llama.detokenize([t]))
+
     # --- soft tokens --------------------------------------------------------------------------
 
     def load_adapter(self, path: str | Path) -> None:
@@ -393,7 +408,7 @@ class LLM:
             adds_bos = self._llama._model.add_bos_token()
             at = 1 if soft is not None and adds_bos and ids and ids[0] == bos != -1 else 0
         tokens = self._prefill_soft(ids[:at], ids[at:], soft)
-        self._check_fits(len(tokens), 0, 0 if soft is None else len(soft))
+        self.check_fits(len(tokens), 0, 0 if soft is None else len(soft))
         rest = tokens[self._llama.n_tokens :]
         if rest:
             self._llama.eval(rest)
@@ -412,7 +427,9 @@ class LLM:
 
     # --- generation ---------------------------------------------------------------------------
 
-    def _check_fits(self, n_prompt: int, max_tokens: int, n_soft: int) -> None:
+    def check_fits(self, n_prompt: int, max_tokens: int, n_soft: int) -> None:
+        """ContextOverflowError if a prompt of `n_prompt` positions (`n_soft` of them soft)
+        and `max_tokens` more do not fit the context."""
         if n_prompt + max_tokens > self.n_ctx:
             raise ContextOverflowError(
                 prompt_tokens=n_prompt, max_tokens=max_tokens, n_ctx=self.n_ctx, soft_tokens=n_soft
@@ -435,7 +452,7 @@ class LLM:
         else:
             before, after = self.split_prompt(prompt, placement)
         n_soft = 0 if soft is None else len(soft)
-        self._check_fits(len(before) + len(after) + n_soft, sampling.max_tokens, n_soft)
+        self.check_fits(len(before) + len(after) + n_soft, sampling.max_tokens, n_soft)
         # Soft rows before the answer: the answer's header after them is a few tokens,
         # evaluated as the last batch whole (one llama_decode, a pass over every weight,
         # fewer than evaluating all but its last token and then that token).

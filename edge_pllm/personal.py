@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 
 from . import paths
+from .answers import AnswerReader
+from .beam import Beam, beam_answers
 from .bundle import Bundle, Placement, load_bundle
 from .consensus import Consensus, choose
 from .defaults import ensure_default_bundle
@@ -354,9 +356,9 @@ class PersonalLLM:
         style: PromptStyle,
     ) -> tuple[Prepared, str, Completion | None]:
         """Prepare and answer `prompt` (the caller holds the LLM lock). A `Consensus`
-        answers with each member strategy, greedy and then sampled (seeds 1..samples), and
-        keeps the answer the others agree with most, compared by what of each counts
-        (`style.answer`); `info["consensus"]` says which."""
+        answers with each member strategy, its best beam (or greedy answer) and then sampled
+        answers (seeds 1..samples), and keeps the answer the others agree with most,
+        compared by what of each counts (`style.answer`); `info["consensus"]` says which."""
         chosen = get_strategy(strategy)
         if not isinstance(chosen, Consensus):
             prepared = self.prepare(user, prompt, chosen, sampling, style)
@@ -364,12 +366,14 @@ class PersonalLLM:
         candidates: list[tuple[Prepared, str, Completion | None]] = []
         for member in chosen.members:
             prepared = self.prepare(user, prompt, member, sampling, style)
-            for seed in range(chosen.samples + 1):  # the KV cache keeps the prompt between
-                draw = (
-                    sampling
-                    if seed == 0
-                    else replace(sampling, temperature=chosen.temperature, seed=seed)
-                )
+            # The KV cache keeps the prompt between the member's candidates.
+            if chosen.beam_width > 1:
+                best = self._beams(prepared, sampling, style, chosen.beam_width)[0]
+                candidates.append((prepared, best.text, None))
+            else:
+                candidates.append((prepared, *self._answer(prepared, sampling, style)))
+            for seed in range(1, chosen.samples + 1):
+                draw = replace(sampling, temperature=chosen.temperature, seed=seed)
                 candidates.append((prepared, *self._answer(prepared, draw, style)))
         best = choose([style.answer(text) for _, text, _ in candidates])
         prepared, text, completion = candidates[best]
@@ -392,6 +396,20 @@ class PersonalLLM:
                 return "".join(first_line(s, style.answer)), None
         completion = self.llm.complete(prepared.prompt, soft, sampling, prepared.placement)
         return completion.text, completion
+
+    def _beams(
+        self, prepared: Prepared, sampling: SamplingConfig, style: PromptStyle, width: int
+    ) -> list[Beam]:
+        """The answers of a beam search `width` wide from `prepared`, best first."""
+        return beam_answers(
+            self.llm,
+            prepared.prompt,
+            prepared.personalization.soft_tokens,
+            sampling,
+            prepared.placement,
+            AnswerReader.of(self.llm, style.answer, style.one_line),
+            width,
+        )
 
     # --- memory and feedback ----------------------------------------------------------------
 

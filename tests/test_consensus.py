@@ -42,20 +42,29 @@ def test_unigram_f1_is_rouge_1():
 
 def test_consensus_answers_with_the_candidate_its_members_agree_on(pllm):
     """On the real model: the answer is choose() over exactly the candidates the members
-    give (greedy, then sampled with seeds 1..N), streamed whole, and reproducible."""
+    give (the best of a beam search 4 wide, then sampled with seeds 1..N), streamed whole,
+    and reproducible."""
     from dataclasses import replace
 
+    from edge_pllm.answers import AnswerReader
+    from edge_pllm.beam import beam_answers
     from edge_pllm.errors import InvalidInputError
     from edge_pllm.llm import SamplingConfig
-    from edge_pllm.prompts import PromptStyle
+    from edge_pllm.prompts import DEFAULT_STYLE, PromptStyle
 
     pllm.add("ada", ["Fix the parser crash on empty input", "docs: explain the cache budget"])
     query = "Write a one-line commit subject for: the parser crashed when the input was empty."
     sampling = SamplingConfig(max_tokens=12)
+    reader = AnswerReader.of(pllm.llm, DEFAULT_STYLE.answer, DEFAULT_STYLE.one_line)
     candidates = []
     for member in ("plug", "plug+rag:1"):
-        for seed in range(3):
-            draw = sampling if seed == 0 else replace(sampling, temperature=0.8, seed=seed)
+        p = pllm.prepare("ada", query, member, sampling)
+        soft = p.personalization.soft_tokens
+        candidates.append(
+            beam_answers(pllm.llm, p.prompt, soft, sampling, p.placement, reader, 4)[0].text
+        )
+        for seed in (1, 2):
+            draw = replace(sampling, temperature=0.8, seed=seed)
             candidates.append(pllm.generate("ada", query, strategy=member, sampling=draw).text)
     assert len(set(candidates)) > 1  # the samples differ, so the choice means something
 
@@ -73,7 +82,7 @@ def test_consensus_answers_with_the_candidate_its_members_agree_on(pllm):
     assert info["candidates"] == 6 and candidates[info["candidate"]] == answer.text
 
     # Candidates are compared by what of them counts (the task's style says): when every
-    # candidate counts the same, the first one (plug, greedy) wins the tie.
+    # candidate counts the same, the first one (plug's best beam) wins the tie.
     alike = PromptStyle(answer=lambda text: "the same line")
     tied = pllm.generate("ada", query, strategy="consensus:2", sampling=sampling, style=alike)
     assert tied.text == candidates[0]

@@ -7,10 +7,10 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="training needs the [export] extra")
 
+from edge_pllm.answers import AnswerReader  # noqa: E402
 from edge_pllm.errors import InvalidInputError  # noqa: E402
 from export import pplug  # noqa: E402
 from export.pplug.outcome import (  # noqa: E402
-    AnswerReader,
     answer_log_probs,
     answer_scores,
     outcome_loss,

@@ -20,16 +20,14 @@ greedy decoding follows, rather than of the tempered sampler's.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
-import llama_cpp
 import torch
 from torch import nn
 
+from edge_pllm.answers import AnswerReader
 from edge_pllm.consensus import TEMPERATURE, tokens, unigram_f1
-from edge_pllm.llm import LLM, SamplingConfig
-from edge_pllm.prompts import first_line
+from edge_pllm.llm import SamplingConfig
 
 from .adapter import applied
 from .data import Encoded
@@ -37,45 +35,6 @@ from .frozen import _batched_past, token_losses
 
 MAX_NEW_TOKENS = 24  # a gold subject is about 12 tokens; longer samples score low anyway
 MIN_P = 0.05  # llama-cpp-python's default, which the device keeps
-
-
-@dataclass(frozen=True)
-class AnswerReader:
-    """A sampled answer's token ids as the device reads them: where generation ends
-    (`ended`) and the answer the task's scorer sees (`text`)."""
-
-    eog: frozenset[int]  # end-of-generation tokens
-    breaks: frozenset[int]  # tokens whose text holds a line break
-    detokenize: Callable[[list[int]], str]
-    clean: Callable[[str], str]  # the task's reading of an answer (TaskSpec.clean)
-
-    @classmethod
-    def of(cls, runtime_llm: LLM, clean: Callable[[str], str]) -> AnswerReader:
-        llama = runtime_llm.llama
-        vocab = llama._model.vocab  # llama-cpp-python keeps the vocab there, unexposed
-        ids = range(llama.n_vocab())
-        return cls(
-            frozenset(t for t in ids if llama_cpp.llama_vocab_is_eog(vocab, t)),
-            frozenset(t for t in ids if b"\n" in llama.detokenize([t])),
-            lambda t: llama.detokenize(t).decode(errors="replace"),
-            clean,
-        )
-
-    def ended(self, ids: Sequence[int]) -> bool:
-        """Whether the device would have stopped after `ids`."""
-        if not ids:
-            return False
-        if ids[-1] in self.eog:
-            return True
-        if ids[-1] not in self.breaks:
-            return False
-        *lines, _ = self.detokenize(list(ids)).split("\n")
-        return any((a := self.clean(line)) and not a.endswith(":") for line in lines)
-
-    def text(self, ids: Sequence[int]) -> str:
-        """The answer the device returns for `ids` (its first answer line)."""
-        body = self.detokenize([t for t in ids if t not in self.eog])
-        return next(first_line(iter([body]), self.clean), "")
 
 
 @torch.no_grad()
