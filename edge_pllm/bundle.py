@@ -32,6 +32,11 @@ from .jsonio import parse_json
 MANIFEST = "manifest.json"
 STAMP = ".verified.json"
 FORMAT = 1
+# A head with a task adapter: an edge-pllm from before adapters would keep `adapter_file`
+# as an unknown key and run the head without it. Written only for such a bundle, so that
+# those refuse it; every other bundle stays readable by them.
+ADAPTER_FORMAT = 2
+FORMATS = (FORMAT, ADAPTER_FORMAT)
 
 HEAD_FILE = "plug.onnx"  # the head's aggregate graph (or, attached before the split, all of it)
 PROJECT_FILE = "plug_project.onnx"  # Proj(h_i) per history item (export/plug_graph.py)
@@ -364,6 +369,11 @@ def _section(folder: Path, manifest: Mapping[str, Any], key: str) -> Mapping[str
     return _field(folder, manifest, "", key, (_is_object, "an object"))
 
 
+def manifest_format(plug: PlugSpec | None) -> int:
+    """The format a bundle with head `plug` is written as: the oldest that runs it right."""
+    return ADAPTER_FORMAT if plug is not None and plug.adapter_file is not None else FORMAT
+
+
 def _is_object(value: Any) -> bool:
     return isinstance(value, Mapping)
 
@@ -373,10 +383,16 @@ def _parse(folder: Path, manifest: dict[str, Any]) -> Bundle:
     here (a width of 0, a negative length or a string where a number goes is a BundleError
     naming the field), before anything is built or loaded from it."""
     fmt = manifest.get("format")
-    if type(fmt) is not int or fmt != FORMAT:
+    if type(fmt) is not int or fmt not in FORMATS:
+        newer = type(fmt) is int and fmt > max(FORMATS)
         raise BundleError(
             f"The bundle {folder} has manifest format {_shown(fmt)}; this edge-pllm reads "
-            f"format {FORMAT}. Rebuild it with `edge-pllm setup --rebuild`.",
+            f"formats {FORMAT} and {ADAPTER_FORMAT}. "
+            + (
+                "A newer edge-pllm wrote it: upgrade edge-pllm to use it."
+                if newer
+                else "Rebuild it with `edge-pllm setup --rebuild`."
+            ),
             bundle=str(folder),
         )
     name = _field(folder, manifest, "", "name", _TEXT, folder.name)

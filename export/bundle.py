@@ -29,6 +29,7 @@ from edge_pllm.bundle import (
     check_plug,
     file_entries,
     load_bundle,
+    manifest_format,
     verify_files,
 )
 from edge_pllm.defaults import LLM_FILE
@@ -248,6 +249,7 @@ def _install_head(bundle_dir: Path, spec: PlugSpec, write: Callable[[Path], Plug
     check_plug(bundle, spec)
     spec = write(bundle_dir)
     manifest = dict(bundle.manifest)
+    manifest["format"] = manifest_format(spec)
     manifest["plug"] = spec.to_manifest()
     files = dict(manifest["files"])
     for stale in set(bundle.plug.files if bundle.plug else []) - set(spec.files):

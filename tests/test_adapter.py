@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="training needs the [export] extra")
 
 from edge_pllm import LLMConfig, PersonalLLM, SamplingConfig  # noqa: E402
-from edge_pllm.bundle import ADAPTER_FILE, load_bundle  # noqa: E402
+from edge_pllm.bundle import ADAPTER_FILE, ADAPTER_FORMAT, FORMAT, load_bundle  # noqa: E402
 from edge_pllm.errors import BundleError, InvalidInputError  # noqa: E402
 from edge_pllm.head import PlugHead  # noqa: E402
 from edge_pllm.llm import LLM  # noqa: E402
@@ -126,6 +126,9 @@ def test_a_bundle_with_an_adapter_personalizes_with_it(adapted, tmp_path):
         none = p.generate("ann", "Say my word.", strategy="none", sampling=short)
         assert plug.soft_tokens == 5 and none.soft_tokens == 0
         assert p.llm._adapter is not None
+    # An edge-pllm from before adapters would run this head without its adapter: the
+    # manifest's format is one they refuse (a bundle without an adapter keeps theirs).
+    assert load_bundle(bundle).manifest["format"] == ADAPTER_FORMAT > FORMAT
     # A damaged adapter file is refused when the bundle is verified.
     damaged = tmp_path / "damaged"
     shutil.copytree(bundle, damaged)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from edge_pllm.bundle import (
+    ADAPTER_FORMAT,
     FORMAT,
     MANIFEST,
     PlugSpec,
@@ -184,6 +185,22 @@ def test_no_head_is_no_plug_and_says_how_to_get_one(tmp_path: Path):
         assert bundle.plug is None and bundle.plug_error is None
         with pytest.raises(BundleError, match=r"no Persona-Plug head.*train-plug"):
             bundle.require_plug()
+
+
+def test_a_manifest_of_a_format_this_edge_pllm_does_not_know_is_refused(tmp_path: Path):
+    """Both formats load (2: a head with a task adapter); a newer one asks for an upgrade,
+    anything else for a rebuild."""
+    folder = fake_bundle(tmp_path / "b")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    for fmt in (FORMAT, ADAPTER_FORMAT):
+        manifest["format"] = fmt
+        (folder / MANIFEST).write_text(json.dumps(manifest))
+        assert load_bundle(folder).plug is not None
+    for fmt, advice in ((ADAPTER_FORMAT + 1, "upgrade edge-pllm"), (0, "--rebuild")):
+        manifest["format"] = fmt
+        (folder / MANIFEST).write_text(json.dumps(manifest))
+        with pytest.raises(BundleError, match=f"format {fmt};.*{advice}"):
+            load_bundle(folder)
 
 
 def test_the_head_files_of_a_parsed_head_need_checksums(tmp_path: Path):
