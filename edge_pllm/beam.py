@@ -29,8 +29,8 @@ MAX_WIDTH = 16
 
 @dataclass(frozen=True)
 class Beam:
-    """A finished answer: its token ids (what ended it included), the answer they read as,
-    and the sum of their log-probabilities."""
+    """An answer of the search: its token ids (what ended it included, if anything did
+    before `max_tokens`), the answer they read as, and the sum of their log-probabilities."""
 
     ids: tuple[int, ...]
     text: str

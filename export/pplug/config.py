@@ -121,9 +121,10 @@ class TrainConfig:
     )
     outcome_samples: int = option(
         0,
-        "Also train on what decoding writes: sample K answers per example (temperature 0.8), "
-        "score each by ROUGE-1 against the gold, and raise the likelihood of those above "
-        "their example's mean (a policy gradient; 0: off, else at least 2).",
+        "Also train on what decoding writes: sample K answers per example as `consensus` "
+        "samples them (temperature 0.8, top-k, top-p, min-p), score each by ROUGE-1 against "
+        "the gold, and raise the likelihood of those above their example's mean (a policy "
+        "gradient; 0: off, else at least 2).",
         type=click.IntRange(min=0),
     )
     outcome_weight: float = option(
