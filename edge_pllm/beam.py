@@ -23,7 +23,7 @@ from .bundle import Placement
 from .errors import InvalidInputError
 from .llm import LLM, SamplingConfig
 
-PENALTY_WINDOW = 64  # llama-cpp-python's last_n_tokens: the generated tokens penalized
+PENALTY_WINDOW = 64  # llama-cpp-python's default last_n_tokens_size: the tokens penalized
 MAX_WIDTH = 16
 
 
@@ -42,13 +42,14 @@ class Beam:
         return self.logprob / max(len(self.ids), 1)
 
 
-def penalized_logprobs(logits: np.ndarray, generated: Sequence[int], penalty: float) -> np.ndarray:
-    """Log-softmax of `logits` after llama.cpp's repeat penalty on the last
-    `PENALTY_WINDOW` generated tokens (a positive logit divided by `penalty`, a negative one
-    multiplied)."""
+def penalized_logprobs(
+    logits: np.ndarray, generated: Sequence[int], penalty: float, window: int = PENALTY_WINDOW
+) -> np.ndarray:
+    """Log-softmax of `logits` after llama.cpp's repeat penalty on the last `window`
+    generated tokens (a positive logit divided by `penalty`, a negative one multiplied)."""
     x = logits.astype(np.float64)
-    if penalty != 1.0 and generated:
-        seen = np.fromiter(set(generated[-PENALTY_WINDOW:]), dtype=np.int64)
+    if penalty != 1.0 and generated and window > 0:
+        seen = np.fromiter(set(generated[-window:]), dtype=np.int64)
         x[seen] = np.where(x[seen] > 0, x[seen] / penalty, x[seen] * penalty)
     x -= x.max()
     return x - np.log(np.exp(x).sum())
@@ -111,8 +112,10 @@ def beam_answers(
     n_soft = 0 if soft is None else len(soft)
     llm.check_fits(len(ids) + n_soft, sampling.max_tokens, n_soft)
 
+    window = llm.llama.last_n_tokens_size
+
     def next_logprobs(generated: list[int]) -> np.ndarray:
         logits = llm.next_token_logits([*ids, *generated], soft, at)
-        return penalized_logprobs(logits, generated, sampling.repeat_penalty)
+        return penalized_logprobs(logits, generated, sampling.repeat_penalty, window)
 
     return search(next_logprobs, reader, width, sampling.max_tokens)

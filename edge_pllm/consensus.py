@@ -1,14 +1,19 @@
 """Consensus decoding: several personalized answers, and the one the others agree with most.
 
 A small model's single greedy answer is a noisy draw. `consensus` asks the model several
-times — each member strategy's likeliest answer (beam search, `beam.py`) plus a few
-sampled ones (fixed seeds, so the result is reproducible) — and returns the candidate with
-the highest summed unigram F1 (ROUGE-1) against all the others: minimum-Bayes-risk
-selection under the task's own metric. The request's keys and values are computed once per
-member prompt; the extra candidates cost only their decoding.
+times — each member strategy's greedy answer plus a few sampled ones (fixed seeds, so the
+result is reproducible) — and returns the candidate with the highest summed unigram F1
+(ROUGE-1) against all the others: minimum-Bayes-risk selection under the task's own metric.
+The request's keys and values are computed once per member prompt; the extra candidates
+cost only their decoding.
 
-Spec strings: `consensus` (the members `plug` and `plug+rag:1`, 4 samples each) or
-`consensus:N` (N samples each).
+`consensus-beam` replaces each member's greedy answer by the best of a beam search
+(`beam.py`, 4 wide) for one-line answers: better on dev, not on test, at about twice the
+time (docs/EVAL.md), so it is not the default. On one KV sequence a beam's cost grows with
+the square of the answer's length, so a longer answer keeps its greedy one.
+
+Spec strings: `consensus` (the members `plug` and `plug+rag:1`, 4 samples each),
+`consensus:N` (N samples each), and the same for `consensus-beam`.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from .errors import InvalidInputError
 DEFAULT_MEMBERS = ("plug", "plug+rag:1")
 DEFAULT_SAMPLES = 4
 TEMPERATURE = 0.8  # of the sampled candidates
-BEAM_WIDTH = 4  # of each member's first candidate (1: its greedy answer)
+BEAM_WIDTH = 4  # of each member's first candidate in `consensus-beam`
 MAX_SAMPLES = 16
 
 _TOKEN = re.compile(r"[a-z0-9]+")
@@ -32,14 +37,14 @@ _TOKEN = re.compile(r"[a-z0-9]+")
 
 @dataclass(frozen=True)
 class Consensus:
-    """Answer with each of `members` (the best of a beam search `beam_width` wide; 1:
-    greedy) plus `samples` sampled answers each, then return the candidate that agrees
-    most with the rest (`choose`)."""
+    """Answer with each of `members` (the best of a beam search `beam_width` wide; 1, or
+    an answer longer than one line: greedy) plus `samples` sampled answers each, then
+    return the candidate that agrees most with the rest (`choose`)."""
 
     samples: int = DEFAULT_SAMPLES
     members: tuple[str, ...] = DEFAULT_MEMBERS
     temperature: float = TEMPERATURE
-    beam_width: int = BEAM_WIDTH
+    beam_width: int = 1
     name: str = "consensus"
 
     def __post_init__(self) -> None:
@@ -70,8 +75,8 @@ def unigram_f1(a: Counter[str], b: Counter[str]) -> float:
 
 def choose(candidates: Sequence[str]) -> int:
     """The index of the candidate with the highest summed unigram F1 against the others;
-    the earliest wins a tie (candidates come likeliest-first). An empty answer never wins
-    while a non-empty one exists."""
+    the earliest wins a tie (candidates come greedy, or best beam, first). An empty answer
+    never wins while a non-empty one exists."""
     if not candidates:
         raise ValueError("choose() needs at least one candidate")
     bags = [Counter(tokens(c)) for c in candidates]

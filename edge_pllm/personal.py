@@ -356,9 +356,10 @@ class PersonalLLM:
         style: PromptStyle,
     ) -> tuple[Prepared, str, Completion | None]:
         """Prepare and answer `prompt` (the caller holds the LLM lock). A `Consensus`
-        answers with each member strategy, its best beam (or greedy answer) and then sampled
-        answers (seeds 1..samples), and keeps the answer the others agree with most,
-        compared by what of each counts (`style.answer`); `info["consensus"]` says which."""
+        answers with each member strategy, its best beam (for a one-line answer; else its
+        greedy answer) and then sampled answers (seeds 1..samples), and keeps the answer
+        the others agree with most, compared by what of each counts (`style.answer`);
+        `info["consensus"]` says which."""
         chosen = get_strategy(strategy)
         if not isinstance(chosen, Consensus):
             prepared = self.prepare(user, prompt, chosen, sampling, style)
@@ -367,7 +368,7 @@ class PersonalLLM:
         for member in chosen.members:
             prepared = self.prepare(user, prompt, member, sampling, style)
             # The KV cache keeps the prompt between the member's candidates.
-            if chosen.beam_width > 1:
+            if chosen.beam_width > 1 and style.one_line:
                 best = self._beams(prepared, sampling, style, chosen.beam_width)[0]
                 candidates.append((prepared, best.text, None))
             else:
@@ -407,7 +408,7 @@ class PersonalLLM:
             prepared.personalization.soft_tokens,
             sampling,
             prepared.placement,
-            AnswerReader.of(self.llm, style.answer, style.one_line),
+            AnswerReader.of(self.llm, style.answer, style.one_line, sampling.stop),
             width,
         )
 

@@ -7,7 +7,7 @@ are turned into a prompt is `prompts.py`'s job, so strategies differ only in wha
 Strategies are named by a spec string: `none`, `recent`, `recent:5`, `rag`, `rag:3`, `plug`,
 `plug+rag`, `plug+rag:3`. A strategy that reads the bundle's Persona-Plug head says so with
 `needs_head`, and the caller then puts the head (`head.PlugHead`) in the `Request`.
-`consensus` and `consensus:N` name a way to answer rather than a prompt (consensus.py):
+`consensus[:N]` and `consensus-beam[:N]` name a way to answer rather than a prompt (consensus.py):
 `PersonalLLM` answers with several strategies and keeps the answer the others agree with.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .consensus import DEFAULT_SAMPLES, Consensus
+from .consensus import BEAM_WIDTH, DEFAULT_SAMPLES, Consensus
 from .embedder import Embedder
 from .errors import BundleError, InvalidInputError, UnknownStrategyError
 from .head import PlugHead
@@ -182,6 +182,9 @@ REGISTRY: dict[str, StrategyFactory] = {
     "plug-own": lambda k: Plug(name="plug-own", population=False),
     # Not a prompt but a way to answer: several answers, the one the others agree with.
     "consensus": lambda k: Consensus(samples=DEFAULT_SAMPLES if k is None else k),
+    "consensus-beam": lambda k: Consensus(
+        samples=DEFAULT_SAMPLES if k is None else k, beam_width=BEAM_WIDTH, name="consensus-beam"
+    ),
 }
 
 

@@ -137,6 +137,20 @@ def test_a_bundle_with_an_adapter_personalizes_with_it(adapted, tmp_path):
         load_bundle(damaged)
 
 
+def test_the_manifest_format_follows_the_head(adapted, tmp_path):
+    """Format 2 while the head has an adapter; the same bundle given a head without one
+    goes back to format 1 (readable by every edge-pllm) and drops the adapter file."""
+    head, bundle, _ = adapted
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    assert load_bundle(copy).manifest["format"] == ADAPTER_FORMAT
+    onnx = pplug.export_onnx(head, tmp_path / "plug.onnx")
+    attach_head(copy, onnx, pplug.head_spec(head, load_bundle(copy), {"steps": 2}))
+    plain = load_bundle(copy)
+    assert plain.manifest["format"] == FORMAT and plain.plug.adapter_file is None
+    assert not (copy / ADAPTER_FILE).exists()
+
+
 def test_a_file_llama_cpp_cannot_use_as_an_adapter_is_refused(adapted):
     _, bundle, _ = adapted
     b = load_bundle(bundle)

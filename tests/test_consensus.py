@@ -40,41 +40,54 @@ def test_unigram_f1_is_rouge_1():
         assert ours == pytest.approx(scorer.score(b, a)["rouge1"].fmeasure)
 
 
-def test_consensus_answers_with_the_candidate_its_members_agree_on(pllm):
+@pytest.mark.parametrize("spec", ["consensus", "consensus-beam"])
+def test_consensus_answers_with_the_candidate_its_members_agree_on(pllm, spec):
     """On the real model: the answer is choose() over exactly the candidates the members
-    give (the best of a beam search 4 wide, then sampled with seeds 1..N), streamed whole,
-    and reproducible."""
+    give (greedy, or with `consensus-beam` the best of a beam search 4 wide; then sampled
+    with seeds 1..N), streamed whole, and reproducible."""
     from dataclasses import replace
 
     from edge_pllm.answers import AnswerReader
     from edge_pllm.beam import beam_answers
     from edge_pllm.errors import InvalidInputError
     from edge_pllm.llm import SamplingConfig
-    from edge_pllm.prompts import DEFAULT_STYLE, PromptStyle
+    from edge_pllm.prompts import PromptStyle
 
     pllm.add("ada", ["Fix the parser crash on empty input", "docs: explain the cache budget"])
     query = "Write a one-line commit subject for: the parser crashed when the input was empty."
     sampling = SamplingConfig(max_tokens=12)
-    reader = AnswerReader.of(pllm.llm, DEFAULT_STYLE.answer, DEFAULT_STYLE.one_line)
+    line = PromptStyle(one_line=True)
+    reader = AnswerReader.of(pllm.llm, line.answer, line.one_line)
     candidates = []
     for member in ("plug", "plug+rag:1"):
-        p = pllm.prepare("ada", query, member, sampling)
-        soft = p.personalization.soft_tokens
-        candidates.append(
-            beam_answers(pllm.llm, p.prompt, soft, sampling, p.placement, reader, 4)[0].text
-        )
+        p = pllm.prepare("ada", query, member, sampling, line)
+        if spec == "consensus-beam":
+            soft = p.personalization.soft_tokens
+            beams = beam_answers(pllm.llm, p.prompt, soft, sampling, p.placement, reader, 4)
+            candidates.append(beams[0].text)
+        else:
+            candidates.append(
+                pllm.generate("ada", query, strategy=member, sampling=sampling, style=line).text
+            )
         for seed in (1, 2):
             draw = replace(sampling, temperature=0.8, seed=seed)
-            candidates.append(pllm.generate("ada", query, strategy=member, sampling=draw).text)
+            candidates.append(
+                pllm.generate("ada", query, strategy=member, sampling=draw, style=line).text
+            )
     assert len(set(candidates)) > 1  # the samples differ, so the choice means something
 
-    answer = pllm.generate("ada", query, strategy="consensus:2", sampling=sampling)
+    answer = pllm.generate("ada", query, strategy=f"{spec}:2", sampling=sampling, style=line)
     assert answer.text == candidates[choose(candidates)]
-    assert answer.strategy == "consensus"
+    assert answer.strategy == spec
     seen = []
     pieces = list(
         pllm.stream(
-            "ada", query, strategy="consensus:2", sampling=sampling, on_prepared=seen.append
+            "ada",
+            query,
+            strategy=f"{spec}:2",
+            sampling=sampling,
+            style=line,
+            on_prepared=seen.append,
         )
     )
     assert pieces == [answer.text]
@@ -82,14 +95,16 @@ def test_consensus_answers_with_the_candidate_its_members_agree_on(pllm):
     assert info["candidates"] == 6 and candidates[info["candidate"]] == answer.text
 
     # Candidates are compared by what of them counts (the task's style says): when every
-    # candidate counts the same, the first one (plug's best beam) wins the tie.
+    # candidate counts the same, the first one wins the tie: for an answer that is not one
+    # line, plug's greedy answer (a beam searches one-line answers only).
     alike = PromptStyle(answer=lambda text: "the same line")
-    tied = pllm.generate("ada", query, strategy="consensus:2", sampling=sampling, style=alike)
-    assert tied.text == candidates[0]
+    tied = pllm.generate("ada", query, strategy=f"{spec}:2", sampling=sampling, style=alike)
+    greedy = pllm.generate("ada", query, strategy="plug", sampling=sampling, style=alike)
+    assert tied.text == greedy.text
 
     with pytest.raises(InvalidInputError):
         pllm.prepare("ada", query, "consensus")
     with pytest.raises(InvalidInputError):
-        pllm.generate("ada", query, strategy="consensus:17")
+        pllm.generate("ada", query, strategy=f"{spec}:17")
     with pytest.raises(InvalidInputError):
         SamplingConfig(seed=-1)

@@ -187,6 +187,11 @@ def test_a_checkpoint_resumes_with_another_number_of_processes(runs):
     for name in ("one", "two"):
         shutil.copytree(root / name, root / f"{name}-in-1")
     shutil.copytree(root / "one", root / "one-in-2")
+    for name in ("one-in-1", "two-in-1", "one-in-2"):  # as if cut at step 4 of a 6-step run
+        path = root / name / "checkpoint.pt"
+        state = torch.load(path, weights_only=False)
+        state["config"]["steps"] = 6
+        torch.save(state, path)
     more = ("--steps", "6")
     train_plug(bundle, tiny, task, root / "home1", root / "one-in-1", 1, *more)
     train_plug(bundle, tiny, task, root / "home1", root / "two-in-1", 1, *more)

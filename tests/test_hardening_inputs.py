@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 import edge_pllm.cli as cli_module
 from edge_pllm import LLMConfig, PersonalLLM
-from edge_pllm.bundle import MANIFEST, STAMP, load_bundle
+from edge_pllm.bundle import FORMATS, MANIFEST, STAMP, load_bundle
 from edge_pllm.cli import cli, normalize_passphrase
 from edge_pllm.defaults import assemble_bundle, default_llm_source, shipped_bundle_dir
 from edge_pllm.embedder import Embedder
@@ -736,7 +736,7 @@ BOOL = lambda v: isinstance(v, bool)  # noqa: E731
 NEVER = lambda v: False  # noqa: E731  (a replaced section or checksum never fits)
 # Each fuzzed field of the default manifest and the values it accepts (from its docs).
 FIELDS: dict[tuple[str, ...], Any] = {
-    ("format",): lambda v: type(v) is int and v == 1,
+    ("format",): lambda v: type(v) is int and v in FORMATS,
     ("name",): TEXT,
     ("llm",): NEVER,
     ("llm", "file"): lambda v: v == "llm.gguf",

@@ -4,6 +4,7 @@ ONNX -> onnxruntime -> soft tokens -> llama.cpp."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -242,25 +243,29 @@ def test_checkpoint_resumes_when_the_embedding_norm_differs_in_its_last_bits(
 
 
 def test_a_run_resumes_only_with_the_settings_it_was_trained_with(tiny_bundle, trained, tmp_path):
-    """Another learning rate, number of steps or data would continue as a run that neither
-    the checkpoint nor its recorded command describes: refused, the checkpoint untouched.
-    Where and how fast it runs may change (threads, device, the held-out check)."""
+    """Another learning rate, number of steps or choice of examples would continue as a
+    run that neither the checkpoint nor its recorded command describes: refused, naming
+    the flags, the checkpoint untouched. Where and how fast it runs may change (threads,
+    device), and where its folders are (the LLM's folder, given another way)."""
     tiny, bundle = tiny_bundle
     examples = trained[2]
     moved, state = copied_checkpoint(trained, tmp_path)
     before = (moved / "checkpoint.pt").read_bytes()
     steps = state["step"]
-    for change, field in [
-        ({"lr": 5e-4}, "lr"),
-        ({"steps": steps + 2}, "steps"),
-        ({"limit": 1}, "limit"),
+    for change, said in [
+        ({"lr": 5e-4}, "--lr 0.001 (now 0.0005)"),
+        ({"steps": steps + 2}, f"--steps {steps} (now {steps + 2})"),
+        ({"limit": 1}, "--limit unset (now 1)"),
+        ({"splits": ("train", "extra")}, "--split train (now train extra)"),
     ]:
         config = small_config(tiny, **{"steps": steps, **change})
-        with pytest.raises(InvalidInputError, match="other settings") as refused:
+        with pytest.raises(InvalidInputError, match="trained with --") as refused:
             pplug.train(bundle, examples, SPEC, moved, config, progress=False)
-        assert refused.value.field == field and "--init-from" in str(refused.value)
+        assert said in str(refused.value) and "--init-from" in str(refused.value)
+        assert refused.value.field == next(iter(change))
         assert (moved / "checkpoint.pt").read_bytes() == before
-    config = small_config(tiny, steps=steps, threads=1, device="cpu")
+    elsewhere = os.path.relpath(tiny)  # the same folder, named another way
+    config = small_config(tiny, steps=steps, threads=1, device="cpu", llm_source=elsewhere)
     _, resumed = pplug.train(bundle, examples, SPEC, moved, config, progress=False)
     assert resumed.losses == state["losses"]
 

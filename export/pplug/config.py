@@ -21,8 +21,9 @@ INPUT_ENCODERS = ("linear", "trainable")
 
 def option(default: Any, help: str, *, decides: bool = True, **click_kwargs: Any) -> Any:
     """A config field that is also a `train-plug` option (`--field-name`). `decides`: whether
-    it changes the trained head (a resumed run must keep it); where and how fast the run
-    goes, and what is measured after it, do not."""
+    a resumed run must keep it. Where and how fast the run goes, what is measured after it,
+    and where its folders are (they may move; `--init-from` acts only on a fresh start) do
+    not decide; the head's shape is checked against its checkpoint in any case."""
     return field(default=default, metadata={"help": help, "decides": decides, **click_kwargs})
 
 
@@ -103,6 +104,7 @@ class TrainConfig:
         "The sentence-transformers folder the bundle's embedder was exported from, copied by "
         "--input-encoder trainable (default: the default bundle's all-MiniLM-L6-v2).",
         type=click.Path(exists=True, file_okay=False),
+        decides=False,
     )
     max_history: int = option(512, "Newest history items the head reads (the paper: 512).")
     # --- training
@@ -135,6 +137,7 @@ class TrainConfig:
         "Start from the head in this training folder's checkpoint (its weights; a fresh "
         "optimizer and schedule), e.g. to fine-tune a trained head with --outcome-samples.",
         type=click.Path(exists=True, file_okay=False),
+        decides=False,
     )
     rag: int = option(
         0,
@@ -165,6 +168,7 @@ class TrainConfig:
         None,
         "Train against this HF folder instead of the bundle's GGUF (dequantized).",
         type=click.Path(exists=True, file_okay=False),
+        decides=False,
     )
     # --- held-out check
     validate: str | None = option(
@@ -255,6 +259,11 @@ class TrainConfig:
         return shlex.join(words)
 
 
+def flag_of(name: str, cls: type | None = None) -> str:
+    """The command-line flag of field `name` of `cls` (default `TrainConfig`)."""
+    return _flag(next(f for f in fields(cls or TrainConfig) if f.name == name))
+
+
 def _flag(f: Any) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
@@ -289,4 +298,4 @@ def config_from_options(cls: type = TrainConfig, **values: Any) -> Any:
     )
 
 
-__all__ = ["TrainConfig", "asdict", "config_from_options", "config_options"]
+__all__ = ["TrainConfig", "asdict", "config_from_options", "config_options", "flag_of"]

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from edge_pllm.answers import AnswerReader
 from edge_pllm.bundle import Bundle, load_bundle
 from edge_pllm.cpus import compute_threads, cpu_bound
 from edge_pllm.embedder import Embedder
@@ -39,7 +40,7 @@ from edge_pllm.lamp import TaskSpec
 from edge_pllm.llm import LLM, LLMConfig
 from edge_pllm.vector_cache import cache_key
 
-from .config import TrainConfig
+from .config import TrainConfig, flag_of
 from .data import Encoded, Example, PromptEncoder, VectorTable, retrieve, vector_cache
 from .distributed import World, join
 from .frozen import (
@@ -52,7 +53,6 @@ from .frozen import (
 )
 from .model import HeadConfig, PPlugHead
 from .outcome import (
-    AnswerReader,
     answer_log_probs,
     answer_scores,
     outcome_loss,
@@ -302,7 +302,11 @@ def setup(
         head.set_history_mean(torch.from_numpy(table(seen)))
     head.to(device)
     opt = _optimizer(head, config)
-    reader = AnswerReader.of(runtime, spec.clean) if config.outcome_samples else None
+    reader = (
+        AnswerReader.of(runtime, spec.clean, spec.style.one_line)
+        if config.outcome_samples
+        else None
+    )
     return Session(
         config, bundle, device, llm, runtime.embed_scale, examples, table, encode, encoded,
         prefixes, encoded_rag, prefixes_rag, head, query_inputs, opt, _schedule(opt, config),
@@ -404,21 +408,30 @@ def _load(session: Session, state: dict[str, Any], out_dir: Path) -> None:
 
 
 def _check_settings(config: TrainConfig, saved: dict[str, Any] | None, out_dir: Path) -> None:
-    """Refuse to resume with settings that change the head (older checkpoints did not keep
-    them): a run continued with another learning rate, number of steps or data would be
-    neither the run it started as nor the one its recorded command reproduces."""
+    """Refuse to resume with settings that decide the head (older checkpoints did not keep
+    them): a run continued with another learning rate, number of steps or choice of
+    examples would be neither the run it started as nor the one its recorded command
+    reproduces."""
     if saved is None:
         return
     now = config.decisive()
     changed = [name for name in now if name in saved and saved[name] != now[name]]
     if changed:
-        said = ", ".join(f"{name} {saved[name]!r} (now {now[name]!r})" for name in changed)
+        said = ", ".join(
+            f"{flag_of(name)} {_shown(saved[name])} (now {_shown(now[name])})" for name in changed
+        )
         raise InvalidInputError(
-            f"The checkpoint in {out_dir} was trained with other settings: {said}. Resume "
-            f"with the settings it was trained with, or train into another folder (--init-from "
-            f"{out_dir} starts from its head).",
+            f"The checkpoint in {out_dir} was trained with {said}. Resume with the settings "
+            f"it was trained with, or train into another folder (--init-from {out_dir} "
+            "starts from its head, with a fresh optimizer and schedule).",
             field=changed[0],
         )
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return " ".join(map(str, value))
+    return "unset" if value is None else str(value)
 
 
 def upgrade_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
