@@ -356,10 +356,10 @@ class PersonalLLM:
         style: PromptStyle,
     ) -> tuple[Prepared, str, Completion | None]:
         """Prepare and answer `prompt` (the caller holds the LLM lock). A `Consensus`
-        answers with each member strategy, its best beam (for a one-line answer; else its
-        greedy answer) and then sampled answers (seeds 1..samples), and keeps the answer
-        the others agree with most, compared by what of each counts (`style.answer`);
-        `info["consensus"]` says which."""
+        answers with each member strategy, its greedy answer (with a `beam_width` over 1
+        and a one-line answer, its best beam) and then sampled answers (seeds 1..samples),
+        and keeps the answer the others agree with most, compared by what of each counts
+        (`style.answer`); `info["consensus"]` says which."""
         chosen = get_strategy(strategy)
         if not isinstance(chosen, Consensus):
             prepared = self.prepare(user, prompt, chosen, sampling, style)
