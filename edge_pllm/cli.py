@@ -714,8 +714,7 @@ def demo(obj: Context, strategies: tuple[str, ...]) -> None:
         _add(obj, SAMPLE_USER, list(read_jsonl(fh)))
     pllm = obj.pllm()
     if not strategies:
-        has_head = pllm.bundle.plug is not None
-        strategies = ("none", "rag", "plug", "plug+rag") if has_head else ("none", "rag")
+        strategies = ("none", "rag", "plug", "plug+rag") if pllm.head_usable() else ("none", "rag")
     request = spec.query(f"Generate a subject line for the following commit message: {SAMPLE_BODY}")
     click.echo(f"\nRequest for {SAMPLE_USER}:\n{request}\n")
     for strategy in strategies:

@@ -177,6 +177,15 @@ class PersonalLLM:
                 self._llm = llm
             return self._llm
 
+    def head_usable(self) -> bool:
+        """Whether the bundle's Persona-Plug head can answer: False when there is none, or
+        when it was refused (`Bundle.plug_error` says why). A head with a task adapter is
+        known only once llama.cpp has taken the adapter, so this loads the model then."""
+        head = self.bundle.plug
+        if self._llm is None and head is not None and head.adapter_file is not None:
+            self.llm  # noqa: B018 - loading may refuse the head
+        return self.bundle.plug is not None
+
     @property
     def plug(self) -> PlugHead | None:
         """The bundle's Persona-Plug head, loaded on first use; None if the bundle has none.

@@ -505,6 +505,7 @@ class Service:
         return Response(text, media_type="application/x-ndjson")
 
     async def models(self, request: Request) -> Response:
+        plug = await asyncio.to_thread(self.pllm.head_usable)
         b = self.pllm.bundle
         return JSONResponse(
             {
@@ -517,7 +518,7 @@ class Service:
                         "owned_by": "edge-pllm",
                         "llm": b.llm.file,
                         "quantization": b.llm.quantization,
-                        "plug": b.plug is not None,
+                        "plug": plug,
                     }
                 ],
             }

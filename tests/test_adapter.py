@@ -7,18 +7,22 @@ import shutil
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 torch = pytest.importorskip("torch", reason="training needs the [export] extra")
 
 from edge_pllm import LLMConfig, PersonalLLM, SamplingConfig  # noqa: E402
 from edge_pllm.bundle import ADAPTER_FILE, ADAPTER_FORMAT, FORMAT, load_bundle  # noqa: E402
+from edge_pllm.cli import cli  # noqa: E402
 from edge_pllm.errors import BundleError, InvalidInputError  # noqa: E402
 from edge_pllm.head import PlugHead  # noqa: E402
 from edge_pllm.llm import LLM  # noqa: E402
+from edge_pllm.server import create_app  # noqa: E402
 from export import pplug  # noqa: E402
 from export.bundle import attach_head  # noqa: E402
 from export.pplug.adapter import applied  # noqa: E402
 
+from .security_support import asgi_request  # noqa: E402
 from .test_pplug import HISTORY, SPEC, small_config, tiny_bundle, vectors  # noqa: E402, F401
 
 PROMPT = [{"role": "user", "content": "Say my word."}]
@@ -188,6 +192,17 @@ def test_a_bundle_whose_adapter_llama_cpp_refuses_answers_plainly_and_refuses_pl
         pytest.raises(BundleError, match="could not load the adapter"),
     ):
         p.generate("ann", "Say my word.", strategy="plug", sampling=short)
+    # What is offered says so before anything was generated: the server's model listing
+    # and the demo's strategies (a head whose adapter fits is offered: `adapted`).
+    for folder, usable in ((broken, False), (bundle, True)):
+        with PersonalLLM(folder, home=tmp_path / "h2", llm_config=LLMConfig(n_ctx=512)) as p:
+            listing = asgi_request(create_app(p), "GET", "/v1/models").json()
+            assert listing["data"][0]["plug"] is usable
+        demo = CliRunner().invoke(
+            cli, ["--bundle", str(folder), "--home", str(tmp_path / "h3"), "--n-ctx", "512", "demo"]
+        )
+        assert demo.exit_code == 0, demo.output
+        assert ("--- plug ---" in demo.output) is usable and "--- rag ---" in demo.output
 
 
 def test_an_adapter_needs_the_soft_tokens_after_the_request():
