@@ -104,14 +104,8 @@ def beam_answers(
 ) -> list[Beam]:
     """Beam search over the completion of `prompt` (templated) with `soft` tokens where
     `placement` says; `sampling` gives the repeat penalty and the most tokens."""
-    if soft is None:
-        ids, at = llm.tokenize(prompt), None
-    else:
-        before, after = llm.split_prompt(prompt, placement)
-        ids, at = [*before, *after], len(before)
-    n_soft = 0 if soft is None else len(soft)
-    llm.check_fits(len(ids) + n_soft, sampling.max_tokens, n_soft)
-
+    before, after = llm.prompt_parts(prompt, soft, placement, sampling.max_tokens)
+    ids, at = [*before, *after], None if soft is None else len(before)
     window = llm.llama.last_n_tokens_size
 
     def next_logprobs(generated: list[int]) -> np.ndarray:

@@ -408,7 +408,7 @@ class LLM:
             adds_bos = self._llama._model.add_bos_token()
             at = 1 if soft is not None and adds_bos and ids and ids[0] == bos != -1 else 0
         tokens = self._prefill_soft(ids[:at], ids[at:], soft)
-        self.check_fits(len(tokens), 0, 0 if soft is None else len(soft))
+        self._check_fits(len(tokens), 0, 0 if soft is None else len(soft))
         rest = tokens[self._llama.n_tokens :]
         if rest:
             self._llama.eval(rest)
@@ -427,7 +427,7 @@ class LLM:
 
     # --- generation ---------------------------------------------------------------------------
 
-    def check_fits(self, n_prompt: int, max_tokens: int, n_soft: int) -> None:
+    def _check_fits(self, n_prompt: int, max_tokens: int, n_soft: int) -> None:
         """ContextOverflowError if a prompt of `n_prompt` positions (`n_soft` of them soft)
         and `max_tokens` more do not fit the context."""
         if n_prompt + max_tokens > self.n_ctx:
@@ -438,6 +438,19 @@ class LLM:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))
 
+    def prompt_parts(
+        self, prompt: str, soft: np.ndarray | None, placement: Placement, max_tokens: int
+    ) -> tuple[list[int], list[int]]:
+        """`prompt`'s ids before and after where `soft` rows go (all after when there are
+        none), checked to fit the context with `max_tokens` more (ContextOverflowError)."""
+        if soft is None:
+            before, after = [], self.tokenize(prompt)
+        else:
+            before, after = self.split_prompt(prompt, placement)
+        n_soft = 0 if soft is None else len(soft)
+        self._check_fits(len(before) + len(after) + n_soft, max_tokens, n_soft)
+        return before, after
+
     def _start(
         self,
         prompt: str,
@@ -447,12 +460,8 @@ class LLM:
         placement: Placement,
     ) -> tuple[Any, int, int]:
         soft = self._check_soft(soft)
-        if soft is None:
-            before, after = [], self.tokenize(prompt)
-        else:
-            before, after = self.split_prompt(prompt, placement)
+        before, after = self.prompt_parts(prompt, soft, placement, sampling.max_tokens)
         n_soft = 0 if soft is None else len(soft)
-        self.check_fits(len(before) + len(after) + n_soft, sampling.max_tokens, n_soft)
         # Soft rows before the answer: the answer's header after them is a few tokens,
         # evaluated as the last batch whole (one llama_decode, a pass over every weight,
         # fewer than evaluating all but its last token and then that token).
