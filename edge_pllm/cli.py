@@ -318,6 +318,39 @@ def ingest(
         _add(obj, user, checked)
 
 
+@cli.command("import")
+@click.argument("user")
+@click.option(
+    "--git",
+    "git_repo",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="A git repository (a work tree or a bare clone): your commits become your history.",
+)
+@click.option(
+    "--author",
+    "authors",
+    multiple=True,
+    help="Your author email, after the repository's mailmap; repeatable "
+    "(default: the repository's user.email).",
+)
+@click.option(
+    "--rev", default="HEAD", show_default=True, help="Read the history up to this commit."
+)
+@pass_ctx
+@plain_errors
+def import_command(
+    obj: Context, user: str, git_repo: str, authors: tuple[str, ...], rev: str
+) -> None:
+    """Import USER's own writing: with --git, their commits (subject and body, trailers
+    and merges left out), as the commit-subject head was trained on them. Importing
+    again adds only commits not stored yet."""
+    from . import gitlog
+
+    commits = gitlog.own_commits(git_repo, authors, rev)
+    _add(obj, user, list(gitlog.history_items(commits, git_repo)))
+
+
 @cli.command()
 @click.argument("user")
 @click.argument("prompt")

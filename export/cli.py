@@ -1,5 +1,5 @@
 """The workstation's commands, added to `edge-pllm` through the `edge_pllm.commands` entry
-point: `export llm|embedder|bundle|default` and `train-plug`. Each imports the heavy
+point: `export llm|embedder|bundle|default`, `train-plug` and `corpus`. Each imports the heavy
 packages (torch, transformers, optimum) only when it runs, so `edge-pllm --help` lists them
 in any environment, and running one without the `[export]` extra says what to install."""
 
@@ -22,6 +22,7 @@ def register_commands(cli: click.Group) -> None:
     """The `edge_pllm.commands` entry point: add this package's commands to the CLI."""
     cli.add_command(export_group)
     cli.add_command(train_plug)
+    cli.add_command(corpus_command)
 
 
 @click.group("export")
@@ -322,3 +323,65 @@ def train_plug(
 
         attach_head(bundle, onnx_path, plug_spec, adapter_path)
         click.echo(f"Head attached to the bundle {bundle}.")
+
+
+@click.command("corpus")
+@click.argument("snapshots", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option(
+    "--repos",
+    "repo_list",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Tab-separated 'owner/name split commit [kind]' lines (default: the project's list, "
+    "export/corpus_repos.tsv).",
+)
+@click.option("--min-commits", default=30, show_default=True, type=click.IntRange(min=2, max=10**6))
+@click.option("--min-profile", default=10, show_default=True, type=click.IntRange(min=1, max=10**6))
+@click.option(
+    "--max-profile", default=300, show_default=True, type=click.IntRange(min=1, max=10**6)
+)
+@click.option(
+    "--report", type=click.Path(dir_okay=False), help="Also write the counts as Markdown here."
+)
+@plain_errors
+def corpus_command(
+    snapshots: str,
+    out_dir: str,
+    repo_list: str | None,
+    min_commits: int,
+    min_profile: int,
+    max_profile: int,
+    report: str | None,
+) -> None:
+    """Build the commit-subject task split by person from git snapshots: one folder per
+    repository under SNAPSHOTS (owner+name/, owner/name/ or name.git/), read at the commit the
+    list names; train, dev and test hold different repositories and different people."""
+    from tqdm.auto import tqdm
+
+    from .corpus import DEFAULT_REPOS, build_corpus, corpus_report, read_repo_list
+
+    entries = read_repo_list(repo_list or DEFAULT_REPOS)
+    with tqdm(total=len(entries), desc="Reading repositories", unit="repo") as bar:
+
+        def step(repo: str) -> None:
+            bar.set_postfix_str(repo)
+            bar.update(1)
+
+        corpus = build_corpus(
+            snapshots,
+            out_dir,
+            entries,
+            min_commits=min_commits,
+            min_profile=min_profile,
+            max_profile=max_profile,
+            progress=step,
+        )
+    args = [f"--repos {repo_list}"] if repo_list else []
+    args += [
+        f"--{k.replace('_', '-')} {v}" for k, v in corpus.settings.items() if k != "query_from_end"
+    ]
+    command = f"edge-pllm corpus SNAPSHOTS -o {out_dir} " + " ".join(args)
+    text = corpus_report(corpus, command.strip())
+    if report:
+        atomic_write(report, text)
+    click.echo(text)
