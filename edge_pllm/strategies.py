@@ -24,7 +24,7 @@ from .embedder import Embedder
 from .errors import BundleError, InvalidInputError, UnknownStrategyError
 from .head import PlugHead
 from .items import HistoryItem
-from .store import HistoryStore
+from .store import HistoryStore, SearchHit
 
 DEFAULT_K = 3
 MAX_K = 100  # items in a prompt: more never fits a context
@@ -62,7 +62,18 @@ class Strategy(Protocol):
 
 NO_HISTORY = "no history: plain prompt"
 POPULATION = "no history: population persona"
+NOT_RELEVANT = "no relevant history item: plain prompt"
+NOT_RELEVANT_PLUG = "no relevant history item: persona only"
+# Retrieved items less similar to the request than this (cosine) are not shown: an
+# unrelated item is copied, not learned from. Chosen on the validation repositories
+# (docs/EVAL.md).
+MIN_SIMILARITY = 0.0
 POPULATION_PRIOR = 2.0  # how many history items the population persona weighs as
+
+
+def relevant(hits: list[SearchHit], min_similarity: float) -> list[SearchHit]:
+    """The hits at least `min_similarity` (cosine) from the request, nearest first."""
+    return [h for h in hits if 1.0 - h.distance >= min_similarity]
 
 
 def no_history(request: Request) -> Personalization | None:
@@ -101,21 +112,25 @@ class Recent:
 
 @dataclass(frozen=True)
 class Retrieval:
-    """The k history items most similar to the query (cosine, within the user), in the prompt."""
+    """The k history items most similar to the query (cosine, within the user), in the
+    prompt; those under `min_similarity` are left out, and with none left the prompt is the
+    plain one (`info["fallback"]` says so)."""
 
     k: int = DEFAULT_K
     name: str = "rag"
+    min_similarity: float = MIN_SIMILARITY
     needs_head: bool = field(default=False, init=False)
 
     def personalize(self, request: Request) -> Personalization:
         if (fallback := no_history(request)) is not None:
             return fallback
         query_vec = request.embedder.embed_one(request.query)
-        hits = request.store.search(request.user, query_vec, self.k)
-        return Personalization(
-            context=[h.item for h in hits],
-            info={"item_ids": [h.item.id for h in hits], "distances": [h.distance for h in hits]},
-        )
+        hits = relevant(request.store.search(request.user, query_vec, self.k), self.min_similarity)
+        info: dict[str, Any] = {"item_ids": [h.item.id for h in hits]}
+        info["distances"] = [h.distance for h in hits]
+        if not hits:
+            info["fallback"] = NOT_RELEVANT
+        return Personalization(context=[h.item for h in hits], info=info)
 
 
 @dataclass(frozen=True)
@@ -135,6 +150,7 @@ class Plug:
     rag: int = 0
     name: str = "plug"
     population: bool = True
+    min_similarity: float = MIN_SIMILARITY
     needs_head: bool = field(default=True, init=False)
 
     def personalize(self, request: Request) -> Personalization:
@@ -165,8 +181,11 @@ class Plug:
         found.soft_tokens = soft.astype(np.float32)
         if self.rag:
             hits = request.store.search(request.user, query_vec, self.rag)
+            hits = relevant(hits, self.min_similarity)
             found.context = [h.item for h in hits]
             found.info["item_ids"] = [h.item.id for h in hits]
+            if not hits:
+                found.info["fallback"] = NOT_RELEVANT_PLUG
         return found
 
 

@@ -19,11 +19,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .files import private_dir, private_file
 
 Embed = Callable[[list[str]], np.ndarray]
 _CHUNK = 500  # keys per SELECT (SQLite's variable limit is 999 on old builds)
+_BLOCK = 2048  # texts embedded and stored at a time
 
 
 def cache_key(*parts: str) -> str:
@@ -71,15 +73,22 @@ class VectorCache:
                 if row.shape == (self.dim,):  # a row of another width is embedded anew
                     found[k] = row
         missing = list(dict.fromkeys(k for k in keys if k not in found))
-        if missing:
-            by_key = dict(zip(keys, texts, strict=True))
-            new = np.asarray(self._embed([by_key[k] for k in missing]), dtype=np.float32)
-            with self._conn:
-                self._conn.executemany(
-                    "INSERT OR REPLACE INTO vec VALUES (?, ?)",
-                    [(k, v.tobytes()) for k, v in zip(missing, new, strict=True)],
-                )
-            found.update(zip(missing, new, strict=True))
+        by_key = dict(zip(keys, texts, strict=True))
+        # Stored block by block: an interrupted run keeps what it embedded.
+        blocks = [missing[i : i + _BLOCK] for i in range(0, len(missing), _BLOCK)]
+        bar = tqdm(
+            total=len(missing), desc="Embedding", unit="text", disable=len(blocks) < 2, leave=False
+        )
+        with bar:
+            for block in blocks:
+                new = np.asarray(self._embed([by_key[k] for k in block]), dtype=np.float32)
+                with self._conn:
+                    self._conn.executemany(
+                        "INSERT OR REPLACE INTO vec VALUES (?, ?)",
+                        [(k, v.tobytes()) for k, v in zip(block, new, strict=True)],
+                    )
+                found.update(zip(block, new, strict=True))
+                bar.update(len(block))
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         if not keys:

@@ -241,7 +241,7 @@ def build_corpus(
             "repos": sum(1 for r in corpus.repos if r.split == split),
             "queries": len(sizes),
             "profile_mean": round(statistics.fmean(sizes), 1),
-            "profile_median": statistics.median(sizes),
+            "profile_median": float(statistics.median(sizes)),
         }
     atomic_write(out / "corpus.json", json.dumps(corpus.manifest(), indent=1) + "\n")
     return corpus
@@ -264,7 +264,7 @@ def corpus_report(corpus: Corpus, command: str) -> str:
     for split, s in corpus.splits.items():
         lines.append(
             f"| {split} | {s['repos']} | {s['queries']} | {s['profile_mean']} "
-            f"| {s['profile_median']} |"
+            f"| {s['profile_median']:g} |"
         )
     people = sum(s["queries"] for s in corpus.splits.values())
     return "\n".join([f"Built by `{command}`: {people} people in all.", "", *lines, ""])

@@ -16,6 +16,7 @@ from edge_pllm.items import HistoryItem
 from edge_pllm.lamp import TaskSpec, load_split
 from edge_pllm.llm import LLM
 from edge_pllm.prompts import build_messages
+from edge_pllm.strategies import MIN_SIMILARITY
 from edge_pllm.vector_cache import VectorCache, cache_key
 
 
@@ -111,14 +112,16 @@ class VectorTable:
         return self.matrix[[self.index[t] for t in texts]]
 
 
-def retrieve(example: Example, table: VectorTable, k: int) -> list[HistoryItem]:
-    """The `k` history items nearest the request (cosine, nearest first): what the store's
-    search gives plug+rag:k at run time."""
+def retrieve(
+    example: Example, table: VectorTable, k: int, min_similarity: float = MIN_SIMILARITY
+) -> list[HistoryItem]:
+    """The `k` history items nearest the request (cosine, nearest first) that are at least
+    `min_similarity` from it: what plug+rag:k shows at run time."""
     if not example.history or k < 1:
         return []
     scores = table(example.texts) @ table([example.query])[0]
     order = np.argsort(-scores, kind="stable")[:k]
-    return [example.history[i] for i in order]
+    return [example.history[i] for i in order if scores[i] >= min_similarity]
 
 
 @dataclass
