@@ -298,7 +298,7 @@ def file_entries(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
 
 
 _MISSING: Any = object()
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
+SHA256 = re.compile(r"[0-9a-f]{64}")  # always with fullmatch
 
 
 def _positive_int(high: int) -> tuple[Callable[[Any], bool], str]:
@@ -466,7 +466,7 @@ def _files_section(folder: Path, manifest: Mapping[str, Any]) -> dict[str, dict[
     if not isinstance(files, dict) or not all(
         isinstance(e, dict)
         and isinstance(e.get("sha256"), str)
-        and SHA256.match(e["sha256"]) is not None
+        and SHA256.fullmatch(e["sha256"]) is not None
         and type(e.get("size")) is int
         and e["size"] >= 0
         for e in files.values()

@@ -14,6 +14,7 @@ from .errors import ContextOverflowError
 from .llm import SamplingConfig
 from .personal import PersonalLLM, Prepared, Response
 from .strategies import REGISTRY, get_strategy
+from .terminal import shown
 
 
 def count_of(n: int, noun: str) -> str:
@@ -76,7 +77,7 @@ class ChatSession:
 
     @staticmethod
     def note(text: str) -> None:
-        click.secho(text, dim=True)
+        click.secho(shown(text), dim=True)
 
     def handle(self, line: str) -> bool:
         """Act on one line the user typed; False ends the session."""
@@ -187,7 +188,7 @@ class ChatSession:
             try:
                 for piece in pieces:
                     shown.append(piece)
-                    click.echo(piece, nl=False)
+                    click.echo(shown(piece), nl=False)
                     if stop[0]:
                         break
             finally:

@@ -22,11 +22,12 @@ from .chat import count_of as _count
 from .cpus import ENV_THREADS, MAX_THREADS, cpu_bound, library_threads, llm_threads, usable_cpus
 from .defaults import default_bundle_path, ensure_default_bundle
 from .errors import EdgePLLMError, InvalidInputError
-from .files import open_private
+from .files import atomic_write, open_private, private_dir
 from .items import NewItem, as_text, read_jsonl, validate_items, validate_user
 from .llm import LLMConfig, SamplingConfig
 from .personal import DEFAULT_STRATEGY, PersonalLLM, Response
 from .strategies import REGISTRY, get_strategy
+from .terminal import shown, shown_json
 
 F = TypeVar("F", bound=Callable[..., Any])
 ENV_PASSPHRASE = "EDGE_PLLM_PASSPHRASE"
@@ -44,6 +45,7 @@ def plain_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        refuse_empty_values(click.get_current_context(silent=True))
         try:
             return fn(*args, **kwargs)
         except EdgePLLMError as exc:
@@ -52,6 +54,22 @@ def plain_errors(fn: F) -> F:
             raise click.ClickException(_os_error(exc)) from exc
 
     return wrapper  # type: ignore[return-value]
+
+
+def refuse_empty_values(ctx: click.Context | None) -> None:
+    """An option or argument given as an empty string is a usage error (exit 2), never a
+    value: `--shard ''` would otherwise run the whole evaluation, and `--feedback ''` write
+    into the current folder. Defaults are not checked, only what was typed or set."""
+    if ctx is None:
+        return
+    typed = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    for param in ctx.command.params:
+        if param.name is None or ctx.get_parameter_source(param.name) not in typed:
+            continue
+        value = ctx.params.get(param.name)
+        values = value if isinstance(value, tuple | list) else (value,)
+        if any(isinstance(v, str) and v == "" for v in values):
+            raise click.BadParameter("an empty value; give one, or leave it out.", ctx, param)
 
 
 def _os_error(exc: OSError) -> str:
@@ -384,13 +402,13 @@ def ask(
     if show_context:
         prepared = pllm.prepare(user, prompt, strategy, sampling)
         for item in prepared.personalization.context:
-            click.echo(f"[context #{item.id}] {item.text[:200]}", err=True)
+            click.echo(f"[context #{item.id}] {shown(item.text[:200], keep='')}", err=True)
     done: list[Response] = []
     pieces = pllm.stream(
         user, prompt, strategy=strategy, sampling=sampling, remember=remember, on_done=done.append
     )
     for piece in pieces:
-        click.echo(piece, nl=False)
+        click.echo(shown(piece), nl=False)
     click.echo()
     memory = done[0].memory if done else None
     if memory is not None:
@@ -481,10 +499,13 @@ def chat(
     interrupted = False  # the last thing at the prompt was a Ctrl-C
     while True:
         try:
-            line = input(f"{user}> ")
+            line = input(f"{shown(user, keep='')}> ")
         except EOFError:
             click.echo()
             return
+        except UnicodeDecodeError:  # standard input decoded strictly: the line is dropped
+            session.note("That line was not UTF-8 text; it was left out. Type it again.")
+            continue
         except KeyboardInterrupt:
             click.echo()
             if interrupted:
@@ -510,7 +531,7 @@ def users(obj: Context) -> None:
     """List users with their item counts."""
     for info in obj.pllm().store.users():
         span = f"{info.first or '-'} .. {info.last or '-'}"
-        click.echo(f"{info.name}\t{_count(info.items, 'item')}\t{span}")
+        click.echo(f"{shown(info.name, keep='')}\t{_count(info.items, 'item')}\t{span}")
 
 
 @cli.command()
@@ -523,10 +544,13 @@ def items(obj: Context, user: str, limit: int, as_json: bool) -> None:
     """List USER's most recent history items."""
     for item in obj.pllm().store.items(user, limit=limit):
         if as_json:
-            click.echo(json.dumps({"id": item.id, **item.to_json()}, ensure_ascii=False))
+            click.echo(
+                shown_json(json.dumps({"id": item.id, **item.to_json()}, ensure_ascii=False))
+            )
         else:
-            first_line = item.text.splitlines()[0][:100]
-            click.echo(f"{item.id}\t{item.created_at[:10]}\t{item.kind}\t{first_line}")
+            first_line = shown(item.text.splitlines()[0][:100], keep="")
+            kind = shown(item.kind, keep="")
+            click.echo(f"{item.id}\t{item.created_at[:10]}\t{kind}\t{first_line}")
 
 
 @cli.command()
@@ -540,7 +564,8 @@ def search(obj: Context, user: str, query: str, k: int) -> None:
     query = validate_items([query])[0].text  # the checks of any text that is embedded
     pllm = obj.pllm()
     for hit in pllm.store.search(user, pllm.embedder.embed_one(query), k):
-        click.echo(f"{hit.item.id}\t{1 - hit.distance:.3f}\t{hit.item.text.splitlines()[0][:100]}")
+        first_line = shown(hit.item.text.splitlines()[0][:100], keep="")
+        click.echo(f"{hit.item.id}\t{1 - hit.distance:.3f}\t{first_line}")
 
 
 @cli.command()
@@ -621,7 +646,8 @@ def dump(obj: Context, user: str, output: str, feedback_dir: str | None, split: 
     n = 0
     with sink as out:
         for item in store.iter_items(user):
-            out.write(json.dumps(item.to_json(), ensure_ascii=False) + "\n")
+            line = json.dumps(item.to_json(), ensure_ascii=False)
+            out.write((line if to_file else shown_json(line)) + "\n")  # the same JSON value
             n += 1
     if to_file:
         click.echo(f"Exported {_count(n, 'item')} of {user} to {output}.", err=True)
@@ -760,7 +786,7 @@ def demo(obj: Context, strategies: tuple[str, ...]) -> None:
             style=spec.style,
         )
         for piece in pieces:
-            click.echo(piece, nl=False)
+            click.echo(shown(piece), nl=False)
         click.echo()
 
 
@@ -947,8 +973,8 @@ def eval_command(
     )
     click.echo(text)
     if report_path:
-        Path(report_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(report_path).write_text(text)
+        private_dir(Path(report_path).parent)
+        atomic_write(report_path, text)
         click.echo(f"Report written to {report_path}.", err=True)
 
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .errors import InvalidInputError
-from .files import private_dir
+from .files import atomic_write, open_private, private_dir
 from .jsonio import parse_json
 from .lamp import Question, TaskSpec, TaskSplit, load_split
 from .llm import SamplingConfig
@@ -67,14 +67,15 @@ class Shard:
     def parse(cls, text: str) -> Shard:
         """`"2/4"` → Shard(2, 4); an InvalidInputError for anything else."""
         index, _, count = text.partition("/")
-        if not (index.isascii() and index.isdigit() and count.isascii() and count.isdigit()):
+        digits = (index, count)  # bounded before they are read as numbers
+        if not all(d.isascii() and d.isdigit() and len(d) <= 6 for d in digits):
             raise InvalidInputError(
-                f"--shard {text!r} is not I/N (e.g. 2/4: the second of four shares).",
+                f"--shard {text[:40]!r} is not I/N (e.g. 2/4: the second of four shares).",
                 field="shard",
             )
         if not 1 <= int(index) <= int(count) <= 10_000:
             raise InvalidInputError(
-                f"--shard {text!r}: I must be 1..N, and N at most 10,000.", field="shard"
+                f"--shard {text[:40]!r}: I must be 1..N, and N at most 10,000.", field="shard"
             )
         return cls(int(index), int(count))
 
@@ -180,7 +181,7 @@ def run(config: RunConfig, pllm: PersonalLLM, progress: bool = True) -> list[Spl
     )
     results = []
     try:
-        with open(pred_path, "a", encoding="utf-8") as out:
+        with open_private(pred_path, "a", field="out") as out:
             for split in config.splits:
                 task = load_split(config.task_dir, split, config.task)
                 result = _run_split(config, pllm, cache, task, done, out, progress)
@@ -232,7 +233,7 @@ def merge(config: RunConfig, shards: list[Path]) -> int:
                 f"The shards lack {len(missing)} answers of {split_} (first: {strategy} for "
                 f"{qid}); run the missing --shard and merge again."
             )
-    with open(pred_path, "a", encoding="utf-8") as out:
+    with open_private(pred_path, "a", field="out") as out:
         for row in added.values():
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
     return len(added)
@@ -330,8 +331,9 @@ def _score(config, task, questions, strategies, done) -> SplitResult:  # type: i
             "golds": [{"id": q.id, "output": p} for q, p in zip(questions, preds, strict=True)],
         }
         name = s.replace(":", "-")
-        (config.out_dir / f"{task.split}_{name}_outputs.json").write_text(
-            json.dumps(outputs, ensure_ascii=False, indent=1)
+        atomic_write(
+            config.out_dir / f"{task.split}_{name}_outputs.json",
+            json.dumps(outputs, ensure_ascii=False, indent=1),
         )
     if "none" in rows_by:
         for s in strategies:
@@ -344,8 +346,8 @@ def _score(config, task, questions, strategies, done) -> SplitResult:  # type: i
         if variant == "other" and base in rows_by:
             gap = metrics.paired_difference(spec.metric, rows_by[base], rows_by[s])
             result.vs_other[base] = gap
-    (config.out_dir / f"{task.split}_metrics.json").write_text(
-        json.dumps(_as_json(result), indent=1)
+    atomic_write(
+        config.out_dir / f"{task.split}_metrics.json", json.dumps(_as_json(result), indent=1)
     )
     return result
 

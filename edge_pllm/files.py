@@ -201,12 +201,14 @@ def copy_private(src: str | Path, dst: str | Path) -> Path:
 def open_private(
     path: str | Path, mode: str = "w", *, encoding: str | None = "utf-8", field: str = "path"
 ) -> IO[Any]:
-    """Open `path` for writing ("w" text or "wb" bytes) as an owner-only file: a new one is
-    created 0o600; an existing file is emptied and, if it is this account's regular file,
-    tightened (a device such as /dev/null is written as it is). A symbolic link is refused,
-    not followed; a missing or unwritable folder is an InvalidInputError in one sentence."""
-    if mode not in ("w", "wb"):
-        raise ValueError(f"open_private writes files: mode 'w' or 'wb', not {mode!r}")
+    """Open `path` for writing ("w" text or "wb" bytes; "a" or "ab" to append) as an
+    owner-only file: a new one is created 0o600; an existing file is emptied (or appended
+    to) and, if it is this account's regular file, tightened (a device such as /dev/null is
+    written as it is). A symbolic link is refused, not followed; a missing or unwritable
+    folder is an InvalidInputError in one sentence."""
+    if mode not in ("w", "wb", "a", "ab"):
+        raise ValueError(f"open_private writes files: mode w, wb, a or ab, not {mode!r}")
+    keep = os.O_APPEND if mode.startswith("a") else os.O_TRUNC
     dest = destination(path)
     try:
         try:
@@ -214,7 +216,7 @@ def open_private(
         except FileExistsError:
             if dest.is_symlink():  # Windows has no O_NOFOLLOW
                 raise
-            fd = os.open(dest, os.O_WRONLY | os.O_TRUNC | _NOFOLLOW | _CLOEXEC | _BINARY)
+            fd = os.open(dest, os.O_WRONLY | keep | _NOFOLLOW | _CLOEXEC | _BINARY)
             try:
                 st = os.fstat(fd)
                 fchmod = getattr(os, "fchmod", None)
@@ -225,9 +227,9 @@ def open_private(
                 raise
     except OSError as exc:
         raise _refusal(dest, exc, field) from None
-    if mode == "wb":
-        return os.fdopen(fd, "wb")
-    return os.fdopen(fd, "w", encoding=encoding)
+    if mode.endswith("b"):
+        return os.fdopen(fd, mode)
+    return os.fdopen(fd, mode, encoding=encoding)
 
 
 @contextmanager

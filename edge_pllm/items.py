@@ -22,7 +22,48 @@ MAX_ITEM_CHARS = 100_000
 MAX_USER_CHARS = 200
 MAX_METADATA_CHARS = 100_000  # an item's metadata, as JSON text
 MAX_METADATA_DEPTH = 32  # nesting levels, the metadata object itself included (jsonio's limit)
-_KIND = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_KIND = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # always with fullmatch
+# Code points that show as nothing though Unicode does not class them as control or format
+# characters: Default_Ignorable_Code_Point (DerivedCoreProperties.txt; the Hangul fillers,
+# the combining grapheme joiner, variation selectors, tags), and the blank braille pattern.
+_INVISIBLE = (
+    (0x00AD, 0x00AD),
+    (0x034F, 0x034F),
+    (0x061C, 0x061C),
+    (0x115F, 0x1160),
+    (0x17B4, 0x17B5),
+    (0x180B, 0x180F),
+    (0x200B, 0x200F),
+    (0x202A, 0x202E),
+    (0x2060, 0x206F),
+    (0x2800, 0x2800),
+    (0x3164, 0x3164),
+    (0xFE00, 0xFE0F),
+    (0xFEFF, 0xFEFF),
+    (0xFFA0, 0xFFA0),
+    (0xFFF0, 0xFFF8),
+    (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A),
+    (0xE0000, 0xE0FFF),
+)
+# Control, format, surrogate, private-use and unassigned code points; line and paragraph
+# separators. (Spaces other than U+0020 are refused in names separately.)
+_UNSEEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def invisible(char: str) -> bool:
+    """Whether `char` shows as nothing (or as a stand-in box): control, format, surrogate,
+    private-use or unassigned code points, line and paragraph separators, and the default-
+    ignorable code points Unicode classes as letters or symbols (U+3164 HANGUL FILLER)."""
+    if unicodedata.category(char) in _UNSEEN_CATEGORIES:
+        return True
+    code = ord(char)
+    return any(lo <= code <= hi for lo, hi in _INVISIBLE)
+
+
+def visible_text(text: str) -> bool:
+    """Whether `text` holds at least one character a reader can see."""
+    return any(not c.isspace() and not invisible(c) for c in text)
 
 
 @dataclass(frozen=True)
@@ -113,9 +154,12 @@ def as_text(value: Any, what: str, index: int | None) -> str:
 def validate_user(user: Any, *, existing: bool = False) -> str:
     """`user` itself, if it can name a user; else an InvalidInputError saying why.
 
-    A name is compared exactly, never folded: surrounding spaces (any Unicode space),
-    control and format characters, and `/` (a name must fit one URL path segment, so the
-    CLI and the server reach the same users) are refused, not stripped. With `existing`,
+    A name is compared exactly, never folded, and holds only characters a reader can see,
+    so that two names that look alike are the same name: spaces at either end, spaces
+    other than U+0020, anything `invisible` (control, format, default-ignorable, private-
+    use, unassigned), a combining mark with nothing to combine with, and `/` (a name must
+    fit one URL path segment, so the CLI and the server reach the same users) are refused,
+    not stripped. The server, the CLI and the library share this rule. With `existing`,
     a name to look up: only its type and length are checked, so that a user stored under
     an earlier, looser rule can still be listed, exported and forgotten.
     """
@@ -135,21 +179,32 @@ def validate_user(user: Any, *, existing: bool = False) -> str:
             "so remove it.",
             field="user",
         )
-    bad = next((c for c in name if c == "/" or unicodedata.category(c) in ("Cc", "Cf")), None)
+    bad = next((c for c in name if c == "/" or _unseen_in_name(c)), None)
     if bad is not None:
+        what = unicodedata.name(bad, "an unnamed code point")
         raise InvalidInputError(
-            f"The user name {name!r} contains {bad!r} (U+{ord(bad):04X}); a name cannot hold "
-            "'/' or control or format characters.",
+            f"The user name {name!a} contains U+{ord(bad):04X} ({what}); a name holds "
+            "only characters a reader can see, and no '/'.",
+            field="user",
+        )
+    if unicodedata.category(name[0]).startswith("M"):
+        raise InvalidInputError(
+            f"The user name {name!a} begins with a combining mark (U+{ord(name[0]):04X}); "
+            "begin it with a letter, digit or symbol.",
             field="user",
         )
     return name
+
+
+def _unseen_in_name(char: str) -> bool:
+    return invisible(char) or (unicodedata.category(char) == "Zs" and char != " ")
 
 
 def validate_answer_id(value: Any) -> str:
     """`value` if it can name an answer (a short label: letters, digits, _ . : -, up to 64,
     as the server's `chatcmpl-…` ids are); else an InvalidInputError."""
     answer_id = as_text(value, "answer_id", None)
-    if not _KIND.match(answer_id):
+    if not _KIND.fullmatch(answer_id):
         raise InvalidInputError(
             f"The answer id {answer_id[:80]!r} is not an answer id (letters, digits, _ . : -, "
             "up to 64).",
@@ -185,9 +240,12 @@ def validate_item(
         item = NewItem(text=item)  # type: ignore[arg-type]
 
     text = as_text(item.text, "text", index)
-    if not text.strip():
+    if not visible_text(text):
         raise InvalidInputError(
-            "The text is empty or only whitespace; give some content.", field="text", index=index
+            "The text is empty or holds nothing visible (only spaces, control or format "
+            "characters); give some content.",
+            field="text",
+            index=index,
         )
     if len(text) > MAX_ITEM_CHARS:
         raise InvalidInputError(
@@ -201,7 +259,7 @@ def validate_item(
             "The text contains a NUL byte; remove it.", field="text", index=index
         )
     kind = as_text(item.kind, "kind", index)
-    if not _KIND.match(kind):
+    if not _KIND.fullmatch(kind):
         raise InvalidInputError(
             f"The kind {kind[:80]!r} is not a short label (letters, digits, _ . : -, up to 64).",
             field="kind",

@@ -155,7 +155,7 @@ class HistoryRequest(_Strict):
         return [dict(self.model_extra)]
 
 
-AnswerId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+AnswerId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"\A[A-Za-z0-9_.:-]+\z")]
 
 
 class FeedbackRequest(_Strict):

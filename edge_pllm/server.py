@@ -45,6 +45,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import numpy as np
 
@@ -73,6 +74,7 @@ from .personal import Response as Answer
 
 try:
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
@@ -92,6 +94,7 @@ class ServerConfig:
     max_body_bytes: int = 1_000_000
     max_tokens_limit: int = 1024
     read_timeout: float = 30.0  # seconds a client may stall while sending a body
+    body_timeout: float = 60.0  # seconds a whole body may take, however it trickles
     remember: bool = False  # memory for requests that do not say (edge_pllm.remember)
 
 
@@ -173,7 +176,8 @@ class Service:
     async def body(self, request: Request) -> bytes:
         """The request body, refused with 413 as soon as it passes `max_body_bytes` (chunked
         bodies included: the limit applies while reading), and with 408 when the client
-        stalls for `read_timeout` seconds."""
+        stalls for `read_timeout` seconds or the whole body takes over `body_timeout` (a
+        byte every few seconds is no way to hold a connection)."""
         limit = self.config.max_body_bytes
         too_large = HTTPError(413, f"Request body over {limit} bytes.", "invalid_request_error")
         length = request.headers.get("content-length", "")
@@ -182,17 +186,24 @@ class Service:
         chunks: list[bytes] = []
         size = 0
         stream = request.stream().__aiter__()
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + self.config.body_timeout
         while True:
+            left = ends - loop.time()
             try:
-                chunk = await asyncio.wait_for(anext(stream), self.config.read_timeout)
+                if left <= 0:
+                    raise TimeoutError
+                chunk = await asyncio.wait_for(anext(stream), min(self.config.read_timeout, left))
             except StopAsyncIteration:
                 break
             except TimeoutError:
-                raise HTTPError(
-                    408,
-                    f"The request body stalled for {self.config.read_timeout:g} s.",
-                    "invalid_request_error",
-                ) from None
+                late = loop.time() >= ends
+                message = (
+                    f"The request body took over {self.config.body_timeout:g} s."
+                    if late
+                    else f"The request body stalled for {self.config.read_timeout:g} s."
+                )
+                raise HTTPError(408, message, "invalid_request_error") from None
             size += len(chunk)
             if size > limit:
                 raise too_large
@@ -525,6 +536,43 @@ class Service:
         )
 
 
+def check_url(scope: dict[str, Any]) -> None:
+    """Refuse a URL whose path or query is not UTF-8 once percent-decoded: the server's
+    framework would replace such bytes with U+FFFD, folding different byte strings into one
+    user name or query. Decoded strictly here, once, before anything reads the URL."""
+    raw = scope.get("raw_path") or scope.get("path", "").encode("utf-8", "surrogatepass")
+    parts = [raw.split(b"?", 1)[0]]
+    for pair in (scope.get("query_string") or b"").split(b"&"):
+        parts.extend(pair.replace(b"+", b" ").split(b"=", 1))
+    try:
+        for part in parts:
+            unquote_to_bytes(part).decode("utf-8")
+    except UnicodeDecodeError:
+        raise HTTPError(
+            400,
+            "The URL is not UTF-8 text once percent-decoded; encode names and queries as UTF-8.",
+            "invalid_request_error",
+        ) from None
+
+
+class StrictURL:
+    """ASGI middleware: every request's URL checked by `check_url` before routing, so a path
+    that is not UTF-8 is a 400 whatever route it would have reached."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            try:
+                check_url(scope)
+            except HTTPError as exc:
+                status, body = error_body(exc)
+                await JSONResponse(body, status_code=status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _user(request: Request) -> str:
     """The user named in the URL path, exactly as given (never folded), or a 400."""
     return validate_user(request.path_params["user"])
@@ -607,7 +655,9 @@ def create_app(pllm: PersonalLLM, config: ServerConfig | None = None) -> Starlet
         return JSONResponse(body, status_code=status)
 
     app = Starlette(
-        routes=routes, exception_handlers={404: http_error, 405: http_error, Exception: bug}
+        routes=routes,
+        exception_handlers={404: http_error, 405: http_error, Exception: bug},
+        middleware=[Middleware(StrictURL)],
     )
     # No redirect from `/v1/models/` to `/v1/models`: its Location would be built from the
     # client's Host header, before authentication.

@@ -34,7 +34,7 @@ from edge_pllm.bundle import (
 )
 from edge_pllm.defaults import LLM_FILE
 from edge_pllm.errors import BundleError, MissingDependencyError
-from edge_pllm.files import atomic_write, replacing_folder
+from edge_pllm.files import atomic_write, open_private, private_dir, replacing_folder
 
 from .embedder import embedder_manifest_entry, embedder_report, export_embedder
 from .plug_graph import split_head, write_population
@@ -112,7 +112,7 @@ def _copy_with_progress(src: Path, dst: Path, label: str) -> None:
     size = src.stat().st_size
     with (
         open(src, "rb") as fin,
-        open(dst, "wb") as fout,
+        open_private(dst, "wb") as fout,
         tqdm(total=size, unit="B", unit_scale=True, desc=label, leave=False) as bar,
     ):
         while chunk := fin.read(4 << 20):
@@ -146,7 +146,7 @@ def build_bundle(
     if not llm_gguf.is_file():
         raise BundleError(f"The LLM file {llm_gguf} does not exist.", file=str(llm_gguf))
     info = gguf_info(llm_gguf)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(dest.parent)
     with (
         tqdm(total=4, desc="Building bundle", unit="step") as steps,
         replacing_folder(dest) as work,

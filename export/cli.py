@@ -124,7 +124,7 @@ def export_embedder_command(source: str, out_dir: str, quantization: str, dry_ru
     exported = export_embedder(source, out_dir, quantization)
     report = embedder_report(source, exported)
     report["manifest_entry"] = embedder_manifest_entry(exported, source)
-    (Path(out_dir) / "embedder.parity.json").write_text(json.dumps(report, indent=2))
+    atomic_write(Path(out_dir) / "embedder.parity.json", json.dumps(report, indent=2))
     _print_json(report)
 
 

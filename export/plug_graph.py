@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edge_pllm.errors import BundleError
+from edge_pllm.files import open_private, replacing
 from edge_pllm.head import PROJECTED_INPUT as PROJECTED
 
 PROJECTION_NODE = "/proj/proj.2/Add"  # the last op of PPlugHead.proj, named by its scope
@@ -56,8 +57,9 @@ def split_head(onnx_path: str | Path, aggregate_path: str | Path, project_path: 
     for part in (project, aggregate):
         _rename(part.graph, projected, PROJECTED)
         onnx.checker.check_model(part)
-    onnx.save(aggregate, str(aggregate_path))
-    onnx.save(project, str(project_path))
+    for part, path in ((aggregate, aggregate_path), (project, project_path)):
+        with replacing(path) as written:
+            onnx.save(part, str(written))
 
 
 POPULATION_INITIALIZER = "history_mean"  # μ of PPlugHead (export/pplug/model.py)
@@ -79,6 +81,6 @@ def write_population(project_path: str | Path, dest: str | Path) -> bool:
     mean = numpy_helper.to_array(found[0]).astype(np.float32).reshape(1, -1)
     if not np.any(mean):
         return False
-    with open(dest, "wb") as fh:
+    with open_private(dest, "wb") as fh:
         np.save(fh, mean, allow_pickle=False)
     return True

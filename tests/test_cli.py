@@ -95,7 +95,7 @@ def test_ingest_lamp_profiles_one_user_per_question(run, tmp_path: Path):
 @pytest.mark.parametrize(
     ("args", "stdin", "message"),
     [
-        (("add", "alice", "   "), None, "empty or only whitespace"),
+        (("add", "alice", "   "), None, "empty or holds nothing visible"),
         (("add", "alice", "-"), b"\xff\xfe\xfd", "not valid UTF-8"),
         (("ask", "alice\x1f", "hi"), None, "begins or ends with"),
         (("add", " alice", "x"), None, "begins or ends with a space"),

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -584,8 +585,18 @@ def trainable(tiny_bundle, tmp_path_factory):
     assert refused.exit_code != 0 and "a held-out split" in refused.output
     assert not out.exists()
     more = ["--input-encoder", "trainable", "--rag", "1", "--adapter-rank", "2"]
-    result = CliRunner().invoke(cli, [*args, *more])
+    umask = os.umask(0o022)  # what most accounts have: the outputs must be private anyway
+    try:
+        result = CliRunner().invoke(cli, [*args, *more])
+    finally:
+        os.umask(umask)
     assert result.exit_code == 0, result.output
+    open_to_others = [
+        f"{p} {stat.S_IMODE(p.stat().st_mode):o}"
+        for p in [out, *out.rglob("*")]
+        if stat.S_IMODE(p.stat().st_mode) & 0o077
+    ]
+    assert not open_to_others, open_to_others
     examples = pplug.lamp_examples(task, "train", task_spec("commit_subject"), from_profiles=4)
     config = pplug.TrainConfig(
         steps=3,

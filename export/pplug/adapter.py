@@ -16,9 +16,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+
+from edge_pllm.files import replacing
 
 # transformers' Llama-family projections -> llama.cpp's tensor names
 TARGETS = {
@@ -91,7 +94,13 @@ class TaskAdapter(nn.Module):
         import gguf
 
         path = Path(path)
-        writer = gguf.GGUFWriter(str(path), architecture)
+        with replacing(path) as written:  # owner-only, and whole or not at all
+            self._write(gguf.GGUFWriter(str(written), architecture), n_head, n_head_kv)
+        return path
+
+    def _write(self, writer: Any, n_head: int, n_head_kv: int) -> None:
+        import gguf
+
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(self.alpha))
@@ -111,7 +120,6 @@ class TaskAdapter(nn.Module):
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        return path
 
 
 @contextmanager

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from edge_pllm.bundle import HEAD_FILE, Bundle, PlugSpec
+from edge_pllm.files import replacing
 
 from ..embedder import quiet_third_party
 from .model import PPlugHead
@@ -25,11 +26,11 @@ def export_onnx(head: PPlugHead, path: str | Path) -> Path:
     batch = len(query[0])
     args = (*query, torch.zeros(batch, 3, d), torch.ones(batch, 3))
     head.eval()
-    with quiet_third_party(), torch.no_grad():
+    with quiet_third_party(), torch.no_grad(), replacing(path) as written:
         torch.onnx.export(
             head,
             args,
-            str(path),
+            str(written),
             input_names=list(head.input_names),
             output_names=["soft_tokens"],
             dynamic_axes={

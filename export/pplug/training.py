@@ -34,7 +34,7 @@ from edge_pllm.bundle import Bundle, load_bundle
 from edge_pllm.cpus import compute_threads, cpu_bound
 from edge_pllm.embedder import Embedder
 from edge_pllm.errors import InvalidInputError
-from edge_pllm.files import atomic_write
+from edge_pllm.files import atomic_write, private_dir
 from edge_pllm.head import QueryTokenizer
 from edge_pllm.lamp import TaskSpec
 from edge_pllm.llm import LLM, LLMConfig
@@ -597,7 +597,7 @@ def train(
     if validation:
         validation = validation_examples(validation)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(out_dir)
     started = time.perf_counter()
     s = setup(
         bundle_dir, examples, spec, config, home_dir or out_dir, validation, progress, log, world
