@@ -182,20 +182,20 @@ class ChatSession:
             return
         current = {"role": "user", "content": text}
         done: list[Response] = []
-        shown: list[str] = []
+        printed: list[str] = []
         with sigint_as_flag() as stop:
             pieces = self.stream(current, done)
             try:
                 for piece in pieces:
-                    shown.append(piece)
+                    printed.append(piece)
                     click.echo(shown(piece), nl=False)
                     if stop[0]:
                         break
             finally:
                 pieces.close()  # a stream left early ends here: nothing of it is remembered
-                if shown:
+                if printed:
                     click.echo()
-        answer = "".join(shown)
+        answer = "".join(printed)
         if not done:  # Ctrl-C: what was shown stays in the conversation, not in memory
             self.note("[reply interrupted; not remembered]" if self.remember else "[interrupted]")
             self.kept, self.not_kept = None, "The last reply was interrupted, so it was not kept."

@@ -20,6 +20,15 @@ class InvalidInputError(EdgePLLMError, ValueError):
         super().__init__(message + where)
 
 
+class GitError(InvalidInputError):
+    """A git repository that cannot be read as asked (no git, no repository, no commits by
+    the author named): `repo` is the path given."""
+
+    def __init__(self, message: str, *, repo: str, field: str = "git"):
+        self.repo = repo
+        super().__init__(message, field=field)
+
+
 class UnknownUserError(EdgePLLMError, LookupError):
     """The named user has no history in this store."""
 

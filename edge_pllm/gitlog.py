@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInputError
+from .errors import GitError
 from .items import NewItem
 
 COMMIT_KIND = "commit"
@@ -107,16 +107,12 @@ def parse_message(message: str) -> tuple[str, str] | None:
     return subject, body[:MAX_BODY_CHARS].strip()
 
 
-class GitError(InvalidInputError):
-    """A repository that git cannot read (or no git to read it with)."""
-
-
 def _git(repo: Path, *args: str) -> subprocess.Popen[bytes]:
     git = shutil.which("git")
     if git is None:
-        raise GitError("Reading a repository needs git; install git and try again.")
+        raise GitError("Reading a repository needs git; install git and try again.", repo=str(repo))
     if not repo.exists():
-        raise GitError(f"{repo} does not exist; give the path of a git repository.", field="git")
+        raise GitError(f"{repo} does not exist; give the path of a git repository.", repo=str(repo))
     return subprocess.Popen(
         [git, "-C", str(repo), *args],
         stdout=subprocess.PIPE,
@@ -131,7 +127,7 @@ def head_commit(repo: str | Path, rev: str = "HEAD") -> str:
     out, err = proc.communicate()
     if proc.returncode != 0:
         detail = err.decode(errors="replace").strip().splitlines()[-1:] or ["(no message)"]
-        raise GitError(f"{repo} is not a git repository with {rev}: {detail[0]}", field="git")
+        raise GitError(f"{repo} is not a git repository with {rev}: {detail[0]}", repo=str(repo))
     return out.decode().strip()
 
 
@@ -151,7 +147,7 @@ def _raw_commits(repo: Path, rev: str) -> Iterator[tuple[str, str, str, int, str
     err = proc.stderr.read() if proc.stderr else b""
     if proc.wait() != 0:
         detail = err.decode(errors="replace").strip().splitlines()[-1:] or ["(no message)"]
-        raise GitError(f"git could not read the log of {repo}: {detail[0]}", field="git")
+        raise GitError(f"git could not read the log of {repo}: {detail[0]}", repo=str(repo))
 
 
 def read_commits(
@@ -233,10 +229,12 @@ def own_commits(repo: str | Path, authors: Collection[str] = (), rev: str = "HEA
         raise GitError(
             f"{repo} sets no user.email, so whose commits are yours is not known: name your "
             f"email with --author EMAIL (the most qualifying commits are by {top}).",
+            repo=str(repo),
             field="author",
         )
     raise GitError(
         f"{repo} has no qualifying commits by {', '.join(chosen)} (the most are by {top}): "
         "name your email with --author EMAIL.",
+        repo=str(repo),
         field="author",
     )

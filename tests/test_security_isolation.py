@@ -32,7 +32,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from edge_pllm import LLMConfig, PersonalLLM, SamplingConfig  # noqa: E402
 from edge_pllm.errors import InvalidInputError, UnknownUserError  # noqa: E402
-from edge_pllm.items import NewItem, validate_user  # noqa: E402
+from edge_pllm.items import NewItem, invisible, validate_user  # noqa: E402
 from edge_pllm.store import HistoryStore  # noqa: E402
 
 from .security_support import CachedEmbedder  # noqa: E402
@@ -63,8 +63,10 @@ TEXT = st.text(
     alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00⟦⟧"),
     max_size=30,
 )
-NAME = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="⟦⟧"),
+NAME = st.text(  # names a person can see (docs/SECURITY.md §11): any script's letters, ...
+    alphabet=st.characters(
+        whitelist_categories=("L", "N", "P", "S"), blacklist_characters="⟦⟧/"
+    ).filter(lambda c: not invisible(c)),
     min_size=1,
     max_size=10,
 )
