@@ -135,7 +135,7 @@ def chat(default_bundle: Path, isolated_home: Path):
     def start(*args: str, n_ctx: int = 1024) -> Terminal:
         term = Terminal(*base, "--n-ctx", str(n_ctx), "chat", USER, *args, home=isolated_home)
         started.append(term)
-        term.expect(r"Chatting with alice \(3 history items; strategy rag:2; memory (on|off)\)")
+        term.expect(r"Chatting with alice \(3 history items; strategy recent:2; memory (on|off)\)")
         return term
 
     yield start
@@ -161,11 +161,11 @@ def _store(home: Path, bundle: Path):
 def test_chat_remembers_turns_takes_feedback_and_keeps_the_conversation(
     chat, default_bundle: Path, isolated_home: Path
 ):
-    term = chat("-s", "rag:2", "-n", "8", "--remember")
+    term = chat("-s", "recent:2", "-n", "8", "--remember")
     prompt(term)
     term.line("Write a commit subject for: fixed the cache key")
-    # The dim line says what personalized the reply (the two nearest items), then it streams.
-    term.expect(r"\[rag:2 · 2 items\]\n")
+    # The dim line says what personalized the reply (the two newest items), then it streams.
+    term.expect(r"\[recent:2 · 2 items\]\n")
     first = term.expect(r"alice> ")
     assert first.removesuffix("alice> ").strip()  # an answer was streamed
     term.line("/rate +1")
@@ -177,13 +177,13 @@ def test_chat_remembers_turns_takes_feedback_and_keeps_the_conversation(
     term.line("And one for: sped up the search")
     # The second turn carries the first exchange (and the remembered turn and the edit are
     # history now: more than two candidates, still two shown).
-    term.expect(r"\[rag:2 · 2 items · 1 earlier exchange\]\n")
+    term.expect(r"\[recent:2 · 2 items · 1 earlier exchange\]\n")
     prompt(term)
     term.line("/remember off")
     term.expect(r"Memory off\.")
     prompt(term)
     term.line("A third one, not remembered")
-    term.expect(r"\[rag:2 · 2 items · 2 earlier exchanges\]\n")
+    term.expect(r"\[recent:2 · 2 items · 2 earlier exchanges\]\n")
     prompt(term)
     term.line("/rate -1")
     term.expect(r"turn memory on \(--remember or /remember on\) before the answer\.")
@@ -214,14 +214,14 @@ def test_chat_remembers_turns_takes_feedback_and_keeps_the_conversation(
 
 
 def test_ctrl_c_ends_the_reply_not_the_session(chat, default_bundle: Path, isolated_home: Path):
-    term = chat("-s", "rag:2", "-n", "600", "--remember")
+    term = chat("-s", "recent:2", "-n", "600", "--remember")
     prompt(term)
     term.wait_reading()
     term.send(b"\x03")  # at the prompt: the line is dropped, and the way out is said
     term.expect(r"Ctrl-C again, /quit or Ctrl-D leaves")
     prompt(term)
     term.line("Write a very long story about a cache that forgot everything, in many chapters.")
-    term.expect(r"\[rag:2 · 2 items\]\n")
+    term.expect(r"\[recent:2 · 2 items\]\n")
     term.expect(r"\S")  # the reply is streaming
     term.send(b"\x03")
     term.expect(r"\[reply interrupted; not remembered\]")
@@ -254,15 +254,15 @@ def test_ctrl_c_ends_the_reply_not_the_session(chat, default_bundle: Path, isola
 
 
 def test_the_oldest_exchanges_leave_a_conversation_that_no_longer_fits(chat):
-    term = chat("-s", "rag:2", "-n", "8", n_ctx=256)
+    term = chat("-s", "recent:2", "-n", "8", n_ctx=256)
     long = " ".join(["the cache keeps every vector it has ever seen"] * 13)
     prompt(term)
     term.line(f"One: {long}")
-    term.expect(r"\[rag:2 · 2 items\]\n")
+    term.expect(r"\[recent:2 · 2 items\]\n")
     prompt(term)
     term.line(f"Two: {long}")
     term.expect(r"\(1 earlier exchange no longer fit the context and left the conversation\.\)")
-    term.expect(r"\[rag:2 · 2 items\]\n")  # the history is back in, without turn One
+    term.expect(r"\[recent:2 · 2 items\]\n")  # the history is back in, without turn One
     prompt(term)
     term.line("x" * 3000)  # the current turn alone does not fit: one sentence, nothing lost
     term.expect(r"The prompt needs \d+ tokens .* but the context holds 256")

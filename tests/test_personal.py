@@ -12,7 +12,7 @@ from edge_pllm import (
     UnknownStrategyError,
     UnknownUserError,
 )
-from edge_pllm.strategies import get_strategy
+from edge_pllm.strategies import Retrieval, get_strategy
 
 ALICE = [
     "fix(parser): handle blank lines at the end of the file",
@@ -37,7 +37,8 @@ def loaded(pllm):
 def test_rag_context_comes_only_from_the_requesting_user(loaded):
     for user, own in (("alice", ALICE), ("bob", BOB)):
         for query in ("the parser and the cache", "apple pie recipe", "json status flag"):
-            prepared = loaded.prepare(user, query, "rag:10")
+            # Every nearest item shown, relevant or not: the most a search could leak.
+            prepared = loaded.prepare(user, query, Retrieval(k=10, min_similarity=-1.0))
             texts = [item.text for item in prepared.personalization.context]
             assert texts and set(texts) <= set(own)
             assert all(item.user == user for item in prepared.personalization.context)
@@ -64,10 +65,10 @@ def test_none_adds_nothing(loaded):
 
 def test_generate_and_stream_agree_and_report_context(loaded):
     sampling = SamplingConfig(max_tokens=24)
-    response = loaded.generate("alice", "Write a commit subject for a json fix.", sampling=sampling)
-    streamed = "".join(
-        loaded.stream("alice", "Write a commit subject for a json fix.", sampling=sampling)
-    )
+    every = Retrieval(k=3, min_similarity=-1.0)  # the three nearest, however far
+    request = "Write a commit subject for a json fix."
+    response = loaded.generate("alice", request, strategy=every, sampling=sampling)
+    streamed = "".join(loaded.stream("alice", request, strategy=every, sampling=sampling))
     assert response.text == streamed and response.text.strip()
     assert response.strategy == "rag" and len(response.context_ids) == 3
     assert response.completion.completion_tokens > 0
@@ -181,3 +182,21 @@ def test_a_one_line_style_answers_with_the_first_line_and_stops_there(pllm):
         pllm.llm._llama.n_tokens
         < whole.completion.prompt_tokens + whole.completion.completion_tokens
     )
+
+
+def test_retrieval_shows_only_relevant_items_and_says_when_none_is(pllm):
+    from edge_pllm.strategies import MIN_SIMILARITY, NOT_RELEVANT, NOT_RELEVANT_PLUG
+
+    pllm.add("alice", ["parser: skip blank lines in the config file", "cache: drop stale keys"])
+    plain = pllm.prepare("alice", "Bake a rye bread with caraway seeds", "none").prompt
+    far = pllm.prepare("alice", "Bake a rye bread with caraway seeds", "rag:2").personalization
+    assert far.context == [] and far.info["fallback"] == NOT_RELEVANT
+    assert pllm.prepare("alice", "Bake a rye bread with caraway seeds", "rag:2").prompt == plain
+    near = pllm.prepare("alice", "the parser fails on blank lines in the config", "rag:2")
+    shown = near.personalization
+    assert [i.text for i in shown.context] == ["parser: skip blank lines in the config file"]
+    assert all(1 - d >= MIN_SIMILARITY for d in shown.info["distances"])
+    assert "fallback" not in shown.info and "skip blank lines" in near.prompt
+    persona = pllm.prepare("alice", "Bake a rye bread with caraway seeds", "plug+rag:1")
+    assert persona.personalization.soft_tokens is not None
+    assert persona.personalization.info["fallback"] == NOT_RELEVANT_PLUG

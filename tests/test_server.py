@@ -56,11 +56,11 @@ def test_chat_completion_personalized_by_user(server):
             messages=[{"role": "user", "content": "Write a one-line note about the cache."}],
             user=user,
             max_tokens=8,
-            extra_body={"edge_pllm": {"strategy": "rag:2"}},
+            extra_body={"edge_pllm": {"strategy": "recent:2"}},
         )
         assert resp.choices[0].message.content.strip()
         info = resp.model_extra["edge_pllm"]
-        assert info["strategy"] == "rag" and len(info["context_ids"]) == 2
+        assert info["strategy"] == "recent" and len(info["context_ids"]) == 2
         assert set(info["context_ids"]) <= ids_of(pllm, user)  # what the runtime received
         assert resp.usage.completion_tokens > 0
 
