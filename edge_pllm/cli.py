@@ -504,8 +504,7 @@ def chat(
             click.echo()
             return
         except UnicodeDecodeError:  # standard input decoded strictly: the line is dropped
-            session.note("That line was not UTF-8 text; it was left out. Type it again.")
-            continue
+            line = "\udcff"
         except KeyboardInterrupt:
             click.echo()
             if interrupted:
@@ -514,6 +513,9 @@ def chat(
             session.note("(Ctrl-C again, /quit or Ctrl-D leaves.)")
             continue
         interrupted = False
+        if any("\ud800" <= c <= "\udfff" for c in line):  # or decoded with surrogateescape
+            session.note("That line was not UTF-8 text; it was left out. Type it again.")
+            continue
         try:
             with chat_session.sigint_as_flag():  # a Ctrl-C during a command waits for it to finish
                 if not session.handle(line):

@@ -16,11 +16,12 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .errors import GitError
 from .items import NewItem
@@ -32,8 +33,11 @@ MAX_BODY_CHARS = 1200
 _BOT = re.compile(
     r"\[bot\]|-bot\b|\bbot@|\bbot\b|dependabot|renovate|github-actions|copilot", re.IGNORECASE
 )
+# A reference trailer's value: a URL, an issue (#12, gh-12), a commit hash (perhaps with its
+# subject), a tracker key (PROJ-12: capitals only, so "x86-64" and "utf-8" are not keys).
 _REF_VALUE = (
-    r"(?:https?://\S+|<https?://\S+>|[\w./-]*#\d+|gh-\d+|[0-9a-f]{7,40}\b.*|[A-Z][A-Z0-9]+-\d+)"
+    r"(?:https?://\S+|<https?://\S+>|[\w./-]*#\d+|gh-\d+|(?-i:[0-9a-f]{7,40})\b.*"
+    r"|(?-i:[A-Z][A-Z0-9]+-\d+))"
 )
 _TRAILER = re.compile(
     "|".join(
@@ -107,47 +111,69 @@ def parse_message(message: str) -> tuple[str, str] | None:
     return subject, body[:MAX_BODY_CHARS].strip()
 
 
-def _git(repo: Path, *args: str) -> subprocess.Popen[bytes]:
+def _git(repo: Path, *args: str) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
+    """git run on `repo` itself, never on a repository above it (a folder inside someone's
+    dotfiles repository is not that repository), and the file its errors go to (a file,
+    not a pipe: a long error output cannot stall the log being read)."""
     git = shutil.which("git")
     if git is None:
         raise GitError("Reading a repository needs git; install git and try again.", repo=str(repo))
-    if not repo.exists():
-        raise GitError(f"{repo} does not exist; give the path of a git repository.", repo=str(repo))
-    return subprocess.Popen(
-        [git, "-C", str(repo), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"},
-    )
+    if not repo.is_dir():
+        raise GitError(
+            f"{repo} is not a folder; give the path of a git repository.", repo=str(repo)
+        )
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
+    env["GIT_CEILING_DIRECTORIES"] = str(repo.resolve().parent)
+    errors = tempfile.TemporaryFile()  # noqa: SIM115  (the caller closes it)
+    command = [git, "-C", str(repo), *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, env=env), errors
+
+
+def _failure(errors: IO[bytes]) -> str:
+    """The last line git wrote to its error output, once it has ended."""
+    errors.seek(0)
+    lines = errors.read().decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else "(no message)"
 
 
 def head_commit(repo: str | Path, rev: str = "HEAD") -> str:
     """The full hash `rev` names in `repo`."""
-    proc = _git(Path(repo), "rev-parse", "--verify", "--end-of-options", f"{rev}^{{commit}}")
-    out, err = proc.communicate()
-    if proc.returncode != 0:
-        detail = err.decode(errors="replace").strip().splitlines()[-1:] or ["(no message)"]
-        raise GitError(f"{repo} is not a git repository with {rev}: {detail[0]}", repo=str(repo))
+    proc, errors = _git(
+        Path(repo), "rev-parse", "--verify", "--end-of-options", f"{rev}^{{commit}}"
+    )
+    with errors:
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            why = _failure(errors)
+            raise GitError(f"{repo} is not a git repository with {rev}: {why}", repo=str(repo))
     return out.decode().strip()
 
 
-def _raw_commits(repo: Path, rev: str) -> Iterator[tuple[str, str, str, int, str]]:
+def _raw_commits(repo: Path, commit: str) -> Iterator[tuple[str, str, str, int, str]]:
     # NUL ends each commit (-z); unit separators split its fields. The message is last, so
-    # it may hold any text.
+    # it may hold any text. The mailmap is the one of the commit read (a bare clone's would
+    # be HEAD's), so a clone made later gives the same authors.
     fmt = "%H%x1f%aE%x1f%aN%x1f%at%x1f%B"
-    proc = _git(repo, "log", "--no-merges", "--use-mailmap", "-z", f"--format={fmt}", rev, "--")
+    args = ["log", "--no-merges", "--use-mailmap", "-z", f"--format={fmt}", commit, "--"]
+    proc, errors = _git(repo, "-c", f"mailmap.blob={commit}:.mailmap", *args)
     assert proc.stdout is not None
     pending = b""
-    while chunk := proc.stdout.read(1 << 20):
-        pending += chunk
-        *records, pending = pending.split(b"\0")
-        for record in records:
-            sha, email, name, stamp, message = record.decode("utf-8", "replace").split("\x1f", 4)
-            yield sha, email, name, int(stamp), message
-    err = proc.stderr.read() if proc.stderr else b""
-    if proc.wait() != 0:
-        detail = err.decode(errors="replace").strip().splitlines()[-1:] or ["(no message)"]
-        raise GitError(f"git could not read the log of {repo}: {detail[0]}", repo=str(repo))
+    with errors:
+        try:
+            while chunk := proc.stdout.read(1 << 20):
+                pending += chunk
+                *records, pending = pending.split(b"\0")
+                for record in records:
+                    fields = record.decode("utf-8", "replace").split("\x1f", 4)
+                    sha, email, name, stamp, message = fields
+                    yield sha, email, name, int(stamp), message
+        finally:
+            if proc.poll() is None:  # left before the end: git is stopped, not left behind
+                proc.kill()
+            proc.wait()
+        if proc.returncode != 0:
+            why = _failure(errors)
+            raise GitError(f"git could not read the log of {repo}: {why}", repo=str(repo))
 
 
 def read_commits(
@@ -157,10 +183,10 @@ def read_commits(
     git lists them), each author's exact duplicates collapsed to the earliest. `authors`
     keeps only those emails (compared lowercased, after the repository's mailmap)."""
     repo = Path(repo)
-    head_commit(repo, rev)  # a clear error before the log is read
+    commit = head_commit(repo, rev)  # a clear error before the log is read
     wanted = None if authors is None else {a.strip().lower() for a in authors}
     commits: list[Commit] = []
-    for sha, email, name, stamp, message in _raw_commits(repo, rev):
+    for sha, email, name, stamp, message in _raw_commits(repo, commit):
         email = email.strip().lower()
         if wanted is not None and email not in wanted:
             continue
@@ -185,8 +211,9 @@ def read_commits(
 
 def configured_email(repo: str | Path) -> str | None:
     """The repository's `user.email` (its own config, else the user's global one)."""
-    proc = _git(Path(repo), "config", "--get", "user.email")
-    out, _ = proc.communicate()
+    proc, errors = _git(Path(repo), "config", "--get", "user.email")
+    with errors:
+        out, _ = proc.communicate()
     email = out.decode(errors="replace").strip().lower()
     return email if proc.returncode == 0 and email else None
 

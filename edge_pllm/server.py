@@ -540,14 +540,16 @@ def check_url(scope: dict[str, Any]) -> None:
     """Refuse a URL whose path or query is not UTF-8 once percent-decoded: the server's
     framework would replace such bytes with U+FFFD, folding different byte strings into one
     user name or query. Decoded strictly here, once, before anything reads the URL."""
-    raw = scope.get("raw_path") or scope.get("path", "").encode("utf-8", "surrogatepass")
-    parts = [raw.split(b"?", 1)[0]]
+    raw = scope.get("raw_path")
+    parts = [raw.split(b"?", 1)[0]] if raw is not None else []
     for pair in (scope.get("query_string") or b"").split(b"&"):
-        parts.extend(pair.replace(b"+", b" ").split(b"=", 1))
+        parts.extend(pair.split(b"=", 1))
     try:
+        if raw is None:  # only the decoded path: it must be text a strict codec accepts
+            scope.get("path", "").encode("utf-8")
         for part in parts:
             unquote_to_bytes(part).decode("utf-8")
-    except UnicodeDecodeError:
+    except (UnicodeDecodeError, UnicodeEncodeError):
         raise HTTPError(
             400,
             "The URL is not UTF-8 text once percent-decoded; encode names and queries as UTF-8.",

@@ -67,13 +67,13 @@ NOT_RELEVANT_PLUG = "no relevant history item: persona only"
 # Retrieved items less similar to the request than this (cosine) are not shown: an
 # unrelated item is copied, not learned from. Chosen on the validation repositories of the
 # corpus split by person (55 dev queries, `rag:1` ROUGE-1: 0.150 showing every nearest
-# item, 0.160 at 0.4, 0.159 at 0.5, `none` 0.147; models/README.md).
+# item, 0.160 at 0.4, 0.159 at 0.5, `none` 0.147; docs/CORPUS.md).
 MIN_SIMILARITY = 0.4
 POPULATION_PRIOR = 2.0  # how many history items the population persona weighs as
 
 
 def relevant(hits: list[SearchHit], min_similarity: float) -> list[SearchHit]:
-    """The hits at least `min_similarity` (cosine) from the request, nearest first."""
+    """The hits whose cosine similarity to the request is at least `min_similarity`."""
     return [h for h in hits if 1.0 - h.distance >= min_similarity]
 
 
@@ -137,7 +137,8 @@ class Retrieval:
 @dataclass(frozen=True)
 class Plug:
     """PPlug: the user's whole history as soft tokens made by the bundle's head; with `rag`
-    > 0, also the k nearest history items in the prompt (plug+rag).
+    > 0, also the k nearest history items in the prompt (plug+rag), those whose similarity
+    is under `min_similarity` left out (`info["fallback"]` says when none is left).
 
     With `population` (and a head that ships its population history), a user with little
     history is shrunk towards the population persona: soft tokens

@@ -40,7 +40,7 @@ def shown_json(line: str) -> str:
     """A JSON text (as `json.dumps(..., ensure_ascii=False)` writes it: C0 controls already
     escaped) with the remaining unsafe characters as JSON `\\uXXXX` escapes: the same JSON
     value, safe on a terminal."""
-    if line.isascii():
+    if line.isascii() and "\x7f" not in line:
         return line
     out = []
     for c in line:

@@ -335,7 +335,7 @@ def train_plug(
     help="Tab-separated 'owner/name split commit [kind]' lines (default: the project's list, "
     "export/corpus_repos.tsv).",
 )
-@click.option("--min-commits", default=30, show_default=True, type=click.IntRange(min=2, max=10**6))
+@click.option("--min-commits", default=30, show_default=True, type=click.IntRange(min=3, max=10**6))
 @click.option("--min-profile", default=10, show_default=True, type=click.IntRange(min=1, max=10**6))
 @click.option(
     "--max-profile", default=300, show_default=True, type=click.IntRange(min=1, max=10**6)

@@ -167,6 +167,12 @@ def build_corpus(
     `{train,dev,test}_questions.json`, `{split}_outputs.json` and `corpus.json` (the
     settings and counts)."""
     snapshots = Path(snapshots)
+    least = max(QUERY_FROM_END.values()) + min_profile
+    if min_commits < least or min_profile > max_profile:
+        raise InvalidInputError(
+            f"min_commits must be at least {least} (the query and min_profile earlier "
+            "commits), and min_profile at most max_profile."
+        )
     paths = [find_snapshot(snapshots, e.repo) for e in entries]  # all found before any work
     by_repo: dict[str, dict[str, list[Commit]]] = {}
     counts: dict[str, RepoCounts] = {}
@@ -192,6 +198,7 @@ def build_corpus(
                 home[email] = min(rank, home.get(email, rank))
 
     questions: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+    people: dict[str, set[str]] = {s: set() for s in SPLITS}  # a user of two repos is one
     golds: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     for entry in entries:
         row, grouped = counts[entry.repo], by_repo[entry.repo]
@@ -212,6 +219,7 @@ def build_corpus(
                 continue
             qid = f"{entry.tag}-{row.queries}"
             row.queries += 1
+            people[entry.split].add(email)
             questions[entry.split].append(
                 {
                     "id": qid,
@@ -233,13 +241,16 @@ def build_corpus(
         },
     )
     for split in SPLITS:
-        if not questions[split]:
+        if not questions[split]:  # no split left over from an earlier build
+            for name in (f"{split}_questions.json", f"{split}_outputs.json"):
+                (out / name).unlink(missing_ok=True)
             continue
         write_split(out, split, "commit_subject", questions[split], golds[split])
         sizes = [len(q["profile"]) for q in questions[split]]
         corpus.splits[split] = {
             "repos": sum(1 for r in corpus.repos if r.split == split),
             "queries": len(sizes),
+            "people": len(people[split]),
             "profile_mean": round(statistics.fmean(sizes), 1),
             "profile_median": float(statistics.median(sizes)),
         }
@@ -259,12 +270,17 @@ def corpus_report(corpus: Corpus, command: str) -> str:
             f"| {r.repo} | {r.kind} | {r.split} | `{r.head[:12]}` | {r.qualifying:,} | {r.users} "
             f"| {r.queries} | {r.moved_people} | {r.short_profiles} |"
         )
-    lines += ["", "| split | repositories | queries (people) | mean profile | median |"]
-    lines.append("|---|---|---|---|---|")
+    lines += ["", "| split | repositories | queries (users) | people | mean profile | median |"]
+    lines.append("|---|---|---|---|---|---|")
     for split, s in corpus.splits.items():
         lines.append(
-            f"| {split} | {s['repos']} | {s['queries']} | {s['profile_mean']} "
+            f"| {split} | {s['repos']} | {s['queries']} | {s['people']} | {s['profile_mean']} "
             f"| {s['profile_median']:g} |"
         )
-    people = sum(s["queries"] for s in corpus.splits.values())
-    return "\n".join([f"Built by `{command}`: {people} people in all.", "", *lines, ""])
+    people = sum(s["people"] for s in corpus.splits.values())
+    users = sum(s["queries"] for s in corpus.splits.values())
+    head = (
+        f"Built by `{command}`: {users} users, {people} people (a person who is a user in two "
+        "repositories of one split is two users)."
+    )
+    return "\n".join([head, "", *lines, ""])

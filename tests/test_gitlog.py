@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from edge_pllm.cli import cli
+from edge_pllm.errors import InvalidInputError
 from edge_pllm.gitlog import clean_body, is_bot, own_commits, parse_message, read_commits
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
@@ -116,6 +117,18 @@ def test_reader_applies_mailmap_merges_bots_and_duplicates(tmp_path: Path):
     bare = tmp_path / "bare.git"
     subprocess.run(["git", "clone", "-q", "--bare", str(repo.path), str(bare)], check=True)
     assert read_commits(bare) == commits
+    # Read at an earlier commit, the mailmap is that commit's (none yet): a clone made later
+    # gives the same authors.
+    before = repo.git("rev-parse", "HEAD~1").strip()
+    assert {c.email for c in read_commits(bare, rev=before)} == {
+        "ann@old.org",
+        "ann@new.org",
+        "bob@example.org",
+    }
+    # A folder inside a repository is not that repository.
+    (repo.path / "sub").mkdir()
+    with pytest.raises(InvalidInputError, match="not a git repository"):
+        read_commits(repo.path / "sub")
 
 
 def _people_repo(path: Path, people: dict[str, int]) -> Repo:
@@ -169,8 +182,11 @@ def test_corpus_splits_by_repository_and_person(tmp_path: Path):
             assert [int(p["title"].split()[2]) for p in q.profile] == list(range(n))
             assert [p["date"] for p in q.profile] == sorted(p["date"] for p in q.profile)
     # No person in two splits, and the counts are recorded.
+    people = {s: {q.profile[0]["title"].split()[-1] for q in qs[s]} for s in qs}
+    assert people["train"] == {"shared@x.org", "t1@x.org"}  # few@ has too few commits
+    assert people["dev"] == {"d1@x.org"} and people["test"] == {"e1@x.org", "e2@x.org"}
     manifest = json.loads((tmp_path / "out" / "corpus.json").read_text())
-    assert manifest["splits"]["test"]["queries"] == 2
+    assert manifest["splits"]["test"]["queries"] == manifest["splits"]["test"]["people"] == 2
 
 
 def test_repo_list_refuses_held_out_and_malformed_entries(tmp_path: Path):

@@ -63,6 +63,22 @@ def test_chat_completion_personalized_by_user(server):
         assert info["strategy"] == "recent" and len(info["context_ids"]) == 2
         assert set(info["context_ids"]) <= ids_of(pllm, user)  # what the runtime received
         assert resp.usage.completion_tokens > 0
+    # Retrieval: the item close to the request is shown; nothing unrelated is.
+    for user, request, expected in (
+        ("alice", "The parser fails on blank lines: fix it.", ALICE[0]),
+        ("bob", "How often do I feed the sourdough starter?", BOB[1]),
+    ):
+        resp = c.chat.completions.create(
+            model=models.data[0].id,
+            messages=[{"role": "user", "content": request}],
+            user=user,
+            max_tokens=4,
+            extra_body={"edge_pllm": {"strategy": "rag:3"}},
+        )
+        info = resp.model_extra["edge_pllm"]
+        shown = [i.text for i in pllm.store.items(user) if i.id in info["context_ids"]]
+        assert info["strategy"] == "rag" and expected in shown
+        assert "fallback" not in info
 
 
 def test_streaming_equals_non_streaming(server):

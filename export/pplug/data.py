@@ -115,8 +115,9 @@ class VectorTable:
 def retrieve(
     example: Example, table: VectorTable, k: int, min_similarity: float = MIN_SIMILARITY
 ) -> list[HistoryItem]:
-    """The `k` history items nearest the request (cosine, nearest first) that are at least
-    `min_similarity` from it: what plug+rag:k shows at run time."""
+    """The `k` history items nearest the request (cosine, nearest first) whose similarity to
+    it is at least `min_similarity`: what plug+rag:k shows at run time (the embedder's
+    vectors are unit length, so a dot product is the cosine)."""
     if not example.history or k < 1:
         return []
     scores = table(example.texts) @ table([example.query])[0]
