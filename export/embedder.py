@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from edge_pllm.embedder import EmbedderConfig
 from edge_pllm.errors import BundleError, MissingDependencyError
+from edge_pllm.files import private_dir
 
 if TYPE_CHECKING:
     import onnx
@@ -134,7 +135,7 @@ def export_embedder(
 
     source, out_dir = Path(source), Path(out_dir)
     config = read_sentence_transformers_config(source)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(out_dir)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with quiet_third_party(), tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         main_export(

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from edge_pllm.errors import BundleError, ExportError, InvalidInputError, MissingDependencyError
-from edge_pllm.files import atomic_write, replacing
+from edge_pllm.files import atomic_write, private_dir, replacing
 
 # llama.cpp's pre-tokenizer ids, keyed by the sha256 of the token ids of CHKTXT under the
 # model's Hugging Face tokenizer (the same fingerprint llama.cpp's converter uses).
@@ -94,7 +94,7 @@ def atomic_output(dest: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary path beside `dest`; move it to `dest` only if the block succeeds."""
     if dest.exists() and not overwrite:
         raise InvalidInputError(f"{dest} already exists; pass --overwrite to replace it.")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(dest.parent)
     with replacing(dest) as tmp:
         yield tmp
 
@@ -475,7 +475,7 @@ def gguf_to_hf(gguf_path: str | Path, dest: str | Path) -> Path:
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name
     )
-    dest.mkdir(parents=True, exist_ok=True)
+    private_dir(dest)
     model.save_pretrained(str(dest), safe_serialization=True)
     tokenizer.save_pretrained(str(dest))
     _repair_special_tokens(gguf_path, dest)
@@ -534,7 +534,7 @@ def export_llm(
     source, out_dir = Path(source), Path(out_dir)
     if not source.exists():
         raise InvalidInputError(f"{source} does not exist.")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(out_dir)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix=".hf-", dir=out_dir) as tmp:
         hf: Path | None = None
