@@ -331,6 +331,7 @@ def _open_to_others(root: Path) -> list[str]:
 
 
 def test_evaluation_outputs_are_owner_only_under_umask_022(run, tmp_path: Path, isolated_home):
+    pytest.importorskip("rouge_score", reason="ROUGE needs the [eval] extra")
     task = _task(tmp_path / "task")
     old = os.umask(0o022)
     try:
