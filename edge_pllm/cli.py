@@ -402,7 +402,7 @@ def ask(
     if show_context:
         prepared = pllm.prepare(user, prompt, strategy, sampling)
         for item in prepared.personalization.context:
-            click.echo(f"[context #{item.id}] {shown(item.text[:200], keep='')}", err=True)
+            click.echo(f"[context #{item.id}] {shown(item.text[:200])}", err=True)
     done: list[Response] = []
     pieces = pllm.stream(
         user, prompt, strategy=strategy, sampling=sampling, remember=remember, on_done=done.append

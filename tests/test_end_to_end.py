@@ -48,6 +48,7 @@ def test_lamp_ingest_and_rag_stay_within_each_question_user(tmp_path: Path, defa
     home = tmp_path / "home"
     bundle = ["--bundle", str(default_bundle)]
     edge_pllm(*bundle, "ingest", str(sample), "--task", "commit_subject", home=home)
+    shown_items = 0
     for q in questions:
         shown = edge_pllm(
             *bundle,
@@ -62,16 +63,19 @@ def test_lamp_ingest_and_rag_stay_within_each_question_user(tmp_path: Path, defa
             home=home,
         )
         context = [line for line in shown.stderr.splitlines() if line.startswith("[context #")]
-        assert len(context) == 3
+        assert len(context) <= 3  # the nearest three, those relevant enough to show
+        shown_items += len(context)
         subjects = {p["title"] for p in q["profile"]}
         for line in context:
             assert line.split("] ", 1)[1].split("\n")[0].strip() in {s[:200] for s in subjects}
         assert shown.stdout.strip()
+    assert shown_items > 0
 
 
 def test_export_cli_tiny_model_to_bundle_to_generation(tmp_path: Path):
     """HF folder -> GGUF f16 + Q8_0 with parity reports -> bundle -> personalized answer."""
     from edge_pllm import LLMConfig, PersonalLLM, SamplingConfig
+    from edge_pllm.strategies import Retrieval
     from export.defaults import default_embedder_source
     from export.llm import convert_hf
 
@@ -106,8 +110,9 @@ def test_export_cli_tiny_model_to_bundle_to_generation(tmp_path: Path):
     assert manifest["parity"]["embedder"]["int8"]["cosine_mean"] >= 0.99
     with PersonalLLM(bundle, home=home, llm_config=LLMConfig(n_ctx=256)) as pllm:
         pllm.add("u", ["fix(parser): handle blank lines", "docs: explain the cache"])
+        every = Retrieval(k=1, min_similarity=-1.0)  # the nearest item, however far
         out = pllm.generate(
-            "u", "fix the cache", strategy="rag:1", sampling=SamplingConfig(max_tokens=5)
+            "u", "fix the cache", strategy=every, sampling=SamplingConfig(max_tokens=5)
         )
         assert out.completion.prompt_tokens > 0 and out.context_ids
     exists = edge_pllm(*build, home=home, check=False)

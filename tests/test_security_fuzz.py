@@ -36,6 +36,7 @@ from edge_pllm.items import (
     validate_user,
 )
 from edge_pllm.store import HistoryStore
+from edge_pllm.strategies import Retrieval
 
 from .security_support import asgi_request
 
@@ -295,7 +296,8 @@ def test_history_overflowing_the_context_is_cut_or_refused(pllm, n, size, k, max
     if not pllm.store.has_user(user):
         pllm.add(user, [f"item {i} " + "lorem ipsum " * size for i in range(n)])
     sampling = SamplingConfig(max_tokens=max_tokens)
-    for spec in (f"recent:{k}", f"rag:{k}"):
+    # rag with every nearest item shown, however far: the most history a prompt can get
+    for spec in (f"recent:{k}", Retrieval(k=k, min_similarity=-1.0)):
         try:
             p = pllm.prepare(user, "Summarize my notes.", spec, sampling)
         except ContextOverflowError as exc:  # only when the bare request cannot fit
