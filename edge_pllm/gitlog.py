@@ -229,10 +229,13 @@ def author_counts(commits: Collection[Commit]) -> list[tuple[str, int]]:
 def history_items(commits: Collection[Commit], repo: str | Path) -> list[NewItem]:
     """The commits as history items, stored as the commit-subject task stores a profile
     ("subject\n\nbody", the subject also as `title`), each naming its source."""
+    from .lamp import task_spec  # the task's own rule for what is stored and embedded
+
+    spec = task_spec("commit_subject")
     source = str(Path(repo).resolve())
     return [
         NewItem(
-            text=f"{c.subject}\n\n{c.body}",
+            text=spec.item_text(c.profile_entry(c.sha)),
             kind=COMMIT_KIND,
             created_at=c.time.isoformat(timespec="seconds"),
             metadata={"title": c.subject, "source": {"git": source, "commit": c.sha}},
