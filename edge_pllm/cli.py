@@ -140,7 +140,10 @@ strategy_option = click.option(
     "--strategy",
     default=DEFAULT_STRATEGY,
     show_default=True,
-    help=f"Personalization: {', '.join(sorted(REGISTRY))}; 'rag:5' sets k.",
+    help=(
+        f"Personalization: {', '.join(sorted(REGISTRY))}; 'rag:5' sets k; '+opening' after "
+        "any starts the answer as the user starts theirs."
+    ),
 )
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -268,12 +268,16 @@ class PersonalLLM:
         found = chosen.personalize(Request(user, query, self.store, memo, plug))  # type: ignore[arg-type]
         llm = self.llm
         n_soft = 0 if found.soft_tokens is None else len(found.soft_tokens)
+        start = found.answer_start
+        if "\n" in start or "\r" in start:
+            raise InvalidInputError("An answer's start is one line.", field="answer_start")
+        n_start = llm.count_tokens(start) if start else 0
         text, kept = fit_prompt(
             messages,
             found.context,
             render=llm.apply_chat_template,
             count_tokens=llm.count_tokens,
-            budget=llm.n_ctx - sampling.max_tokens - n_soft,
+            budget=llm.n_ctx - sampling.max_tokens - n_soft - n_start,
             n_ctx=llm.n_ctx,
             max_tokens=sampling.max_tokens,
             soft_tokens=n_soft,
@@ -283,7 +287,7 @@ class PersonalLLM:
         dropped = len(found.context) - len(kept)
         found.context = kept
         placement = plug.placement if plug is not None else "prefix"
-        return Prepared(text, found, chosen.name, dropped, placement, query, memo.vector)
+        return Prepared(text + start, found, chosen.name, dropped, placement, query, memo.vector)
 
     def generate(
         self,
@@ -337,14 +341,7 @@ class PersonalLLM:
                 stream: Iterator[str] = iter([text])
             else:
                 prepared = self.prepare(user, prompt, strategy, sampling, style)
-                stream = self.llm.stream(
-                    prepared.prompt,
-                    prepared.personalization.soft_tokens,
-                    sampling,
-                    prepared.placement,
-                )
-                if style.one_line:  # the answer is its first line: generation ends there
-                    stream = first_line(stream, style.answer)
+                stream = self._draw(prepared, sampling, style)
             if on_prepared is not None:
                 on_prepared(prepared)
             for piece in stream:
@@ -400,18 +397,35 @@ class PersonalLLM:
         """Generate from `prepared`: the completion's text and the completion, or with a
         one-line style the first line that counts, generation stopped there (no
         `Completion` then: it was cut short on purpose)."""
-        soft = prepared.personalization.soft_tokens
         if style.one_line:
-            with closing(self.llm.stream(prepared.prompt, soft, sampling, prepared.placement)) as s:
-                return "".join(first_line(s, style.answer)), None
+            with closing(self._draw(prepared, sampling, style)) as s:
+                return "".join(s), None
+        soft = prepared.personalization.soft_tokens
         completion = self.llm.complete(prepared.prompt, soft, sampling, prepared.placement)
+        start = prepared.personalization.answer_start
+        if start:
+            completion = replace(completion, text=start + completion.text)
         return completion.text, completion
+
+    def _draw(
+        self, prepared: Prepared, sampling: SamplingConfig, style: PromptStyle
+    ) -> Generator[str, None, None]:
+        """The answer's text as it is generated, after the start it was given (if any); with
+        a one-line style, what follows the start up to its first line with an answer (the
+        generation ends there)."""
+        if prepared.personalization.answer_start:
+            yield prepared.personalization.answer_start
+        soft = prepared.personalization.soft_tokens
+        with closing(self.llm.stream(prepared.prompt, soft, sampling, prepared.placement)) as s:
+            yield from first_line(s, style.answer) if style.one_line else s
 
     def _beams(
         self, prepared: Prepared, sampling: SamplingConfig, style: PromptStyle, width: int
     ) -> list[Beam]:
-        """The answers of a beam search `width` wide from `prepared`, best first."""
-        return beam_answers(
+        """The answers of a beam search `width` wide from `prepared`, best first (each after
+        the start the answer was given)."""
+        start = prepared.personalization.answer_start
+        beams = beam_answers(
             self.llm,
             prepared.prompt,
             prepared.personalization.soft_tokens,
@@ -420,6 +434,7 @@ class PersonalLLM:
             AnswerReader.of(self.llm, style.answer, style.one_line, sampling.stop),
             width,
         )
+        return [replace(b, text=start + b.text) for b in beams] if start else beams
 
     # --- memory and feedback ----------------------------------------------------------------
 

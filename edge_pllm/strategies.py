@@ -5,16 +5,20 @@ items to show in the prompt and/or soft-token embeddings to put in front of it. 
 are turned into a prompt is `prompts.py`'s job, so strategies differ only in what they add.
 
 Strategies are named by a spec string: `none`, `recent`, `recent:5`, `rag`, `rag:3`, `plug`,
-`plug+rag`, `plug+rag:3`. A strategy that reads the bundle's Persona-Plug head says so with
-`needs_head`, and the caller then puts the head (`head.PlugHead`) in the `Request`.
+`plug+rag`, `plug+rag:3`; any of them (consensus too) with `+opening`, as `plug+rag:1+opening`,
+starts the answer the way the user starts theirs (`Opening`). A strategy that reads the
+bundle's Persona-Plug head says so with `needs_head`, and the caller then puts the head
+(`head.PlugHead`) in the `Request`.
 `consensus[:N]` and `consensus-beam[:N]` name a way to answer rather than a prompt (consensus.py):
 `PersonalLLM` answers with several strategies and keeps the answer the others agree with.
 """
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -43,11 +47,15 @@ class Request:
 
 @dataclass
 class Personalization:
-    """What a strategy adds: history items for the prompt, soft tokens, and notes for logs."""
+    """What a strategy adds: history items for the prompt, soft tokens, the start of the
+    answer, and notes for logs."""
 
     context: list[HistoryItem] = field(default_factory=list)
     soft_tokens: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # One line the answer begins with (the model continues after it), e.g. the user's own
+    # habitual "area: " opening; part of the answer's text.
+    answer_start: str = ""
 
 
 class Strategy(Protocol):
@@ -191,6 +199,58 @@ class Plug:
         return found
 
 
+# "area: " at the start of a line, as in "net: fix the timeout" (no space before the colon).
+_OPENING = re.compile(r"\A([^\s:]{1,40}): ")
+OPENING = "+opening"  # the suffix that gives any strategy the user's opening
+OPENING_ITEMS = 300  # the newest items whose openings count for the user's habit
+
+
+def opening(text: str) -> str | None:
+    """The "area: " a text's first line opens with (e.g. "net: " for "net: fix it"), or None."""
+    found = _OPENING.match(text.lstrip().partition("\n")[0])
+    return found.group(0) if found else None
+
+
+@dataclass(frozen=True)
+class Opening:
+    """Another strategy's prompt, and an answer that starts the way this user starts theirs.
+
+    A user who opens at least `min_share` of their history items with an "area: " (their
+    newest `OPENING_ITEMS`) gets the opening most of the `k` items nearest to the request
+    share, as the start of the answer (`Personalization.answer_start`): the model writes the
+    rest. Anyone else gets `inner`'s answer unchanged. `info["opening"]` says which opening."""
+
+    inner: Strategy
+    k: int = 3
+    min_share: float = 0.7
+
+    @property
+    def name(self) -> str:
+        return self.inner.name + OPENING
+
+    @property
+    def needs_head(self) -> bool:
+        return self.inner.needs_head
+
+    def personalize(self, request: Request) -> Personalization:
+        found = self.inner.personalize(request)
+        if no_history(request) is not None:
+            return found
+        items = request.store.items(request.user, limit=OPENING_ITEMS)
+        if not items or sum(opening(i.text) is not None for i in items) < self.min_share * len(
+            items
+        ):
+            return found
+        query_vec = request.embedder.embed_one(request.query)
+        near = [opening(h.item.text) for h in request.store.search(request.user, query_vec, self.k)]
+        counts = Counter(o for o in near if o is not None)
+        if counts:
+            # Ties go to the nearer item's opening (Counter keeps first-seen order).
+            found.answer_start = counts.most_common(1)[0][0]
+            found.info["opening"] = found.answer_start
+        return found
+
+
 StrategyFactory = Callable[[int | None], Strategy | Consensus]
 
 REGISTRY: dict[str, StrategyFactory] = {
@@ -218,7 +278,14 @@ def get_strategy(spec: str | Strategy | Consensus, k: int | None = None) -> Stra
     """Resolve `spec` ("rag", "rag:5", or a Strategy object) to a strategy."""
     if not isinstance(spec, str):
         return spec
-    name, _, k_text = spec.strip().partition(":")
+    spec = spec.strip()
+    if spec.endswith(OPENING):
+        inner = get_strategy(spec.removesuffix(OPENING), k)
+        if isinstance(inner, Consensus):
+            members = tuple(m + OPENING for m in inner.members)
+            return replace(inner, members=members, name=inner.name + OPENING)
+        return Opening(inner)
+    name, _, k_text = spec.partition(":")
     if name not in REGISTRY:
         raise UnknownStrategyError(name, sorted(REGISTRY))
     if k_text:

@@ -1,0 +1,117 @@
+"""`+opening`: an answer that starts the way the user starts theirs ("area: "), on the real
+model and store; and the answer start it rides on (`Personalization.answer_start`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from edge_pllm import InvalidInputError, SamplingConfig
+from edge_pllm.consensus import DEFAULT_MEMBERS, Consensus
+from edge_pllm.prompts import PromptStyle
+from edge_pllm.strategies import (
+    NoPersonalization,
+    Opening,
+    Personalization,
+    Plug,
+    Request,
+    get_strategy,
+    opening,
+)
+
+PARSER_PERSON = [
+    "parser: skip blank lines in the config file",
+    "parser: accept tabs before a key",
+    "cache: drop stale keys after an hour",
+    "cache: keep the index in memory",
+    "docs: say where the cache lives",
+]
+PLAIN_PERSON = [
+    "Skip blank lines when reading the config",
+    "Drop stale cache keys after an hour",
+    "Explain where the cache lives",
+]
+QUERY = "The parser fails on a config file with blank lines at the end."
+SAMPLING = SamplingConfig(max_tokens=16)
+
+
+def test_an_opening_is_a_first_line_that_starts_with_an_area_and_a_colon():
+    assert opening("net: fix the timeout") == "net: "
+    assert opening("  builtin/add: refuse -p\n\nbody: text") == "builtin/add: "
+    assert opening("Fix the parser: it drops lines") is None  # a space before the colon
+    assert opening("see https://example.org for why") is None
+    assert opening("body first\nnet: second line") is None
+    assert opening("") is None
+
+
+def test_specs_with_opening_wrap_any_strategy_and_every_consensus_member():
+    wrapped = get_strategy("plug+rag:1+opening")
+    assert isinstance(wrapped, Opening) and wrapped.inner == Plug(rag=1, name="plug+rag")
+    assert wrapped.name == "plug+rag+opening" and wrapped.needs_head
+    assert get_strategy("none+opening") == Opening(NoPersonalization())
+    both = get_strategy("consensus:2+opening")
+    assert isinstance(both, Consensus) and both.samples == 2
+    assert both.members == tuple(m + "+opening" for m in DEFAULT_MEMBERS)
+    with pytest.raises(Exception, match="Unknown strategy"):
+        get_strategy("+opening")
+
+
+def test_the_answer_starts_with_the_nearest_items_opening_and_the_model_goes_on(pllm):
+    pllm.add("ann", PARSER_PERSON)
+    prepared = pllm.prepare("ann", QUERY, "none+opening", SAMPLING)
+    assert prepared.personalization.answer_start == "parser: "
+    assert prepared.personalization.info["opening"] == "parser: "
+    assert prepared.prompt.endswith(pllm.llm.answer_header + "parser: ")
+    answer = pllm.generate("ann", QUERY, strategy="none+opening", sampling=SAMPLING)
+    assert answer.text.startswith("parser: ") and len(answer.text) > len("parser: ")
+    streamed = "".join(pllm.stream("ann", QUERY, strategy="none+opening", sampling=SAMPLING))
+    assert streamed == answer.text
+    one_line = PromptStyle(one_line=True)
+    line = pllm.generate("ann", QUERY, strategy="none+opening", sampling=SAMPLING, style=one_line)
+    assert line.text.startswith("parser: ") and "\n" not in line.text
+
+
+def test_a_person_without_the_habit_and_a_stranger_get_the_inner_answer(pllm):
+    pllm.add("ann", PARSER_PERSON)
+    pllm.add("ben", PLAIN_PERSON)
+    for user in ("ben", "nobody"):
+        found = pllm.prepare(user, QUERY, "none+opening", SAMPLING).personalization
+        assert found.answer_start == "" and "opening" not in found.info
+        with_opening = pllm.generate(user, QUERY, strategy="none+opening", sampling=SAMPLING)
+        assert (
+            with_opening.text == pllm.generate(user, QUERY, strategy="none", sampling=SAMPLING).text
+        )
+        assert not with_opening.text.startswith("parser: ")
+
+
+def test_the_opening_is_the_askers_own_never_another_users(pllm):
+    """Two people with different habits: each answer starts with its asker's own opening."""
+    pllm.add("ann", PARSER_PERSON)
+    pllm.add("cid", ["config: read blank lines as empty", "config: warn on tabs"] * 2)
+    assert pllm.prepare("ann", QUERY, "none+opening").personalization.answer_start == "parser: "
+    assert pllm.prepare("cid", QUERY, "none+opening").personalization.answer_start == "config: "
+
+
+def test_soft_rows_before_the_answer_stay_before_its_header_when_the_answer_has_a_start(llm):
+    prompt = llm.apply_chat_template([{"role": "user", "content": "Name the change."}])
+    before, after = llm.split_prompt(prompt, "before_answer")
+    started_before, started_after = llm.split_prompt(prompt + "net: ", "before_answer")
+    assert started_before == before
+    assert started_after[: len(after)] == after and len(started_after) > len(after)
+
+
+@dataclass(frozen=True)
+class _Starts:
+    start: str
+    name: str = "starts"
+    needs_head: bool = field(default=False, init=False)
+
+    def personalize(self, request: Request) -> Personalization:
+        return Personalization(answer_start=self.start)
+
+
+def test_an_answer_start_of_more_than_one_line_is_refused(pllm):
+    with pytest.raises(InvalidInputError, match="one line"):
+        pllm.prepare("ann", QUERY, _Starts("net:\nfix"))
+    assert pllm.prepare("ann", QUERY, _Starts("net: ")).prompt.endswith("net: ")
