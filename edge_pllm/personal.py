@@ -287,7 +287,10 @@ class PersonalLLM:
         dropped = len(found.context) - len(kept)
         found.context = kept
         placement = plug.placement if plug is not None else "prefix"
-        return Prepared(text + start, found, chosen.name, dropped, placement, query, memo.vector)
+        # The start's trailing space stays out of the prompt: a model writes a space with the
+        # word after it, and a prompt ending in a bare space throws it (dates, digits).
+        prompt_text = text + start.rstrip()
+        return Prepared(prompt_text, found, chosen.name, dropped, placement, query, memo.vector)
 
     def generate(
         self,
@@ -404,7 +407,7 @@ class PersonalLLM:
         completion = self.llm.complete(prepared.prompt, soft, sampling, prepared.placement)
         start = prepared.personalization.answer_start
         if start:
-            completion = replace(completion, text=start + completion.text)
+            completion = replace(completion, text=_after(start, completion.text))
         return completion.text, completion
 
     def _draw(
@@ -413,11 +416,21 @@ class PersonalLLM:
         """The answer's text as it is generated, after the start it was given (if any); with
         a one-line style, what follows the start up to its first line with an answer (the
         generation ends there)."""
-        if prepared.personalization.answer_start:
-            yield prepared.personalization.answer_start
+        start = prepared.personalization.answer_start
         soft = prepared.personalization.soft_tokens
         with closing(self.llm.stream(prepared.prompt, soft, sampling, prepared.placement)) as s:
-            yield from first_line(s, style.answer) if style.one_line else s
+            pieces = first_line(s, style.answer) if style.one_line else s
+            if not start:
+                yield from pieces
+                return
+            yield start
+            rest = ""
+            for piece in pieces:  # the model's own space after the start: the start has one
+                rest += piece
+                if rest.strip():
+                    yield _after(start, rest)[len(start) :]
+                    break
+            yield from pieces
 
     def _beams(
         self, prepared: Prepared, sampling: SamplingConfig, style: PromptStyle, width: int
@@ -434,7 +447,7 @@ class PersonalLLM:
             AnswerReader.of(self.llm, style.answer, style.one_line, sampling.stop),
             width,
         )
-        return [replace(b, text=start + b.text) for b in beams] if start else beams
+        return [replace(b, text=_after(start, b.text)) for b in beams] if start else beams
 
     # --- memory and feedback ----------------------------------------------------------------
 
@@ -556,6 +569,14 @@ class PersonalLLM:
             completion=completion,
             id=answer_id,
         )
+
+
+def _after(start: str, continuation: str) -> str:
+    """An answer given `start`, and what the model wrote after it (which begins with the
+    space `start` already ends with, or with none in a one-line answer, cleaned)."""
+    if start[-1:].isspace():
+        continuation = continuation.lstrip(" \t")
+    return start + continuation
 
 
 def _profile(answer: AnswerRecord, items: Sequence[Any]) -> list[dict[str, Any]]:

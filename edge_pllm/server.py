@@ -257,6 +257,7 @@ class Service:
             "soft_tokens": 0 if found.soft_tokens is None else len(found.soft_tokens),
             "soft_tokens_sha256": _fingerprint(found.soft_tokens),
             **({"fallback": found.info["fallback"]} if "fallback" in found.info else {}),
+            **({"opening": found.answer_start} if found.answer_start else {}),
         }
         if answer is not None and answer.memory is not None:
             info["memory"] = answer.memory.to_json()

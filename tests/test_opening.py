@@ -62,7 +62,7 @@ def test_the_answer_starts_with_the_nearest_items_opening_and_the_model_goes_on(
     prepared = pllm.prepare("ann", QUERY, "none+opening", SAMPLING)
     assert prepared.personalization.answer_start == "parser: "
     assert prepared.personalization.info["opening"] == "parser: "
-    assert prepared.prompt.endswith(pllm.llm.answer_header + "parser: ")
+    assert prepared.prompt.endswith(pllm.llm.answer_header + "parser:")
     answer = pllm.generate("ann", QUERY, strategy="none+opening", sampling=SAMPLING)
     assert answer.text.startswith("parser: ") and len(answer.text) > len("parser: ")
     streamed = "".join(pllm.stream("ann", QUERY, strategy="none+opening", sampling=SAMPLING))
@@ -114,4 +114,4 @@ class _Starts:
 def test_an_answer_start_of_more_than_one_line_is_refused(pllm):
     with pytest.raises(InvalidInputError, match="one line"):
         pllm.prepare("ann", QUERY, _Starts("net:\nfix"))
-    assert pllm.prepare("ann", QUERY, _Starts("net: ")).prompt.endswith("net: ")
+    assert pllm.prepare("ann", QUERY, _Starts("net: ")).prompt.endswith("net:")

@@ -251,3 +251,27 @@ def test_concurrent_clients_each_get_their_own_history(server):
         f"p50 {latencies[100] * 1000:.0f} ms, p95 {latencies[190] * 1000:.0f} ms"
     )
     assert elapsed < 600
+
+
+def test_an_opening_starts_the_answer_streamed_or_not_and_the_response_names_it(server):
+    running, _ = server
+    c = client(running)
+    kwargs = dict(
+        model="m",
+        messages=[{"role": "user", "content": "The parser fails on blank lines: fix it."}],
+        user="alice",
+        max_tokens=8,
+        temperature=0,
+        extra_body={"edge_pllm": {"strategy": "none+opening"}},
+    )
+    resp = c.chat.completions.create(**kwargs)
+    text = resp.choices[0].message.content
+    assert resp.model_extra["edge_pllm"]["opening"] == "fix(parser): "
+    assert text.startswith("fix(parser): ") and len(text) > len("fix(parser): ")
+    pieces = [
+        ch.choices[0].delta.content or "" for ch in c.chat.completions.create(stream=True, **kwargs)
+    ]
+    assert "".join(pieces) == text
+    bob = c.chat.completions.create(**{**kwargs, "user": "bob"})  # no habit: no opening
+    assert "opening" not in bob.model_extra["edge_pllm"]
+    assert not bob.choices[0].message.content.startswith("fix(parser)")
