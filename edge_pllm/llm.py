@@ -319,22 +319,18 @@ class LLM:
     ) -> tuple[list[int], list[int]]:
         """The token ids of a templated `prompt`, split where soft tokens go: (before,
         after). `prefix`: after a leading BOS. `before_answer`: before the answer's header
-        (the whole request is `before`; a start given to the answer after the header stays
-        after); a prompt without the header (no template) keeps its last token after.
-        Training (export side) splits with this too."""
+        (the whole request is `before`); a prompt that does not end with the header (no
+        template) keeps its last token after. Training (export side) splits with this too."""
         if placement not in PLACEMENTS:
             raise InvalidInputError(
                 f"Unknown soft-token placement {placement!r}; use one of {', '.join(PLACEMENTS)}.",
                 field="placement",
             )
         header = self.answer_header
-        # The header ends the prompt, or is followed by the start the answer is given
-        # (`Personalization.answer_start`, one line): that start goes after the soft rows too.
-        cut = prompt.rfind(header) if header else -1
-        fits = cut > 0 and "\n" not in prompt[cut + len(header) :]
+        fits = bool(header) and len(prompt) > len(header) and prompt.endswith(header)
         if placement == "before_answer" and fits:
-            before = self.tokenize(prompt[:cut])
-            after = self._llama.tokenize(prompt[cut:].encode("utf-8"), add_bos=False, special=True)
+            before = self.tokenize(prompt[: -len(header)])
+            after = self._llama.tokenize(header.encode("utf-8"), add_bos=False, special=True)
             return before, after
         ids = self.tokenize(prompt)
         if placement == "before_answer":

@@ -46,7 +46,7 @@ from .llm import LLM, Completion, LLMConfig, SamplingConfig
 from .prompts import DEFAULT_STYLE, PromptStyle, first_line, fit_prompt
 from .search import CACHE_BUDGET
 from .store import AnswerRecord, Feedback, HistoryStore, check_cache_budget, check_rating
-from .strategies import Personalization, Request, Strategy, get_strategy
+from .strategies import Personalization, Request, Strategy, get_strategy, opened, opening
 
 DEFAULT_STRATEGY = "rag"
 TURN_KIND = "turn"  # a request the user wrote, remembered
@@ -103,14 +103,17 @@ class Prepared:
 
 
 class _RequestMemo:
-    """The embedder, keeping the request's vector when a strategy computes it, so that a
-    remembered turn is embedded once, not once for retrieval and again for the store."""
+    """The embedder, keeping the request's vector when a strategy computes it, so that the
+    request is embedded once, not once for each strategy step that asks and again for the
+    store when the turn is remembered."""
 
     def __init__(self, embedder: Embedder, request: str):
         self._embedder, self._request = embedder, request
         self.vector: np.ndarray | None = None
 
     def embed_one(self, text: str) -> np.ndarray:
+        if text == self._request and self.vector is not None:
+            return self.vector.copy()  # asked again (`+opening` after retrieval): once is enough
         vector = self._embedder.embed_one(text)
         if text == self._request:
             self.vector = vector.copy()
@@ -268,16 +271,17 @@ class PersonalLLM:
         found = chosen.personalize(Request(user, query, self.store, memo, plug))  # type: ignore[arg-type]
         llm = self.llm
         n_soft = 0 if found.soft_tokens is None else len(found.soft_tokens)
-        start = found.answer_start
-        if "\n" in start or "\r" in start:
-            raise InvalidInputError("An answer's start is one line.", field="answer_start")
-        n_start = llm.count_tokens(start) if start else 0
+        if found.answer_start and opening(found.answer_start) != found.answer_start:
+            raise InvalidInputError(
+                f"An answer's opening is one 'area: ' (got {found.answer_start[:40]!r}).",
+                field="answer_start",
+            )
         text, kept = fit_prompt(
             messages,
             found.context,
             render=llm.apply_chat_template,
             count_tokens=llm.count_tokens,
-            budget=llm.n_ctx - sampling.max_tokens - n_soft - n_start,
+            budget=llm.n_ctx - sampling.max_tokens - n_soft,
             n_ctx=llm.n_ctx,
             max_tokens=sampling.max_tokens,
             soft_tokens=n_soft,
@@ -287,10 +291,7 @@ class PersonalLLM:
         dropped = len(found.context) - len(kept)
         found.context = kept
         placement = plug.placement if plug is not None else "prefix"
-        # The start's trailing space stays out of the prompt: a model writes a space with the
-        # word after it, and a prompt ending in a bare space throws it (dates, digits).
-        prompt_text = text + start.rstrip()
-        return Prepared(prompt_text, found, chosen.name, dropped, placement, query, memo.vector)
+        return Prepared(text, found, chosen.name, dropped, placement, query, memo.vector)
 
     def generate(
         self,
@@ -407,15 +408,15 @@ class PersonalLLM:
         completion = self.llm.complete(prepared.prompt, soft, sampling, prepared.placement)
         start = prepared.personalization.answer_start
         if start:
-            completion = replace(completion, text=_after(start, completion.text))
+            completion = replace(completion, text=opened(start, completion.text))
         return completion.text, completion
 
     def _draw(
         self, prepared: Prepared, sampling: SamplingConfig, style: PromptStyle
     ) -> Generator[str, None, None]:
-        """The answer's text as it is generated, after the start it was given (if any); with
-        a one-line style, what follows the start up to its first line with an answer (the
-        generation ends there)."""
+        """The answer's text as it is generated (with a one-line style, up to its first line
+        with an answer: the generation ends there), opening with the user's opening if the
+        strategy gave one (`opened`)."""
         start = prepared.personalization.answer_start
         soft = prepared.personalization.soft_tokens
         with closing(self.llm.stream(prepared.prompt, soft, sampling, prepared.placement)) as s:
@@ -424,12 +425,12 @@ class PersonalLLM:
                 yield from pieces
                 return
             yield start
-            rest = ""
-            for piece in pieces:  # the model's own space after the start: the start has one
-                rest += piece
-                if rest.strip():
-                    yield _after(start, rest)[len(start) :]
+            head = ""
+            for piece in pieces:  # up to the first word's end: then the model's opening is known
+                head += piece
+                if any(c.isspace() for c in head.lstrip()):
                     break
+            yield opened(start, head)[len(start) :]
             yield from pieces
 
     def _beams(
@@ -447,7 +448,7 @@ class PersonalLLM:
             AnswerReader.of(self.llm, style.answer, style.one_line, sampling.stop),
             width,
         )
-        return [replace(b, text=_after(start, b.text)) for b in beams] if start else beams
+        return [replace(b, text=opened(start, b.text)) for b in beams] if start else beams
 
     # --- memory and feedback ----------------------------------------------------------------
 
@@ -569,14 +570,6 @@ class PersonalLLM:
             completion=completion,
             id=answer_id,
         )
-
-
-def _after(start: str, continuation: str) -> str:
-    """An answer given `start`, and what the model wrote after it (which begins with the
-    space `start` already ends with, or with none in a one-line answer, cleaned)."""
-    if start[-1:].isspace():
-        continuation = continuation.lstrip(" \t")
-    return start + continuation
 
 
 def _profile(answer: AnswerRecord, items: Sequence[Any]) -> list[dict[str, Any]]:

@@ -53,8 +53,8 @@ class Personalization:
     context: list[HistoryItem] = field(default_factory=list)
     soft_tokens: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
-    # One line the answer begins with (the model continues after it), e.g. the user's own
-    # habitual "area: " opening; part of the answer's text.
+    # The "area: " the answer opens with (the user's own habit): it replaces the opening
+    # the model wrote, or goes in front of an answer without one (`opened`).
     answer_start: str = ""
 
 
@@ -211,14 +211,24 @@ def opening(text: str) -> str | None:
     return found.group(0) if found else None
 
 
+def opened(start: str, answer: str) -> str:
+    """`answer` opening with `start`: the opening the model wrote replaced by it, or `start`
+    put in front. (Given to the model as the answer's first words instead, the opening
+    made it write worse: docs/EVAL.md.)"""
+    answer = answer.lstrip()
+    own = opening(answer)
+    return start + (answer[len(own) :] if own else answer).lstrip()
+
+
 @dataclass(frozen=True)
 class Opening:
     """Another strategy's prompt, and an answer that starts the way this user starts theirs.
 
     A user who opens at least `min_share` of their history items with an "area: " (their
     newest `OPENING_ITEMS`) gets the opening most of the `k` items nearest to the request
-    share, as the start of the answer (`Personalization.answer_start`): the model writes the
-    rest. Anyone else gets `inner`'s answer unchanged. `info["opening"]` says which opening."""
+    share: the answer the model writes (with `inner`'s prompt) opens with it instead of its
+    own opening, if it had one (`opened`). Anyone else gets `inner`'s answer unchanged.
+    `info["opening"]` says which opening."""
 
     inner: Strategy
     k: int = 3

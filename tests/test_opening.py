@@ -1,5 +1,5 @@
-"""`+opening`: an answer that starts the way the user starts theirs ("area: "), on the real
-model and store; and the answer start it rides on (`Personalization.answer_start`)."""
+"""`+opening`: an answer that opens the way the user opens theirs ("area: "), on the real
+model and store (`Personalization.answer_start`)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from edge_pllm.strategies import (
     Plug,
     Request,
     get_strategy,
+    opened,
     opening,
 )
 
@@ -57,19 +58,28 @@ def test_specs_with_opening_wrap_any_strategy_and_every_consensus_member():
         get_strategy("+opening")
 
 
-def test_the_answer_starts_with_the_nearest_items_opening_and_the_model_goes_on(pllm):
+def test_the_answer_opens_with_the_nearest_items_opening_in_place_of_the_models(pllm):
     pllm.add("ann", PARSER_PERSON)
     prepared = pllm.prepare("ann", QUERY, "none+opening", SAMPLING)
     assert prepared.personalization.answer_start == "parser: "
     assert prepared.personalization.info["opening"] == "parser: "
-    assert prepared.prompt.endswith(pllm.llm.answer_header + "parser:")
+    assert prepared.prompt == pllm.prepare("ann", QUERY, "none", SAMPLING).prompt
+    plain = pllm.generate("ann", QUERY, strategy="none", sampling=SAMPLING).text
     answer = pllm.generate("ann", QUERY, strategy="none+opening", sampling=SAMPLING)
-    assert answer.text.startswith("parser: ") and len(answer.text) > len("parser: ")
+    assert answer.text == opened("parser: ", plain) and len(answer.text) > len("parser: ")
     streamed = "".join(pllm.stream("ann", QUERY, strategy="none+opening", sampling=SAMPLING))
     assert streamed == answer.text
     one_line = PromptStyle(one_line=True)
+    plain_line = pllm.generate("ann", QUERY, strategy="none", sampling=SAMPLING, style=one_line)
     line = pllm.generate("ann", QUERY, strategy="none+opening", sampling=SAMPLING, style=one_line)
-    assert line.text.startswith("parser: ") and "\n" not in line.text
+    assert line.text == opened("parser: ", plain_line.text) and "\n" not in line.text
+
+
+def test_opened_replaces_the_models_opening_or_goes_in_front():
+    assert opened("net: ", "core: fix the timeout") == "net: fix the timeout"
+    assert opened("net: ", "  Fix the timeout") == "net: Fix the timeout"
+    assert opened("net: ", "Fix it: now") == "net: Fix it: now"  # no opening of its own
+    assert opened("net: ", "") == "net: "
 
 
 def test_a_person_without_the_habit_and_a_stranger_get_the_inner_answer(pllm):
@@ -93,14 +103,6 @@ def test_the_opening_is_the_askers_own_never_another_users(pllm):
     assert pllm.prepare("cid", QUERY, "none+opening").personalization.answer_start == "config: "
 
 
-def test_soft_rows_before_the_answer_stay_before_its_header_when_the_answer_has_a_start(llm):
-    prompt = llm.apply_chat_template([{"role": "user", "content": "Name the change."}])
-    before, after = llm.split_prompt(prompt, "before_answer")
-    started_before, started_after = llm.split_prompt(prompt + "net: ", "before_answer")
-    assert started_before == before
-    assert started_after[: len(after)] == after and len(started_after) > len(after)
-
-
 @dataclass(frozen=True)
 class _Starts:
     start: str
@@ -111,7 +113,9 @@ class _Starts:
         return Personalization(answer_start=self.start)
 
 
-def test_an_answer_start_of_more_than_one_line_is_refused(pllm):
-    with pytest.raises(InvalidInputError, match="one line"):
-        pllm.prepare("ann", QUERY, _Starts("net:\nfix"))
-    assert pllm.prepare("ann", QUERY, _Starts("net: ")).prompt.endswith("net:")
+def test_an_opening_that_is_not_one_area_is_refused(pllm):
+    for bad in ("net:\nfix: ", "net", "fix the net: ", "net:"):
+        with pytest.raises(InvalidInputError, match="one 'area: '"):
+            pllm.prepare("ann", QUERY, _Starts(bad))
+    answer = pllm.generate("ann", QUERY, strategy=_Starts("net: "), sampling=SAMPLING)
+    assert answer.text.startswith("net: ")
