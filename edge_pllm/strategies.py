@@ -207,7 +207,7 @@ OPENING_ITEMS = 300  # the newest items whose openings count for the user's habi
 
 def opening(text: str) -> str | None:
     """The "area: " a text's first line opens with (e.g. "net: " for "net: fix it"), or None."""
-    found = _OPENING.match(text.lstrip().partition("\n")[0])
+    found = _OPENING.search(text.lstrip().partition("\n")[0])  # \A-anchored: a start
     return found.group(0) if found else None
 
 
