@@ -436,8 +436,8 @@ class PersonalLLM:
     def _beams(
         self, prepared: Prepared, sampling: SamplingConfig, style: PromptStyle, width: int
     ) -> list[Beam]:
-        """The answers of a beam search `width` wide from `prepared`, best first (each after
-        the start the answer was given)."""
+        """The answers of a beam search `width` wide from `prepared`, best first (each with
+        the user's opening if the strategy gave one)."""
         start = prepared.personalization.answer_start
         beams = beam_answers(
             self.llm,

@@ -6,7 +6,7 @@ are turned into a prompt is `prompts.py`'s job, so strategies differ only in wha
 
 Strategies are named by a spec string: `none`, `recent`, `recent:5`, `rag`, `rag:3`, `plug`,
 `plug+rag`, `plug+rag:3`; any of them (consensus too) with `+opening`, as `plug+rag:1+opening`,
-starts the answer the way the user starts theirs (`Opening`). A strategy that reads the
+opens the answer the way the user opens theirs (`Opening`). A strategy that reads the
 bundle's Persona-Plug head says so with `needs_head`, and the caller then puts the head
 (`head.PlugHead`) in the `Request`.
 `consensus[:N]` and `consensus-beam[:N]` name a way to answer rather than a prompt (consensus.py):
@@ -47,8 +47,8 @@ class Request:
 
 @dataclass
 class Personalization:
-    """What a strategy adds: history items for the prompt, soft tokens, the start of the
-    answer, and notes for logs."""
+    """What a strategy adds: history items for the prompt, soft tokens, the answer's
+    opening, and notes for logs."""
 
     context: list[HistoryItem] = field(default_factory=list)
     soft_tokens: np.ndarray | None = None
