@@ -39,6 +39,12 @@ SECTIONS = {
         "From spawning `python` to the first token of a 32-token generation; peak RSS is "
         "the child's VmHWM.",
     ),
+    "serving": (
+        "The server under load",
+        "`edge-pllm serve` on loopback: while 4 chat requests generate (one at a time: one "
+        "llama.cpp context), the GETs that need no model are timed back to back, and two "
+        "streaming clients with memory on leave after their first chunk.",
+    ),
     "limit": (
         "The physical limit of decode",
         "Decoding reads every weight once per token, so memory bandwidth / model size "

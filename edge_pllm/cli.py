@@ -566,9 +566,7 @@ def items(obj: Context, user: str, limit: int, as_json: bool) -> None:
 @plain_errors
 def search(obj: Context, user: str, query: str, k: int) -> None:
     """Show USER's history items nearest to QUERY."""
-    query = validate_items([query])[0].text  # the checks of any text that is embedded
-    pllm = obj.pllm()
-    for hit in pllm.store.search(user, pllm.embedder.embed_one(query), k):
+    for hit in obj.pllm().search(user, query, k):
         first_line = shown(hit.item.text.splitlines()[0][:100], keep="")
         click.echo(f"{hit.item.id}\t{1 - hit.distance:.3f}\t{first_line}")
 
@@ -843,8 +841,11 @@ def serve(
         remember=remember,
     )
     pllm = obj.pllm()
-    click.echo(f"Serving {pllm.bundle.name} on http://{host}:{port}/v1 (Ctrl-C to stop).", err=True)
-    run_server(pllm, config)
+
+    def ready(url: str) -> None:
+        click.echo(f"Serving {pllm.bundle.name} on {url} (Ctrl-C to stop).", err=True)
+
+    run_server(pllm, config, on_ready=ready)
 
 
 DEFAULT_EVAL_STRATEGIES = "none,recent:1,recent:3,rag:1,rag:3"

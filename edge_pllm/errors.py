@@ -108,6 +108,17 @@ class ExportError(EdgePLLMError, RuntimeError):
     """A workstation export step failed (the GGUF converter, the quantizer, ...)."""
 
 
+class AddressError(EdgePLLMError, OSError):
+    """The server cannot listen on `host`:`port` (taken by another program, or not an
+    address of this machine); `reason` is what the system said."""
+
+    def __init__(self, host: str, port: int, reason: str):
+        self.host, self.port, self.reason = host, port, reason
+        super().__init__(
+            f"Cannot serve on {host}:{port} ({reason}); choose another with --host or --port."
+        )
+
+
 class MissingDependencyError(EdgePLLMError, ImportError):
     """An optional dependency that this action needs is not installed."""
 

@@ -32,7 +32,7 @@ import hashlib
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -486,24 +486,11 @@ class LLM:
         soft: np.ndarray | None = None,
         sampling: SamplingConfig | None = None,
         placement: Placement = "prefix",
+        on_end: Callable[[Completion], None] | None = None,
     ) -> Iterator[str]:
         """Yield the completion of `prompt` (already templated) piece by piece, with `soft`
-        tokens where `placement` says."""
-        sampling = sampling or SamplingConfig()
-        chunks, _, _ = self._start(prompt, soft, sampling, True, placement)
-        for chunk in chunks:
-            text = chunk["choices"][0]["text"]
-            if text:
-                yield text
-
-    def complete(
-        self,
-        prompt: str,
-        soft: np.ndarray | None = None,
-        sampling: SamplingConfig | None = None,
-        placement: Placement = "prefix",
-    ) -> Completion:
-        """Complete `prompt` (already templated), with `soft` tokens where `placement` says."""
+        tokens where `placement` says; `on_end` gets the whole `Completion` (its usage and
+        finish reason) once the generation has ended, not when the reader stops early."""
         sampling = sampling or SamplingConfig()
         started = time.perf_counter()
         chunks, n_prompt, n_soft = self._start(prompt, soft, sampling, True, placement)
@@ -514,19 +501,38 @@ class LLM:
             choice = chunk["choices"][0]
             if first_at is None:
                 first_at = time.perf_counter()
-            pieces.append(choice["text"])
             finish = choice.get("finish_reason") or finish
+            if choice["text"]:
+                pieces.append(choice["text"])
+                yield choice["text"]
         ended = time.perf_counter()
+        if on_end is None:
+            return
         # Every sampled token but the last is evaluated into the cache.
         n_out = max(0, self._llama.n_tokens - n_prompt + 1)
         first_at = first_at or ended
-        return Completion(
-            text="".join(pieces),
-            finish_reason=finish,
-            prompt_tokens=n_prompt,
-            soft_tokens=n_soft,
-            completion_tokens=n_out,
-            cached_tokens=self.cached_tokens,
-            prefill_seconds=first_at - started,
-            decode_seconds=ended - first_at,
+        on_end(
+            Completion(
+                text="".join(pieces),
+                finish_reason=finish,
+                prompt_tokens=n_prompt,
+                soft_tokens=n_soft,
+                completion_tokens=n_out,
+                cached_tokens=self.cached_tokens,
+                prefill_seconds=first_at - started,
+                decode_seconds=ended - first_at,
+            )
         )
+
+    def complete(
+        self,
+        prompt: str,
+        soft: np.ndarray | None = None,
+        sampling: SamplingConfig | None = None,
+        placement: Placement = "prefix",
+    ) -> Completion:
+        """Complete `prompt` (already templated), with `soft` tokens where `placement` says."""
+        done: list[Completion] = []
+        for _ in self.stream(prompt, soft, sampling, placement, done.append):
+            pass
+        return done[0]

@@ -45,7 +45,14 @@ from .items import (
 from .llm import LLM, Completion, LLMConfig, SamplingConfig
 from .prompts import DEFAULT_STYLE, PromptStyle, first_line, fit_prompt
 from .search import CACHE_BUDGET
-from .store import AnswerRecord, Feedback, HistoryStore, check_cache_budget, check_rating
+from .store import (
+    AnswerRecord,
+    Feedback,
+    HistoryStore,
+    SearchHit,
+    check_cache_budget,
+    check_rating,
+)
 from .strategies import Personalization, Request, Strategy, get_strategy, opened, opening
 
 DEFAULT_STRATEGY = "rag"
@@ -236,6 +243,12 @@ class PersonalLLM:
         self._drop_cached_prompt()
         return n
 
+    def search(self, user: str, query: str, k: int = 5) -> list[SearchHit]:
+        """`user`'s `k` history items nearest to the text `query` (cosine), nearest first.
+        The query is checked as any text that is embedded (InvalidInputError)."""
+        query = validate_items([query])[0].text
+        return self.store.search(user, self.embedder.embed_one(query), k)
+
     def _drop_cached_prompt(self) -> None:
         with self._llm_lock:
             if self._llm is not None:
@@ -301,21 +314,26 @@ class PersonalLLM:
         strategy: str | Strategy = DEFAULT_STRATEGY,
         sampling: SamplingConfig | None = None,
         style: PromptStyle = DEFAULT_STYLE,
+        on_prepared: Callable[[Prepared], None] | None = None,
         remember: bool = False,
         answer_id: str | None = None,
+        keep: Callable[[], bool] | None = None,
     ) -> Response:
         """Generate an answer to `prompt` personalized by `user`'s history.
 
         With `remember`, the user's last turn is then stored as a history item (kind
         "turn") and the answer kept for `feedback` under `Response.id` (`answer_id`, or a
-        new one); `Response.memory` says what was stored."""
+        new one); `Response.memory` says what was stored. `keep`, when given, is asked once
+        the answer is complete: False (its reader has gone) stores nothing."""
         sampling = sampling or SamplingConfig()
         answer_id = self._answer_id(user, answer_id, remember)
         with self._llm_lock:  # held while remembering: the next request sees the turn
             prepared, text, completion = self._complete(user, prompt, strategy, sampling, style)
+            if on_prepared is not None:
+                on_prepared(prepared)
             response = self._response(user, prepared, completion, answer_id, text)
             if remember:
-                response.memory = self._remember(user, prepared, response)
+                response.memory = self._remember(user, prepared, response, keep)
         return response
 
     def stream(
@@ -330,30 +348,36 @@ class PersonalLLM:
         remember: bool = False,
         answer_id: str | None = None,
         on_done: Callable[[Response], None] | None = None,
+        keep: Callable[[], bool] | None = None,
     ) -> Iterator[str]:
         """Like `generate`, yielding text as it is produced; `on_prepared` sees what
         personalized the prompt before the first piece, `on_done` the whole `Response`
-        (its id, and with `remember` what was stored) once the stream has ended. The turn
-        is remembered only when the stream ends normally: a reader that stops early (an
-        interrupted reply) stores nothing."""
+        (its id, its `completion` with the usage and finish reason, and with `remember` what
+        was stored) once the stream has ended. The turn is remembered only when the stream
+        ends normally: a reader that stops early (an interrupted reply) stores nothing, nor
+        one that `keep` says has gone."""
         sampling = sampling or SamplingConfig()
         answer_id = self._answer_id(user, answer_id, remember)
         pieces: list[str] = []
+        ended: list[Completion] = []
         with self._llm_lock:
             if isinstance(get_strategy(strategy), Consensus):  # chosen whole: one piece
-                prepared, text, _ = self._complete(user, prompt, strategy, sampling, style)
+                prepared, text, completion = self._complete(user, prompt, strategy, sampling, style)
+                ended.extend([completion] if completion is not None else [])
                 stream: Iterator[str] = iter([text])
             else:
                 prepared = self.prepare(user, prompt, strategy, sampling, style)
-                stream = self._draw(prepared, sampling, style)
+                stream = self._draw(prepared, sampling, style, ended.append)
             if on_prepared is not None:
                 on_prepared(prepared)
             for piece in stream:
                 pieces.append(piece)
                 yield piece
-            response = self._response(user, prepared, None, answer_id, "".join(pieces))
+            text = "".join(pieces)
+            completion = replace(ended[0], text=text) if ended else None
+            response = self._response(user, prepared, completion, answer_id, text)
             if remember:
-                response.memory = self._remember(user, prepared, response)
+                response.memory = self._remember(user, prepared, response, keep)
         if on_done is not None:
             on_done(response)
 
@@ -412,14 +436,19 @@ class PersonalLLM:
         return completion.text, completion
 
     def _draw(
-        self, prepared: Prepared, sampling: SamplingConfig, style: PromptStyle
+        self,
+        prepared: Prepared,
+        sampling: SamplingConfig,
+        style: PromptStyle,
+        on_end: Callable[[Completion], None] | None = None,
     ) -> Generator[str, None, None]:
         """The answer's text as it is generated (with a one-line style, up to its first line
         with an answer: the generation ends there), opening with the user's opening if the
-        strategy gave one (`opened`)."""
+        strategy gave one (`opened`); `on_end` as `LLM.stream`'s."""
         start = prepared.personalization.answer_start
         soft = prepared.personalization.soft_tokens
-        with closing(self.llm.stream(prepared.prompt, soft, sampling, prepared.placement)) as s:
+        drawn = self.llm.stream(prepared.prompt, soft, sampling, prepared.placement, on_end)
+        with closing(drawn) as s:
             pieces = first_line(s, style.answer) if style.one_line else s
             if not start:
                 yield from pieces
@@ -468,9 +497,18 @@ class PersonalLLM:
             )
         return answer_id
 
-    def _remember(self, user: str, prepared: Prepared, response: Response) -> Memory:
+    def _remember(
+        self,
+        user: str,
+        prepared: Prepared,
+        response: Response,
+        keep: Callable[[], bool] | None = None,
+    ) -> Memory:
         """Store the user's turn (kind "turn", linked to the answer by its id) and keep the
-        answer; a turn that cannot be stored is reported, not raised: the answer stands."""
+        answer, unless `keep` says its reader has gone; a turn that cannot be stored is
+        reported, not raised: the answer stands."""
+        if keep is not None and not keep():
+            return Memory(False, reason="The answer's reader left before its end; not remembered.")
         text = prepared.request
         if len(text) > self.remember_max_chars:
             return Memory(

@@ -91,7 +91,7 @@ class ResponseFormat(_Strict):
 
 
 class StreamOptions(_Strict):
-    include_usage: Literal[False] = False
+    include_usage: bool = False
 
 
 class _Generation(_Strict):

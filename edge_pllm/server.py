@@ -12,7 +12,10 @@ personalizes the answer.
   `GET /v1/users/{user}/export` (JSON lines).
 - Errors are OpenAI-style bodies mapped from typed exceptions (never from message text).
 - llama.cpp contexts are not safe for concurrent use: generations are serialized by the
-  runtime's lock and run in worker threads, so the event loop keeps serving.
+  runtime's lock and wait for it in generation threads of their own; nothing on the event
+  loop touches the model, so history, search and `/v1/models` answer while it generates.
+  `usage` and `finish_reason` are the generation's own; `stream_options.include_usage`
+  adds OpenAI's usage chunk (no choices) before `[DONE]`.
 - Bearer-token auth: optional on loopback, required on any other address.
 - Every request is parsed by one schema (`schema.py`): strict types, bounded numbers, no
   unknown fields, and OpenAI fields this server does not implement (`n > 1`, `logprobs`,
@@ -23,10 +26,10 @@ personalizes the answer.
 - A user the store has never seen gets the plain prompt (`edge_pllm.fallback` says so).
 - Memory is opt-in: `edge_pllm: {"remember": true}` on a request (or `serve --remember` for
   every request that does not say `false`) stores the user's last turn as a history item
-  (kind "turn") once the answer is complete, and keeps the answer under the response's `id`
-  for `POST /v1/users/{user}/feedback` (`{"answer_id", "rating": 1 | -1}` or
-  `{"answer_id", "edit": "..."}`). `edge_pllm.memory` says what was stored (in a stream's
-  last chunk).
+  (kind "turn") once the answer is complete and its client still there, and keeps the
+  answer under the response's `id` for `POST /v1/users/{user}/feedback`
+  (`{"answer_id", "rating": 1 | -1}` or `{"answer_id", "edit": "..."}`). `edge_pllm.memory`
+  says what was stored (in a stream's last chunk).
 
 Each response carries `edge_pllm` with what personalized it (strategy, history item ids,
 and a fingerprint of the soft tokens), so clients and tests can see what the runtime used.
@@ -35,14 +38,17 @@ and a fingerprint of the soft tokens), so clients and tests can see what the run
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import ipaddress
 import json
 import secrets
+import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -51,6 +57,7 @@ import numpy as np
 
 from . import schema
 from .errors import (
+    AddressError,
     AnswerNotFoundError,
     BundleError,
     ContextOverflowError,
@@ -67,7 +74,7 @@ from .errors import (
     UnknownStrategyError,
     UnknownUserError,
 )
-from .items import validate_items, validate_user
+from .items import validate_user
 from .llm import SamplingConfig
 from .personal import DEFAULT_STRATEGY, PersonalLLM, Prepared
 from .personal import Response as Answer
@@ -82,6 +89,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise MissingDependencyError("starlette", "server", "The server") from exc
 
 DEFAULT_PORT = 8400
+GENERATION_THREADS = 64  # requests waiting for the model at once; more queue behind them
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,7 @@ _STATUS: list[tuple[type[Exception], int, str]] = [
     (ExportError, 503, "model_error"),
     (ExtensionLoadingError, 503, "service_unavailable_error"),
     (MissingDependencyError, 503, "service_unavailable_error"),
+    (AddressError, 503, "service_unavailable_error"),
 ]
 
 
@@ -164,12 +173,89 @@ def _fingerprint(soft: np.ndarray | None) -> str | None:
     return hashlib.sha256(np.ascontiguousarray(soft, dtype=np.float32).tobytes()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class _Head:
+    """What every chunk of one streamed answer repeats."""
+
+    id: str
+    created: int
+    chat: bool
+    model: str
+
+    def chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+
+def _event(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _usage(answer: Answer) -> dict[str, int]:
+    """The answer's token counts as OpenAI reports them (the prompt's count includes the
+    soft tokens: each takes a position in the context)."""
+    done = answer.completion
+    prompt = done.prompt_tokens if done is not None else 0
+    completion = done.completion_tokens if done is not None else 0
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _finish(answer: Answer) -> str:
+    """Why generation ended: llama.cpp's reason ("length" when `max_tokens` ran out)."""
+    return answer.completion.finish_reason if answer.completion is not None else "stop"
+
+
+def _still_there(request: Request, loop: asyncio.AbstractEventLoop) -> bool:
+    """From a worker thread: whether the client of `request` is still connected (asked on
+    the event loop, where the connection lives). A loop that does not answer within a few
+    seconds is shutting down: nobody is there to read the answer."""
+    asked = asyncio.run_coroutine_threadsafe(request.is_disconnected(), loop)
+    try:
+        return not asked.result(timeout=5)
+    except (TimeoutError, RuntimeError, concurrent.futures.CancelledError):
+        return False
+
+
 class Service:
     """The HTTP layer over one PersonalLLM."""
 
     def __init__(self, pllm: PersonalLLM, config: ServerConfig):
         self.pllm, self.config = pllm, config
         self.model_id = f"edge-pllm/{pllm.bundle.name}"
+        # Model work waits for the runtime's one llama context in threads of its own, so
+        # the default executor stays free for history and search requests meanwhile.
+        self._generation = ThreadPoolExecutor(GENERATION_THREADS, "edge-pllm-generation")
+        self._busy = 0  # requests waiting for the model or generating
+        self._busy_lock = threading.Lock()
+        self._plug: bool | None = None  # whether the head answers, once known
+
+    @property
+    def in_flight(self) -> int:
+        """How many requests are waiting for the model or generating now."""
+        return self._busy
+
+    def _model_work(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        """Run `fn` (model work) in a generation thread, counted in `in_flight`."""
+
+        def counted() -> Any:
+            try:
+                return fn()
+            finally:
+                with self._busy_lock:
+                    self._busy -= 1
+
+        with self._busy_lock:
+            self._busy += 1
+        return self._generation.submit(counted)
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -265,32 +351,6 @@ class Service:
 
     # --- generation ------------------------------------------------------------------------
 
-    def _run(
-        self,
-        user: str,
-        prompt: Any,
-        strategy: str,
-        sampling: SamplingConfig,
-        on_prepared: Callable[[Prepared], None] | None = None,
-        *,
-        remember: bool = False,
-        answer_id: str | None = None,
-        on_done: Callable[[Answer], None] | None = None,
-    ) -> Iterator[str]:
-        """Prepare and generate (the runtime serializes use of its one llama context); with
-        `remember`, the turn is stored once the stream has ended, and the answer kept under
-        `answer_id` (the id the client sees)."""
-        return self.pllm.stream(
-            user,
-            prompt,
-            strategy=strategy,
-            sampling=sampling,
-            on_prepared=on_prepared,
-            remember=remember,
-            answer_id=answer_id,
-            on_done=on_done,
-        )
-
     async def complete(self, request: Request, chat: bool) -> Response:
         raw = await self.body(request)
         req: schema.GenerationRequest
@@ -306,32 +366,33 @@ class Service:
         created = int(time.time())
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if req.stream:
-            return await self.stream(rid, created, chat, user, prompt, strategy, sampling, remember)
-        info: dict[str, Any] = {}
-
-        def work() -> tuple[str, Prepared, Answer]:
-            prepared_box: list[Prepared] = []
-            done: list[Answer] = []
-            text = "".join(
-                self._run(
-                    user,
-                    prompt,
-                    strategy,
-                    sampling,
-                    prepared_box.append,
-                    remember=remember,
-                    answer_id=rid,
-                    on_done=done.append,
-                )
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            head = _Head(rid, created, chat, self.model_id)
+            return await self.stream(
+                request, head, user, prompt, strategy, sampling, remember, usage
             )
-            return text, prepared_box[0], done[0]
+        loop = asyncio.get_running_loop()
+        prepared_box: list[Prepared] = []
 
-        text, prepared, answer = await asyncio.to_thread(work)
-        info = self.extension(prepared, answer)
-        prompt_tokens = self.pllm.llm.count_tokens(prepared.prompt) + info["soft_tokens"]
-        completion_tokens = self.pllm.llm.count_tokens(text) if text else 0
-        finish = "length" if completion_tokens >= sampling.max_tokens else "stop"
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        def work() -> Answer:
+            return self.pllm.generate(
+                user,
+                prompt,
+                strategy=strategy,
+                sampling=sampling,
+                on_prepared=prepared_box.append,
+                remember=remember,
+                answer_id=rid,
+                keep=lambda: _still_there(request, loop),
+            )
+
+        answer = await asyncio.wrap_future(self._model_work(work))
+        text = answer.text
+        choice: dict[str, Any] = {
+            "index": 0,
+            "finish_reason": _finish(answer),
+            "logprobs": None,
+        }
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
@@ -343,48 +404,56 @@ class Service:
                 "created": created,
                 "model": self.model_id,
                 "choices": [choice],
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                },
-                "edge_pllm": info,
+                "usage": _usage(answer),
+                "edge_pllm": self.extension(prepared_box[0], answer),
             }
         )
 
     async def stream(
         self,
-        rid: str,
-        created: int,
-        chat: bool,
+        request: Request,
+        head: _Head,
         user: str,
         prompt: Any,
         strategy: str,
         sampling: SamplingConfig,
         remember: bool = False,
+        include_usage: bool = False,
     ) -> Response:
         """SSE. Preparation (where bad requests fail) happens before the 200 is sent. When
-        the client goes away, generation stops at the next piece (and with memory on,
-        nothing is stored); the last chunk of a stream that ends says what was stored."""
+        the client goes away, generation stops at the next piece; with memory on, the turn
+        is stored only once every piece was sent and the client is still there. The last
+        chunk of a stream that ends says what was stored; with `include_usage`, a chunk
+        with the usage and no choices follows it, as OpenAI sends."""
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[Prepared] = loop.create_future()
         gone = threading.Event()  # the client left before the end
+
+        def delivered() -> bool:
+            """Asked before the turn is stored: every piece sent, and the client there."""
+            sent = threading.Event()
+            loop.call_soon_threadsafe(queue.put_nowait, ("flush", sent))
+            while not sent.wait(0.05):
+                if gone.is_set():
+                    return False
+            return not gone.is_set()
 
         def producer() -> None:
             def prepared_cb(p: Prepared) -> None:
                 loop.call_soon_threadsafe(ready.set_result, p)
 
             done: list[Answer] = []
-            pieces = self._run(
+            pieces = self.pllm.stream(
                 user,
                 prompt,
-                strategy,
-                sampling,
-                prepared_cb,
+                strategy=strategy,
+                sampling=sampling,
+                on_prepared=prepared_cb,
                 remember=remember,
-                answer_id=rid,
+                answer_id=head.id,
                 on_done=done.append,
+                keep=delivered,
             )
             try:
                 for piece in pieces:
@@ -399,49 +468,47 @@ class Service:
             finally:
                 pieces.close()  # type: ignore[attr-defined]
 
-        threading.Thread(target=producer, daemon=True).start()
+        self._model_work(producer)
         prepared = await ready  # raises the typed error -> proper 4xx before streaming
         info = self.extension(prepared)
-        kind = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(
             delta: str | None, finish: str | None, first: bool = False, answer: Answer | None = None
         ) -> str:
-            if chat:
+            if head.chat:
                 d: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
                 if delta:
                     d["content"] = delta
                 choice: dict[str, Any] = {"index": 0, "delta": d, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": delta or "", "finish_reason": finish}
-            payload = {
-                "id": rid,
-                "object": kind,
-                "created": created,
-                "model": self.model_id,
-                "choices": [choice],
-                "edge_pllm": info if answer is None else self.extension(prepared, answer),
-            }
-            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+            extension = info if answer is None else self.extension(prepared, answer)
+            payload = {**head.chunk([choice]), "edge_pllm": extension}
+            if include_usage:
+                payload["usage"] = None
+            return _event(payload)
 
         async def events() -> AsyncIterator[str]:
-            n = 0
             try:
-                if chat:
+                if head.chat:
                     yield chunk(None, None, first=True)
                 while True:
                     kind_, value = await queue.get()
                     if kind_ == "piece":
-                        n += 1
                         yield chunk(value, None)
+                    elif kind_ == "flush":
+                        if await request.is_disconnected():
+                            gone.set()
+                        value.set()
                     elif kind_ == "end":
-                        finish = "length" if n >= sampling.max_tokens else "stop"
-                        yield chunk(None, finish, answer=value)
+                        yield chunk(None, _finish(value), answer=value)
+                        if include_usage:
+                            yield _event({**head.chunk([]), "usage": _usage(value)})
                         yield "data: [DONE]\n\n"
                         return
                     else:
                         _, err = error_body(value)
-                        yield f"data: {json.dumps(err)}\n\n"
+                        yield _event(err)
                         return
             finally:
                 gone.set()  # harmless once the producer is done; stops it if not
@@ -467,12 +534,10 @@ class Service:
         query = request.query_params.get("q", "")
         if not query.strip():
             raise HTTPError(400, "Give a query with ?q=.", "invalid_request_error", "q")
-        query = validate_items([query])[0].text
         k = schema.query_int(request.query_params, "k", 5, schema.MAX_K)
 
         def work() -> list[dict[str, Any]]:
-            vec = self.pllm.embedder.embed_one(query)
-            hits = self.pllm.store.search(user, vec, k)
+            hits = self.pllm.search(user, query, k)
             return [{"id": h.item.id, "distance": h.distance, **h.item.to_json()} for h in hits]
 
         return JSONResponse({"user": user, "hits": await asyncio.to_thread(work)})
@@ -517,7 +582,9 @@ class Service:
         return Response(text, media_type="application/x-ndjson")
 
     async def models(self, request: Request) -> Response:
-        plug = await asyncio.to_thread(self.pllm.head_usable)
+        if self._plug is None:  # known for good once asked (it may load the model once)
+            self._plug = await asyncio.to_thread(self.pllm.head_usable)
+        plug = self._plug
         b = self.pllm.bundle
         return JSONResponse(
             {
@@ -665,6 +732,7 @@ def create_app(pllm: PersonalLLM, config: ServerConfig | None = None) -> Starlet
     # No redirect from `/v1/models/` to `/v1/models`: its Location would be built from the
     # client's Host header, before authentication.
     app.router.redirect_slashes = False
+    app.state.service = service
     return app
 
 
@@ -711,8 +779,41 @@ def uvicorn_config(pllm: PersonalLLM, config: ServerConfig) -> Any:
     )
 
 
-def serve(pllm: PersonalLLM, config: ServerConfig) -> None:
-    """Run the server until interrupted (Ctrl-C shuts it down cleanly)."""
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to `host`:`port` (port 0: any free port), or AddressError with the
+    system's reason (a taken port is reported before anything says the server runs)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise AddressError(host, port, exc.strerror or str(exc)) from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise AddressError(host, port, exc.strerror or str(exc)) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(
+    pllm: PersonalLLM, config: ServerConfig, on_ready: Callable[[str], None] | None = None
+) -> None:
+    """Run the server until interrupted (Ctrl-C shuts it down cleanly); `on_ready` gets its
+    URL once it accepts connections."""
     import uvicorn
 
-    uvicorn.Server(uvicorn_config(pllm, config)).run()
+    sock = listen(config.host, config.port)
+    port = sock.getsockname()[1]
+    host = f"[{config.host}]" if ":" in config.host else config.host
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started and on_ready is not None:
+                on_ready(f"http://{host}:{port}/v1")
+
+    with sock:
+        Server(uvicorn_config(pllm, config)).run(sockets=[sock])
