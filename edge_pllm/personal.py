@@ -53,7 +53,15 @@ from .store import (
     check_cache_budget,
     check_rating,
 )
-from .strategies import Personalization, Request, Strategy, get_strategy, opened, opening
+from .strategies import (
+    Personalization,
+    QueryVector,
+    Request,
+    Strategy,
+    get_strategy,
+    opened,
+    opening,
+)
 
 DEFAULT_STRATEGY = "rag"
 TURN_KIND = "turn"  # a request the user wrote, remembered
@@ -107,27 +115,6 @@ class Prepared:
     placement: Placement = "prefix"  # where the soft tokens go (the head says)
     request: str = ""  # the user's own last turn
     request_vector: np.ndarray | None = None  # its embedding, if a strategy computed it
-
-
-class _RequestMemo:
-    """The embedder, keeping the request's vector when a strategy computes it, so that the
-    request is embedded once, not once for each strategy step that asks and again for the
-    store when the turn is remembered."""
-
-    def __init__(self, embedder: Embedder, request: str):
-        self._embedder, self._request = embedder, request
-        self.vector: np.ndarray | None = None
-
-    def embed_one(self, text: str) -> np.ndarray:
-        if text == self._request and self.vector is not None:
-            return self.vector.copy()  # asked again (`+opening` after retrieval): once is enough
-        vector = self._embedder.embed_one(text)
-        if text == self._request:
-            self.vector = vector.copy()
-        return vector
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._embedder, name)
 
 
 class PersonalLLM:
@@ -263,9 +250,12 @@ class PersonalLLM:
         strategy: str | Strategy = DEFAULT_STRATEGY,
         sampling: SamplingConfig | None = None,
         style: PromptStyle = DEFAULT_STYLE,
+        *,
+        vectors: QueryVector | None = None,
     ) -> Prepared:
         """Personalize `prompt` (a request, or chat messages whose last user turn is the
-        request) for `user`: the templated text and soft tokens to generate from."""
+        request) for `user`: the templated text and soft tokens to generate from. Prompts
+        prepared for one request can share its embedding through `vectors`."""
         user = validate_user(user)
         messages = _as_messages(prompt)
         query = next(m["content"] for m in reversed(messages) if m["role"] == "user")
@@ -280,8 +270,8 @@ class PersonalLLM:
         if chosen.needs_head:
             self.llm  # noqa: B018 - loaded first: a head whose adapter llama.cpp refuses is refused
             plug = self.plug
-        memo = _RequestMemo(self.embedder, query)
-        found = chosen.personalize(Request(user, query, self.store, memo, plug))  # type: ignore[arg-type]
+        vectors = vectors or QueryVector(self.embedder)
+        found = chosen.personalize(Request(user, query, self.store, vectors, plug))
         llm = self.llm
         n_soft = 0 if found.soft_tokens is None else len(found.soft_tokens)
         if found.answer_start and opening(found.answer_start) != found.answer_start:
@@ -304,7 +294,8 @@ class PersonalLLM:
         dropped = len(found.context) - len(kept)
         found.context = kept
         placement = plug.placement if plug is not None else "prefix"
-        return Prepared(text, found, chosen.name, dropped, placement, query, memo.vector)
+        vector = vectors.computed(query)
+        return Prepared(text, found, chosen.name, dropped, placement, query, vector)
 
     def generate(
         self,
@@ -399,8 +390,9 @@ class PersonalLLM:
             prepared = self.prepare(user, prompt, chosen, sampling, style)
             return prepared, *self._answer(prepared, sampling, style)
         candidates: list[tuple[Prepared, str, Completion | None]] = []
+        vectors = QueryVector(self.embedder)  # the request is embedded once for all members
         for member in chosen.members:
-            prepared = self.prepare(user, prompt, member, sampling, style)
+            prepared = self.prepare(user, prompt, member, sampling, style, vectors=vectors)
             # The KV cache keeps the prompt between the member's candidates.
             if chosen.beam_width > 1 and style.one_line:
                 best = self._beams(prepared, sampling, style, chosen.beam_width)[0]

@@ -34,15 +34,39 @@ DEFAULT_K = 3
 MAX_K = 100  # items in a prompt: more never fits a context
 
 
+class QueryVector:
+    """The request's embedding, computed by the first step that asks for it and then shared
+    by every other step of the same request (each member of a consensus, `+opening` after
+    retrieval, the turn stored with memory on): one request, one embedding."""
+
+    def __init__(self, embedder: Embedder):
+        self._embedder = embedder
+        self._text: str | None = None
+        self._value: np.ndarray | None = None
+
+    def of(self, text: str) -> np.ndarray:
+        if self._value is None or text != self._text:
+            self._text, self._value = text, self._embedder.embed_one(text)
+        return self._value.copy()
+
+    def computed(self, text: str) -> np.ndarray | None:
+        """The embedding of `text` if a step has computed it, else None."""
+        return self._value if text == self._text else None
+
+
 @dataclass(frozen=True)
 class Request:
-    """What a strategy gets to work with: one user, one query, and that user's store."""
+    """What a strategy gets to work with: one user, one query, that user's store, and the
+    query's embedding (`query_vector`)."""
 
     user: str
     query: str
     store: HistoryStore
-    embedder: Embedder
+    vectors: QueryVector
     plug: PlugHead | None = None
+
+    def query_vector(self) -> np.ndarray:
+        return self.vectors.of(self.query)
 
 
 @dataclass
@@ -133,7 +157,7 @@ class Retrieval:
     def personalize(self, request: Request) -> Personalization:
         if (fallback := no_history(request)) is not None:
             return fallback
-        query_vec = request.embedder.embed_one(request.query)
+        query_vec = request.query_vector()
         hits = relevant(request.store.search(request.user, query_vec, self.k), self.min_similarity)
         info: dict[str, Any] = {"item_ids": [h.item.id for h in hits]}
         info["distances"] = [h.distance for h in hits]
@@ -177,7 +201,7 @@ class Plug:
         # The request's embedding is needed by a linear head and by retrieval only.
         query: str | np.ndarray = request.query
         if (self.rag and ids) or not head.reads_text:
-            query_vec = request.embedder.embed_one(request.query)
+            query_vec = request.query_vector()
             query = request.query if head.reads_text else query_vec
         if not ids:
             soft = head.soft_tokens(query, prior)
@@ -251,7 +275,7 @@ class Opening:
             items
         ):
             return found
-        query_vec = request.embedder.embed_one(request.query)
+        query_vec = request.query_vector()
         near = [opening(h.item.text) for h in request.store.search(request.user, query_vec, self.k)]
         counts = Counter(o for o in near if o is not None)
         if counts:
