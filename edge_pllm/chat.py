@@ -10,10 +10,11 @@ from typing import Any
 
 import click
 
+from .decoding import names as decoder_names
+from .decoding import resolve
 from .errors import ContextOverflowError
 from .llm import SamplingConfig
 from .personal import PersonalLLM, Prepared, Response
-from .strategies import REGISTRY, get_strategy
 from .terminal import shown
 
 
@@ -102,9 +103,9 @@ class ChatSession:
             click.echo("Use /remember on or /remember off.")
         elif name == "strategy":
             if arg:
-                get_strategy(arg)  # an unknown name or a bad k is refused here, not mid-turn
+                resolve(arg)  # an unknown name or a bad k is refused here, not mid-turn
                 self.strategy = arg
-            self.note(f"Strategy {self.strategy} (known: {', '.join(sorted(REGISTRY))}).")
+            self.note(f"Strategy {self.strategy} (known: {', '.join(decoder_names())}).")
         elif name == "rate" and arg not in ("+1", "1", "-1"):
             click.echo("Use /rate +1 or /rate -1.")
         elif name == "edit" and not arg:

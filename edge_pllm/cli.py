@@ -20,13 +20,14 @@ from . import chat as chat_session
 from . import paths
 from .chat import count_of as _count
 from .cpus import ENV_THREADS, MAX_THREADS, cpu_bound, library_threads, llm_threads, usable_cpus
+from .decoding import names as decoder_names
+from .decoding import resolve
 from .defaults import default_bundle_path, ensure_default_bundle
 from .errors import EdgePLLMError, InvalidInputError
 from .files import atomic_write, open_private, private_dir
 from .items import NewItem, as_text, read_jsonl, validate_items, validate_user
 from .llm import LLMConfig, SamplingConfig
 from .personal import DEFAULT_STRATEGY, PersonalLLM, Response
-from .strategies import REGISTRY, get_strategy
 from .terminal import shown, shown_json
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -141,7 +142,7 @@ strategy_option = click.option(
     default=DEFAULT_STRATEGY,
     show_default=True,
     help=(
-        f"Personalization: {', '.join(sorted(REGISTRY))}; 'rag:5' sets k; '+opening' after "
+        f"Personalization: {', '.join(decoder_names())}; 'rag:5' sets k; '+opening' after "
         "any starts the answer as the user starts theirs."
     ),
 )
@@ -487,7 +488,7 @@ def chat(
     the conversation, but the turn is not remembered. Ctrl-C at the prompt drops the line;
     a second Ctrl-C in a row there leaves, as do /quit and Ctrl-D (exit status 0)."""
     user = validate_user(user)
-    get_strategy(strategy)
+    resolve(strategy)
     sampling = SamplingConfig(max_tokens=max_tokens, temperature=temperature)
     pllm = obj.pllm()
     session = chat_session.ChatSession(pllm, user, strategy, remember, system, sampling)
@@ -827,11 +828,11 @@ def serve(
     remember: bool,
 ) -> None:
     """Serve an OpenAI-compatible API; the request's `user` selects the persona."""
+    from .decoding import resolve
     from .server import ServerConfig
     from .server import serve as run_server
-    from .strategies import get_strategy
 
-    get_strategy(strategy)
+    resolve(strategy)
     config = ServerConfig(
         host=host,
         port=port,

@@ -21,10 +21,16 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from .beam import MAX_WIDTH
 from .errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from .decoding import Drawer, Drawn, Prepared
+    from .llm import SamplingConfig
+    from .prompts import PromptStyle
 
 DEFAULT_MEMBERS = ("plug", "plug+rag:1")
 DEFAULT_SAMPLES = 4
@@ -46,6 +52,7 @@ class Consensus:
     temperature: float = TEMPERATURE
     beam_width: int = 1
     name: str = "consensus"
+    streams: bool = field(default=False, init=False)  # the answer is chosen whole
 
     def __post_init__(self) -> None:
         if not 0 <= self.samples <= MAX_SAMPLES:
@@ -58,6 +65,43 @@ class Consensus:
                 f"consensus takes a beam width of 1..{MAX_WIDTH} (got {self.beam_width}).",
                 field="strategy",
             )
+
+    def suffixed(self, suffix: str) -> Consensus:
+        """This consensus over its members each with `suffix` (as `+opening`)."""
+        return replace(
+            self, members=tuple(m + suffix for m in self.members), name=self.name + suffix
+        )
+
+    def draw(
+        self,
+        drawer: Drawer,
+        prepared: Sequence[Prepared],
+        sampling: SamplingConfig,
+        style: PromptStyle,
+    ) -> Drawn:
+        """Each member prompt's greedy answer (with a `beam_width` over 1 and a one-line
+        answer, its best beam) and then sampled answers (seeds 1..samples); the answer the
+        others agree with most, compared by what of each counts (`style.answer`), and
+        `info["consensus"]` says which."""
+        candidates: list[Drawn] = []
+        for prompt in prepared:
+            # The KV cache keeps the prompt between the member's candidates.
+            if self.beam_width > 1 and style.one_line:
+                best = drawer.beams(prompt, sampling, style, self.beam_width)[0]
+                candidates.append((prompt, best.text, None))
+            else:
+                candidates.append((prompt, *drawer.answer(prompt, sampling, style)))
+            for seed in range(1, self.samples + 1):
+                draw = replace(sampling, temperature=self.temperature, seed=seed)
+                candidates.append((prompt, *drawer.answer(prompt, draw, style)))
+        best = choose([style.answer(text) for _, text, _ in candidates])
+        prompt, text, completion = candidates[best]
+        prompt.personalization.info["consensus"] = {
+            "member": prompt.strategy,
+            "candidate": best,
+            "candidates": len(candidates),
+        }
+        return replace(prompt, strategy=self.name), text, completion
 
 
 def tokens(text: str) -> list[str]:

@@ -31,13 +31,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from . import metrics
+from .decoding import resolve
 from .errors import InvalidInputError
 from .files import atomic_write, open_private, private_dir
 from .jsonio import parse_json
 from .lamp import Question, TaskSpec, TaskSplit, load_split
 from .llm import SamplingConfig
 from .personal import PersonalLLM
-from .strategies import get_strategy
 from .vector_cache import VectorCache
 
 FLOORS = ("floor:first-line", "floor:latest")
@@ -168,7 +168,7 @@ def run(config: RunConfig, pllm: PersonalLLM, progress: bool = True) -> list[Spl
     again to score."""
     for s in config.strategies:
         base, _, variant = s.partition("@")
-        get_strategy(base)  # fail fast on a bad name
+        resolve(base)  # fail fast on a bad name
         if variant not in ("", "other"):
             raise InvalidInputError(
                 f"Unknown variant @{variant} in {s!r}; the one known is @other."

@@ -17,19 +17,14 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Generator, Iterator, Sequence
-from contextlib import closing
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from . import paths
-from .answers import AnswerReader
-from .beam import Beam, beam_answers
-from .bundle import Bundle, Placement, load_bundle
-from .consensus import Consensus, choose
+from .bundle import Bundle, load_bundle
+from .decoding import Drawer, Drawn, Plan, Prepared, resolve
 from .defaults import ensure_default_bundle
 from .embedder import Embedder
 from .errors import AnswerNotFoundError, BundleError, InvalidInputError
@@ -43,7 +38,7 @@ from .items import (
     validate_user,
 )
 from .llm import LLM, Completion, LLMConfig, SamplingConfig
-from .prompts import DEFAULT_STYLE, PromptStyle, first_line, fit_prompt
+from .prompts import DEFAULT_STYLE, PromptStyle, fit_prompt
 from .search import CACHE_BUDGET
 from .store import (
     AnswerRecord,
@@ -54,12 +49,9 @@ from .store import (
     check_rating,
 )
 from .strategies import (
-    Personalization,
     QueryVector,
     Request,
     Strategy,
-    get_strategy,
-    opened,
     opening,
 )
 
@@ -102,19 +94,6 @@ class Response:
     completion: Completion | None = None
     id: str = ""  # the answer's id: what `feedback` names it by
     memory: Memory | None = None  # with remember=True: what was stored
-
-
-@dataclass
-class Prepared:
-    """A prompt ready to generate from (templated text plus optional soft tokens)."""
-
-    prompt: str
-    personalization: Personalization
-    strategy: str
-    dropped_context: int
-    placement: Placement = "prefix"  # where the soft tokens go (the head says)
-    request: str = ""  # the user's own last turn
-    request_vector: np.ndarray | None = None  # its embedding, if a strategy computed it
 
 
 class PersonalLLM:
@@ -259,12 +238,13 @@ class PersonalLLM:
         user = validate_user(user)
         messages = _as_messages(prompt)
         query = next(m["content"] for m in reversed(messages) if m["role"] == "user")
-        chosen = get_strategy(strategy)
-        if isinstance(chosen, Consensus):
+        plan = resolve(strategy)
+        if not plan.decoder.streams:
             raise InvalidInputError(
-                f"{chosen.name} chooses among whole answers: use generate or stream.",
+                f"{plan.name} chooses among whole answers: use generate or stream.",
                 field="strategy",
             )
+        chosen = plan.prompts[0]
         sampling = sampling or SamplingConfig()
         plug = None
         if chosen.needs_head:
@@ -316,16 +296,22 @@ class PersonalLLM:
         "turn") and the answer kept for `feedback` under `Response.id` (`answer_id`, or a
         new one); `Response.memory` says what was stored. `keep`, when given, is asked once
         the answer is complete: False (its reader has gone) stores nothing."""
-        sampling = sampling or SamplingConfig()
-        answer_id = self._answer_id(user, answer_id, remember)
-        with self._llm_lock:  # held while remembering: the next request sees the turn
-            prepared, text, completion = self._complete(user, prompt, strategy, sampling, style)
-            if on_prepared is not None:
-                on_prepared(prepared)
-            response = self._response(user, prepared, completion, answer_id, text)
-            if remember:
-                response.memory = self._remember(user, prepared, response, keep)
-        return response
+        done: list[Response] = []
+        pieces = self.stream(
+            user,
+            prompt,
+            strategy=strategy,
+            sampling=sampling,
+            style=style,
+            on_prepared=on_prepared,
+            remember=remember,
+            answer_id=answer_id,
+            on_done=done.append,
+            keep=keep,
+        )
+        for _ in pieces:
+            pass
+        return done[0]
 
     def stream(
         self,
@@ -351,14 +337,17 @@ class PersonalLLM:
         answer_id = self._answer_id(user, answer_id, remember)
         pieces: list[str] = []
         ended: list[Completion] = []
+        plan = resolve(strategy)
         with self._llm_lock:
-            if isinstance(get_strategy(strategy), Consensus):  # chosen whole: one piece
-                prepared, text, completion = self._complete(user, prompt, strategy, sampling, style)
+            if plan.decoder.streams:
+                prepared = self.prepare(user, prompt, plan.prompts[0], sampling, style)
+                stream: Iterator[str] = Drawer(self.llm).stream(
+                    prepared, sampling, style, ended.append
+                )
+            else:  # chosen whole: one piece
+                prepared, text, completion = self._complete(user, prompt, plan, sampling, style)
                 ended.extend([completion] if completion is not None else [])
-                stream: Iterator[str] = iter([text])
-            else:
-                prepared = self.prepare(user, prompt, strategy, sampling, style)
-                stream = self._draw(prepared, sampling, style, ended.append)
+                stream = iter([text])
             if on_prepared is not None:
                 on_prepared(prepared)
             for piece in stream:
@@ -376,100 +365,17 @@ class PersonalLLM:
         self,
         user: str,
         prompt: str | Sequence[dict[str, str]],
-        strategy: str | Strategy | Consensus,
+        plan: Plan,
         sampling: SamplingConfig,
         style: PromptStyle,
-    ) -> tuple[Prepared, str, Completion | None]:
-        """Prepare and answer `prompt` (the caller holds the LLM lock). A `Consensus`
-        answers with each member strategy, its greedy answer (with a `beam_width` over 1
-        and a one-line answer, its best beam) and then sampled answers (seeds 1..samples),
-        and keeps the answer the others agree with most, compared by what of each counts
-        (`style.answer`); `info["consensus"]` says which."""
-        chosen = get_strategy(strategy)
-        if not isinstance(chosen, Consensus):
-            prepared = self.prepare(user, prompt, chosen, sampling, style)
-            return prepared, *self._answer(prepared, sampling, style)
-        candidates: list[tuple[Prepared, str, Completion | None]] = []
-        vectors = QueryVector(self.embedder)  # the request is embedded once for all members
-        for member in chosen.members:
-            prepared = self.prepare(user, prompt, member, sampling, style, vectors=vectors)
-            # The KV cache keeps the prompt between the member's candidates.
-            if chosen.beam_width > 1 and style.one_line:
-                best = self._beams(prepared, sampling, style, chosen.beam_width)[0]
-                candidates.append((prepared, best.text, None))
-            else:
-                candidates.append((prepared, *self._answer(prepared, sampling, style)))
-            for seed in range(1, chosen.samples + 1):
-                draw = replace(sampling, temperature=chosen.temperature, seed=seed)
-                candidates.append((prepared, *self._answer(prepared, draw, style)))
-        best = choose([style.answer(text) for _, text, _ in candidates])
-        prepared, text, completion = candidates[best]
-        prepared.personalization.info["consensus"] = {
-            "member": prepared.strategy,
-            "candidate": best,
-            "candidates": len(candidates),
-        }
-        return replace(prepared, strategy=chosen.name), text, completion
-
-    def _answer(
-        self, prepared: Prepared, sampling: SamplingConfig, style: PromptStyle
-    ) -> tuple[str, Completion | None]:
-        """Generate from `prepared`: the completion's text and the completion, or with a
-        one-line style the first line that counts, generation stopped there (no
-        `Completion` then: it was cut short on purpose)."""
-        if style.one_line:
-            with closing(self._draw(prepared, sampling, style)) as s:
-                return "".join(s), None
-        soft = prepared.personalization.soft_tokens
-        completion = self.llm.complete(prepared.prompt, soft, sampling, prepared.placement)
-        start = prepared.personalization.answer_start
-        if start:
-            completion = replace(completion, text=opened(start, completion.text))
-        return completion.text, completion
-
-    def _draw(
-        self,
-        prepared: Prepared,
-        sampling: SamplingConfig,
-        style: PromptStyle,
-        on_end: Callable[[Completion], None] | None = None,
-    ) -> Generator[str, None, None]:
-        """The answer's text as it is generated (with a one-line style, up to its first line
-        with an answer: the generation ends there), opening with the user's opening if the
-        strategy gave one (`opened`); `on_end` as `LLM.stream`'s."""
-        start = prepared.personalization.answer_start
-        soft = prepared.personalization.soft_tokens
-        drawn = self.llm.stream(prepared.prompt, soft, sampling, prepared.placement, on_end)
-        with closing(drawn) as s:
-            pieces = first_line(s, style.answer) if style.one_line else s
-            if not start:
-                yield from pieces
-                return
-            yield start
-            head = ""
-            for piece in pieces:  # up to the first word's end: then the model's opening is known
-                head += piece
-                if any(c.isspace() for c in head.lstrip()):
-                    break
-            yield opened(start, head)[len(start) :]
-            yield from pieces
-
-    def _beams(
-        self, prepared: Prepared, sampling: SamplingConfig, style: PromptStyle, width: int
-    ) -> list[Beam]:
-        """The answers of a beam search `width` wide from `prepared`, best first (each with
-        the user's opening if the strategy gave one)."""
-        start = prepared.personalization.answer_start
-        beams = beam_answers(
-            self.llm,
-            prepared.prompt,
-            prepared.personalization.soft_tokens,
-            sampling,
-            prepared.placement,
-            AnswerReader.of(self.llm, style.answer, style.one_line, sampling.stop),
-            width,
-        )
-        return [replace(b, text=opened(start, b.text)) for b in beams] if start else beams
+    ) -> Drawn:
+        """Prepare the plan's prompts (the request embedded once for all) and let its
+        decoder draw the answer (the caller holds the LLM lock)."""
+        vectors = QueryVector(self.embedder)
+        prepared = [
+            self.prepare(user, prompt, p, sampling, style, vectors=vectors) for p in plan.prompts
+        ]
+        return plan.decoder.draw(Drawer(self.llm), prepared, sampling, style)
 
     # --- memory and feedback ----------------------------------------------------------------
 

@@ -9,8 +9,8 @@ Strategies are named by a spec string: `none`, `recent`, `recent:5`, `rag`, `rag
 opens the answer the way the user opens theirs (`Opening`). A strategy that reads the
 bundle's Persona-Plug head says so with `needs_head`, and the caller then puts the head
 (`head.PlugHead`) in the `Request`.
-`consensus[:N]` and `consensus-beam[:N]` name a way to answer rather than a prompt (consensus.py):
-`PersonalLLM` answers with several strategies and keeps the answer the others agree with.
+`consensus[:N]` and `consensus-beam[:N]` name a way to answer rather than a prompt: a decoder
+(decoding.py), which draws the answer from the prompts its member strategies prepare.
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from .consensus import BEAM_WIDTH, DEFAULT_SAMPLES, Consensus
 from .embedder import Embedder
 from .errors import BundleError, InvalidInputError, UnknownStrategyError
 from .head import PlugHead
@@ -285,7 +284,7 @@ class Opening:
         return found
 
 
-StrategyFactory = Callable[[int | None], Strategy | Consensus]
+StrategyFactory = Callable[[int | None], Strategy]
 
 REGISTRY: dict[str, StrategyFactory] = {
     "none": lambda k: NoPersonalization(),
@@ -295,11 +294,6 @@ REGISTRY: dict[str, StrategyFactory] = {
     "plug+rag": lambda k: Plug(rag=k or DEFAULT_K, name="plug+rag"),
     # The persona from the user's own history alone (no population prior): the ablation.
     "plug-own": lambda k: Plug(name="plug-own", population=False),
-    # Not a prompt but a way to answer: several answers, the one the others agree with.
-    "consensus": lambda k: Consensus(samples=DEFAULT_SAMPLES if k is None else k),
-    "consensus-beam": lambda k: Consensus(
-        samples=DEFAULT_SAMPLES if k is None else k, beam_width=BEAM_WIDTH, name="consensus-beam"
-    ),
 }
 
 
@@ -308,29 +302,27 @@ def register(name: str, factory: StrategyFactory) -> None:
     REGISTRY[name] = factory
 
 
-def get_strategy(spec: str | Strategy | Consensus, k: int | None = None) -> Strategy | Consensus:
-    """Resolve `spec` ("rag", "rag:5", or a Strategy object) to a strategy."""
+def spec_k(spec: str, k_text: str) -> int | None:
+    """The N of a spec `name:N` (None without one), checked: InvalidInputError."""
+    if not k_text:
+        return None
+    if not (k_text.isascii() and k_text.isdigit() and len(k_text) <= 6):
+        raise InvalidInputError(f"In strategy {spec!r}, k must be an integer.", field="strategy")
+    return int(k_text)
+
+
+def get_strategy(spec: str | Strategy, k: int | None = None) -> Strategy:
+    """Resolve `spec` ("rag", "rag:5", "rag:5+opening", or a Strategy object) to the prompt
+    strategy it names (a decoder such as `consensus` is resolved by `decoding.resolve`)."""
     if not isinstance(spec, str):
         return spec
     spec = spec.strip()
     if spec.endswith(OPENING):
-        inner = get_strategy(spec.removesuffix(OPENING), k)
-        if isinstance(inner, Consensus):
-            members = tuple(m + OPENING for m in inner.members)
-            return replace(inner, members=members, name=inner.name + OPENING)
-        return Opening(inner)
+        return Opening(get_strategy(spec.removesuffix(OPENING), k))
     name, _, k_text = spec.partition(":")
     if name not in REGISTRY:
         raise UnknownStrategyError(name, sorted(REGISTRY))
-    if k_text:
-        try:
-            if not (k_text.isascii() and k_text.isdigit() and len(k_text) <= 6):
-                raise ValueError(k_text)
-            k = int(k_text)
-        except ValueError:
-            raise InvalidInputError(
-                f"In strategy {spec!r}, k must be an integer.", field="strategy"
-            ) from None
+    k = spec_k(spec, k_text) if k_text else k
     if k is not None and not 1 <= k <= MAX_K:
         raise InvalidInputError(f"k must be 1..{MAX_K} (got {k}).", field="k")
     return REGISTRY[name](k)

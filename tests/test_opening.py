@@ -9,6 +9,7 @@ import pytest
 
 from edge_pllm import InvalidInputError, SamplingConfig
 from edge_pllm.consensus import DEFAULT_MEMBERS, Consensus
+from edge_pllm.decoding import resolve
 from edge_pllm.prompts import PromptStyle
 from edge_pllm.strategies import (
     NoPersonalization,
@@ -51,11 +52,18 @@ def test_specs_with_opening_wrap_any_strategy_and_every_consensus_member():
     assert isinstance(wrapped, Opening) and wrapped.inner == Plug(rag=1, name="plug+rag")
     assert wrapped.name == "plug+rag+opening" and wrapped.needs_head
     assert get_strategy("none+opening") == Opening(NoPersonalization())
-    both = get_strategy("consensus:2+opening")
-    assert isinstance(both, Consensus) and both.samples == 2
-    assert both.members == tuple(m + "+opening" for m in DEFAULT_MEMBERS)
+    both = resolve("consensus:2+opening")
+    assert isinstance(both.decoder, Consensus) and both.decoder.samples == 2
+    assert both.name == both.decoder.name == "consensus+opening"
+    assert both.decoder.members == tuple(m + "+opening" for m in DEFAULT_MEMBERS)
+    assert both.prompts == tuple(Opening(get_strategy(m)) for m in DEFAULT_MEMBERS)
+    direct = resolve("plug+rag:1+opening")
+    assert direct.prompts == (wrapped,) and direct.decoder.streams
+    for spec in ("+opening", "consensus+opening+x"):
+        with pytest.raises(Exception, match="Unknown strategy"):
+            resolve(spec)
     with pytest.raises(Exception, match="Unknown strategy"):
-        get_strategy("+opening")
+        get_strategy("consensus")  # a decoder, not a prompt
 
 
 def test_the_answer_opens_with_the_nearest_items_opening_in_place_of_the_models(pllm):

@@ -1,0 +1,211 @@
+"""How an answer is drawn from prepared prompts, apart from what goes into them.
+
+A strategy spec resolves to a `Plan`: the prompt strategies to prepare (strategies.py: what
+goes into a prompt) and the decoder that draws the answer from those prompts. `Direct`
+draws one answer from one prompt with the request's sampling, streamed as it is generated;
+`Consensus` (consensus.py) draws several from each member's prompt and keeps the one the
+others agree with, so it answers whole. `Drawer` is the one place that turns a prepared
+prompt into text through the LLM (the user's opening put on, a one-line answer cut at its
+line). A package adds a decoder with `register_decoder`, as `strategies.register` adds a
+prompt strategy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Sequence
+from contextlib import closing
+from dataclasses import dataclass, field, replace
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from .answers import AnswerReader
+from .beam import Beam, beam_answers
+from .bundle import Placement
+from .consensus import BEAM_WIDTH, DEFAULT_SAMPLES, Consensus
+from .errors import UnknownStrategyError
+from .llm import LLM, Completion, SamplingConfig
+from .prompts import PromptStyle, first_line
+from .strategies import (
+    OPENING,
+    REGISTRY,
+    Opening,
+    Personalization,
+    Strategy,
+    get_strategy,
+    opened,
+    spec_k,
+)
+
+
+@dataclass
+class Prepared:
+    """A prompt ready to generate from (templated text plus optional soft tokens)."""
+
+    prompt: str
+    personalization: Personalization
+    strategy: str
+    dropped_context: int
+    placement: Placement = "prefix"  # where the soft tokens go (the head says)
+    request: str = ""  # the user's own last turn
+    request_vector: np.ndarray | None = None  # its embedding, if a strategy computed it
+
+
+Drawn = tuple[Prepared, str, Completion | None]  # the prompt answered, the text, its cost
+
+
+class Drawer:
+    """Answers from prepared prompts through one LLM (its caller holds the LLM's lock)."""
+
+    def __init__(self, llm: LLM):
+        self.llm = llm
+
+    def stream(
+        self,
+        prepared: Prepared,
+        sampling: SamplingConfig,
+        style: PromptStyle,
+        on_end: Callable[[Completion], None] | None = None,
+    ) -> Generator[str, None, None]:
+        """The answer's text as it is generated (with a one-line style, up to its first line
+        with an answer: the generation ends there), opening with the user's opening if the
+        strategy gave one (`opened`); `on_end` as `LLM.stream`'s."""
+        start = prepared.personalization.answer_start
+        soft = prepared.personalization.soft_tokens
+        drawn = self.llm.stream(prepared.prompt, soft, sampling, prepared.placement, on_end)
+        with closing(drawn) as s:
+            pieces = first_line(s, style.answer) if style.one_line else s
+            if not start:
+                yield from pieces
+                return
+            yield start
+            head = ""
+            for piece in pieces:  # up to the first word's end: then the model's opening is known
+                head += piece
+                if any(c.isspace() for c in head.lstrip()):
+                    break
+            yield opened(start, head)[len(start) :]
+            yield from pieces
+
+    def answer(
+        self, prepared: Prepared, sampling: SamplingConfig, style: PromptStyle
+    ) -> tuple[str, Completion | None]:
+        """The whole answer and its `Completion` (none for a one-line answer: it was cut
+        short on purpose)."""
+        ended: list[Completion] = []
+        with closing(self.stream(prepared, sampling, style, ended.append)) as pieces:
+            text = "".join(pieces)
+        return text, replace(ended[0], text=text) if ended and not style.one_line else None
+
+    def beams(
+        self, prepared: Prepared, sampling: SamplingConfig, style: PromptStyle, width: int
+    ) -> list[Beam]:
+        """The answers of a beam search `width` wide from `prepared`, best first (each with
+        the user's opening if the strategy gave one)."""
+        start = prepared.personalization.answer_start
+        beams = beam_answers(
+            self.llm,
+            prepared.prompt,
+            prepared.personalization.soft_tokens,
+            sampling,
+            prepared.placement,
+            AnswerReader.of(self.llm, style.answer, style.one_line, sampling.stop),
+            width,
+        )
+        return [replace(b, text=opened(start, b.text)) for b in beams] if start else beams
+
+
+@runtime_checkable
+class Decoder(Protocol):
+    """Draws the answer from the prompts of a `Plan`. `streams`: one prompt, its answer
+    yielded as it is generated; else the answer is chosen whole, then given at once.
+    `members`: the prompt strategies' specs it draws from (none: the spec's own prompt);
+    `suffixed`: the same decoder over its members each with a suffix (`+opening`)."""
+
+    name: str
+    streams: bool
+    members: tuple[str, ...]
+
+    def suffixed(self, suffix: str) -> Decoder: ...
+
+    def draw(
+        self,
+        drawer: Drawer,
+        prepared: Sequence[Prepared],
+        sampling: SamplingConfig,
+        style: PromptStyle,
+    ) -> Drawn: ...
+
+
+@dataclass(frozen=True)
+class Direct:
+    """One answer from one prompt, with the request's own sampling."""
+
+    name: str = "direct"
+    streams: bool = field(default=True, init=False)
+    members: tuple[str, ...] = field(default=(), init=False)
+
+    def suffixed(self, suffix: str) -> Direct:
+        return self
+
+    def draw(
+        self,
+        drawer: Drawer,
+        prepared: Sequence[Prepared],
+        sampling: SamplingConfig,
+        style: PromptStyle,
+    ) -> Drawn:
+        return prepared[0], *drawer.answer(prepared[0], sampling, style)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A strategy spec resolved: its name, the prompts to prepare (one per member) and the
+    decoder that draws the answer from them."""
+
+    name: str
+    prompts: tuple[Strategy, ...]
+    decoder: Decoder
+
+
+DecoderFactory = Callable[[int | None], Decoder]
+
+DECODERS: dict[str, DecoderFactory] = {
+    "consensus": lambda k: Consensus(samples=DEFAULT_SAMPLES if k is None else k),
+    "consensus-beam": lambda k: Consensus(
+        samples=DEFAULT_SAMPLES if k is None else k, beam_width=BEAM_WIDTH, name="consensus-beam"
+    ),
+}
+
+
+def register_decoder(name: str, factory: DecoderFactory) -> None:
+    """Make a decoder available by name, as `name` or `name:N` (`N` is the factory's)."""
+    DECODERS[name] = factory
+
+
+def names() -> list[str]:
+    """Every strategy and decoder name a spec may start with."""
+    return sorted({*REGISTRY, *DECODERS})
+
+
+def resolve(spec: str | Strategy | Decoder) -> Plan:
+    """The `Plan` a spec names: `rag:3` (one prompt, drawn directly), `consensus:2` (its
+    members' prompts, drawn by consensus), either with `+opening` (every prompt opening
+    the way the user opens theirs); a Strategy or Decoder object stands for itself.
+    UnknownStrategyError for a name neither registry has."""
+    if isinstance(spec, Decoder):
+        return Plan(spec.name, tuple(get_strategy(m) for m in spec.members), spec)
+    if not isinstance(spec, str):
+        return Plan(spec.name, (spec,), Direct())
+    spec = spec.strip()
+    if spec.endswith(OPENING) and spec != OPENING:
+        inner = resolve(spec.removesuffix(OPENING))
+        prompts = tuple(Opening(p) for p in inner.prompts)
+        return Plan(inner.name + OPENING, prompts, inner.decoder.suffixed(OPENING))
+    name, _, k_text = spec.partition(":")
+    if name not in DECODERS:
+        try:
+            return Plan(spec, (get_strategy(spec),), Direct())
+        except UnknownStrategyError:
+            raise UnknownStrategyError(name, names()) from None
+    return resolve(DECODERS[name](spec_k(spec, k_text)))
