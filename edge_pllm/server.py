@@ -431,10 +431,13 @@ class Service:
         gone = threading.Event()  # the client left before the end
 
         def delivered() -> bool:
-            """Asked before the turn is stored: every piece sent, and the client there."""
+            """Asked before the turn is stored: every piece sent, and the client there. A
+            client that is there but reads slowly holds the model for `read_timeout` at
+            most: its turn is then stored (it has not left)."""
             sent = threading.Event()
             loop.call_soon_threadsafe(queue.put_nowait, ("flush", sent))
-            while not sent.wait(0.05):
+            ends = time.monotonic() + self.config.read_timeout
+            while not sent.wait(0.05) and time.monotonic() < ends:
                 if gone.is_set():
                     return False
             return not gone.is_set()
