@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from tqdm.auto import tqdm
@@ -29,6 +29,9 @@ from .items import NewItem, as_text, read_jsonl, validate_items, validate_user
 from .llm import LLMConfig, SamplingConfig
 from .personal import DEFAULT_STRATEGY, PersonalLLM, Response
 from .terminal import shown, shown_json
+
+if TYPE_CHECKING:
+    from .importing import ImportReport
 
 F = TypeVar("F", bound=Callable[..., Any])
 ENV_PASSPHRASE = "EDGE_PLLM_PASSPHRASE"
@@ -342,10 +345,10 @@ def ingest(
 
 @cli.command("import")
 @click.argument("user")
+@click.argument("paths", nargs=-1, type=click.Path(exists=True))
 @click.option(
     "--git",
     "git_repo",
-    required=True,
     type=click.Path(exists=True, file_okay=False),
     help="A git repository (a work tree or a bare clone): your commits become your history.",
 )
@@ -353,24 +356,68 @@ def ingest(
     "--author",
     "authors",
     multiple=True,
-    help="Your author email, after the repository's mailmap; repeatable "
+    help="With --git: your author email, after the repository's mailmap; repeatable "
     "(default: the repository's user.email).",
 )
 @click.option(
-    "--rev", default="HEAD", show_default=True, help="Read the history up to this commit."
+    "--rev", default="HEAD", show_default=True, help="With --git: read the history up to this."
+)
+@click.option(
+    "--me",
+    multiple=True,
+    help="Your mail address: the messages of .mbox and .eml files sent from it are yours; "
+    "repeatable.",
 )
 @pass_ctx
 @plain_errors
 def import_command(
-    obj: Context, user: str, git_repo: str, authors: tuple[str, ...], rev: str
+    obj: Context,
+    user: str,
+    paths: tuple[str, ...],
+    git_repo: str | None,
+    authors: tuple[str, ...],
+    rev: str,
+    me: tuple[str, ...],
 ) -> None:
-    """Import USER's own writing: with --git, their commits (subject and body, trailers
-    and merges left out), as the commit-subject head was trained on them. Importing
-    again adds only commits not stored yet."""
-    from . import gitlog
+    """Import USER's own writing from PATHS (files and folders, recursively): notes and
+    Markdown, HTML, mail (.mbox, .eml: your messages, with --me), a ChatGPT export
+    (conversations.json: your turns) and chat messages as JSON lines (your turns). Importing
+    again reads only files that changed, and removes the items of files a folder no longer
+    holds. With --git, your commits (subject and body, trailers and merges left out), as
+    the commit-subject head was trained on them; again, only commits not stored yet."""
+    if not paths and not git_repo:
+        raise click.UsageError("Give files or folders to import, or --git REPO.")
+    user = validate_user(user)
+    if git_repo:
+        from . import gitlog
 
-    commits = gitlog.own_commits(git_repo, authors, rev)
-    _add(obj, user, list(gitlog.history_items(commits, git_repo)))
+        commits = gitlog.own_commits(git_repo, authors, rev)
+        _add(obj, user, list(gitlog.history_items(commits, git_repo)))
+    if paths:
+        pllm = obj.pllm()
+        with tqdm(desc="Importing", unit="file", leave=False) as bar:
+            report = pllm.import_paths(user, paths, me=me, progress=lambda _: bar.update())
+        _import_summary(user, report)
+
+
+def _import_summary(user: str, report: ImportReport) -> None:
+    click.echo(
+        f"Imported {_count(report.imported, 'file')} for {user}: "
+        f"{_count(report.added, 'item')} added, {report.removed} removed; "
+        f"{report.unchanged} unchanged"
+        + (f", {_count(report.removed_files, 'file')} gone" if report.removed_files else "")
+        + "."
+    )
+    if report.not_read:
+        kinds = ", ".join(f"{suffix} {n}" for suffix, n in report.not_read.most_common(5))
+        total = sum(report.not_read.values())
+        click.echo(f"Not read: {_count(total, 'file')} of other types ({kinds}).")
+    if report.skipped:
+        click.echo(f"Skipped {_count(len(report.skipped), 'file')}:", err=True)
+        for path, reason in report.skipped[:20]:
+            click.echo(f"  {shown(path)}: {reason}", err=True)
+        if len(report.skipped) > 20:
+            click.echo(f"  ... and {len(report.skipped) - 20} more.", err=True)
 
 
 @cli.command()

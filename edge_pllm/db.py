@@ -302,10 +302,37 @@ def _m003_answers(conn: Any, settings: dict[str, Any]) -> None:
         conn.execute(statement)
 
 
+def _m004_sources(conn: Any, settings: dict[str, Any]) -> None:
+    # Files a user's items were imported from (`import USER PATH`): what the file was when
+    # read (size, modification time, sha256) and which items it gave, so that importing
+    # again skips it unchanged, replaces its items when it changed and removes them when it
+    # is gone. An item a file gave goes with the last file that links it.
+    for statement in (
+        """CREATE TABLE sources (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            path TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            imported_at TEXT NOT NULL,
+            UNIQUE (user_id, path)
+        )""",
+        """CREATE TABLE source_items (
+            source_id INTEGER NOT NULL REFERENCES sources(id) ON DELETE CASCADE,
+            item_id INTEGER NOT NULL REFERENCES history(id) ON DELETE CASCADE,
+            PRIMARY KEY (source_id, item_id)
+        )""",
+        "CREATE INDEX source_items_item ON source_items (item_id)",
+    ):
+        conn.execute(statement)
+
+
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("m001_initial", _m001_initial),
     ("m002_vectors", _m002_vectors),
     ("m003_answers", _m003_answers),
+    ("m004_sources", _m004_sources),
 ]
 
 

@@ -15,12 +15,13 @@ memory nothing of a request or its answer is stored.
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import paths
 from .bundle import Bundle, load_bundle
@@ -54,6 +55,9 @@ from .strategies import (
     Strategy,
     opening,
 )
+
+if TYPE_CHECKING:
+    from .importing import ImportReport
 
 DEFAULT_STRATEGY = "rag"
 TURN_KIND = "turn"  # a request the user wrote, remembered
@@ -208,6 +212,21 @@ class PersonalLLM:
         n = self.store.forget(user)
         self._drop_cached_prompt()
         return n
+
+    def import_paths(
+        self,
+        user: str,
+        paths: Sequence[str | os.PathLike[str]],
+        *,
+        me: Collection[str] = (),
+        progress: Callable[[Path], None] | None = None,
+    ) -> ImportReport:
+        """Import the files and folders `paths` (notes, documents, mail, chat exports; see
+        `importing`) into `user`'s history. Importing again reads only what changed and
+        removes what a folder no longer holds; `me` names the person's mail addresses."""
+        from .importing import import_paths  # mail and HTML parsers: only when importing
+
+        return import_paths(self, validate_user(user), paths, me=me, progress=progress)
 
     def search(self, user: str, query: str, k: int = 5) -> list[SearchHit]:
         """`user`'s `k` history items nearest to the text `query` (cosine), nearest first.

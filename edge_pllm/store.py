@@ -90,6 +90,26 @@ class AnswerRecord:
 
 
 @dataclass(frozen=True)
+class SourceFile:
+    """A file as it was read for an import: where, how big, when modified, its sha256."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """A file a user's items were imported from, as it was when read, and how many items
+    it links."""
+
+    file: SourceFile
+    imported_at: str
+    items: int
+
+
+@dataclass(frozen=True)
 class Feedback:
     """One preference record: a rating (+1/-1) of an answer, or an edit (`edit_id`: the
     history item holding the text the user kept)."""
@@ -349,10 +369,18 @@ class HistoryStore:
         ).lastrowid
 
     def _insert(
-        self, conn: Any, uid: int, checked: Sequence[NewItem], arr: np.ndarray, written: str
+        self,
+        conn: Any,
+        uid: int,
+        checked: Sequence[NewItem],
+        arr: np.ndarray,
+        written: str,
+        *,
+        by_hand: bool = True,
     ) -> list[int]:
         """Insert checked items and their vectors (the caller holds `_write`); an item
-        already stored (same kind and text) keeps its row and id."""
+        already stored (same kind and text) keeps its row and id. Added `by_hand`, an item
+        an imported file gave becomes the user's own: no file's change or removal takes it."""
         ids: list[int] = []
         for item, vec in zip(checked, arr, strict=True):
             digest = content_hash(item.kind, item.text)
@@ -361,6 +389,8 @@ class HistoryStore:
                 (uid, item.kind, digest),
             ).fetchone()
             if existing is not None:
+                if by_hand:
+                    conn.execute("DELETE FROM source_items WHERE item_id = ?", (existing[0],))
                 ids.append(existing[0])
                 continue
             item_id = conn.execute(
@@ -383,6 +413,116 @@ class HistoryStore:
             self._added.append((uid, item_id, vec))
             ids.append(item_id)
         return ids
+
+    # --- imported files -----------------------------------------------------------------------
+
+    def import_source(
+        self,
+        user: str,
+        source: SourceFile,
+        items: Sequence[NewItem | str | dict[str, Any]],
+        vectors: np.ndarray,
+    ) -> tuple[int, int]:
+        """Store what the file `source` gave in one transaction: the items it gave before
+        (and no other file links) go, these come (an item already stored is linked, not
+        stored twice; one added by hand stays the user's own), and the file is recorded as
+        read. Returns (items added, items removed). If any item is invalid nothing changes."""
+        user = validate_user(user)
+        checked = validate_items(items) if items else []
+        arr = self._check_vectors(vectors, len(checked)) if checked else vectors
+        written = now_iso()
+        with self._write() as conn:
+            uid = self._ensure_user(conn, user, written)
+            row = conn.execute(
+                "SELECT id FROM sources WHERE user_id = ? AND path = ?", (uid, source.path)
+            ).fetchone()
+            removed = self._unlink_source(conn, uid, row[0]) if row is not None else 0
+            if row is None:
+                source_id = conn.execute(
+                    "INSERT INTO sources (user_id, path, sha256, size, mtime_ns, imported_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (uid, source.path, source.sha256, source.size, source.mtime_ns, written),
+                ).lastrowid
+            else:
+                source_id = row[0]
+                conn.execute(
+                    "UPDATE sources SET sha256 = ?, size = ?, mtime_ns = ?, imported_at = ?"
+                    " WHERE id = ?",
+                    (source.sha256, source.size, source.mtime_ns, written, source_id),
+                )
+            ids = self._insert(conn, uid, checked, arr, written, by_hand=False) if checked else []
+            new = {item_id for _, item_id, _ in self._added}
+            for item_id in dict.fromkeys(ids):
+                linked = conn.execute(
+                    "SELECT 1 FROM source_items WHERE item_id = ? LIMIT 1", (item_id,)
+                ).fetchone()
+                if item_id in new or linked is not None:
+                    conn.execute(
+                        "INSERT OR IGNORE INTO source_items (source_id, item_id) VALUES (?, ?)",
+                        (source_id, item_id),
+                    )
+        return len(new), removed
+
+    def touch_source(self, user: str, source: SourceFile) -> None:
+        """Record that the file was read again unchanged (its content hash the same), with
+        its new size and modification time, so that the next import skips it by those."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE sources SET size = ?, mtime_ns = ? WHERE user_id = ? AND path = ?",
+                (source.size, source.mtime_ns, self._user_id(user), source.path),
+            )
+
+    def drop_source(self, user: str, path: str) -> int:
+        """Forget the imported file `path` of `user`: the items only it links go with it.
+        Returns how many items went."""
+        with self._write() as conn:
+            uid = self._user_id(user)
+            row = conn.execute(
+                "SELECT id FROM sources WHERE user_id = ? AND path = ?", (uid, path)
+            ).fetchone()
+            if row is None:
+                return 0
+            removed = self._unlink_source(conn, uid, row[0])
+            conn.execute("DELETE FROM sources WHERE id = ?", (row[0],))
+        self.checkpoint()
+        return removed
+
+    def _unlink_source(self, conn: Any, uid: int, source_id: int) -> int:
+        """Unlink a file's items (the caller holds `_write`); those no other file links are
+        deleted, text and vector. Returns how many were deleted."""
+        ids = [
+            r[0]
+            for r in conn.execute(
+                "SELECT item_id FROM source_items WHERE source_id = ?", (source_id,)
+            )
+        ]
+        conn.execute("DELETE FROM source_items WHERE source_id = ?", (source_id,))
+        gone = [
+            i
+            for i in ids
+            if conn.execute("SELECT 1 FROM source_items WHERE item_id = ?", (i,)).fetchone() is None
+        ]
+        if gone:
+            self._cache.erase(uid)
+        for item_id in gone:
+            conn.execute("DELETE FROM history WHERE id = ?", (item_id,))
+            self._erase_vector(conn, item_id)
+        return len(gone)
+
+    def sources(self, user: str) -> list[SourceRecord]:
+        """The files `user`'s items were imported from (none for a user never seen)."""
+        with self._lock:
+            try:
+                uid = self._user_id(user)
+            except UnknownUserError:
+                return []
+            rows = self._conn.execute(
+                "SELECT s.path, s.size, s.mtime_ns, s.sha256, s.imported_at,"
+                " (SELECT COUNT(*) FROM source_items i WHERE i.source_id = s.id)"
+                " FROM sources s WHERE s.user_id = ? ORDER BY s.path",
+                (uid,),
+            ).fetchall()
+        return [SourceRecord(SourceFile(*r[:4]), r[4], r[5]) for r in rows]
 
     # --- memory and feedback ------------------------------------------------------------------
 
@@ -519,8 +659,10 @@ class HistoryStore:
                 ]
                 for item_id in ids:
                     self._erase_vector(conn, item_id)
-                # Their answers and feedback (the cascade would take them with the turns).
+                # Their answers and feedback (the cascade would take them with the turns),
+                # and the files they imported.
                 conn.execute("DELETE FROM answers WHERE user_id = ?", (uid,))
+                conn.execute("DELETE FROM sources WHERE user_id = ?", (uid,))
                 conn.execute("DELETE FROM history WHERE user_id = ?", (uid,))
                 conn.execute("DELETE FROM users WHERE id = ?", (uid,))
             self.checkpoint()

@@ -1,0 +1,467 @@
+"""What a person keeps, read into history items: notes, documents, mail and chat exports.
+
+`import_paths` walks files and folders (recursively; hidden folders such as `.git` are not
+entered) and reads each file it knows by its type:
+
+- plain text and Markdown (`.txt`, `.md`, `.markdown`, `.rst`, `.org`): the text;
+- HTML (`.html`, `.htm`): its visible text (no scripts, styles or markup);
+- mail (`.mbox`, `.eml`): the person's own messages only (the sender is one of `me`), each
+  its subject and body, without headers, quoted replies or the signature;
+- ChatGPT's data export (`conversations.json`): the person's own turns in every branch of
+  every conversation, never the assistant's;
+- chat messages as JSON lines (`.jsonl`, `{"role", "content"}` a line): the user's turns.
+
+A text longer than the embedder reads (`PART_CHARS`) is split into parts on paragraph,
+then sentence, boundaries, with a small overlap, each part an item of its own that names
+its source and part. Every item records where it came from (`metadata.source`: path,
+part). Importing again is incremental (the store's `sources`): an unchanged file (same size
+and modification time, or same sha256) is skipped, a changed one has its items replaced,
+and a file gone from a folder that was imported has its items removed, each file in one
+transaction. A file that cannot be read is reported and skipped; the others are imported.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import hashlib
+import json
+import mailbox
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.message import EmailMessage, Message
+from email.utils import getaddresses, parsedate_to_datetime
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .errors import InvalidInputError
+from .items import MAX_ITEM_CHARS, NewItem
+from .store import SourceFile
+
+if TYPE_CHECKING:
+    from .personal import PersonalLLM
+
+NOTE_KIND, MAIL_KIND, CHAT_KIND = "note", "mail", "chat"
+# About what the embedder reads of an item (256 tokens of English prose); longer texts are
+# split so that their ends are searchable too.
+PART_CHARS = 1000
+OVERLAP_CHARS = 150
+MAX_FILE_BYTES = 50 * 2**20  # a larger file is reported, not read
+
+
+class ReadError(Exception):
+    """A file that cannot be read as its type says (the reason is the message)."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One thing a file holds, before it is split into parts: its text, kind and date."""
+
+    text: str
+    kind: str = NOTE_KIND
+    created_at: str | None = None
+    where: str = ""  # within the file: a message, a conversation's turn
+
+
+@dataclass
+class ImportReport:
+    """What an import did: files read, skipped unchanged, removed; items added and removed;
+    files skipped with the reason."""
+
+    files: int = 0
+    imported: int = 0
+    unchanged: int = 0
+    removed_files: int = 0
+    added: int = 0
+    removed: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    not_read: Counter[str] = field(default_factory=Counter)  # suffix -> files of no known type
+
+
+# --- readers --------------------------------------------------------------------------------
+
+
+def _text(data: bytes) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ReadError(f"not UTF-8 text (byte {exc.start})") from None
+
+
+def read_text(data: bytes) -> list[Piece]:
+    return [Piece(_text(data))]
+
+
+class _Visible(HTMLParser):
+    """The text a browser shows: no scripts, styles, head or comments; blocks on lines."""
+
+    _HIDDEN: ClassVar[set[str]] = {"script", "style", "head", "template", "noscript"}
+    _BLOCKS: ClassVar[set[str]] = {
+        "p",
+        "div",
+        "br",
+        "li",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "tr",
+        "pre",
+        "section",
+    }
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._hidden = 0
+
+    def handle_starttag(self, tag: str, attrs: Any) -> None:
+        if tag in self._HIDDEN:
+            self._hidden += 1
+        elif tag in self._BLOCKS:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self._HIDDEN:
+            self._hidden = max(0, self._hidden - 1)
+        elif tag in self._BLOCKS:
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self._hidden:
+            self.parts.append(data)
+
+
+def html_text(html: str) -> str:
+    parser = _Visible()
+    parser.feed(html)
+    parser.close()
+    lines = (" ".join(line.split()) for line in "".join(parser.parts).splitlines())
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def read_html(data: bytes) -> list[Piece]:
+    return [Piece(html_text(_text(data)))]
+
+
+_QUOTE_HEAD = re.compile(r"^(On .+ wrote:|Le .+ a écrit :|Am .+ schrieb .+:)\s*$")
+
+
+def own_words(body: str) -> str:
+    """A mail body without what others wrote: quoted lines (`>`), the "On … wrote:" line
+    that introduces them, a forwarded or original message below its marker, and the
+    signature (after a line `-- `)."""
+    kept: list[str] = []
+    for line in body.splitlines():
+        if line.rstrip() == "--" and line.startswith("--"):  # the signature separator "-- "
+            break
+        if re.match(r"^-{2,}\s*(Original|Forwarded) Message\s*-{2,}", line.strip(), re.I):
+            break
+        if line.lstrip().startswith(">") or _QUOTE_HEAD.match(line.strip()):
+            continue
+        kept.append(line)
+    return "\n".join(kept).strip()
+
+
+def _body(message: Message) -> str:
+    """The message's own text: its text/plain part, else its text/html one as text."""
+    if not isinstance(message, EmailMessage):
+        message = email.message_from_bytes(message.as_bytes(), policy=email.policy.default)
+    part = message.get_body(preferencelist=("plain", "html"))
+    if part is None:
+        return ""
+    try:
+        content = part.get_content()
+    except (LookupError, ValueError) as exc:
+        raise ReadError(f"a message part cannot be decoded ({exc})") from None
+    return html_text(content) if part.get_content_type() == "text/html" else content
+
+
+def _date(message: Message) -> str | None:
+    try:
+        when = parsedate_to_datetime(str(message.get("date", "")))
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.isoformat(timespec="seconds")
+
+
+def _mail_pieces(messages: Iterator[Message], me: Collection[str]) -> list[Piece]:
+    if not me:
+        raise ReadError("mail needs --me EMAIL to know which messages are yours")
+    mine = {m.strip().lower() for m in me}
+    pieces = []
+    for n, message in enumerate(messages):
+        senders = {a.lower() for _, a in getaddresses([str(message.get("from", ""))])}
+        if not senders & mine:
+            continue
+        subject = " ".join(str(message.get("subject", "")).split())
+        text = own_words(_body(message))
+        if not text and not subject:
+            continue
+        whole = f"{subject}\n\n{text}".strip() if subject else text
+        pieces.append(Piece(whole, MAIL_KIND, _date(message), f"message {n + 1}"))
+    return pieces
+
+
+def read_eml(data: bytes, me: Collection[str] = ()) -> list[Piece]:
+    message = email.message_from_bytes(data, policy=email.policy.default)
+    if not message.keys():
+        raise ReadError("not a mail message (no headers)")
+    return _mail_pieces(iter([message]), me)
+
+
+def read_mbox(path: Path, me: Collection[str] = ()) -> list[Piece]:
+    box = mailbox.mbox(path, create=False)
+    try:
+        keys = box.keys()
+        if not keys and path.stat().st_size:
+            raise ReadError("not an mbox file (no 'From ' line starts a message)")
+        return _mail_pieces((box.get_message(k) for k in keys), me)
+    finally:
+        box.close()
+
+
+def _when(seconds: Any) -> str | None:
+    if isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds > 0:
+        try:
+            return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
+        except (OverflowError, OSError, ValueError):
+            return None
+    return None
+
+
+def read_chatgpt(data: bytes) -> list[Piece]:
+    """The person's turns of a ChatGPT export (every branch: an edited question and the
+    original are both theirs), oldest first within each conversation."""
+    try:
+        conversations = json.loads(_text(data))
+    except json.JSONDecodeError as exc:
+        raise ReadError(f"not JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(conversations, list) or not all(
+        isinstance(c, dict) and isinstance(c.get("mapping"), dict) for c in conversations
+    ):
+        raise ReadError("not a ChatGPT export (a list of conversations, each with a 'mapping')")
+    pieces = []
+    for c, conversation in enumerate(conversations):
+        title = conversation.get("title") if isinstance(conversation.get("title"), str) else ""
+        turns = []
+        for node in conversation["mapping"].values():
+            message = node.get("message") if isinstance(node, dict) else None
+            if not isinstance(message, dict):
+                continue
+            author = message.get("author")
+            if not isinstance(author, dict) or author.get("role") != "user":
+                continue
+            content = message.get("content")
+            parts = content.get("parts") if isinstance(content, dict) else None
+            text = "\n".join(p for p in parts or () if isinstance(p, str)).strip()
+            if text:
+                turns.append((message.get("create_time") or 0, text))
+        turns.sort(key=lambda t: t[0] if isinstance(t[0], int | float) else 0)
+        for t, (seconds, text) in enumerate(turns):
+            where = f"conversation {c + 1} ({title or 'untitled'}), turn {t + 1}"
+            pieces.append(Piece(text, CHAT_KIND, _when(seconds), where))
+    return pieces
+
+
+def read_chat_lines(data: bytes) -> list[Piece]:
+    """The user's turns of chat messages as JSON lines (`{"role": ..., "content": ...}`)."""
+    pieces = []
+    for n, line in enumerate(_text(data).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            message = json.loads(line)
+        except json.JSONDecodeError:
+            raise ReadError(f"line {n} is not JSON") from None
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ReadError(f"line {n} is not a chat message (an object with a 'role')")
+        content = message.get("content")
+        if message["role"] == "user" and isinstance(content, str) and content.strip():
+            pieces.append(Piece(content.strip(), CHAT_KIND, None, f"line {n}"))
+    return pieces
+
+
+Reader = Callable[[Path, bytes, Collection[str]], list[Piece]]
+
+READERS: dict[str, Reader] = {
+    **dict.fromkeys((".txt", ".md", ".markdown", ".rst", ".org"), lambda p, d, me: read_text(d)),
+    **dict.fromkeys((".html", ".htm"), lambda p, d, me: read_html(d)),
+    ".eml": lambda p, d, me: read_eml(d, me),
+    ".mbox": lambda p, d, me: read_mbox(p, me),
+    ".jsonl": lambda p, d, me: read_chat_lines(d),
+}
+CHATGPT_EXPORT = "conversations.json"
+
+
+def reader_for(path: Path) -> Reader | None:
+    if path.name == CHATGPT_EXPORT:
+        return lambda p, d, me: read_chatgpt(d)
+    return READERS.get(path.suffix.lower())
+
+
+# --- parts ----------------------------------------------------------------------------------
+
+
+def split_parts(text: str, size: int = PART_CHARS, overlap: int = OVERLAP_CHARS) -> list[str]:
+    """`text` in parts of at most `size` characters, cut at paragraph, else sentence, else
+    word boundaries; each part after the first starts with the last sentence of the part
+    before it when that is at most `overlap` characters. A short text is one part."""
+    text = text.strip()
+    if len(text) <= size:
+        return [text] if text else []
+    units: list[tuple[str, str]] = []  # (text, the separator before it)
+    for paragraph in re.split(r"\n\s*\n", text):
+        paragraph, sep = paragraph.strip(), "\n\n"
+        if len(paragraph) <= size:
+            units.append((paragraph, sep))
+            continue
+        for sentence in re.split(r"(?<=[.!?])\s+", paragraph):
+            while len(sentence) > size:  # no boundary: cut at the last space that fits
+                cut = sentence.rfind(" ", 0, size)
+                cut = cut if cut > size // 2 else size
+                units.append((sentence[:cut].strip(), sep))
+                sentence, sep = sentence[cut:].strip(), " "
+            if sentence:
+                units.append((sentence, sep))
+                sep = " "
+    parts: list[str] = []
+    current, last = "", ""
+    for unit, sep in units:
+        if current and len(current) + len(sep) + len(unit) > size:
+            parts.append(current)
+            fits = len(last) <= overlap and len(last) + 1 + len(unit) <= size
+            current, sep = (last, " ") if fits else ("", sep)
+        current = f"{current}{sep}{unit}" if current else unit
+        last = unit
+    if current:
+        parts.append(current)
+    return parts
+
+
+def items_of(path: str, pieces: Sequence[Piece], written: str | None = None) -> list[NewItem]:
+    """The pieces as history items, split into parts, each naming its source; a piece
+    without a date of its own is dated `written` (the file's modification time)."""
+    items = []
+    for piece in pieces:
+        parts = split_parts(piece.text)
+        for n, part in enumerate(parts, 1):
+            source: dict[str, Any] = {"path": path}
+            if piece.where:
+                source["in"] = piece.where
+            if len(parts) > 1:
+                source["part"] = f"{n}/{len(parts)}"
+            items.append(
+                NewItem(
+                    text=part[:MAX_ITEM_CHARS],
+                    kind=piece.kind,
+                    created_at=piece.created_at or written,
+                    metadata={"source": source},
+                )
+            )
+    return items
+
+
+# --- the walk -------------------------------------------------------------------------------
+
+
+def walk(paths: Sequence[str | os.PathLike[str]]) -> Iterator[tuple[Path, Path | None]]:
+    """Every file under `paths` (files as given; folders recursively, hidden ones and
+    symbolic links not followed), each with the folder it was found in (None: given)."""
+    for given in paths:
+        root = Path(given).expanduser().resolve()
+        if not root.exists():
+            raise InvalidInputError(f"{given} does not exist.", field="path")
+        if root.is_file():
+            yield root, None
+            continue
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                file = Path(folder) / name
+                if not name.startswith(".") and file.is_file() and not file.is_symlink():
+                    yield file, root
+
+
+def _read(path: Path) -> tuple[SourceFile, bytes]:
+    stat = path.stat()
+    if stat.st_size > MAX_FILE_BYTES:
+        raise ReadError(f"over {MAX_FILE_BYTES // 2**20} MB")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    return SourceFile(str(path), stat.st_size, stat.st_mtime_ns, digest), data
+
+
+def import_paths(
+    pllm: PersonalLLM,
+    user: str,
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    me: Collection[str] = (),
+    progress: Callable[[Path], None] | None = None,
+) -> ImportReport:
+    """Import the files under `paths` into `user`'s history (see the module's doc);
+    `progress` is called with each file as it is done."""
+    store = pllm.store
+    report = ImportReport()
+    known = {r.file.path: r.file for r in store.sources(user)}
+    roots: set[Path] = set()
+    seen: set[str] = set()
+    for path, root in walk(paths):
+        if root is not None:
+            roots.add(root)
+        seen.add(str(path))
+        read = reader_for(path)
+        if read is None:
+            report.not_read[path.suffix.lower() or path.name] += 1
+            continue
+        report.files += 1
+        try:
+            _import_file(pllm, user, path, read, known.get(str(path)), me, report)
+        except (ReadError, OSError, InvalidInputError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            report.skipped.append((str(path), reason))
+        if progress is not None:
+            progress(path)
+    for path in known:
+        under = any(Path(path).is_relative_to(r) for r in roots)
+        if under and path not in seen and not Path(path).exists():
+            report.removed += store.drop_source(user, path)
+            report.removed_files += 1
+    return report
+
+
+def _import_file(
+    pllm: PersonalLLM,
+    user: str,
+    path: Path,
+    read: Reader,
+    before: SourceFile | None,
+    me: Collection[str],
+    report: ImportReport,
+) -> None:
+    stat = path.stat()
+    if before is not None and (before.size, before.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
+        report.unchanged += 1
+        return
+    source, data = _read(path)
+    if before is not None and before.sha256 == source.sha256:
+        pllm.store.touch_source(user, source)
+        report.unchanged += 1
+        return
+    written = datetime.fromtimestamp(source.mtime_ns / 1e9, UTC).isoformat(timespec="seconds")
+    items = items_of(str(path), read(path, data, me), written)
+    vectors = pllm.embedder.embed([i.text for i in items])
+    added, removed = pllm.store.import_source(user, source, items, vectors)
+    report.imported += 1
+    report.added += added
+    report.removed += removed

@@ -1,0 +1,231 @@
+"""`import USER PATH...`: what a person keeps (notes, HTML, mail, chat exports), read with
+the real embedder into the real store, incrementally, with bad files reported and skipped."""
+
+from __future__ import annotations
+
+import email.message
+import itertools
+import json
+import mailbox
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edge_pllm import NewItem
+from edge_pllm.cli import cli
+from edge_pllm.importing import html_text, own_words, split_parts
+
+ME = "ann@example.org"
+
+
+def _mail(sender: str, subject: str, body: str) -> email.message.EmailMessage:
+    message = email.message.EmailMessage()
+    message["From"], message["To"], message["Subject"] = sender, "list@example.org", subject
+    message["Date"] = "Mon, 02 Mar 2026 10:00:00 +0000"
+    message.set_content(body)
+    return message
+
+
+def _chatgpt_export() -> list[dict]:
+    """One conversation whose first question was edited (two user turns under the root:
+    both the person's), with the assistant's answers."""
+
+    def node(role: str, text: str, when: float) -> dict:
+        return {"message": {"author": {"role": role}, "content": {"parts": [text]},
+                            "create_time": when}}  # fmt: skip
+
+    return [
+        {
+            "title": "Trip",
+            "mapping": {
+                "root": {"message": None, "children": ["q1", "q1b"]},
+                "q1": node("user", "Plan three days in Lisbon", 1_700_000_000),
+                "a1": node("assistant", "ASSISTANT-ONLY itinerary", 1_700_000_010),
+                "q1b": node("user", "Plan four days in Porto instead", 1_700_000_100),
+                "a1b": node("assistant", "ASSISTANT-ONLY Porto", 1_700_000_110),
+                "sys": node("system", "SYSTEM-ONLY prompt", 1_699_999_999),
+            },
+        }
+    ]
+
+
+@pytest.fixture
+def kept(tmp_path: Path) -> Path:
+    """A folder of what a person keeps, in real formats, with bad files among them."""
+    root = tmp_path / "kept"
+    (root / "chat").mkdir(parents=True)
+    (root / ".git").mkdir()
+    (root / ".git" / "notes.md").write_text("HIDDEN-FOLDER text")
+    (root / "garden.md").write_text("# Garden\n\nTomatoes need full sun.\n")
+    (root / "bread.html").write_text(
+        "<html><head><title>t</title><script>SCRIPT-ONLY()</script><style>p{}</style></head>"
+        "<body><h1>Bread</h1><p>Sourdough needs a starter &amp; time.</p></body></html>"
+    )
+    box = mailbox.mbox(root / "mail.mbox")
+    box.add(_mail(f"Ann <{ME}>", "Party", "I will bring the cake.\n\nOn Monday, Bob wrote:\n"
+                  "> QUOTED-ONLY can you bring cake?\n\n-- \nSIGNATURE-ONLY Ann"))  # fmt: skip
+    box.add(_mail("Bob <bob@example.org>", "Party", "OTHER-SENDER-ONLY Can you bring cake?"))
+    box.flush()
+    box.close()
+    (root / "reply.eml").write_bytes(bytes(_mail(ME, "Re: roses", "Prune them in March.")))
+    (root / "chat" / "conversations.json").write_text(json.dumps(_chatgpt_export()))
+    (root / "chat" / "log.jsonl").write_text(
+        json.dumps({"role": "user", "content": "How deep do I plant garlic?"})
+        + "\n"
+        + json.dumps({"role": "assistant", "content": "ASSISTANT-ONLY five cm"})
+        + "\n"
+    )
+    (root / "picture.png").write_bytes(b"\x89PNG\r\n")
+    # Bad files: each reported and skipped, never the others.
+    (root / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (root / "other" / "conversations.json").parent.mkdir()
+    (root / "other" / "conversations.json").write_text(json.dumps({"not": "an export"}))
+    (root / "broken.jsonl").write_text('{"role": "user", "content": "ok"}\n{not json\n')
+    return root
+
+
+def texts(pllm, user: str) -> list[str]:
+    return sorted(i.text for i in pllm.store.items(user))
+
+
+def test_a_folder_of_real_formats_gives_the_persons_own_writing_and_reports_bad_files(pllm, kept):
+    report = pllm.import_paths("ann", [kept], me=[ME])
+    got = texts(pllm, "ann")
+    assert got == sorted(
+        [
+            "# Garden\n\nTomatoes need full sun.",
+            "Bread\n\nSourdough needs a starter & time.",
+            "Party\n\nI will bring the cake.",
+            "Re: roses\n\nPrune them in March.",
+            "Plan three days in Lisbon",
+            "Plan four days in Porto instead",
+            "How deep do I plant garlic?",
+        ]
+    )
+    whole = "\n".join(got)
+    for absent in ("ONLY", "HIDDEN-FOLDER", "From:", "Subject:"):
+        assert absent not in whole  # others' words, markup, headers, hidden folders: never
+    assert (report.files, report.imported, report.added) == (9, 6, 7)  # 2 turns in one
+    reasons = dict(report.skipped)
+    assert set(reasons) == {
+        str(kept / "latin1.txt"),
+        str(kept / "other" / "conversations.json"),
+        str(kept / "broken.jsonl"),
+    }
+    assert "not UTF-8" in reasons[str(kept / "latin1.txt")]
+    assert "not a ChatGPT export" in reasons[str(kept / "other" / "conversations.json")]
+    assert "line 2 is not JSON" in reasons[str(kept / "broken.jsonl")]
+    assert report.not_read == {".png": 1}
+    by_text = {i.text: i for i in pllm.store.items("ann")}
+    mail = by_text["Party\n\nI will bring the cake."]
+    assert mail.kind == "mail" and mail.created_at == "2026-03-02T10:00:00+00:00"
+    assert mail.metadata["source"] == {"path": str(kept / "mail.mbox"), "in": "message 1"}
+    chat = by_text["Plan three days in Lisbon"]
+    assert chat.kind == "chat" and chat.created_at == "2023-11-14T22:13:20+00:00"
+    note = by_text["# Garden\n\nTomatoes need full sun."]
+    mtime = os.stat(kept / "garden.md").st_mtime
+    assert note.kind == "note" and note.created_at[:10] == _day(mtime)
+
+
+def _day(seconds: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(seconds, UTC).date().isoformat()
+
+
+def test_mail_without_me_is_reported_not_guessed(pllm, kept):
+    report = pllm.import_paths("ann", [kept / "mail.mbox", kept / "garden.md"])
+    assert report.skipped == [(str(kept / "mail.mbox"), pytest.approx(report.skipped[0][1]))]
+    assert "--me" in report.skipped[0][1]
+    assert texts(pllm, "ann") == ["# Garden\n\nTomatoes need full sun."]
+
+
+def test_importing_again_skips_the_unchanged_replaces_the_changed_removes_the_gone(pllm, kept):
+    pllm.import_paths("ann", [kept], me=[ME])
+    # The same note typed by hand: one item (deduplicated), now the person's own.
+    pllm.add("ann", [NewItem("Bread\n\nSourdough needs a starter & time.", kind="note")])
+    before = texts(pllm, "ann")
+    again = pllm.import_paths("ann", [kept], me=[ME])
+    assert (again.imported, again.unchanged, again.added, again.removed) == (0, 6, 0, 0)
+    assert texts(pllm, "ann") == before
+    os.utime(kept / "garden.md")  # touched, same content: read, found unchanged, skipped
+    (kept / "chat" / "log.jsonl").write_text(
+        json.dumps({"role": "user", "content": "When do I harvest garlic?"}) + "\n"
+    )
+    (kept / "bread.html").unlink()
+    (kept / "reply.eml").unlink()
+    third = pllm.import_paths("ann", [kept], me=[ME])
+    assert (third.imported, third.added, third.removed, third.removed_files) == (1, 1, 2, 2)
+    got = texts(pllm, "ann")
+    assert "When do I harvest garlic?" in got and "How deep do I plant garlic?" not in got
+    assert "Re: roses\n\nPrune them in March." not in got  # its file is gone
+    assert "Bread\n\nSourdough needs a starter & time." in got  # typed by hand: kept
+    assert len(got) == len(set(got))
+    assert {Path(r.file.path).name for r in pllm.store.sources("ann")} == {
+        "garden.md", "mail.mbox", "conversations.json", "log.jsonl"}  # fmt: skip
+    assert pllm.store.vector_count("ann") == pllm.store.count("ann")
+
+
+def test_a_file_that_turns_bad_keeps_what_it_gave_before(pllm, kept):
+    pllm.import_paths("ann", [kept / "garden.md"])
+    (kept / "garden.md").write_bytes(b"\xff\xfe not text any more")
+    report = pllm.import_paths("ann", [kept / "garden.md"])
+    assert report.skipped and texts(pllm, "ann") == ["# Garden\n\nTomatoes need full sun."]
+
+
+def test_a_long_note_is_split_so_that_its_end_is_found(pllm, tmp_path):
+    filler = " ".join(
+        f"The shed holds tool number {i} next to the lawn mower and the rakes." for i in range(60)
+    )
+    fact = "The spare house key is hidden under the blue flower pot by the door."
+    (tmp_path / "long.md").write_text(f"{filler}\n\n{fact}\n")
+    others = [
+        f"Recipe {i}: mix flour, water and salt, bake for {20 + i} minutes." for i in range(30)
+    ]
+    pllm.add("ann", others)
+    pllm.import_paths("ann", [tmp_path / "long.md"])
+    parts = [i for i in pllm.store.items("ann") if "source" in i.metadata]
+    assert len(parts) > 3 and all(len(p.text) <= 1000 for p in parts)
+    assert {p.metadata["source"]["part"].split("/")[1] for p in parts} == {str(len(parts))}
+    hits = pllm.search("ann", "Where is the spare house key hidden?", 3)
+    assert fact in hits[0].item.text
+
+
+def test_parts_are_cut_at_boundaries_with_overlap():
+    sentences = [f"Sentence {i} says something short." for i in range(80)]
+    parts = split_parts(" ".join(sentences), size=300, overlap=80)
+    assert all(len(p) <= 300 for p in parts) and len(parts) > 5
+    assert "".join(parts).count("Sentence 79") == 1
+    for before, after in itertools.pairwise(parts):
+        assert after.startswith(before.rsplit(". ", 1)[-1])  # the last sentence again
+    assert split_parts("short") == ["short"] and split_parts("  ") == []
+    word = "x" * 2500
+    assert all(len(p) <= 1000 for p in split_parts(word))
+
+
+def test_readers_leave_out_what_others_wrote_and_markup():
+    body = "Yes.\n\nOn Tue, Bob wrote:\n> no?\n>> earlier\n\n-- \nAnn\nphone"
+    assert own_words(body) == "Yes."
+    assert own_words("Mine\n\n-----Original Message-----\nFrom: x\ntheirs") == "Mine"
+    assert html_text("<p>a<b>b</b></p><script>x</script><p>c &lt; d</p>") == "ab\n\nc < d"
+
+
+def test_the_cli_imports_a_folder_and_says_what_it_did(default_bundle, kept, tmp_path):
+    runner = CliRunner()
+    base = ["--home", str(tmp_path / "home"), "--bundle", str(default_bundle)]
+    done = runner.invoke(cli, [*base, "import", "ann", str(kept), "--me", ME])
+    assert done.exit_code == 0, done.output
+    assert "Imported 6 files for ann: 7 items added, 0 removed; 0 unchanged." in done.output
+    assert "Not read: 1 file of other types (.png 1)." in done.output
+    assert "Skipped 3 files:" in done.output and "latin1.txt: not UTF-8 text" in done.output
+    again = runner.invoke(cli, [*base, "import", "ann", str(kept), "--me", ME])
+    assert "Imported 0 files for ann: 0 items added, 0 removed; 6 unchanged." in again.output
+    bare = runner.invoke(cli, [*base, "import", "ann"])
+    assert bare.exit_code == 2 and "Give files or folders to import" in bare.output
+    forget = runner.invoke(cli, [*base, "forget", "ann", "--yes"])
+    assert forget.exit_code == 0, forget.output
+    # Forgetting the person forgets where their files were too, in every file of the home.
+    files = [f for f in (tmp_path / "home").rglob("*") if f.is_file()]
+    assert files and not any(str(kept).encode() in f.read_bytes() for f in files)
