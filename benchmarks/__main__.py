@@ -23,7 +23,7 @@ from edge_pllm.defaults import ensure_default_bundle
 from edge_pllm.lamp import task_spec
 from edge_pllm.llm import LLMConfig
 
-from . import generation, retrieval, serving, system
+from . import generation, importing, retrieval, serving, system
 from .common import (
     DATA,
     DATA_FILES,
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             res, model, bundle, home, (big, users[big]), prompts[0], args.threads, min(repeats, 3)
         )
         serving.under_load(res, bundle, args.threads, max_tokens=max_tokens // 2)
+        importing.run(res, bundle, args.threads, 40 if args.smoke else 1000, args.data)
         system.decode_limit(res, model, args.threads, bare_tps)
 
     plots = args.out.parent / "benchmarks"

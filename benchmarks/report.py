@@ -45,6 +45,14 @@ SECTIONS = {
         "llama.cpp context), the GETs that need no model are timed back to back, and two "
         "streaming clients with memory on leave after their first chunk.",
     ),
+    "importing": (
+        "Importing what a person keeps",
+        "`import USER FOLDER` on Markdown, HTML, mail and chat-line files of real commit "
+        "texts; then the same folder again, unchanged. Long notes: 50 made-up facts, each "
+        "at the start, middle or end of a 2–10 KB note of real text, among 500 other items; "
+        "recall@3 of the note, stored whole (the embedder reads its first 256 tokens) and "
+        "imported in parts.",
+    ),
     "limit": (
         "The physical limit of decode",
         "Decoding reads every weight once per token, so memory bandwidth / model size "

@@ -36,7 +36,7 @@ def test_benchmarks_smoke_run_writes_every_section(default_bundle, tmp_path: Pat
     )
     report = out.read_text()
     for heading in ("Decode and prompt throughput", "Time to first token", "Ingest", "KNN",
-                    "Whole process", "physical limit", "under load"):  # fmt: skip
+                    "Whole process", "physical limit", "under load", "Importing"):  # fmt: skip
         assert heading in report, heading
     assert "bare llama-cpp-python" in report and "sentence-transformers fp32" in report
     for plot in ("ttft.png", "knn.png"):

@@ -1,0 +1,150 @@
+"""Importing what a person keeps: throughput on a folder of mixed files, the re-import of
+the unchanged folder, and whether a fact in a long note is found (before and after parts).
+
+    .venv/bin/python -m benchmarks.importing          # also a section of `python -m benchmarks`
+
+Texts are real commit bodies (the commit_subjects task); the facts are made up, one topic
+each, so that a query names one note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from email.message import EmailMessage
+from pathlib import Path
+
+from edge_pllm import PersonalLLM, paths
+from edge_pllm.defaults import ensure_default_bundle
+from edge_pllm.importing import import_paths
+
+from .common import DATA, Results, Row, commit_texts, peak_rss_mb
+
+PEOPLE = ["Ada", "Bruno", "Chen", "Dara", "Emil", "Fatou", "Goran", "Hana", "Ivo", "Jun"]
+THINGS = ["bicycle lock code", "bakery", "train platform", "dentist", "wifi password"]
+
+
+def mixed_folder(root: Path, texts: list[str], n: int) -> Path:
+    """`n` files of four kinds (Markdown, HTML, mail, chat lines) from real texts."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        text = texts[i % len(texts)] + f"\n\n(file {i})"
+        kind = i % 4
+        if kind == 0:
+            (root / f"note-{i}.md").write_text(f"# Note {i}\n\n{text}\n")
+        elif kind == 1:
+            html = "".join(f"<p>{p}</p>" for p in text.split("\n\n"))
+            (root / f"page-{i}.html").write_text(f"<html><body>{html}</body></html>")
+        elif kind == 2:
+            mail = EmailMessage()
+            mail["From"], mail["Subject"] = "me@example.org", f"Mail {i}"
+            mail.set_content(text)
+            (root / f"mail-{i}.eml").write_bytes(bytes(mail))
+        else:
+            lines = [{"role": "user", "content": line} for line in text.split("\n\n")]
+            (root / f"chat-{i}.jsonl").write_text("\n".join(json.dumps(m) for m in lines))
+    return root
+
+
+def throughput(res: Results, pllm: PersonalLLM, texts: list[str], n: int, tmp: Path) -> None:
+    folder = mixed_folder(tmp / "mixed", texts, n)
+    started = time.perf_counter()
+    first = import_paths(pllm, "mixed", [folder], me=["me@example.org"])
+    took = time.perf_counter() - started
+    started = time.perf_counter()
+    again = import_paths(pllm, "mixed", [folder], me=["me@example.org"])
+    took_again = time.perf_counter() - started
+    assert first.imported == n and again.unchanged == n, (first, again)
+    note = f"{first.added} items; peak RSS of the process {peak_rss_mb():.0f} MiB"
+    res.add(Row("importing", f"import {n} mixed files", n / took, "files/s", note=note))
+    res.add(Row("importing", f"import {n} mixed files: items", first.added / took, "items/s"))
+    res.add(
+        Row(
+            "importing",
+            f"re-import of the {n} unchanged files",
+            took_again,
+            "s",
+            "the first import",
+            took,
+            "≤ 0.1 ×",
+            took_again <= 0.1 * took,
+        )
+    )
+
+
+def long_notes(res: Results, pllm: PersonalLLM, texts: list[str], tmp: Path, n: int = 50) -> None:
+    """`n` facts, each at the start, middle or end of a 2–10 KB note of real text, among
+    500 other items; recall@3 of the note holding each fact, stored whole (`add`: the
+    embedder reads its first 256 tokens) and imported (in parts)."""
+    rng = random.Random(0)
+    others = texts[-500:]
+    facts = []
+    folder = tmp / "long"
+    folder.mkdir()
+    for i in range(n):
+        person, thing = PEOPLE[i % len(PEOPLE)], THINGS[i // len(PEOPLE) % len(THINGS)]
+        value = f"{rng.randint(1000, 9999)} {rng.choice(['north', 'blue', 'old', 'corner'])}"
+        fact = f"{person}'s {thing} is {value}."
+        filler, size = [], rng.randint(2000, 10000)
+        while sum(len(t) for t in filler) < size:
+            filler.append(texts[rng.randrange(len(texts) - 500)])
+        where = ("start", "middle", "end")[i % 3]
+        at = {"start": 0, "middle": len(filler) // 2, "end": len(filler)}[where]
+        body = "\n\n".join([*filler[:at], fact, *filler[at:]])
+        (folder / f"note-{i}.md").write_text(body)
+        facts.append((f"What is {person}'s {thing}?", i, where, body))
+    for user, parts in (("whole", False), ("parts", True)):
+        pllm.add(user, others)
+        if parts:
+            import_paths(pllm, user, [folder])
+        else:
+            pllm.add(user, [body for *_, body in facts])
+        found = {"start": [], "middle": [], "end": []}
+        for query, i, where, body in facts:
+            hits = pllm.search(user, query, 3)
+            mine = [
+                h
+                for h in hits
+                if h.item.metadata.get("source", {}).get("path", "").endswith(f"/note-{i}.md")
+                or h.item.text == body
+            ]
+            found[where].append(bool(mine))
+        for where, hits in found.items():
+            res.add(
+                Row(
+                    "importing",
+                    f"recall@3 of a fact at the {where} of a long note, "
+                    + ("imported in parts" if parts else "stored whole"),
+                    sum(hits) / len(hits),
+                    "",
+                    note=f"{len(hits)} facts among {len(others)} other items",
+                )
+            )
+
+
+def run(res: Results, bundle: Path, threads: int, n_files: int, data: Path = DATA) -> None:
+    texts = commit_texts(max(n_files, 1500), data)
+    with tempfile.TemporaryDirectory(prefix="edge-pllm-import-bench-") as tmp:
+        pllm = PersonalLLM(bundle, home=tmp)
+        throughput(res, pllm, texts, n_files, Path(tmp))
+        long_notes(res, pllm, texts, Path(tmp))
+        pllm.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.importing", description=__doc__)
+    parser.add_argument("--bundle", type=Path, help="bundle folder (default: the default one)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--files", type=int, default=1000, help="files in the mixed folder")
+    parser.add_argument("--data", type=Path, default=DATA)
+    args = parser.parse_args(argv)
+    bundle = args.bundle or ensure_default_bundle(paths.home())
+    run(Results(), bundle, args.threads, args.files, args.data)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
