@@ -19,6 +19,7 @@ from .errors import InvalidInputError
 from .jsonio import parse_json
 
 MAX_ITEM_CHARS = 100_000
+TURN_KIND = "turn"  # a request the user wrote, remembered (memory on)
 MAX_USER_CHARS = 200
 MAX_METADATA_CHARS = 100_000  # an item's metadata, as JSON text
 MAX_METADATA_DEPTH = 32  # nesting levels, the metadata object itself included (jsonio's limit)

@@ -32,6 +32,7 @@ from .errors import AnswerNotFoundError, BundleError, InvalidInputError
 from .head import PlugHead
 from .items import (
     MAX_ITEM_CHARS,
+    TURN_KIND,
     NewItem,
     as_text,
     validate_answer_id,
@@ -60,7 +61,6 @@ if TYPE_CHECKING:
     from .importing import ImportReport
 
 DEFAULT_STRATEGY = "rag"
-TURN_KIND = "turn"  # a request the user wrote, remembered
 EDIT_KIND = "edit"  # the text the user kept instead of an answer
 LINKED_REQUEST_CHARS = 2_000  # how much of its request an edit's metadata carries
 PROFILE_ITEMS = 512  # history items per exported training question (the head reads 512)

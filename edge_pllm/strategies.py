@@ -26,7 +26,7 @@ import numpy as np
 from .embedder import Embedder
 from .errors import BundleError, InvalidInputError, UnknownStrategyError
 from .head import PlugHead
-from .items import HistoryItem
+from .items import TURN_KIND, HistoryItem
 from .store import HistoryStore, SearchHit
 
 DEFAULT_K = 3
@@ -108,6 +108,20 @@ def relevant(hits: list[SearchHit], min_similarity: float) -> list[SearchHit]:
     return [h for h in hits if 1.0 - h.distance >= min_similarity]
 
 
+# How many more items than asked a search reads, so that remembered turns can give way.
+TURN_DEPTH = 4
+
+
+def nearest(request: Request, k: int, min_similarity: float) -> list[SearchHit]:
+    """The `k` relevant items nearest to the request, what the person wrote or kept before
+    their own remembered questions (kind "turn"): an earlier question resembles the new
+    one more than the note that answers it does, and would crowd it out. Turns fill the
+    places left."""
+    query_vec = request.query_vector()
+    hits = relevant(request.store.search(request.user, query_vec, k * TURN_DEPTH), min_similarity)
+    return sorted(hits, key=lambda h: h.item.kind == TURN_KIND)[:k]  # stable: by distance
+
+
 def no_history(request: Request) -> Personalization | None:
     """The plain prompt, said so in `info["fallback"]`, for a user the store has never
     seen: a first conversation is not an error."""
@@ -156,8 +170,7 @@ class Retrieval:
     def personalize(self, request: Request) -> Personalization:
         if (fallback := no_history(request)) is not None:
             return fallback
-        query_vec = request.query_vector()
-        hits = relevant(request.store.search(request.user, query_vec, self.k), self.min_similarity)
+        hits = nearest(request, self.k, self.min_similarity)
         info: dict[str, Any] = {"item_ids": [h.item.id for h in hits]}
         info["distances"] = [h.distance for h in hits]
         if not hits:
@@ -213,8 +226,7 @@ class Plug:
             found.info["population_weight"] = round(weight, 4)
         found.soft_tokens = soft.astype(np.float32)
         if self.rag:
-            hits = request.store.search(request.user, query_vec, self.rag)
-            hits = relevant(hits, self.min_similarity)
+            hits = nearest(request, self.rag, self.min_similarity)
             found.context = [h.item for h in hits]
             found.info["item_ids"] = [h.item.id for h in hits]
             if not hits:

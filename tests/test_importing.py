@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edge_pllm import NewItem
+from edge_pllm import NewItem, SamplingConfig
 from edge_pllm.cli import cli
 from edge_pllm.importing import html_text, own_words, split_parts
 
@@ -229,3 +229,29 @@ def test_the_cli_imports_a_folder_and_says_what_it_did(default_bundle, kept, tmp
     # Forgetting the person forgets where their files were too, in every file of the home.
     files = [f for f in (tmp_path / "home").rglob("*") if f.is_file()]
     assert files and not any(str(kept).encode() in f.read_bytes() for f in files)
+
+
+NOTES = {
+    "What is the wifi password at the cabin?": "Cabin: the wifi password is pinecone42.",
+    "When is the dentist appointment?": "Dentist appointment on the 14th at 9 am.",
+    "Which platform does the train to Porto leave from?": "Trains to Porto leave from platform 7.",
+    "What size are the bike tyres?": "Bike tyres are 700x32c.",
+    "Where did I park the car?": "Parked the car on level 3, row F.",
+}
+
+
+def test_remembered_questions_do_not_crowd_out_the_notes_that_answer_them(pllm, tmp_path):
+    for n, note in enumerate(NOTES.values()):
+        (tmp_path / f"note{n}.md").write_text(note)
+    pllm.import_paths("ann", [tmp_path])
+    asked = SamplingConfig(max_tokens=1)
+    for question in NOTES:  # asked before, each four ways: 20 remembered turns
+        for form in ("{}", "Quick one: {}", "{} Remind me.", "Again, {}"):
+            pllm.generate("ann", form.format(question), strategy="none", sampling=asked,
+                          remember=True)  # fmt: skip
+    assert sum(i.kind == "turn" for i in pllm.store.items("ann")) == 20
+    for question, note in NOTES.items():
+        shown = [i.text for i in pllm.prepare("ann", question, "rag:3").personalization.context]
+        assert note in shown, (question, shown)
+        # The turns still count when nothing the person kept is near: they fill the places.
+        assert len(shown) == 3
