@@ -27,6 +27,7 @@ from .errors import EdgePLLMError, InvalidInputError
 from .files import atomic_write, open_private, private_dir
 from .items import NewItem, as_text, read_jsonl, validate_items, validate_user
 from .llm import LLMConfig, SamplingConfig
+from .model_registry import ENV_MODEL
 from .personal import DEFAULT_STRATEGY, PersonalLLM, Response
 from .terminal import shown, shown_json
 
@@ -113,12 +114,18 @@ def normalize_passphrase(raw: str | bytes, source: str) -> str:
 
 class Context:
     def __init__(
-        self, home: str | None, bundle: str | None, n_ctx: int, passphrase: str | None = None
+        self,
+        home: str | None,
+        bundle: str | None,
+        n_ctx: int,
+        passphrase: str | None = None,
+        model: str | None = None,
     ):
         self.home_override = home
         self.bundle = bundle
         self.n_ctx = n_ctx
         self.passphrase = passphrase
+        self.model = model
         self._pllm: PersonalLLM | None = None
 
     @property
@@ -132,6 +139,7 @@ class Context:
                 home=self.home,
                 llm_config=LLMConfig(n_ctx=self.n_ctx),
                 passphrase=self.passphrase,
+                model=self.model,
             )
         return self._pllm
 
@@ -182,6 +190,12 @@ class PluginGroup(click.Group):
 @click.option("--home", envvar=paths.ENV_HOME, help="Data directory (default: platform data dir).")
 @click.option("--bundle", type=click.Path(file_okay=False), help="Model bundle folder.")
 @click.option(
+    "--model",
+    envvar=ENV_MODEL,
+    help="A GGUF registered with `edge-pllm models add`, in place of the bundle's LLM; also "
+    f"{ENV_MODEL}.",
+)
+@click.option(
     "--n-ctx",
     default=2048,
     show_default=True,
@@ -209,6 +223,7 @@ def cli(
     ctx: click.Context,
     home: str | None,
     bundle: str | None,
+    model: str | None,
     n_ctx: int,
     threads: int | None,
     passphrase_file: Any,
@@ -229,7 +244,7 @@ def cli(
     passphrase = None if raw is None else normalize_passphrase(raw, source)
     if passphrase == "":
         raise InvalidInputError(f"The passphrase from {source} is empty.", field="passphrase")
-    ctx.obj = Context(home, bundle, n_ctx, passphrase)
+    ctx.obj = Context(home, bundle, n_ctx, passphrase, model or None)
 
 
 def _restore_env(name: str, value: str | None) -> None:
@@ -722,6 +737,80 @@ def path(obj: Context) -> None:
     click.echo(obj.home)
 
 
+@cli.group("models", invoke_without_command=True)
+@click.pass_context
+@plain_errors
+def models_group(ctx: click.Context) -> None:
+    """The GGUF models this device can answer with: the bundle's and those registered with
+    `models add` (size, quantization, context length, chat template, whether `plug` fits)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from . import model_registry
+    from .bundle import load_bundle
+
+    obj: Context = ctx.obj
+    home = obj.home
+    folder = Path(obj.bundle) if obj.bundle else ensure_default_bundle(home)
+    base = load_bundle(folder, verify=False)
+    head = base.plug.llm_sha256 if base.plug is not None else None
+    size = base.file(base.llm.file).stat().st_size if base.file(base.llm.file).exists() else 0
+    click.echo("name\tsize\tquantization\tcontext\ttemplate\tplug\tfile")
+    plug = "yes" if head else "no"
+    context = base.manifest.get("llm", {}).get("n_ctx_train", "")
+    click.echo(
+        f"{base.name} (bundle)\t{size / 2**20:.0f} MB\t{base.llm.quantization}\t{context}\t"
+        f"gguf\t{plug}\t{base.file(base.llm.file)}"
+    )
+    for m in model_registry.list_models(home):
+        fits = "yes" if head == m.sha256 else "no"
+        where = m.path + ("" if m.linked else " (reference)")
+        click.echo(
+            f"{m.name}\t{m.size / 2**20:.0f} MB\t{m.quantization}\t{m.context_length}\t"
+            f"{m.template_source}\t{fits}\t{shown(where)}"
+        )
+
+
+@models_group.command("add")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--name", help="The name to use it by (default: from the file name).")
+@click.option(
+    "--chat-template",
+    "template_file",
+    type=click.File("rb"),
+    help="A Jinja chat template file, for a GGUF without one (or to replace its own).",
+)
+@pass_ctx
+@plain_errors
+def models_add(obj: Context, path: str, name: str | None, template_file: Any) -> None:
+    """Register the GGUF at PATH: checked once by sha256, never copied (a hard link in the
+    data directory where the file system allows, else a reference to PATH)."""
+    from . import model_registry
+
+    template = None
+    if template_file is not None:
+        template = as_text(template_file.read(), "chat template", None)
+    size = Path(path).stat().st_size
+    with tqdm(total=size, unit="B", unit_scale=True, desc="Checking", leave=False, delay=1) as bar:
+        record = model_registry.add_model(obj.home, path, name, template, bar.update)
+    how = "linked" if record.linked else "referenced (moving or changing it breaks it)"
+    click.echo(
+        f"Registered {record.name}: {record.architecture} {record.quantization}, "
+        f"{record.size / 2**20:.0f} MB, {how}; use it with --model {record.name}."
+    )
+
+
+@models_group.command("remove")
+@click.argument("name")
+@pass_ctx
+@plain_errors
+def models_remove(obj: Context, name: str) -> None:
+    """Unregister the model NAME (your file stays where it is)."""
+    from . import model_registry
+
+    record = model_registry.remove_model(obj.home, name)
+    click.echo(f"Removed {record.name} ({record.path} is untouched).")
+
+
 @cli.command()
 @pass_ctx
 @plain_errors
@@ -863,6 +952,14 @@ def demo(obj: Context, strategies: tuple[str, ...]) -> None:
     help="Memory on for requests that do not say (edge_pllm.remember): each user's turn is "
     "stored in their history, and the answer kept for feedback.",
 )
+@click.option(
+    "--max-loaded",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 16),
+    help="Models kept in memory at once when requests name different ones (`model`); the "
+    "least recently used goes first.",
+)
 @pass_ctx
 @plain_errors
 def serve(
@@ -873,8 +970,10 @@ def serve(
     strategy: str,
     default_user: str | None,
     remember: bool,
+    max_loaded: int,
 ) -> None:
-    """Serve an OpenAI-compatible API; the request's `user` selects the persona."""
+    """Serve an OpenAI-compatible API; the request's `user` selects the persona, its
+    `model` the model (`edge-pllm models`: the bundle's and every registered one)."""
     from .decoding import resolve
     from .server import ServerConfig
     from .server import serve as run_server
@@ -887,6 +986,7 @@ def serve(
         default_strategy=strategy,
         default_user=default_user,
         remember=remember,
+        max_loaded=max_loaded,
     )
     pllm = obj.pllm()
 

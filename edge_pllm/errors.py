@@ -119,6 +119,30 @@ class AddressError(EdgePLLMError, OSError):
         )
 
 
+class UnknownModelError(EdgePLLMError, LookupError):
+    """No model is registered under `name` (`known`: those that are)."""
+
+    def __init__(self, name: str, known: list[str]):
+        self.name, self.known = name, known
+        listed = ", ".join(known) if known else "none yet"
+        super().__init__(
+            f"No model named {name!r} is registered (registered: {listed}); add one with "
+            "`edge-pllm models add PATH`."
+        )
+
+
+class ModelChangedError(BundleError):
+    """A registered GGUF that is gone or changed since `models add` (`reason` says which)."""
+
+    def __init__(self, name: str, path: str, reason: str):
+        self.name, self.path, self.reason = name, path, reason
+        super().__init__(
+            f"The model {name!r} ({path}) cannot be used: {reason}; register the file again "
+            f"with `edge-pllm models remove {name}` and `edge-pllm models add PATH --name {name}`.",
+            file=path,
+        )
+
+
 class MissingDependencyError(EdgePLLMError, ImportError):
     """An optional dependency that this action needs is not installed."""
 

@@ -131,7 +131,13 @@ def _row_key(row: np.ndarray) -> bytes:
 class LLM:
     """A GGUF model loaded in llama.cpp, with soft-token prefix support."""
 
-    def __init__(self, model_path: str | Path, config: LLMConfig | None = None):
+    def __init__(
+        self,
+        model_path: str | Path,
+        config: LLMConfig | None = None,
+        chat_template: str | None = None,
+    ):
+        """Load the GGUF at `model_path`; `chat_template` (Jinja) stands in for the GGUF's."""
         import llama_cpp  # imported here: loading the shared library is not free
 
         self._lc = llama_cpp
@@ -160,7 +166,7 @@ class LLM:
             ) from exc
         meta = self._llama.metadata
         self.architecture: str = meta.get("general.architecture", "unknown")
-        self.chat_template: str | None = meta.get("tokenizer.chat_template")
+        self.chat_template: str | None = chat_template or meta.get("tokenizer.chat_template")
         self.n_embd: int = self._llama.n_embd()
         # llama.cpp rounds the context up (to a multiple of 256), but llama-cpp-python's
         # token buffer keeps the size asked for: the smaller one is what fits.

@@ -15,6 +15,7 @@ memory nothing of a request or its answer is stored.
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import uuid
@@ -40,6 +41,7 @@ from .items import (
     validate_user,
 )
 from .llm import LLM, Completion, LLMConfig, SamplingConfig
+from .model_registry import get_model, model_bundle
 from .prompts import DEFAULT_STYLE, PromptStyle, fit_prompt
 from .search import CACHE_BUDGET
 from .store import (
@@ -113,17 +115,24 @@ class PersonalLLM:
         passphrase: str | None = None,
         remember_max_chars: int = MAX_ITEM_CHARS,
         cache_budget: int = CACHE_BUDGET,
+        model: str | None = None,
     ):
         """`passphrase` opens (or creates) the history database encrypted at rest
         (SQLCipher; needs `pip install 'edge-pllm[encryption]'`). A remembered turn longer
         than `remember_max_chars` is not stored (the answer says so in `Response.memory`).
         `cache_budget`: the bytes of history vectors kept in memory for search (default 256
-        MiB; 0 searches the database file every time, see `HistoryStore`)."""
+        MiB; 0 searches the database file every time, see `HistoryStore`). `model`: a GGUF
+        registered with `edge-pllm models add` answers in place of the bundle's LLM (see
+        `models`)."""
         check_cache_budget(cache_budget)  # before a bundle is built or a file opened
         self.remember_max_chars = remember_max_chars
         self.home = paths.home(home)
         bundle_path = Path(bundle) if bundle is not None else ensure_default_bundle(self.home)
-        self.bundle: Bundle = load_bundle(bundle_path)
+        self._base: Bundle = load_bundle(bundle_path)
+        self.bundle: Bundle = self._base
+        self.model = model  # the registered model it answers with (None: the bundle's LLM)
+        if model is not None:
+            self.bundle = model_bundle(self.home, get_model(self.home, model), self._base)
         spec = self.bundle.embedder
         self.embedder = Embedder(
             self.bundle.file(spec.file), self.bundle.file(spec.tokenizer), spec.config
@@ -139,13 +148,45 @@ class PersonalLLM:
         self._llm: LLM | None = None
         self._plug: PlugHead | None = None
         self._llm_lock = threading.RLock()
+        self._owns_store = True
+
+    def with_model(self, model: str | None) -> PersonalLLM:
+        """This runtime answering with the registered `model` (None: the bundle's own LLM),
+        over the same store and embedder: its own LLM, loaded on first use. Closing it
+        leaves the store open (this one owns it)."""
+        twin = copy.copy(self)
+        twin.bundle = (
+            model_bundle(self.home, get_model(self.home, model), self._base)
+            if model is not None
+            else self._base
+        )
+        twin._llm, twin._plug, twin._llm_lock = None, None, threading.RLock()
+        twin._owns_store, twin.model = False, model
+        return twin
+
+    @property
+    def base_bundle(self) -> Bundle:
+        """The bundle as loaded, before a registered model took its LLM's place."""
+        return self._base
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the LLM is in memory now."""
+        return self._llm is not None
+
+    def unload(self) -> None:
+        """Let the LLM go (waiting for a generation in progress); it loads again when next
+        used."""
+        with self._llm_lock:
+            self._llm = None
 
     @property
     def llm(self) -> LLM:
         """The language model, loaded on first use (adding history does not need it)."""
         with self._llm_lock:
             if self._llm is None:
-                llm = LLM(self.bundle.file(self.bundle.llm.file), self.llm_config)
+                spec = self.bundle.llm
+                llm = LLM(self.bundle.file(spec.file), self.llm_config, spec.chat_template)
                 head = self.bundle.plug
                 if head is not None and head.adapter_file is not None:
                     try:
@@ -176,7 +217,8 @@ class PersonalLLM:
         return self._plug
 
     def close(self) -> None:
-        self.store.close()
+        if self._owns_store:
+            self.store.close()
 
     def __enter__(self) -> PersonalLLM:
         return self

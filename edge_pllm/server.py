@@ -47,6 +47,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -71,11 +72,13 @@ from .errors import (
     PassphraseError,
     SoftTokenShapeError,
     StoreMismatchError,
+    UnknownModelError,
     UnknownStrategyError,
     UnknownUserError,
 )
 from .items import validate_user
 from .llm import SamplingConfig
+from .model_registry import list_models
 from .personal import DEFAULT_STRATEGY, PersonalLLM, Prepared
 from .personal import Response as Answer
 
@@ -104,6 +107,7 @@ class ServerConfig:
     read_timeout: float = 30.0  # seconds a client may stall while sending a body
     body_timeout: float = 60.0  # seconds a whole body may take, however it trickles
     remember: bool = False  # memory for requests that do not say (edge_pllm.remember)
+    max_loaded: int = 1  # models kept in memory at once (the least recently used goes)
 
 
 def is_loopback(host: str) -> bool:
@@ -127,6 +131,7 @@ class HTTPError(Exception):
 # bases); tests/test_server.py checks that none is left to fall through to 500.
 _STATUS: list[tuple[type[Exception], int, str]] = [
     (UnknownUserError, 404, "not_found_error"),
+    (UnknownModelError, 404, "invalid_request_error"),
     (ItemNotFoundError, 404, "not_found_error"),
     (AnswerNotFoundError, 404, "not_found_error"),
     (ContextOverflowError, 400, "context_length_exceeded"),
@@ -157,6 +162,8 @@ def error_body(exc: Exception) -> tuple[int, dict[str, Any]]:
         status, type_ = status_of(exc)
         param = getattr(exc, "field", None)
     body: dict[str, Any] = {"message": str(exc), "type": type_, "param": param, "code": None}
+    if isinstance(exc, UnknownModelError):  # as OpenAI answers a model it does not have
+        body["code"], body["param"] = "model_not_found", "model"
     if isinstance(exc, ContextOverflowError):
         body["code"] = "context_length_exceeded"
         body["details"] = {
@@ -230,7 +237,10 @@ class Service:
 
     def __init__(self, pllm: PersonalLLM, config: ServerConfig):
         self.pllm, self.config = pllm, config
-        self.model_id = f"edge-pllm/{pllm.bundle.name}"
+        self.model_id = f"edge-pllm/{pllm.model or pllm.base_bundle.name}"
+        # Every model answered with so far, least recently used first (`runtime`).
+        self._runtimes: OrderedDict[str | None, PersonalLLM] = OrderedDict({pllm.model: pllm})
+        self._runtimes_lock = threading.Lock()
         # Model work waits for the runtime's one llama context in threads of its own, so
         # the default executor stays free for history and search requests meanwhile.
         self._generation = ThreadPoolExecutor(GENERATION_THREADS, "edge-pllm-generation")
@@ -256,6 +266,45 @@ class Service:
         with self._busy_lock:
             self._busy += 1
         return self._generation.submit(counted)
+
+    # --- models ------------------------------------------------------------------------------
+
+    def known(self) -> dict[str, str | None]:
+        """Every model id this server answers to: the bundle's LLM and each registered
+        model (`edge-pllm models add`), each with its registered name (None: the bundle's)."""
+        ids: dict[str, str | None] = {self.id_of(None): None}
+        ids.update({self.id_of(m.name): m.name for m in list_models(self.pllm.home)})
+        return ids
+
+    def id_of(self, name: str | None) -> str:
+        """The id a client names a model by: `edge-pllm/NAME` (the bundle's own LLM: the
+        bundle's name)."""
+        return f"edge-pllm/{name or self.pllm.base_bundle.name}"
+
+    def runtime(self, model: str | None) -> PersonalLLM:
+        """The runtime answering with `model` (an id from `known`, or its bare name; None:
+        the one the server was started with). UnknownModelError (404) for another name."""
+        if model is None or model == self.model_id:
+            return self.pllm
+        known = self.known()
+        key = model if model in known else self.id_of(model)
+        if key not in known:
+            raise UnknownModelError(model, list(known))
+        name = known[key]
+        with self._runtimes_lock:
+            runtime = self._runtimes.get(name)
+            if runtime is None:
+                runtime = self._runtimes[name] = self.pllm.with_model(name)
+            return runtime
+
+    def _make_room(self, runtime: PersonalLLM) -> None:
+        """Before `runtime` generates (in a generation thread): the least recently used
+        other models are unloaded so that at most `max_loaded` stay in memory."""
+        with self._runtimes_lock:
+            self._runtimes.move_to_end(runtime.model)
+            others = [r for r in self._runtimes.values() if r is not runtime and r.loaded]
+        for other in others[: max(0, len(others) - (self.config.max_loaded - 1))]:
+            other.unload()
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -363,19 +412,21 @@ class Service:
             prompt = req.text
         user, strategy, remember = self.personalization(req)
         sampling = self.sampling(req)
+        pllm = await asyncio.to_thread(self.runtime, req.model)
         created = int(time.time())
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        head = _Head(rid, created, chat, self.id_of(pllm.model))
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            head = _Head(rid, created, chat, self.model_id)
             return await self.stream(
-                request, head, user, prompt, strategy, sampling, remember, usage
+                request, pllm, head, user, prompt, strategy, sampling, remember, usage
             )
         loop = asyncio.get_running_loop()
         prepared_box: list[Prepared] = []
 
         def work() -> Answer:
-            return self.pllm.generate(
+            self._make_room(pllm)
+            return pllm.generate(
                 user,
                 prompt,
                 strategy=strategy,
@@ -402,7 +453,7 @@ class Service:
                 "id": rid,
                 "object": "chat.completion" if chat else "text_completion",
                 "created": created,
-                "model": self.model_id,
+                "model": head.model,
                 "choices": [choice],
                 "usage": _usage(answer),
                 "edge_pllm": self.extension(prepared_box[0], answer),
@@ -412,6 +463,7 @@ class Service:
     async def stream(
         self,
         request: Request,
+        pllm: PersonalLLM,
         head: _Head,
         user: str,
         prompt: Any,
@@ -447,7 +499,8 @@ class Service:
                 loop.call_soon_threadsafe(ready.set_result, p)
 
             done: list[Answer] = []
-            pieces = self.pllm.stream(
+            self._make_room(pllm)
+            pieces = pllm.stream(
                 user,
                 prompt,
                 strategy=strategy,
@@ -587,24 +640,29 @@ class Service:
     async def models(self, request: Request) -> Response:
         if self._plug is None:  # known for good once asked (it may load the model once)
             self._plug = await asyncio.to_thread(self.pllm.head_usable)
-        plug = self._plug
-        b = self.pllm.bundle
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": self.model_id,
-                        "object": "model",
-                        "created": 0,
-                        "owned_by": "edge-pllm",
-                        "llm": b.llm.file,
-                        "quantization": b.llm.quantization,
-                        "plug": plug,
-                    }
-                ],
-            }
-        )
+        base = self.pllm.base_bundle
+        head = base.plug.llm_sha256 if base.plug is not None else None
+        data = []
+        for record in await asyncio.to_thread(self._descriptions):
+            name, quantization, sha = record
+            served = name == self.pllm.model
+            data.append(
+                {
+                    "id": self.id_of(name),
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "edge-pllm",
+                    "quantization": quantization,
+                    "plug": self._plug if served else (head is not None and sha in (None, head)),
+                }
+            )
+        return JSONResponse({"object": "list", "data": data})
+
+    def _descriptions(self) -> list[tuple[str | None, str, str | None]]:
+        """(registered name, quantization, sha256) of every model: the bundle's first."""
+        base = self.pllm.base_bundle
+        models = [(None, base.llm.quantization, None)]
+        return models + [(m.name, m.quantization, m.sha256) for m in list_models(self.pllm.home)]
 
 
 def check_url(scope: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ in any environment, and running one without the `[export]` extra says what to in
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,26 @@ import click
 
 from edge_pllm.cli import Context, plain_errors
 from edge_pllm.defaults import default_bundle_path, ensure_default_bundle
+from edge_pllm.errors import MissingDependencyError
 from edge_pllm.files import atomic_write
 
 from .pplug.config import config_options
+
+
+def workstation(fn: Any) -> Any:
+    """A command that needs the workstation's packages: without them (the device install),
+    one sentence that names the extra to install, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ModuleNotFoundError as exc:
+            name = (exc.name or "a package").split(".")[0]
+            command = click.get_current_context().command_path
+            raise MissingDependencyError(name, "export", f"`{command}`") from None
+
+    return wrapper
 
 
 def register_commands(cli: click.Group) -> None:
@@ -56,6 +74,7 @@ def _print_json(data: Any) -> None:
 )
 @click.option("--dry-run", is_flag=True, help="Print what would be made, make nothing.")
 @plain_errors
+@workstation
 def export_llm_command(
     source: str,
     out_dir: str,
@@ -110,6 +129,7 @@ def quantization_option(flag: str) -> Any:
 @quantization_option("--quantization")
 @click.option("--dry-run", is_flag=True, help="Print what would be made, make nothing.")
 @plain_errors
+@workstation
 def export_embedder_command(source: str, out_dir: str, quantization: str, dry_run: bool) -> None:
     """A sentence-transformers SOURCE folder -> ONNX fp32 and int8, with a parity report and
     the bundle manifest's `embedder` entry (embedder.parity.json)."""
@@ -142,6 +162,7 @@ def export_embedder_command(source: str, out_dir: str, quantization: str, dry_ru
 @click.option("--overwrite", is_flag=True)
 @click.option("--dry-run", is_flag=True, help="Print what would be made, make nothing.")
 @plain_errors
+@workstation
 def export_bundle_command(
     llm_gguf: str,
     embedder_source: str,
@@ -192,6 +213,7 @@ def export_bundle_command(
 @click.option("--dry-run", is_flag=True, help="Print what would be made, make nothing.")
 @click.pass_context
 @plain_errors
+@workstation
 def export_default_command(
     ctx: click.Context,
     out_dir: str | None,
@@ -238,6 +260,7 @@ def export_default_command(
 )
 @click.pass_context
 @plain_errors
+@workstation
 def train_plug(
     ctx: click.Context, task_dir: str, out_dir: str | None, attach: bool, **options: Any
 ) -> None:
@@ -344,6 +367,7 @@ def train_plug(
     "--report", type=click.Path(dir_okay=False), help="Also write the counts as Markdown here."
 )
 @plain_errors
+@workstation
 def corpus_command(
     snapshots: str,
     out_dir: str,

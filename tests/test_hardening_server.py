@@ -31,6 +31,8 @@ from edge_pllm.server import ServerConfig, create_app
 
 from .security_support import asgi_request
 
+MODEL = "edge-pllm/default"  # the default bundle's own LLM, as the server names it
+
 SETTINGS = dict(
     deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
 )
@@ -160,7 +162,7 @@ def test_unsupported_or_out_of_range_fields_are_refused(app, field, value):
 
 def test_what_openai_clients_send_by_default_is_accepted(app):
     body = {
-        "model": "m",
+        "model": MODEL,
         "user": "alice",
         "messages": [
             {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
@@ -176,7 +178,7 @@ def test_what_openai_clients_send_by_default_is_accepted(app):
     }
     reply = asgi_request(app, "POST", CHAT, json_body=body)
     assert reply.status_code == 200, reply.text
-    completion = {"model": "m", "user": "alice", "prompt": ["hi"], "echo": False, "best_of": 1}
+    completion = {"model": MODEL, "user": "alice", "prompt": ["hi"], "echo": False, "best_of": 1}
     assert asgi_request(app, "POST", "/v1/completions", json_body=completion).status_code == 200
 
 

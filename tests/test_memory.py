@@ -331,6 +331,8 @@ from edge_pllm.server import ServerConfig, create_app  # noqa: E402
 from .security_support import asgi_request  # noqa: E402
 from .server_support import Raw, Running, free_port  # noqa: E402
 
+MODEL = "edge-pllm/default"  # the default bundle's own LLM, as the server names it
+
 
 @pytest.fixture(scope="module")
 def server(shared):
@@ -346,7 +348,7 @@ def test_memory_and_feedback_through_the_openai_client_and_plain_http(server):
 
     def ask(content: str, **extension):
         return c.chat.completions.create(
-            model="m",
+            model=MODEL,
             messages=[{"role": "user", "content": content}],
             user=user,
             max_tokens=2,
@@ -370,7 +372,7 @@ def test_memory_and_feedback_through_the_openai_client_and_plain_http(server):
     # A stream says what it stored in its last chunk.
     chunks = list(
         c.chat.completions.create(
-            model="m",
+            model=MODEL,
             messages=[{"role": "user", "content": "Rye or spelt?"}],
             user=user,
             max_tokens=2,

