@@ -9,7 +9,8 @@ entered) and reads each file it knows by its type:
   its subject and body, without headers, quoted replies or the signature;
 - ChatGPT's data export (`conversations.json`): the person's own turns in every branch of
   every conversation, never the assistant's;
-- chat messages as JSON lines (`.jsonl`, `{"role", "content"}` a line): the user's turns.
+- chat messages as JSON lines (`.jsonl`, `{"role", "content"}` a line): the user's turns;
+- PDF (`.pdf`): its text layer, page by page (needs the `[pdf]` extra: pypdf).
 
 A text longer than the embedder reads (`PART_CHARS`) is split into parts on paragraph,
 then sentence, boundaries, with a small overlap, each part an item of its own that names
@@ -291,6 +292,27 @@ def read_chat_lines(data: bytes) -> list[Piece]:
     return pieces
 
 
+def read_pdf(data: bytes) -> list[Piece]:
+    """A PDF's text layer, a piece per page (a scanned page without one gives nothing)."""
+    try:
+        from pypdf import PdfReader
+        from pypdf.errors import PyPdfError
+    except ImportError:
+        raise ReadError(
+            "a PDF needs pypdf, which is not installed; run `pip install 'edge-pllm[pdf]'`"
+        ) from None
+    import io
+    import logging
+
+    logging.getLogger("pypdf").setLevel(logging.ERROR)  # its warnings are ours to report
+    try:
+        pages = PdfReader(io.BytesIO(data), strict=True).pages
+        texts = [(page.extract_text() or "").strip() for page in pages]
+    except (PyPdfError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ReadError(f"not a readable PDF ({type(exc).__name__}: {exc})") from None
+    return [Piece(text, NOTE_KIND, None, f"page {n}") for n, text in enumerate(texts, 1) if text]
+
+
 Reader = Callable[[Path, bytes, Collection[str]], list[Piece]]
 
 READERS: dict[str, Reader] = {
@@ -299,6 +321,7 @@ READERS: dict[str, Reader] = {
     ".eml": lambda p, d, me: read_eml(d, me),
     ".mbox": lambda p, d, me: read_mbox(p, me),
     ".jsonl": lambda p, d, me: read_chat_lines(d),
+    ".pdf": lambda p, d, me: read_pdf(d),
 }
 CHATGPT_EXPORT = "conversations.json"
 

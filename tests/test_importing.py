@@ -255,3 +255,23 @@ def test_remembered_questions_do_not_crowd_out_the_notes_that_answer_them(pllm, 
         assert note in shown, (question, shown)
         # The turns still count when nothing the person kept is near: they fill the places.
         assert len(shown) == 3
+
+
+def test_a_pdf_made_by_a_library_gives_its_pages_and_a_truncated_one_is_reported(pllm, tmp_path):
+    fpdf = pytest.importorskip("fpdf")
+    pytest.importorskip("pypdf")
+    pdf = fpdf.FPDF()
+    pdf.set_font("Helvetica", size=12)
+    for text in ("The greenhouse opens at seven.", "Compost the leaves in October."):
+        pdf.add_page()
+        pdf.multi_cell(0, 8, text)
+    data = bytes(pdf.output())
+    (tmp_path / "garden.pdf").write_bytes(data)
+    (tmp_path / "cut.pdf").write_bytes(data[: len(data) // 2])
+    report = pllm.import_paths("ann", [tmp_path])
+    got = texts(pllm, "ann")
+    assert got == ["Compost the leaves in October.", "The greenhouse opens at seven."]
+    pages = {i.text: i.metadata["source"]["in"] for i in pllm.store.items("ann")}
+    assert pages["Compost the leaves in October."] == "page 2"
+    assert report.skipped == [(str(tmp_path / "cut.pdf"), report.skipped[0][1])]
+    assert "not a readable PDF" in report.skipped[0][1]
