@@ -152,7 +152,7 @@ def read_html(data: bytes) -> list[Piece]:
     return [Piece(html_text(_text(data)))]
 
 
-_QUOTE_HEAD = re.compile(r"^(On .+ wrote:|Le .+ a écrit :|Am .+ schrieb .+:)\s*$")
+_QUOTE_HEAD = re.compile(r"(?:On .+ wrote:|Le .+ a écrit :|Am .+ schrieb .+:)\s*")  # fullmatch
 
 
 def own_words(body: str) -> str:
@@ -163,9 +163,9 @@ def own_words(body: str) -> str:
     for line in body.splitlines():
         if line.rstrip() == "--" and line.startswith("--"):  # the signature separator "-- "
             break
-        if re.match(r"^-{2,}\s*(Original|Forwarded) Message\s*-{2,}", line.strip(), re.I):
+        if re.search(r"\A-{2,}\s*(?:Original|Forwarded) Message\s*-{2,}", line.strip(), re.I):
             break
-        if line.lstrip().startswith(">") or _QUOTE_HEAD.match(line.strip()):
+        if line.lstrip().startswith(">") or _QUOTE_HEAD.fullmatch(line.strip()):
             continue
         kept.append(line)
     return "\n".join(kept).strip()
