@@ -6,12 +6,13 @@ draws one answer from one prompt with the request's sampling, streamed as it is 
 `Consensus` (consensus.py) draws several from each member's prompt and keeps the one the
 others agree with, so it answers whole. `Drawer` is the one place that turns a prepared
 prompt into text through the LLM (the user's opening put on, a one-line answer cut at its
-line). A package adds a decoder with `register_decoder`, as `strategies.register` adds a
-prompt strategy.
+line). A package adds strategies and decoders through an `edge_pllm.strategies` entry
+point (`load_plugins`), as commands join the CLI through `edge_pllm.commands`.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Generator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field, replace
@@ -183,8 +184,34 @@ def register_decoder(name: str, factory: DecoderFactory) -> None:
     DECODERS[name] = factory
 
 
+PLUGINS_GROUP = "edge_pllm.strategies"
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Call, once, every `edge_pllm.strategies` entry point other packages declare: each
+    is a function that adds its strategies (`strategies.register`) and decoders
+    (`register_decoder`). A broken one is reported as a warning; the others load."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    from importlib import metadata
+
+    for entry in metadata.entry_points(group=PLUGINS_GROUP):
+        try:
+            entry.load()()
+        except Exception as exc:  # a broken plugin must not take the runtime down with it
+            warnings.warn(
+                f"Could not load the strategies of {entry.value} ({exc}).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+
 def names() -> list[str]:
     """Every strategy and decoder name a spec may start with."""
+    load_plugins()
     return sorted({*REGISTRY, *DECODERS})
 
 
@@ -193,6 +220,7 @@ def resolve(spec: str | Strategy | Decoder) -> Plan:
     members' prompts, drawn by consensus), either with `+opening` (every prompt opening
     the way the user opens theirs); a Strategy or Decoder object stands for itself.
     UnknownStrategyError for a name neither registry has."""
+    load_plugins()
     if isinstance(spec, Decoder):
         return Plan(spec.name, tuple(get_strategy(m) for m in spec.members), spec)
     if not isinstance(spec, str):
@@ -205,7 +233,8 @@ def resolve(spec: str | Strategy | Decoder) -> Plan:
     name, _, k_text = spec.partition(":")
     if name not in DECODERS:
         try:
-            return Plan(spec, (get_strategy(spec),), Direct())
+            strategy = get_strategy(spec)
         except UnknownStrategyError:
             raise UnknownStrategyError(name, names()) from None
+        return Plan(strategy.name, (strategy,), Direct())
     return resolve(DECODERS[name](spec_k(spec, k_text)))

@@ -436,7 +436,8 @@ class PersonalLLM:
         prepared = [
             self.prepare(user, prompt, p, sampling, style, vectors=vectors) for p in plan.prompts
         ]
-        return plan.decoder.draw(Drawer(self.llm), prepared, sampling, style)
+        chosen, text, completion = plan.decoder.draw(Drawer(self.llm), prepared, sampling, style)
+        return replace(chosen, strategy=plan.name), text, completion
 
     # --- memory and feedback ----------------------------------------------------------------
 
