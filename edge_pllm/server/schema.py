@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
-from .errors import InvalidInputError
-from .items import MAX_ITEM_CHARS, validate_user
-from .jsonio import parse_json
+from ..errors import InvalidInputError
+from ..items import MAX_ITEM_CHARS, validate_user
+from ..jsonio import parse_json
 
 try:
     from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError

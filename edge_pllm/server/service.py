@@ -1,49 +1,13 @@
-"""A local OpenAI-compatible server: the request's `user` field selects whose history
-personalizes the answer.
-
-    edge-pllm serve                     # 127.0.0.1:8400, no auth on loopback
-
-- `POST /v1/chat/completions`, `POST /v1/completions` (streaming with SSE, or not); the
-  strategy is chosen per request with the extension field `edge_pllm: {"strategy": ...}`,
-  else the server default. `GET /v1/models` lists the loaded bundle.
-- History: `POST/GET /v1/users/{user}/history`, `GET /v1/users/{user}/search?q=&k=`,
-  `POST /v1/users/{user}/feedback`,
-  `DELETE /v1/users/{user}/history/{id}`, `DELETE /v1/users/{user}`,
-  `GET /v1/users/{user}/export` (JSON lines).
-- Errors are OpenAI-style bodies mapped from typed exceptions (never from message text).
-- llama.cpp contexts are not safe for concurrent use: generations are serialized by the
-  runtime's lock and wait for it in generation threads of their own; nothing on the event
-  loop touches the model, so history, search and `/v1/models` answer while it generates.
-  `usage` and `finish_reason` are the generation's own; `stream_options.include_usage`
-  adds OpenAI's usage chunk (no choices) before `[DONE]`.
-- Bearer-token auth: optional on loopback, required on any other address.
-- Every request is parsed by one schema (`schema.py`): strict types, bounded numbers, no
-  unknown fields, and OpenAI fields this server does not implement (`n > 1`, `logprobs`,
-  `tools`, `response_format` other than text, ...) refused with a 400 that names them.
-  Bodies over `max_body_bytes` are refused with 413 while they are read (chunked ones
-  too), a body that stalls for `read_timeout` seconds with 408, and a connection whose
-  headers do not arrive within `read_timeout` is closed. No error is ever plain text.
-- A user the store has never seen gets the plain prompt (`edge_pllm.fallback` says so).
-- Memory is opt-in: `edge_pllm: {"remember": true}` on a request (or `serve --remember` for
-  every request that does not say `false`) stores the user's last turn as a history item
-  (kind "turn") once the answer is complete and its client still there, and keeps the
-  answer under the response's `id` for `POST /v1/users/{user}/feedback`
-  (`{"answer_id", "rating": 1 | -1}` or `{"answer_id", "edit": "..."}`). `edge_pllm.memory`
-  says what was stored (in a stream's last chunk).
-
-Each response carries `edge_pllm` with what personalized it (strategy, history item ids,
-and a fingerprint of the soft tokens), so clients and tests can see what the runtime used.
-"""
+"""The endpoints over one PersonalLLM (and the registered models it can answer with):
+generation in threads of its own, streamed or not, history, search, feedback, models."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import hashlib
-import ipaddress
 import json
 import secrets
-import socket
 import threading
 import time
 import uuid
@@ -52,126 +16,19 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote_to_bytes
 
 import numpy as np
 
+from ..errors import UnknownModelError
+from ..items import validate_user
+from ..llm import SamplingConfig
+from ..model_registry import list_models
+from ..personal import PersonalLLM, Prepared
+from ..personal import Response as Answer
 from . import schema
-from .errors import (
-    AddressError,
-    AnswerNotFoundError,
-    BundleError,
-    ContextOverflowError,
-    EdgePLLMError,
-    ExportError,
-    ExtensionLoadingError,
-    InvalidInputError,
-    ItemNotFoundError,
-    LLMError,
-    MissingDependencyError,
-    PassphraseError,
-    SoftTokenShapeError,
-    StoreMismatchError,
-    UnknownModelError,
-    UnknownStrategyError,
-    UnknownUserError,
-)
-from .items import validate_user
-from .llm import SamplingConfig
-from .model_registry import list_models
-from .personal import DEFAULT_STRATEGY, PersonalLLM, Prepared
-from .personal import Response as Answer
-
-try:
-    from starlette.applications import Starlette
-    from starlette.middleware import Middleware
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response, StreamingResponse
-    from starlette.routing import Route
-except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise MissingDependencyError("starlette", "server", "The server") from exc
-
-DEFAULT_PORT = 8400
-GENERATION_THREADS = 64  # requests waiting for the model at once; more queue behind them
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    api_key: str | None = None
-    default_strategy: str = DEFAULT_STRATEGY
-    default_user: str | None = None  # for clients that cannot send `user`
-    max_body_bytes: int = 1_000_000
-    max_tokens_limit: int = 1024
-    read_timeout: float = 30.0  # seconds a client may stall while sending a body
-    body_timeout: float = 60.0  # seconds a whole body may take, however it trickles
-    remember: bool = False  # memory for requests that do not say (edge_pllm.remember)
-    max_loaded: int = 1  # models kept in memory at once (the least recently used goes)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-class HTTPError(Exception):
-    """An error with its HTTP status and OpenAI-style type, raised by request handling."""
-
-    def __init__(self, status: int, message: str, type_: str, param: str | None = None):
-        self.status, self.message, self.type, self.param = status, message, type_, param
-        super().__init__(message)
-
-
-# Every error class of errors.py, by type (the first match wins: subclasses before their
-# bases); tests/test_server.py checks that none is left to fall through to 500.
-_STATUS: list[tuple[type[Exception], int, str]] = [
-    (UnknownUserError, 404, "not_found_error"),
-    (UnknownModelError, 404, "invalid_request_error"),
-    (ItemNotFoundError, 404, "not_found_error"),
-    (AnswerNotFoundError, 404, "not_found_error"),
-    (ContextOverflowError, 400, "context_length_exceeded"),
-    (UnknownStrategyError, 400, "invalid_request_error"),
-    (SoftTokenShapeError, 400, "invalid_request_error"),
-    (InvalidInputError, 400, "invalid_request_error"),
-    (PassphraseError, 403, "permission_error"),
-    (BundleError, 409, "model_error"),
-    (StoreMismatchError, 409, "model_error"),
-    (LLMError, 503, "model_error"),
-    (ExportError, 503, "model_error"),
-    (ExtensionLoadingError, 503, "service_unavailable_error"),
-    (MissingDependencyError, 503, "service_unavailable_error"),
-    (AddressError, 503, "service_unavailable_error"),
-]
-
-
-def status_of(exc: BaseException) -> tuple[int, str]:
-    """The HTTP status and OpenAI-style error type for `exc` (500, "server_error" for an
-    exception edge-pllm does not raise on purpose: a bug)."""
-    return next(((s, t) for cls, s, t in _STATUS if isinstance(exc, cls)), (500, "server_error"))
-
-
-def error_body(exc: Exception) -> tuple[int, dict[str, Any]]:
-    if isinstance(exc, HTTPError):
-        status, type_, param = exc.status, exc.type, exc.param
-    else:
-        status, type_ = status_of(exc)
-        param = getattr(exc, "field", None)
-    body: dict[str, Any] = {"message": str(exc), "type": type_, "param": param, "code": None}
-    if isinstance(exc, UnknownModelError):  # as OpenAI answers a model it does not have
-        body["code"], body["param"] = "model_not_found", "model"
-    if isinstance(exc, ContextOverflowError):
-        body["code"] = "context_length_exceeded"
-        body["details"] = {
-            "prompt_tokens": exc.prompt_tokens,
-            "max_tokens": exc.max_tokens,
-            "n_ctx": exc.n_ctx,
-        }
-    return status, {"error": body}
+from ._web import JSONResponse, Request, Response, StreamingResponse
+from .errors import HTTPError, error_body
+from .settings import GENERATION_THREADS, ServerConfig
 
 
 def _fingerprint(soft: np.ndarray | None) -> str | None:
@@ -665,216 +522,6 @@ class Service:
         return models + [(m.name, m.quantization, m.sha256) for m in list_models(self.pllm.home)]
 
 
-def check_url(scope: dict[str, Any]) -> None:
-    """Refuse a URL whose path or query is not UTF-8 once percent-decoded: the server's
-    framework would replace such bytes with U+FFFD, folding different byte strings into one
-    user name or query. Decoded strictly here, once, before anything reads the URL."""
-    raw = scope.get("raw_path")
-    parts = [raw.split(b"?", 1)[0]] if raw is not None else []
-    for pair in (scope.get("query_string") or b"").split(b"&"):
-        parts.extend(pair.split(b"=", 1))
-    try:
-        if raw is None:  # only the decoded path: it must be text a strict codec accepts
-            scope.get("path", "").encode("utf-8")
-        for part in parts:
-            unquote_to_bytes(part).decode("utf-8")
-    except (UnicodeDecodeError, UnicodeEncodeError):
-        raise HTTPError(
-            400,
-            "The URL is not UTF-8 text once percent-decoded; encode names and queries as UTF-8.",
-            "invalid_request_error",
-        ) from None
-
-
-class StrictURL:
-    """ASGI middleware: every request's URL checked by `check_url` before routing, so a path
-    that is not UTF-8 is a 400 whatever route it would have reached."""
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            try:
-                check_url(scope)
-            except HTTPError as exc:
-                status, body = error_body(exc)
-                await JSONResponse(body, status_code=status)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 def _user(request: Request) -> str:
     """The user named in the URL path, exactly as given (never folded), or a 400."""
     return validate_user(request.path_params["user"])
-
-
-def create_app(pllm: PersonalLLM, config: ServerConfig | None = None) -> Starlette:
-    """The ASGI app. Refuses to run without a key on a non-loopback address."""
-    config = config or ServerConfig()
-    if not is_loopback(config.host) and not config.api_key:
-        raise InvalidInputError(
-            f"Serving on {config.host} (not loopback) needs an API key: pass --api-key or set "
-            "EDGE_PLLM_API_KEY.",
-            field="api_key",
-        )
-    service = Service(pllm, config)
-
-    def endpoint(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
-        async def wrapped(request: Request) -> Response:
-            if config.api_key:
-                given = request.headers.get("authorization", "")
-                # Starlette decodes headers as Latin-1: compare the bytes that were sent with
-                # the key's UTF-8 bytes, so a non-ASCII key works as a client sends it.
-                expected = f"Bearer {config.api_key}".encode()
-                if not secrets.compare_digest(given.encode("latin-1"), expected):
-                    status, body = (
-                        401,
-                        {
-                            "error": {
-                                "message": "Missing or wrong API key.",
-                                "type": "authentication_error",
-                                "param": None,
-                                "code": "invalid_api_key",
-                            }
-                        },
-                    )
-                    return JSONResponse(body, status_code=status)
-            try:
-                return await handler(request)
-            except (EdgePLLMError, HTTPError) as exc:
-                status, body = error_body(exc)
-                # The rest of an oversized or stalled body is not read: end the connection.
-                close = {"connection": "close"} if status in (408, 413) else None
-                return JSONResponse(body, status_code=status, headers=close)
-            except Exception as exc:  # a bug: a 500 with a plain body, the server stays up
-                status, body = error_body(exc)
-                return JSONResponse(body, status_code=status)
-
-        return wrapped
-
-    routes = [
-        Route("/v1/models", endpoint(service.models), methods=["GET"]),
-        Route(
-            "/v1/chat/completions",
-            endpoint(lambda r: service.complete(r, chat=True)),
-            methods=["POST"],
-        ),
-        Route(
-            "/v1/completions", endpoint(lambda r: service.complete(r, chat=False)), methods=["POST"]
-        ),
-        Route("/v1/users/{user}/history", endpoint(service.add_history), methods=["POST"]),
-        Route("/v1/users/{user}/history", endpoint(service.list_history), methods=["GET"]),
-        Route("/v1/users/{user}/search", endpoint(service.search), methods=["GET"]),
-        Route("/v1/users/{user}/feedback", endpoint(service.feedback), methods=["POST"]),
-        Route("/v1/users/{user}/history/{item}", endpoint(service.delete_item), methods=["DELETE"]),
-        Route("/v1/users/{user}", endpoint(service.forget), methods=["DELETE"]),
-        Route("/v1/users/{user}/export", endpoint(service.export), methods=["GET"]),
-    ]
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        # Unknown paths and methods get OpenAI-style JSON bodies too, not plain text.
-        status = getattr(exc, "status_code", 500)
-        detail = getattr(exc, "detail", None) or "Server error."
-        type_ = "not_found_error" if status == 404 else "invalid_request_error"
-        body = {"error": {"message": str(detail), "type": type_, "param": None, "code": None}}
-        return JSONResponse(body, status_code=status)
-
-    async def bug(request: Request, exc: Exception) -> Response:
-        # Outside any endpoint (routing, middleware): still a JSON body, never plain text.
-        status, body = error_body(exc)
-        return JSONResponse(body, status_code=status)
-
-    app = Starlette(
-        routes=routes,
-        exception_handlers={404: http_error, 405: http_error, Exception: bug},
-        middleware=[Middleware(StrictURL)],
-    )
-    # No redirect from `/v1/models/` to `/v1/models`: its Location would be built from the
-    # client's Host header, before authentication.
-    app.router.redirect_slashes = False
-    app.state.service = service
-    return app
-
-
-def uvicorn_config(pllm: PersonalLLM, config: ServerConfig) -> Any:
-    """The uvicorn settings `serve` runs with: the app, and HTTP/1.1 through h11 with a
-    deadline for a request's headers (uvicorn by itself waits for them forever)."""
-    try:
-        import uvicorn
-        from uvicorn.protocols.http.h11_impl import H11Protocol
-    except ImportError as exc:
-        raise MissingDependencyError("uvicorn", "server", "The server") from exc
-
-    class HeaderDeadline(H11Protocol):
-        """Closes a connection whose next request's headers are not complete within
-        `read_timeout` seconds (a stalled or trickling client holds no socket for long)."""
-
-        def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
-            self._arm()
-
-        def _arm(self) -> None:
-            self._waiting_for = self.cycle  # a new cycle means the headers arrived
-            self._deadline = self.loop.call_later(config.read_timeout, self._late)
-
-        def _late(self) -> None:
-            if self.cycle is self._waiting_for and not self.transport.is_closing():
-                self.transport.close()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._deadline.cancel()
-            self._arm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._deadline.cancel()
-            super().connection_lost(exc)
-
-    return uvicorn.Config(
-        create_app(pllm, config),
-        host=config.host,
-        port=config.port,
-        http=HeaderDeadline,
-        log_level="warning",
-    )
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """A socket bound to `host`:`port` (port 0: any free port), or AddressError with the
-    system's reason (a taken port is reported before anything says the server runs)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise AddressError(host, port, exc.strerror or str(exc)) from None
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        raise AddressError(host, port, exc.strerror or str(exc)) from None
-    sock.set_inheritable(True)
-    return sock
-
-
-def serve(
-    pllm: PersonalLLM, config: ServerConfig, on_ready: Callable[[str], None] | None = None
-) -> None:
-    """Run the server until interrupted (Ctrl-C shuts it down cleanly); `on_ready` gets its
-    URL once it accepts connections."""
-    import uvicorn
-
-    sock = listen(config.host, config.port)
-    port = sock.getsockname()[1]
-    host = f"[{config.host}]" if ":" in config.host else config.host
-
-    class Server(uvicorn.Server):
-        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            await super().startup(sockets)
-            if self.started and on_ready is not None:
-                on_ready(f"http://{host}:{port}/v1")
-
-    with sock:
-        Server(uvicorn_config(pllm, config)).run(sockets=[sock])
