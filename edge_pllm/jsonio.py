@@ -9,6 +9,8 @@ know them.
 from __future__ import annotations
 
 import json
+import re
+from itertools import accumulate
 from typing import Any
 
 from .errors import InvalidInputError
@@ -48,6 +50,21 @@ def _depth(value: Any) -> int:
     return deepest
 
 
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def _too_deep(text: str) -> bool:
+    """Whether brackets outside strings nest deeper than MAX_DEPTH, found without parsing:
+    `json` recurses once per level, and a body nested a thousand deep would bring the
+    stack to Python's limit, where any finalizer that runs then (a garbage-collected
+    llama.cpp sampler) fails unseen."""
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    if len(brackets) <= MAX_DEPTH:
+        return False
+    return max(accumulate(1 if c in "[{" else -1 for c in brackets)) > MAX_DEPTH
+
+
 def parse_json(raw: str | bytes, what: str, *, field: str | None = None) -> Any:
     """The value in `raw`, or an InvalidInputError that names `what` and the fault.
 
@@ -61,6 +78,10 @@ def parse_json(raw: str | bytes, what: str, *, field: str | None = None) -> Any:
             raise InvalidInputError(
                 f"{what} is not valid UTF-8 (bad byte at offset {exc.start}).", field=field
             ) from None
+    if _too_deep(raw):
+        raise InvalidInputError(
+            f"{what} is nested too deeply (at most {MAX_DEPTH} levels).", field=field
+        )
     try:
         value = json.loads(
             raw,

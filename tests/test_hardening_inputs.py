@@ -878,3 +878,24 @@ def test_manifest_fuzz_every_field(default_bundle, fuzz_bundle, tmp_path, report
 def test_manifest_fuzz_every_field_many(default_bundle, fuzz_bundle, tmp_path, report_counts):
     outcomes, status = run_manifest_fuzz(default_bundle, fuzz_bundle, tmp_path, MANY * 4)
     report_counts(report_manifests(outcomes, status))
+
+
+def test_deep_nesting_is_refused_before_the_parser_recurses():
+    """Brackets are counted outside strings, before `json` recurses a level per bracket: a
+    body nested thousands deep never brings the stack near Python's limit (where a
+    finalizer that runs, such as a garbage-collected llama.cpp sampler, would fail)."""
+    from edge_pllm.jsonio import MAX_DEPTH, _too_deep, parse_json
+
+    at_limit = "[" * MAX_DEPTH + "]" * MAX_DEPTH
+    assert not _too_deep(at_limit) and parse_json(at_limit, "x") == nest_value(MAX_DEPTH)
+    assert _too_deep("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1))
+    assert _too_deep("[" * 200_000)  # unclosed: refused all the same
+    inside = '{"text": "' + "[{" * 500 + '\\"]}"}'  # brackets in a string are text
+    assert not _too_deep(inside) and parse_json(inside, "x")["text"].startswith("[{[{")
+
+
+def nest_value(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
