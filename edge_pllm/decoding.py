@@ -12,6 +12,7 @@ point (`load_plugins`), as commands join the CLI through `edge_pllm.commands`.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable, Generator, Sequence
 from contextlib import closing
@@ -186,6 +187,7 @@ def register_decoder(name: str, factory: DecoderFactory) -> None:
 
 PLUGINS_GROUP = "edge_pllm.strategies"
 _plugins_loaded = False
+_plugins_lock = threading.RLock()
 
 
 def load_plugins() -> None:
@@ -193,9 +195,14 @@ def load_plugins() -> None:
     is a function that adds its strategies (`strategies.register`) and decoders
     (`register_decoder`). A broken one is reported as a warning; the others load."""
     global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
+    with _plugins_lock:  # a second caller waits for the registries to be whole
+        if _plugins_loaded:
+            return
+        _plugins_loaded = True
+        _load_entry_points()
+
+
+def _load_entry_points() -> None:
     from importlib import metadata
 
     for entry in metadata.entry_points(group=PLUGINS_GROUP):

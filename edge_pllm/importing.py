@@ -26,7 +26,6 @@ from __future__ import annotations
 import email
 import email.policy
 import hashlib
-import json
 import mailbox
 import os
 import re
@@ -42,6 +41,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import InvalidInputError
 from .items import MAX_ITEM_CHARS, NewItem
+from .jsonio import parse_json
 from .store import SourceFile
 
 if TYPE_CHECKING:
@@ -118,19 +118,20 @@ class _Visible(HTMLParser):
         "section",
     }
 
-    def __init__(self) -> None:
+    def __init__(self, quotes: bool = True) -> None:
         super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
         self._hidden = 0
+        self._hide = self._HIDDEN if quotes else self._HIDDEN | {"blockquote"}
 
     def handle_starttag(self, tag: str, attrs: Any) -> None:
-        if tag in self._HIDDEN:
+        if tag in self._hide:
             self._hidden += 1
         elif tag in self._BLOCKS:
             self.parts.append("\n")
 
     def handle_endtag(self, tag: str) -> None:
-        if tag in self._HIDDEN:
+        if tag in self._hide:
             self._hidden = max(0, self._hidden - 1)
         elif tag in self._BLOCKS:
             self.parts.append("\n")
@@ -140,8 +141,10 @@ class _Visible(HTMLParser):
             self.parts.append(data)
 
 
-def html_text(html: str) -> str:
-    parser = _Visible()
+def html_text(html: str, quotes: bool = True) -> str:
+    """The visible text of `html`; without `quotes`, no `<blockquote>` (a mail's quoted
+    reply)."""
+    parser = _Visible(quotes)
     parser.feed(html)
     parser.close()
     lines = (" ".join(line.split()) for line in "".join(parser.parts).splitlines())
@@ -165,6 +168,8 @@ def own_words(body: str) -> str:
             break
         if re.search(r"\A-{2,}\s*(?:Original|Forwarded) Message\s*-{2,}", line.strip(), re.I):
             break
+        if re.fullmatch(r"_{8,}", line.strip()):  # Outlook: a rule, then the quoted headers
+            break
         if line.lstrip().startswith(">") or _QUOTE_HEAD.fullmatch(line.strip()):
             continue
         kept.append(line)
@@ -182,7 +187,8 @@ def _body(message: Message) -> str:
         content = part.get_content()
     except (LookupError, ValueError) as exc:
         raise ReadError(f"a message part cannot be decoded ({exc})") from None
-    return html_text(content) if part.get_content_type() == "text/html" else content
+    html = part.get_content_type() == "text/html"
+    return html_text(content, quotes=False) if html else content
 
 
 def _date(message: Message) -> str | None:
@@ -244,9 +250,9 @@ def read_chatgpt(data: bytes) -> list[Piece]:
     """The person's turns of a ChatGPT export (every branch: an edited question and the
     original are both theirs), oldest first within each conversation."""
     try:
-        conversations = json.loads(_text(data))
-    except json.JSONDecodeError as exc:
-        raise ReadError(f"not JSON ({exc.msg} at line {exc.lineno})") from None
+        conversations = parse_json(_text(data), "the export")
+    except InvalidInputError as exc:
+        raise ReadError(str(exc).rstrip(".")) from None
     if not isinstance(conversations, list) or not all(
         isinstance(c, dict) and isinstance(c.get("mapping"), dict) for c in conversations
     ):
@@ -281,9 +287,9 @@ def read_chat_lines(data: bytes) -> list[Piece]:
         if not line.strip():
             continue
         try:
-            message = json.loads(line)
-        except json.JSONDecodeError:
-            raise ReadError(f"line {n} is not JSON") from None
+            message = parse_json(line, f"line {n}")
+        except InvalidInputError:
+            raise ReadError(f"line {n} is not JSON (or not JSON this reads)") from None
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise ReadError(f"line {n} is not a chat message (an object with a 'role')")
         content = message.get("content")
@@ -397,9 +403,12 @@ def items_of(path: str, pieces: Sequence[Piece], written: str | None = None) -> 
 # --- the walk -------------------------------------------------------------------------------
 
 
-def walk(paths: Sequence[str | os.PathLike[str]]) -> Iterator[tuple[Path, Path | None]]:
+def walk(
+    paths: Sequence[str | os.PathLike[str]], walked: set[Path] | None = None
+) -> Iterator[tuple[Path, Path | None]]:
     """Every file under `paths` (files as given; folders recursively, hidden ones and
-    symbolic links not followed), each with the folder it was found in (None: given)."""
+    symbolic links not followed), each with the folder it was found in (None: given);
+    `walked` collects the folders listed whole (one that cannot be read is not)."""
     for given in paths:
         root = Path(given).expanduser().resolve()
         if not root.exists():
@@ -408,6 +417,8 @@ def walk(paths: Sequence[str | os.PathLike[str]]) -> Iterator[tuple[Path, Path |
             yield root, None
             continue
         for folder, dirs, files in os.walk(root):
+            if walked is not None:
+                walked.add(Path(folder))
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(files):
                 file = Path(folder) / name
@@ -439,9 +450,12 @@ def import_paths(
     known = {r.file.path: r.file for r in store.sources(user)}
     roots: set[Path] = set()
     seen: set[str] = set()
-    for path, root in walk(paths):
+    walked: set[Path] = set()  # folders read whole: only there is a missing file gone
+    for path, root in walk(paths, walked):
         if root is not None:
             roots.add(root)
+        if str(path) in seen:  # a file given and also found in a folder given: once
+            continue
         seen.add(str(path))
         read = reader_for(path)
         if read is None:
@@ -449,18 +463,32 @@ def import_paths(
             continue
         report.files += 1
         try:
+            if not _is_utf8(str(path)):
+                raise ReadError("its name is not UTF-8 text; rename it")
             _import_file(pllm, user, path, read, known.get(str(path)), me, report)
-        except (ReadError, OSError, InvalidInputError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            report.skipped.append((str(path), reason))
+        except (ReadError, InvalidInputError) as exc:
+            report.skipped.append((str(path), str(exc)))
+        except OSError as exc:
+            report.skipped.append((str(path), exc.strerror or str(exc)))
+        except Exception as exc:  # a reader's library failing on a hostile file: skip it
+            report.skipped.append((str(path), f"cannot be read ({type(exc).__name__}: {exc})"))
         if progress is not None:
             progress(path)
     for path in known:
-        under = any(Path(path).is_relative_to(r) for r in roots)
-        if under and path not in seen and not Path(path).exists():
+        file = Path(path)
+        gone = file.parent in walked and any(file.is_relative_to(r) for r in roots)
+        if gone and path not in seen and not os.path.lexists(path):
             report.removed += store.drop_source(user, path)
             report.removed_files += 1
     return report
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _import_file(

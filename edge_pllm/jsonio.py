@@ -50,7 +50,8 @@ def _depth(value: Any) -> int:
     return deepest
 
 
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+# Possessive: a string that never closes is read once, never backtracked (linear time).
+_STRING = re.compile(r'"(?:[^"\\]|\\.?)*+(?:"|\Z)', re.S)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 
 

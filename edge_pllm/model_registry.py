@@ -138,6 +138,7 @@ def add_model(
     stat = file.stat()
     digest = sha256_file(file, progress)
     private_dir(folder)
+    (folder / LINK).unlink(missing_ok=True)  # left by an add that did not finish
     linked = True
     try:
         os.link(file, folder / LINK)
@@ -192,7 +193,7 @@ def get_model(home: Path, name: str) -> ModelRecord:
 def remove_model(home: Path, name: str) -> ModelRecord:
     """Unregister `name` (its hard link goes; the person's own file stays)."""
     record = get_model(home, name)
-    folder = models_dir(home) / record.name
+    folder = models_dir(home) / check_name(name)
     for child in (folder / LINK, folder / RECORD):
         child.unlink(missing_ok=True)
     with contextlib.suppress(OSError):

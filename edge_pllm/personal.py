@@ -149,6 +149,7 @@ class PersonalLLM:
         self._plug: PlugHead | None = None
         self._llm_lock = threading.RLock()
         self._owns_store = True
+        self._family: list[PersonalLLM] = [self]  # the runtimes over this store
 
     def with_model(self, model: str | None) -> PersonalLLM:
         """This runtime answering with the registered `model` (None: the bundle's own LLM),
@@ -162,6 +163,7 @@ class PersonalLLM:
         )
         twin._llm, twin._plug, twin._llm_lock = None, None, threading.RLock()
         twin._owns_store, twin.model = False, model
+        self._family.append(twin)  # the same list: a shallow copy shares it
         return twin
 
     @property
@@ -268,7 +270,10 @@ class PersonalLLM:
         removes what a folder no longer holds; `me` names the person's mail addresses."""
         from .importing import import_paths  # mail and HTML parsers: only when importing
 
-        return import_paths(self, validate_user(user), paths, me=me, progress=progress)
+        report = import_paths(self, validate_user(user), paths, me=me, progress=progress)
+        if report.removed:
+            self._drop_cached_prompt()  # what changed or went stays in no cached prompt
+        return report
 
     def search(self, user: str, query: str, k: int = 5) -> list[SearchHit]:
         """`user`'s `k` history items nearest to the text `query` (cosine), nearest first.
@@ -277,9 +282,12 @@ class PersonalLLM:
         return self.store.search(user, self.embedder.embed_one(query), k)
 
     def _drop_cached_prompt(self) -> None:
-        with self._llm_lock:
-            if self._llm is not None:
-                self._llm.reset()
+        """Empty the KV cache of this runtime and of every `with_model` one over the same
+        store: erased text stays in no model's cached prompt."""
+        for runtime in self._family:
+            with runtime._llm_lock:
+                if runtime._llm is not None:
+                    runtime._llm.reset()
 
     # --- generation ---------------------------------------------------------------------------
 

@@ -461,6 +461,8 @@ class HistoryStore:
                         "INSERT OR IGNORE INTO source_items (source_id, item_id) VALUES (?, ?)",
                         (source_id, item_id),
                     )
+        if removed:
+            self.checkpoint()  # the replaced text leaves the write-ahead log now
         return len(new), removed
 
     def touch_source(self, user: str, source: SourceFile) -> None:

@@ -899,3 +899,17 @@ def nest_value(depth: int) -> list:
     for _ in range(depth - 1):
         value = [value]
     return value
+
+
+def test_a_string_that_never_closes_is_read_in_linear_time():
+    """The nesting count strips strings with a pattern that never backtracks: a 200 KB body
+    of escaped quotes that never closes is read in milliseconds (a backtracking pattern
+    took minutes: one request could stall the server's event loop)."""
+    import time
+
+    from edge_pllm.jsonio import _too_deep
+
+    body = '"\\"' * 70_000 + "\\"
+    started = time.perf_counter()
+    assert not _too_deep(body)
+    assert time.perf_counter() - started < 5  # linear: ~10 ms; quadratic: minutes

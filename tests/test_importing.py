@@ -275,3 +275,20 @@ def test_a_pdf_made_by_a_library_gives_its_pages_and_a_truncated_one_is_reported
     assert pages["Compost the leaves in October."] == "page 2"
     assert report.skipped == [(str(tmp_path / "cut.pdf"), report.skipped[0][1])]
     assert "not a readable PDF" in report.skipped[0][1]
+
+
+def test_hostile_files_are_skipped_one_by_one_and_nothing_else_is_lost(pllm, tmp_path):
+    """Files a reader's library chokes on (a malformed sender, JSON nested thousands deep, a
+    name that is not UTF-8) are reported; the others are imported."""
+    (tmp_path / "ok.md").write_text("A fine note.")
+    (tmp_path / "bad-from.eml").write_bytes(b"From: a@[\nSubject: x\n\nbody\n")
+    (tmp_path / "deep").mkdir()
+    (tmp_path / "deep" / "conversations.json").write_text("[" * 5000 + "]" * 5000)
+    (tmp_path / "deep.jsonl").write_text('{"role": "user", "content": ' + "[" * 3000 + "\n")
+    os.close(os.open(os.fsencode(tmp_path) + b"/name\xff.md", os.O_CREAT | os.O_WRONLY))
+    report = pllm.import_paths("ann", [tmp_path, tmp_path / "ok.md"], me=[ME])  # ok.md twice
+    assert texts(pllm, "ann") == ["A fine note."] and report.imported == 1
+    reasons = {Path(p).name: r for p, r in report.skipped}
+    assert set(reasons) == {"bad-from.eml", "conversations.json", "deep.jsonl", "name\udcff.md"}
+    assert "nested too deeply" in reasons["conversations.json"]
+    assert "not UTF-8" in reasons["name\udcff.md"]

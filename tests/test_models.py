@@ -102,3 +102,17 @@ def test_export_on_a_device_install_names_the_extra(monkeypatch, tmp_path, smol)
     done = CliRunner().invoke(cli, args)
     assert done.exit_code == 1 and "Traceback" not in done.output
     assert "pip install 'edge-pllm[export]'" in done.output
+
+
+def test_erased_text_stays_in_no_models_cached_prompt(default_bundle, smol, tmp_path):
+    """Runtimes over one store (the server's, one per model): a delete empties the KV cache
+    of every one of them, not only of the runtime it was called on."""
+    home = tmp_path / "home"
+    add_model(home, smol, "smol")
+    with runtime(default_bundle, home, None) as pllm:
+        twin = pllm.with_model("smol")
+        [note] = pllm.add("ann", ["The safe's code is 4711."])
+        twin.generate("ann", "What is the safe's code?", strategy="rag:1", sampling=SHORT)
+        assert twin.llm.llama.n_tokens > 0  # the note is in the twin's cached prompt
+        pllm.delete("ann", [note])
+        assert twin.llm.llama.n_tokens == 0

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -130,10 +131,16 @@ def create_app(pllm: PersonalLLM, config: ServerConfig | None = None) -> Starlet
         status, body = error_body(exc)
         return JSONResponse(body, status_code=status)
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        service.close()
+
     app = Starlette(
         routes=routes,
         exception_handlers={404: http_error, 405: http_error, Exception: bug},
         middleware=[Middleware(StrictURL)],
+        lifespan=lifespan,
     )
     # No redirect from `/v1/models/` to `/v1/models`: its Location would be built from the
     # client's Host header, before authentication.

@@ -82,8 +82,8 @@ def _still_there(request: Request, loop: asyncio.AbstractEventLoop) -> bool:
     """From a worker thread: whether the client of `request` is still connected (asked on
     the event loop, where the connection lives). A loop that does not answer within a few
     seconds is shutting down: nobody is there to read the answer."""
-    asked = asyncio.run_coroutine_threadsafe(request.is_disconnected(), loop)
     try:
+        asked = asyncio.run_coroutine_threadsafe(request.is_disconnected(), loop)
         return not asked.result(timeout=5)
     except (TimeoutError, RuntimeError, concurrent.futures.CancelledError):
         return False
@@ -104,6 +104,11 @@ class Service:
         self._busy = 0  # requests waiting for the model or generating
         self._busy_lock = threading.Lock()
         self._plug: bool | None = None  # whether the head answers, once known
+
+    def close(self) -> None:
+        """At shutdown: requests still waiting for the model are dropped (one generating
+        ends first)."""
+        self._generation.shutdown(wait=False, cancel_futures=True)
 
     @property
     def in_flight(self) -> int:
