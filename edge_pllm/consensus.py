@@ -4,8 +4,9 @@ A small model's single greedy answer is a noisy draw. `consensus` asks the model
 times — each member strategy's greedy answer plus a few sampled ones (fixed seeds, so the
 result is reproducible) — and returns the candidate with the highest summed unigram F1
 (ROUGE-1) against all the others: minimum-Bayes-risk selection under the task's own metric.
-The request's keys and values are computed once per member prompt; the extra candidates
-cost only their decoding.
+A member's candidates are decoded side by side (`LLM.draw`): its prompt's keys and values
+computed once and shared, one llama.cpp batch per step for all of them, each candidate the
+very answer it would be drawn alone.
 
 `consensus-beam` replaces each member's greedy answer by the best of a beam search
 (`beam.py`, 4 wide) for one-line answers: better on dev, not on test, at about twice the
@@ -84,16 +85,19 @@ class Consensus:
         others agree with most, compared by what of each counts (`style.answer`), and
         `info["consensus"]` says which."""
         candidates: list[Drawn] = []
+        sampled = [
+            replace(sampling, temperature=self.temperature, seed=seed)
+            for seed in range(1, self.samples + 1)
+        ]
         for prompt in prepared:
-            # The KV cache keeps the prompt between the member's candidates.
+            # One batch per step decodes the member's candidates side by side (Drawer.answers).
             if self.beam_width > 1 and style.one_line:
                 best = drawer.beams(prompt, sampling, style, self.beam_width)[0]
                 candidates.append((prompt, best.text, None))
+                drawn = drawer.answers(prompt, sampled, style)
             else:
-                candidates.append((prompt, *drawer.answer(prompt, sampling, style)))
-            for seed in range(1, self.samples + 1):
-                draw = replace(sampling, temperature=self.temperature, seed=seed)
-                candidates.append((prompt, *drawer.answer(prompt, draw, style)))
+                drawn = drawer.answers(prompt, [sampling, *sampled], style)
+            candidates.extend((prompt, text, completion) for text, completion in drawn)
         best = choose([style.answer(text) for _, text, _ in candidates])
         prompt, text, completion = candidates[best]
         prompt.personalization.info["consensus"] = {

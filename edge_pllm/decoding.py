@@ -99,6 +99,30 @@ class Drawer:
             text = "".join(pieces)
         return text, replace(ended[0], text=text) if ended and not style.one_line else None
 
+    def answers(
+        self, prepared: Prepared, samplings: Sequence[SamplingConfig], style: PromptStyle
+    ) -> list[tuple[str, Completion | None]]:
+        """`answer` for each of `samplings`, decoded side by side in one batch per step
+        (`LLM.draw`): the same answers, the prompt computed once."""
+        start = prepared.personalization.answer_start
+        readers = [
+            AnswerReader.of(self.llm, style.answer, style.one_line, s.stop) for s in samplings
+        ]
+        drawn = self.llm.draw(
+            prepared.prompt,
+            prepared.personalization.soft_tokens,
+            samplings,
+            prepared.placement,
+            # The stop strings are each answer's own (LLM.draw); the one-line end is the style's.
+            AnswerReader.of(self.llm, style.answer, style.one_line).ended,
+        )
+        out: list[tuple[str, Completion | None]] = []
+        for reader, done in zip(readers, drawn, strict=True):
+            text = reader.text(done.ids)
+            text = opened(start, text) if start else text
+            out.append((text, None if style.one_line else replace(done, text=text)))
+        return out
+
     def beams(
         self, prepared: Prepared, sampling: SamplingConfig, style: PromptStyle, width: int
     ) -> list[Beam]:

@@ -53,6 +53,8 @@ from .errors import (
 # but not for embeddings passed in a batch: the caller must apply the scale.
 _SCALED_INPUT_ARCHS = {"gemma", "gemma2", "gemma3", "gemma3n"}
 _PLACEHOLDER_ID = 0
+# Answers one context decodes side by side (`LLM.draw`; llama.cpp allows 256 sequences).
+MAX_SEQUENCES = 64
 
 
 @dataclass(frozen=True)
@@ -117,10 +119,16 @@ class Completion:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    ids: tuple[int, ...] = ()  # the generated token ids, when the caller asked for them
 
     @property
     def decode_tokens_per_second(self) -> float:
         return self.completion_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+def _cut(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the first of the `stop` strings in it."""
+    return text[: min((i for s in stop if (i := text.find(s)) >= 0), default=len(text))]
 
 
 def _row_key(row: np.ndarray) -> bytes:
@@ -156,6 +164,10 @@ class LLM:
                     n_threads=self.config.n_threads or decode_threads,
                     n_threads_batch=prompt_threads,
                     seed=self.config.seed,
+                    # Its CPU kernel attends each query row alone, so a token's logits do
+                    # not depend on what else its batch holds: answers drawn side by side
+                    # (`draw`) are bit-identical to the same answers drawn one at a time.
+                    flash_attn=True,
                     verbose=False,
                 )
         except ValueError as exc:
@@ -164,6 +176,9 @@ class LLM:
                 "an unsupported architecture.",
                 file=str(self.path),
             ) from exc
+        # A batch holds at most n_batch tokens: one per sequence at a step.
+        self.max_sequences = min(MAX_SEQUENCES, self.config.n_batch)
+        self._allow_sequences(self.max_sequences)
         meta = self._llama.metadata
         self.architecture: str = meta.get("general.architecture", "unknown")
         self.chat_template: str | None = chat_template or meta.get("tokenizer.chat_template")
@@ -201,6 +216,27 @@ class LLM:
             full = self._formatter(messages=probe).prompt
             if full.startswith(turn.prompt):
                 self.answer_header = full[len(turn.prompt) :]
+
+    def _allow_sequences(self, n: int) -> None:
+        """Give the model a context that holds `n` sequences in one unified KV cache (the
+        full context each): llama-cpp-python makes one for a single sequence and has no
+        parameter for more, so its context is replaced before anything is decoded."""
+        from llama_cpp._internals import LlamaContext
+
+        llama = self._llama
+        params = llama.context_params
+        params.n_seq_max = n
+        params.kv_unified = True  # every sequence sees the whole context, as one would
+        llama._ctx.close()  # its memory first: a phone cannot hold two caches
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+            try:
+                llama._ctx = LlamaContext(model=llama._model, params=params, verbose=False)
+            except ValueError as exc:
+                raise BundleError(
+                    f"llama.cpp could not make a context for {self.path} ({exc}).",
+                    file=str(self.path),
+                ) from exc
+        llama._stack.callback(llama._ctx.close)
 
     @property
     def llama(self) -> Any:
@@ -542,3 +578,118 @@ class LLM:
         for _ in self.stream(prompt, soft, sampling, placement, done.append):
             pass
         return done[0]
+
+    def draw(
+        self,
+        prompt: str,
+        soft: np.ndarray | None,
+        samplings: Sequence[SamplingConfig],
+        placement: Placement = "prefix",
+        ended: Callable[[Sequence[int]], bool] | None = None,
+    ) -> list[Completion]:
+        """One answer to `prompt` per entry of `samplings`, decoded side by side: the
+        prompt's keys and values are computed once (reusing the cache as `stream` does) and
+        shared by a sequence per answer, and each step decodes every unfinished answer's
+        next token in one llama.cpp batch (`max_sequences` answers at a time). An answer is
+        sampled as `stream` samples it alone (the same sampler chain and seed) and ends at
+        an end-of-generation token, at one of its stop strings, where `ended(its ids)`
+        says, or at its `max_tokens`. Each
+        Completion carries its `ids`; its text is theirs, as `complete` gives it (no
+        end-of-generation token, cut before a stop string)."""
+        if not samplings:
+            return []
+        if len(samplings) > self.max_sequences:  # more than a batch holds: in turns
+            m = self.max_sequences
+            return [
+                *self.draw(prompt, soft, samplings[:m], placement, ended),
+                *self.draw(prompt, soft, samplings[m:], placement, ended),
+            ]
+        started = time.perf_counter()
+        soft = self._check_soft(soft)
+        before, after = self.prompt_parts(
+            prompt, soft, placement, max(s.max_tokens for s in samplings)
+        )
+        tail = len(after) if soft is not None and placement == "before_answer" else 1
+        tokens = self._prefill_soft(before, after, soft, tail)
+        cached = self.cached_tokens
+        llama, lc = self._llama, self._lc
+        llama.eval(tokens[llama.n_tokens :])  # the tail as one batch, as `stream` does
+        n_prompt, n = len(tokens), len(samplings)
+        memory = lc.llama_get_memory(llama.ctx)
+        samplers = [self._sampler(s) for s in samplings]
+        ids: list[list[int]] = [[] for _ in samplings]
+        finish = ["length"] * n
+        row = [-1] * n  # where each answer's next logits are: the prompt's last, then a batch row
+        batch = lc.llama_batch_init(n, 0, 1)
+        first_at = None
+        try:
+            for seq in range(1, n):
+                lc.llama_memory_seq_cp(memory, 0, seq, -1, -1)
+            live = list(range(n))
+            while live:
+                going = []
+                for seq in live:
+                    ids[seq].append(samplers[seq].sample(llama._ctx, row[seq]))
+                    if self._stops(ids[seq], samplings[seq].stop, ended):
+                        finish[seq] = "stop"
+                    elif len(ids[seq]) < samplings[seq].max_tokens:
+                        going.append(seq)
+                first_at = first_at or time.perf_counter()
+                live = going
+                for i, seq in enumerate(live):
+                    batch.token[i] = ids[seq][-1]
+                    batch.pos[i] = n_prompt + len(ids[seq]) - 1
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = seq
+                    batch.logits[i] = True
+                    row[seq] = i
+                batch.n_tokens = len(live)
+                if live and (code := lc.llama_decode(llama.ctx, batch)) != 0:
+                    raise LLMError(f"llama_decode failed on {len(live)} answers (code {code}).")
+        finally:
+            lc.llama_batch_free(batch)
+            for sampler in samplers:
+                sampler.close()
+            for seq in range(1, n):
+                lc.llama_memory_seq_rm(memory, seq, -1, -1)
+            lc.llama_memory_seq_rm(memory, 0, n_prompt, -1)  # the prompt stays, as after `stream`
+            llama.n_tokens = n_prompt
+        ended_at = time.perf_counter()
+        first_at = first_at or ended_at
+        n_soft = 0 if soft is None else len(soft)
+        return [
+            Completion(
+                text=_cut(self.detokenize([t for t in answer if t not in self.eog_ids]), s.stop),
+                finish_reason=reason,
+                prompt_tokens=n_prompt,
+                soft_tokens=n_soft,
+                completion_tokens=len(answer),
+                cached_tokens=cached,
+                prefill_seconds=first_at - started,
+                decode_seconds=ended_at - first_at,
+                ids=tuple(answer),
+            )
+            for answer, reason, s in zip(ids, finish, samplings, strict=True)
+        ]
+
+    def _stops(
+        self,
+        ids: list[int],
+        stop: Sequence[str],
+        ended: Callable[[Sequence[int]], bool] | None,
+    ) -> bool:
+        if ids[-1] in self.eog_ids or (ended is not None and ended(ids)):
+            return True
+        return bool(stop) and any(s in self.detokenize(ids) for s in stop)
+
+    def _sampler(self, sampling: SamplingConfig) -> Any:
+        """The sampler chain `create_completion` builds for `sampling` (its defaults for
+        what SamplingConfig does not set), seeded as `stream` seeds it."""
+        llama = self._llama
+        llama.set_seed(self.config.seed if sampling.seed is None else sampling.seed)
+        return llama._init_sampler(
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            temp=sampling.temperature,
+            repeat_penalty=sampling.repeat_penalty,
+        )

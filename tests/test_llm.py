@@ -141,6 +141,47 @@ def test_stream_equals_complete_at_temperature_zero(llm):
         assert whole and streamed == whole
 
 
+@pytest.mark.parametrize("placement", ["prefix", "before_answer"])
+def test_answers_drawn_side_by_side_are_the_answers_drawn_one_at_a_time(llm, placement):
+    """`draw` decodes several answers in one batch per step: each is the answer `complete`
+    gives alone with the same sampling (greedy, sampled with seeds, shorter max_tokens, a
+    stop string), bit for bit, soft tokens or not; and the cache it leaves serves the next
+    call exactly."""
+    from dataclasses import replace
+
+    prompt = llm.apply_chat_template([{"role": "user", "content": "Name three colours."}])
+    soft = np.random.default_rng(3).normal(0, 0.02, (3, llm.n_embd)).astype(np.float32)
+    greedy = SamplingConfig(max_tokens=24)
+    samplings = [
+        greedy,
+        *(replace(greedy, temperature=0.9, seed=seed) for seed in (1, 2, 3, 4, 5)),
+        replace(greedy, max_tokens=5, temperature=0.9, seed=6),
+        replace(greedy, stop=("\n",)),
+    ]
+    for rows in (None, soft):
+        alone = [llm.complete(prompt, rows, s, placement) for s in samplings]
+        together = llm.draw(prompt, rows, samplings, placement)
+        assert [c.text for c in together] == [c.text for c in alone]
+        assert len({c.text for c in together}) > 3  # the seeds gave different answers
+        for a, b in zip(alone, together, strict=True):
+            assert b.completion_tokens == len(b.ids) and b.prompt_tokens == a.prompt_tokens
+        assert together[6].finish_reason == "length" and together[6].completion_tokens == 5
+        assert "\n" in llm.detokenize(list(together[7].ids))  # it stopped at its stop string
+        assert "\n" not in together[7].text
+        after = llm.complete(prompt, rows, samplings[1], placement)
+        llm.reset()
+        assert after.text == llm.complete(prompt, rows, samplings[1], placement).text
+
+    ended = llm.draw(prompt, None, samplings[:3], placement, ended=lambda ids: len(ids) == 2)
+    assert [len(c.ids) for c in ended] == [2, 2, 2]
+    assert llm.draw(prompt, None, []) == []
+    many = [replace(greedy, max_tokens=2, temperature=0.9, seed=s) for s in range(70)]
+    assert len(many) > llm.max_sequences  # drawn in turns, each answer still its own
+    assert [c.text for c in llm.draw(prompt, None, many)][-3:] == [
+        llm.complete(prompt, None, s).text for s in many[-3:]
+    ]
+
+
 def test_chat_template_matches_llama_cpp_builtin(llm):
     """Our Jinja rendering of the GGUF template equals llama.cpp's own C++ renderer."""
     import llama_cpp
