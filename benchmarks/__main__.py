@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cached = PersonalLLM(bundle, home=home, llm_config=LLMConfig(n_threads=args.threads))
         generation.repeat_query(res, cached, users[mid], prompts[: max(repeats, 2)])
+        generation.consensus_cost(res, cached, users[mid], prompts, spec.style)
         cached.close()
         del cached
 

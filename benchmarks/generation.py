@@ -1,15 +1,19 @@
 """Generation with a persona against bare llama-cpp-python: throughput, time to first token
-at growing history sizes with the persona computation broken out, and repeat-query reuse of
-the KV cache."""
+at growing history sizes with the persona computation broken out, repeat-query reuse of
+the KV cache, and what `consensus` costs against one greedy answer."""
 
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from edge_pllm import PersonalLLM
+from edge_pllm.consensus import Consensus
+from edge_pllm.decoding import Drawer, Drawn, Prepared
 from edge_pllm.llm import SamplingConfig
+from edge_pllm.prompts import PromptStyle
 
 from .common import CHAT_PROMPT, Results, Row
 
@@ -275,5 +279,99 @@ def repeat_query(res: Results, pllm: PersonalLLM, user: str, prompts: list[str])
             c,
             "≤ 0.5 × recomputed",
             w <= 0.5 * c,
+        )
+    )
+
+
+class _OneAtATime(Drawer):
+    """Draws a member's candidates one after another (consensus before one batch per step)."""
+
+    def answers(self, prepared, samplings, style):
+        return [self.answer(prepared, s, style) for s in samplings]
+
+
+@dataclass(frozen=True)
+class SequentialConsensus:
+    """`consensus` with its candidates drawn one at a time: the reference of one batch."""
+
+    inner: Consensus = field(default_factory=Consensus)
+    name: str = "consensus, one at a time"
+    streams: bool = False
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return self.inner.members
+
+    def suffixed(self, suffix: str) -> SequentialConsensus:
+        return SequentialConsensus(self.inner.suffixed(suffix), self.name + suffix)
+
+    def draw(
+        self,
+        drawer: Drawer,
+        prepared: Sequence[Prepared],
+        sampling: SamplingConfig,
+        style: PromptStyle,
+    ) -> Drawn:
+        return self.inner.draw(_OneAtATime(drawer.llm), prepared, sampling, style)
+
+
+def consensus_cost(
+    res: Results, pllm: PersonalLLM, user: str, prompts: list[str], style: PromptStyle
+) -> None:
+    """Seconds per answer of `consensus` (its members' candidates in one batch per step)
+    against one greedy answer of each member and against the same consensus drawn one
+    candidate at a time, on real task prompts; each call from an empty KV cache, the
+    variants interleaved per prompt. The batched and sequential answers must be the same."""
+    print("consensus against one greedy answer", flush=True)
+    sampling = SamplingConfig(max_tokens=48)
+    variants = {
+        "plug": "plug",
+        "plug+rag:1": "plug+rag:1",
+        "consensus": "consensus",
+        "sequential": SequentialConsensus(),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    same = 0
+    for prompt in prompts:
+        texts = {}
+        for name, spec in variants.items():
+            pllm.llm.reset()
+            started = time.perf_counter()
+            answer = pllm.generate(user, prompt, strategy=spec, sampling=sampling, style=style)
+            seconds[name].append(time.perf_counter() - started)
+            texts[name] = answer.text
+        same += texts["consensus"] == texts["sequential"]
+    ms = {name: statistics.median(s) * 1000 for name, s in seconds.items()}
+    agree = f"the same answer as one at a time on {same} of {len(prompts)} prompts"
+    res.add(
+        Row(
+            "consensus",
+            f"consensus (2 members × 5 candidates, one batch per step), {agree}",
+            ms["consensus"],
+            "ms",
+            "one greedy answer, plug+rag:1 (its longer member)",
+            ms["plug+rag:1"],
+            "≤ 1.5 × one greedy answer",
+            ms["consensus"] <= 1.5 * ms["plug+rag:1"],
+        )
+    )
+    res.add(
+        Row(
+            "consensus",
+            "consensus against one greedy answer of plug (its shorter member)",
+            ms["consensus"],
+            "ms",
+            "one greedy answer, plug",
+            ms["plug"],
+        )
+    )
+    res.add(
+        Row(
+            "consensus",
+            "consensus, one batch per step, against the same drawn one at a time",
+            ms["consensus"],
+            "ms",
+            "consensus, candidates one at a time",
+            ms["sequential"],
         )
     )

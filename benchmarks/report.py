@@ -22,6 +22,14 @@ SECTIONS = {
         "head; its projection of the history is cached per user until the history changes. "
         "TTFT medians, strategies interleaved per prompt, KV cache reuse off.",
     ),
+    "consensus": (
+        "Consensus against one greedy answer",
+        "Seconds per answer on real commit-subject prompts (one-line answers, at most 48 "
+        "tokens) for a user of 1,000 history items, median over the prompts, every call "
+        "from an empty KV cache, variants interleaved per prompt. `consensus` prepares both "
+        "members' prompts (`plug`, `plug+rag:1`) and decodes each member's 5 candidates side "
+        "by side, one llama.cpp batch per step.",
+    ),
     "ingest": (
         "Ingest",
         "The same real commit bodies through each engine, interleaved in chunks.",

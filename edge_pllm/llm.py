@@ -48,6 +48,7 @@ from .errors import (
     LLMError,
     SoftTokenShapeError,
 )
+from .token_rows import TokenRows
 
 # Architectures whose input embeddings llama.cpp multiplies by sqrt(n_embd) for tokens
 # but not for embeddings passed in a batch: the caller must apply the scale.
@@ -278,6 +279,12 @@ class LLM:
         llama = self._llama
         return frozenset(t for t in range(llama.n_vocab()) if b"\n" in llama.detokenize([t]))
 
+    @functools.cached_property
+    def token_rows(self) -> TokenRows | None:
+        """The model's token-embedding rows as llama.cpp looks them up (None: not readable
+        here; tokens after soft rows then take a decode pass of their own)."""
+        return TokenRows.open(self.path)
+
     # --- soft tokens --------------------------------------------------------------------------
 
     def load_adapter(self, path: str | Path) -> None:
@@ -328,8 +335,12 @@ class LLM:
             raise SoftTokenShapeError(tuple(arr.shape), self.n_embd)
         return np.ascontiguousarray(arr, dtype=np.float32) * np.float32(self.embed_scale)
 
-    def _decode_embeddings(self, rows: np.ndarray, want_logits: bool = False) -> None:
-        """Decode embedding rows at the positions after the KV cache, in n_batch chunks."""
+    def _decode_embeddings(
+        self, rows: np.ndarray, want_logits: bool = False, token_ids: Sequence[int] = ()
+    ) -> None:
+        """Decode embedding rows at the positions after the KV cache, in n_batch chunks.
+        The last `len(token_ids)` rows are those tokens' own embedding rows (`TokenRows`):
+        the cache holds them as the tokens; the rows before them are soft rows."""
         lc, llama = self._lc, self._llama
         n_past = llama.n_tokens
         llama._ctx.kv_cache_seq_rm(-1, n_past, -1)
@@ -351,9 +362,13 @@ class LLM:
             if code != 0:
                 raise LLMError(f"llama_decode failed on soft tokens (code {code}).", code=code)
         # Advance llama-cpp-python's bookkeeping over placeholders so eval() keeps them.
-        llama.input_ids[n_past : n_past + len(rows)] = _PLACEHOLDER_ID
+        n_soft = len(rows) - len(token_ids)
+        llama.input_ids[n_past : n_past + n_soft] = _PLACEHOLDER_ID
+        llama.input_ids[n_past + n_soft : n_past + len(rows)] = token_ids
         llama.n_tokens = n_past + len(rows)
-        for i, row in enumerate(rows):
+        if want_logits:
+            llama._requires_eval = False  # its next token is sampled from these logits
+        for i, row in enumerate(rows[:n_soft]):
             self._soft_at[n_past + i] = _row_key(row)
 
     def split_prompt(
@@ -394,16 +409,8 @@ class LLM:
         keys: list[int | bytes] = list(tokens)
         for i in range(k):
             keys[len(before) + i] = _row_key(soft[i])  # type: ignore[index]
-        keep = self._common_prefix(keys[:-tail]) if self.config.prefix_cache else 0
-        self.cached_tokens = keep
+        self._truncate(self._common_prefix(keys[:-tail]) if self.config.prefix_cache else 0)
         llama = self._llama
-        if keep == 0:
-            llama.reset()  # positions beyond n_tokens are never attended: no need to clear
-            self._soft_at = {}
-        else:
-            llama.n_tokens = keep
-            llama._ctx.kv_cache_seq_rm(-1, keep, -1)
-            self._soft_at = {p: h for p, h in self._soft_at.items() if p < keep}
         soft_end = len(before) + k
         if llama.n_tokens < soft_end:
             if llama.n_tokens < len(before):
@@ -419,6 +426,50 @@ class LLM:
             # bit-identical to the first.
             llama.eval(tokens[llama.n_tokens : -tail])
         return tokens
+
+    def _prefill(
+        self, before: list[int], after: list[int], soft: np.ndarray | None, placement: Placement
+    ) -> list[int]:
+        """Bring the KV cache to the prompt's tokens for generation: all of them when soft
+        rows go before the answer's header and the model's token rows can be read (the
+        header's rows then travel in the soft rows' batch: one decode pass for both, its
+        last row's logits the first answer token's); else all but the last batch, which
+        `generate` evaluates (the header, whole, after soft rows; else the last token)."""
+        if soft is None or placement != "before_answer":
+            return self._prefill_soft(before, after, soft)
+        rows = self._token_rows(after) if after else None
+        if rows is None:
+            return self._prefill_soft(before, after, soft, tail=len(after))
+        # The soft rows and the header make the last batch always, cached or not: a
+        # repeated prompt's answer is bit-identical to the first.
+        llama = self._llama
+        self._truncate(self._common_prefix(before) if self.config.prefix_cache else 0)
+        if llama.n_tokens < len(before):
+            self._use_adapter(False)
+            llama.eval(before[llama.n_tokens :])
+        self._use_adapter(True)
+        header = rows * np.float32(self.embed_scale)  # as llama.cpp scales a token's row
+        self._decode_embeddings(np.concatenate([soft, header]), True, after)
+        return [*before, *([_PLACEHOLDER_ID] * len(soft)), *after]
+
+    def _token_rows(self, ids: list[int]) -> np.ndarray | None:
+        """The input-embedding rows of `ids` (unscaled), None where the model's table
+        cannot be read exactly (`TokenRows.open`)."""
+        if self.token_rows is None:
+            return None
+        return self.token_rows(ids)
+
+    def _truncate(self, keep: int) -> None:
+        """Keep the KV cache's first `keep` positions (0: empty it) for the next prompt."""
+        self.cached_tokens = keep
+        llama = self._llama
+        if keep == 0:
+            llama.reset()  # positions beyond n_tokens are never attended: no need to clear
+            self._soft_at = {}
+        else:
+            llama.n_tokens = keep
+            llama._ctx.kv_cache_seq_rm(-1, keep, -1)
+            self._soft_at = {p: h for p, h in self._soft_at.items() if p < keep}
 
     def reset(self) -> None:
         """Empty the KV cache and zero its memory (about 8 ms for SmolLM2 at n_ctx 2048):
@@ -504,11 +555,7 @@ class LLM:
         soft = self._check_soft(soft)
         before, after = self.prompt_parts(prompt, soft, placement, sampling.max_tokens)
         n_soft = 0 if soft is None else len(soft)
-        # Soft rows before the answer: the answer's header after them is a few tokens,
-        # evaluated as the last batch whole (one llama_decode, a pass over every weight,
-        # fewer than evaluating all but its last token and then that token).
-        tail = len(after) if soft is not None and placement == "before_answer" else 1
-        tokens = self._prefill_soft(before, after, soft, tail)
+        tokens = self._prefill(before, after, soft, placement)
         result = self._llama.create_completion(
             prompt=tokens,
             max_tokens=sampling.max_tokens,
@@ -609,11 +656,10 @@ class LLM:
         before, after = self.prompt_parts(
             prompt, soft, placement, max(s.max_tokens for s in samplings)
         )
-        tail = len(after) if soft is not None and placement == "before_answer" else 1
-        tokens = self._prefill_soft(before, after, soft, tail)
+        tokens = self._prefill(before, after, soft, placement)
         cached = self.cached_tokens
         llama, lc = self._llama, self._lc
-        llama.eval(tokens[llama.n_tokens :])  # the tail as one batch, as `stream` does
+        llama.eval(tokens[llama.n_tokens :])  # what `generate` would evaluate, as it does
         n_prompt, n = len(tokens), len(samplings)
         memory = lc.llama_get_memory(llama.ctx)
         samplers = [self._sampler(s) for s in samplings]

@@ -107,9 +107,9 @@ def test_repeated_prompt_reuses_the_kv_cache_exactly(llm):
 
 
 def test_soft_rows_before_the_answer_reuse_the_cache_exactly(llm):
-    """Soft rows before the answer's header: a repeat reuses the request and the rows and
-    computes only the header (evaluated as one batch, every time), answering bit-identically;
-    another persona reuses the request alone and answers as from an empty cache."""
+    """Soft rows before the answer's header: a repeat reuses the request and computes the
+    rows and the header (one batch, every time), answering bit-identically; another
+    persona reuses the request alone and answers as from an empty cache."""
     prompt = llm.apply_chat_template([{"role": "user", "content": "Describe your week."}])
     before, after = llm.split_prompt(prompt, "before_answer")
     assert len(after) > 1  # the header: several tokens, the case this covers
@@ -123,12 +123,48 @@ def test_soft_rows_before_the_answer_reuse_the_cache_exactly(llm):
     llm.reset()
     first = complete(alice)
     again = complete(alice)
-    assert again.cached_tokens == len(before) + 3
+    assert again.cached_tokens == len(before)
     assert again.text == first.text
     other = complete(bob)
     assert other.cached_tokens == len(before)
     llm.reset()
     assert complete(bob).text == other.text
+
+
+def test_the_header_travels_with_the_soft_rows_in_one_pass(llm, token_embd, monkeypatch):
+    """The answer's header goes in the soft rows' embedding batch as its own token rows
+    (read from the GGUF as llama.cpp reads them): one llama_decode fewer than decoding it
+    as tokens after them, and the very same answers, logits and cache."""
+    import llama_cpp
+
+    header = llm.split_prompt(
+        llm.apply_chat_template([{"role": "user", "content": "hi"}]), "before_answer"
+    )[1]
+    np.testing.assert_array_equal(llm.token_rows(header), token_embd[header])
+    calls = []
+    real = llama_cpp.llama_cpp.llama_decode
+
+    def counted(ctx, batch):
+        calls.append(batch.n_tokens)
+        return real(ctx, batch)
+
+    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_decode", counted)
+    monkeypatch.setattr(llama_cpp, "llama_decode", counted)
+    prompt = llm.apply_chat_template([{"role": "user", "content": "Describe your week."}])
+    soft = np.random.default_rng(6).normal(0, 0.5, (3, llm.n_embd)).astype(np.float32)
+    sampling = SamplingConfig(max_tokens=12)
+    answers, passes = [], []
+    for rows in (llm.token_rows, None):
+        monkeypatch.setitem(llm.__dict__, "token_rows", rows)  # None: the header as tokens
+        llm.reset()
+        calls.clear()
+        llm.complete(prompt, soft, SamplingConfig(max_tokens=1), "before_answer")
+        passes.append(len(calls))
+        llm.reset()
+        answers.append(llm.complete(prompt, soft, sampling, "before_answer").text)
+        answers.append(llm.draw(prompt, soft, [sampling] * 2, "before_answer")[1].text)
+    assert passes[0] == passes[1] - 1
+    assert len(set(answers)) == 1 and answers[0]
 
 
 def test_stream_equals_complete_at_temperature_zero(llm):

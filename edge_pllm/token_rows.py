@@ -1,0 +1,171 @@
+"""A model's token-embedding rows, read from its GGUF the way llama.cpp reads them.
+
+A token's input embedding given to llama.cpp as a row of an embedding batch is the token
+itself, bit for bit, when the row is what llama.cpp's own lookup produces: the GGUF's
+`token_embd.weight` row dequantized by ggml's own routine for its type (`to_float`, as the
+CPU backend's row lookup does). That lets the few tokens that follow soft rows travel in
+the soft rows' batch (`LLM`: one decode pass instead of two).
+
+Only the tensor's place in the file is parsed here (the GGUF header); the rows are read
+from a memory map on demand, never the whole table. Anything this reader does not know (a
+ggml library it cannot find, a layout it does not expect) leaves it out: `TokenRows.open`
+returns None and the caller decodes those tokens as tokens.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+TENSOR = "token_embd.weight"
+_MAGIC = b"GGUF"
+_STRING, _ARRAY = 8, 9
+# Byte sizes of the GGUF metadata value types with a fixed size (by type id).
+_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_F32, _F16 = 0, 1
+
+_to_float_t = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+class _TypeTraits(ctypes.Structure):
+    """ggml's `struct ggml_type_traits` (ggml.h)."""
+
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.c_void_p),
+        ("from_float_ref", ctypes.c_void_p),
+    ]
+
+
+def _ggml() -> ctypes.CDLL | None:
+    """The ggml library llama-cpp-python loaded (the same code that dequantizes its rows)."""
+    import llama_cpp
+
+    folder = Path(llama_cpp.__file__).parent / "lib"
+    names = {"darwin": "libggml-base.dylib", "win32": "ggml-base.dll"}
+    path = folder / names.get(sys.platform, "libggml-base.so")
+    if not path.is_file():
+        return None
+    lib = ctypes.CDLL(str(path))
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    lib.ggml_row_size.restype = ctypes.c_size_t
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.ggml_type_size.restype = ctypes.c_size_t
+    lib.ggml_type_size.argtypes = [ctypes.c_int]
+    lib.ggml_blck_size.restype = ctypes.c_int64
+    lib.ggml_blck_size.argtypes = [ctypes.c_int]
+    return lib
+
+
+def _tensor(buf: memoryview, name: str) -> tuple[int, list[int], int] | None:
+    """(ggml type, dims, absolute offset of the data) of tensor `name` in a GGUF file."""
+    if bytes(buf[:4]) != _MAGIC:
+        return None
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+    if version < 2:
+        return None
+    pos = 24
+    alignment = 32
+
+    def string(at: int) -> tuple[str, int]:
+        (n,) = struct.unpack_from("<Q", buf, at)
+        return bytes(buf[at + 8 : at + 8 + n]).decode("utf-8", "replace"), at + 8 + n
+
+    def skip(kind: int, at: int) -> int:
+        if kind in _FIXED:
+            return at + _FIXED[kind]
+        if kind == _STRING:
+            (n,) = struct.unpack_from("<Q", buf, at)
+            return at + 8 + n
+        if kind == _ARRAY:
+            inner, count = struct.unpack_from("<IQ", buf, at)
+            at += 12
+            if inner in _FIXED:
+                return at + count * _FIXED[inner]
+            for _ in range(count):
+                at = skip(inner, at)
+            return at
+        raise ValueError(f"unknown GGUF value type {kind}")
+
+    for _ in range(n_kv):
+        key, pos = string(pos)
+        (kind,) = struct.unpack_from("<I", buf, pos)
+        pos += 4
+        if key == "general.alignment" and kind == 4:
+            (alignment,) = struct.unpack_from("<I", buf, pos)
+        pos = skip(kind, pos)
+    found = None
+    for _ in range(n_tensors):
+        tensor, pos = string(pos)
+        (n_dims,) = struct.unpack_from("<I", buf, pos)
+        dims = list(struct.unpack_from(f"<{n_dims}Q", buf, pos + 4))
+        kind, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
+        pos += 4 + 8 * n_dims + 12
+        if tensor == name:
+            found = (kind, dims, offset)
+    if found is None:
+        return None
+    start = (pos + alignment - 1) // alignment * alignment
+    return found[0], found[1], start + found[2]
+
+
+class TokenRows:
+    """The rows of a GGUF's token-embedding table, as llama.cpp looks them up."""
+
+    def __init__(self, data: np.ndarray, kind: int, n_embd: int, to_float, row_bytes: int):
+        self._data = data  # the table's bytes, n_vocab × row_bytes, memory-mapped
+        self._kind = kind
+        self.n_embd = n_embd
+        self._to_float = to_float
+        self._row_bytes = row_bytes
+
+    @classmethod
+    def open(cls, path: str | Path) -> TokenRows | None:
+        """The table of the GGUF at `path`, or None where it cannot be read exactly."""
+        try:
+            lib = _ggml()
+            mapped = np.memmap(path, dtype=np.uint8, mode="r")
+            where = _tensor(memoryview(mapped), TENSOR)
+            if lib is None or where is None:
+                return None
+            kind, dims, offset = where
+            n_embd, n_vocab = dims[0], dims[1] if len(dims) > 1 else 1
+            traits = lib.ggml_get_type_traits(kind).contents
+            if traits.type_size != lib.ggml_type_size(kind) or (
+                traits.blck_size != lib.ggml_blck_size(kind)
+            ):
+                return None  # a ggml whose traits are laid out otherwise
+            row_bytes = lib.ggml_row_size(kind, n_embd)
+            if offset + n_vocab * row_bytes > mapped.size:
+                return None
+            if kind == _F32:
+                to_float = None
+            elif traits.to_float:
+                to_float = _to_float_t(traits.to_float)
+            else:
+                return None
+            data = mapped[offset : offset + n_vocab * row_bytes].reshape(n_vocab, row_bytes)
+        except (OSError, ValueError, struct.error, AttributeError):
+            return None
+        return cls(data, kind, n_embd, to_float, row_bytes)
+
+    def __call__(self, ids: Sequence[int]) -> np.ndarray:
+        """The float32 rows of `ids` (len(ids) × n_embd)."""
+        out = np.empty((len(ids), self.n_embd), dtype=np.float32)
+        for i, token in enumerate(ids):
+            row = np.ascontiguousarray(self._data[token])
+            if self._to_float is None:
+                out[i] = row.view(np.float32)
+            else:
+                self._to_float(row.ctypes.data, out[i].ctypes.data, self.n_embd)
+        return out
