@@ -102,9 +102,14 @@ def main(argv: list[str] | None = None) -> int:
 
         model = pllm.bundle.file(pllm.bundle.llm.file)
         bare = llama_cpp.Llama(
-            str(model), n_ctx=config.n_ctx, n_batch=config.n_batch, n_ubatch=config.n_batch,
-            n_threads=args.threads, verbose=False,
-        )  # fmt: skip
+            str(model),
+            n_ctx=config.n_ctx,
+            n_batch=config.n_batch,
+            n_ubatch=config.n_batch,
+            n_threads=args.threads,
+            flash_attn=True,
+            verbose=False,
+        )  # fmt: skip  (the attention kernel edge-pllm runs: the persona's cost alone)
         bare_tps = generation.throughput(res, pllm, bare, users[mid], 2 * repeats - 1, max_tokens)
         del bare
         generation.ttft_by_history(res, pllm, users, prompts, passes=1 if args.smoke else 2)

@@ -11,8 +11,9 @@ SECTIONS = {
     "throughput": (
         "Decode and prompt throughput (same GGUF, same threads, same prompt)",
         "A 128-token greedy generation of one chat prompt, median of the repeats, variants "
-        "interleaved. Prompt throughput is prompt tokens over the time to the first token, so "
-        "for edge-pllm it includes the persona computation and the soft-token decode.",
+        "interleaved; bare llama-cpp-python with flash attention on, as edge-pllm runs it. "
+        "Prompt throughput is prompt tokens over the time to the first token, so for "
+        "edge-pllm it includes the persona computation and the soft-token decode.",
     ),
     "persona": (
         "Time to first token and the persona computation vs history size",

@@ -23,7 +23,7 @@ t0 = float(sys.argv[1])
 import llama_cpp
 from benchmarks.common import peak_rss_mb
 llm = llama_cpp.Llama(sys.argv[2], n_ctx=2048, n_batch=512, n_ubatch=512,
-                      n_threads=int(sys.argv[3]), verbose=False)
+                      n_threads=int(sys.argv[3]), flash_attn=True, verbose=False)
 tokens = llm.tokenize(sys.argv[4].encode(), special=True)  # a templated text's markers too
 first = None
 for _ in llm.create_completion(tokens, max_tokens=32, temperature=0.0, stream=True):

@@ -103,7 +103,8 @@ class Drawer:
         self, prepared: Prepared, samplings: Sequence[SamplingConfig], style: PromptStyle
     ) -> list[tuple[str, Completion | None]]:
         """`answer` for each of `samplings`, decoded side by side in one batch per step
-        (`LLM.draw`): the same answers, the prompt computed once."""
+        (`LLM.draw`: the same answers where llama.cpp attends a lone token in one piece),
+        the prompt computed once."""
         start = prepared.personalization.answer_start
         readers = [
             AnswerReader.of(self.llm, style.answer, style.one_line, s.stop) for s in samplings

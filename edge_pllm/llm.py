@@ -167,7 +167,10 @@ class LLM:
                     seed=self.config.seed,
                     # Its CPU kernel attends each query row alone, so a token's logits do
                     # not depend on what else its batch holds: answers drawn side by side
-                    # (`draw`) are bit-identical to the same answers drawn one at a time.
+                    # (`draw`) are bit-identical to the same answers drawn one at a time
+                    # where llama.cpp attends a lone token in one piece too (one decode
+                    # thread, or fewer than 512 cached positions; else it splits the keys
+                    # among the threads and a lone token's logits move with their number).
                     flash_attn=True,
                     verbose=False,
                 )

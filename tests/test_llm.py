@@ -106,6 +106,22 @@ def test_repeated_prompt_reuses_the_kv_cache_exactly(llm):
     assert reused.text == from_empty_cache(follow, bob)
 
 
+def test_answers_side_by_side_over_a_long_context_with_one_decode_thread(default_bundle):
+    """Past 512 cached positions llama.cpp splits a lone token's attention among the decode
+    threads; with one decode thread it does not, and answers drawn side by side are still
+    the answers drawn one at a time."""
+    from dataclasses import replace
+
+    one = LLM(default_bundle / "llm.gguf", LLMConfig(n_ctx=1024, n_threads=1))
+    story = " ".join(f"Day {i}: the keeper lit the lamp and logged the weather." for i in range(45))
+    prompt = one.apply_chat_template([{"role": "user", "content": story + " Summarize."}])
+    assert one.count_tokens(prompt) > 512
+    greedy = SamplingConfig(max_tokens=10)
+    samplings = [greedy, *(replace(greedy, temperature=0.9, seed=s) for s in (1, 2, 3))]
+    alone = [one.complete(prompt, None, s).text for s in samplings]
+    assert [c.text for c in one.draw(prompt, None, samplings)] == alone
+
+
 def test_soft_rows_before_the_answer_reuse_the_cache_exactly(llm):
     """Soft rows before the answer's header: a repeat reuses the request and computes the
     rows and the header (one batch, every time), answering bit-identically; another
