@@ -54,8 +54,10 @@ from .token_rows import TokenRows
 # but not for embeddings passed in a batch: the caller must apply the scale.
 _SCALED_INPUT_ARCHS = {"gemma", "gemma2", "gemma3", "gemma3n"}
 _PLACEHOLDER_ID = 0
-# Answers one context decodes side by side (`LLM.draw`; llama.cpp allows 256 sequences).
-MAX_SEQUENCES = 64
+# Answers one context decodes side by side (`LLM.draw`). llama.cpp allows 256 sequences,
+# but with 64 of them in one batch some answers came out other than drawn alone (llama-cpp-
+# python 0.3.36); up to 63 they were all the same. Consensus needs 17 at most.
+MAX_SEQUENCES = 32
 
 
 @dataclass(frozen=True)
@@ -222,15 +224,16 @@ class LLM:
                 self.answer_header = full[len(turn.prompt) :]
 
     def _allow_sequences(self, n: int) -> None:
-        """Give the model a context that holds `n` sequences in one unified KV cache (the
-        full context each): llama-cpp-python makes one for a single sequence and has no
-        parameter for more, so its context is replaced before anything is decoded."""
+        """Give the model a context that holds `n` sequences in one unified KV cache (its
+        cells shared: a sequence may reach any position of the context, while all of them
+        together hold n_ctx tokens): llama-cpp-python makes one for a single sequence and
+        has no parameter for more, so its context is replaced before anything is decoded."""
         from llama_cpp._internals import LlamaContext
 
         llama = self._llama
         params = llama.context_params
         params.n_seq_max = n
-        params.kv_unified = True  # every sequence sees the whole context, as one would
+        params.kv_unified = True  # else each sequence would get n_ctx / n cells
         llama._ctx.close()  # its memory first: a phone cannot hold two caches
         with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
             try:
@@ -640,25 +643,38 @@ class LLM:
         """One answer to `prompt` per entry of `samplings`, decoded side by side: the
         prompt's keys and values are computed once (reusing the cache as `stream` does) and
         shared by a sequence per answer, and each step decodes every unfinished answer's
-        next token in one llama.cpp batch (`max_sequences` answers at a time). An answer is
-        sampled as `stream` samples it alone (the same sampler chain and seed) and ends at
-        an end-of-generation token, at one of its stop strings, where `ended(its ids)`
-        says, or at its `max_tokens`. Each
+        next token in one llama.cpp batch (as many answers at a time as the batch and the
+        cache hold: at most `max_sequences`). An answer is sampled as `stream` samples it
+        alone (the same sampler chain and seed) and ends at an end-of-generation token, at
+        one of its stop strings, where `ended(its ids)` says, or at its `max_tokens`. Each
         Completion carries its `ids`; its text is theirs, as `complete` gives it (no
-        end-of-generation token, cut before a stop string)."""
+        end-of-generation token, cut before a stop string), except that a character
+        `max_tokens` cuts in two ends as U+FFFD (llama-cpp-python generates past
+        `max_tokens` to finish it)."""
         if not samplings:
             return []
-        if len(samplings) > self.max_sequences:  # more than a batch holds: in turns
-            m = self.max_sequences
-            return [
-                *self.draw(prompt, soft, samplings[:m], placement, ended),
-                *self.draw(prompt, soft, samplings[m:], placement, ended),
-            ]
         started = time.perf_counter()
-        soft = self._check_soft(soft)
-        before, after = self.prompt_parts(
-            prompt, soft, placement, max(s.max_tokens for s in samplings)
-        )
+        checked = self._check_soft(soft)
+        most = max(s.max_tokens for s in samplings)
+        before, after = self.prompt_parts(prompt, checked, placement, most)
+        n_prompt = len(before) + len(after) + (0 if checked is None else len(checked))
+        # The sequences share one cache of n_ctx cells: the prompt's once, then every
+        # decoded token of every answer its own. Answers go in turns of what fits (one
+        # always does: prompt_parts checked the prompt and the longest answer).
+        turns: list[list[SamplingConfig]] = [[]]
+        cells = n_prompt
+        for sampling in samplings:
+            turn = turns[-1]
+            if turn and (
+                len(turn) == self.max_sequences or cells + sampling.max_tokens - 1 > self.n_ctx
+            ):
+                turns.append(turn := [])
+                cells = n_prompt
+            turn.append(sampling)
+            cells += sampling.max_tokens - 1
+        if len(turns) > 1:
+            return [c for t in turns for c in self.draw(prompt, soft, t, placement, ended)]
+        soft = checked
         tokens = self._prefill(before, after, soft, placement)
         cached = self.cached_tokens
         llama, lc = self._llama, self._lc

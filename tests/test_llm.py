@@ -229,9 +229,26 @@ def test_answers_drawn_side_by_side_are_the_answers_drawn_one_at_a_time(llm, pla
     assert llm.draw(prompt, None, []) == []
     many = [replace(greedy, max_tokens=2, temperature=0.9, seed=s) for s in range(70)]
     assert len(many) > llm.max_sequences  # drawn in turns, each answer still its own
-    assert [c.text for c in llm.draw(prompt, None, many)][-3:] == [
-        llm.complete(prompt, None, s).text for s in many[-3:]
+    assert [c.text for c in llm.draw(prompt, None, many)] == [
+        llm.complete(prompt, None, s).text for s in many
     ]
+
+
+def test_answers_that_together_overflow_the_cache_are_drawn_in_turns(default_bundle):
+    """All sequences share one cache of n_ctx cells: answers that would not fit it side by
+    side are drawn in turns that do, and each is still the answer drawn alone."""
+    from dataclasses import replace
+
+    small = LLM(default_bundle / "llm.gguf", LLMConfig(n_ctx=256, n_threads=1))
+    prompt = small.apply_chat_template([{"role": "user", "content": TEXT * 4}])
+    n_prompt = small.count_tokens(prompt)
+    room = small.n_ctx - n_prompt
+    assert 40 < room < 200
+    long = SamplingConfig(max_tokens=room, temperature=0.9, stop=("\n\n\n\n",))
+    samplings = [replace(long, seed=s) for s in range(4)]  # 4 × room cells: no single turn
+    together = small.draw(prompt, None, samplings)
+    assert [c.text for c in together] == [small.complete(prompt, None, s).text for s in samplings]
+    assert max(c.completion_tokens for c in together) > room // 2  # they did need the room
 
 
 def test_chat_template_matches_llama_cpp_builtin(llm):

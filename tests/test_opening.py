@@ -127,3 +127,30 @@ def test_an_opening_that_is_not_one_area_is_refused(pllm):
             pllm.prepare("ann", QUERY, _Starts(bad))
     answer = pllm.generate("ann", QUERY, strategy=_Starts("net: "), sampling=SAMPLING)
     assert answer.text.startswith("net: ")
+
+
+def test_answers_drawn_side_by_side_read_as_answers_drawn_alone(pllm):
+    """`Drawer.answers` (a consensus member's candidates in one batch per step) gives what
+    `Drawer.answer` gives for each sampling: the user's opening put on, a one-line answer
+    cut at its line, a stop string honoured, and the cost of an answer that is not cut."""
+    from dataclasses import replace
+
+    from edge_pllm.decoding import Drawer
+
+    pllm.add("ann", PARSER_PERSON)
+    drawer = Drawer(pllm.llm)
+    base = SamplingConfig(max_tokens=24)
+    samplings = [base, *(replace(base, temperature=0.9, seed=s) for s in (1, 2, 3))]
+    for style in (PromptStyle(one_line=True), PromptStyle()):
+        for stop in ((), (".",)):
+            drawn = [replace(s, stop=stop) for s in samplings]
+            prepared = pllm.prepare("ann", QUERY, "plug+opening", drawn[0], style)
+            assert prepared.personalization.answer_start == "parser: "
+            together = drawer.answers(prepared, drawn, style)
+            alone = [drawer.answer(prepared, s, style) for s in drawn]
+            assert [t for t, _ in together] == [t for t, _ in alone]
+            assert all(t.startswith("parser: ") for t, _ in together)
+            for (_, a), (_, b) in zip(together, alone, strict=True):
+                assert (a is None) == (b is None) == style.one_line
+                if a is not None:
+                    assert (a.text, a.completion_tokens) == (b.text, b.completion_tokens)
