@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .llm import LLM
+from .llm import LLM, cut_at_stop
 from .prompts import first_line
 
 
@@ -54,9 +54,7 @@ class AnswerReader:
         """The answer the device returns for `ids`: the text before any stop string; with
         `one_line`, its first answer line as `clean` reads it (as `PersonalLLM.generate`
         returns each)."""
-        body = self.detokenize([t for t in ids if t not in self.eog])
-        cut = min((i for s in self.stop if (i := body.find(s)) >= 0), default=len(body))
-        body = body[:cut]
+        body = cut_at_stop(self.detokenize([t for t in ids if t not in self.eog]), self.stop)
         if not self.one_line:
             return body
         return next(first_line(iter([body]), self.clean), "")

@@ -129,9 +129,26 @@ class Completion:
         return self.completion_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
 
-def _cut(text: str, stop: Sequence[str]) -> str:
-    """`text` up to the first of the `stop` strings in it."""
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the first of the `stop` strings in it (as llama-cpp-python cuts it)."""
     return text[: min((i for s in stop if (i := text.find(s)) >= 0), default=len(text))]
+
+
+def _in_turns(
+    samplings: Sequence[SamplingConfig], n_prompt: int, n_ctx: int, most: int
+) -> list[list[SamplingConfig]]:
+    """`samplings` in turns of at most `most` answers whose sequences fit one cache of
+    `n_ctx` cells together: the prompt's `n_prompt` once, then every answer's decoded
+    tokens its own (one answer alone always fits: its prompt was checked against it)."""
+    turns: list[list[SamplingConfig]] = [[]]
+    cells = n_prompt
+    for sampling in samplings:
+        if turns[-1] and (len(turns[-1]) == most or cells + sampling.max_tokens - 1 > n_ctx):
+            turns.append([])
+            cells = n_prompt
+        turns[-1].append(sampling)
+        cells += sampling.max_tokens - 1
+    return turns
 
 
 def _row_key(row: np.ndarray) -> bytes:
@@ -443,7 +460,7 @@ class LLM:
         `generate` evaluates (the header, whole, after soft rows; else the last token)."""
         if soft is None or placement != "before_answer":
             return self._prefill_soft(before, after, soft)
-        rows = self._token_rows(after) if after else None
+        rows = self.token_rows(after) if after and self.token_rows is not None else None
         if rows is None:
             return self._prefill_soft(before, after, soft, tail=len(after))
         # The soft rows and the header make the last batch always, cached or not: a
@@ -457,13 +474,6 @@ class LLM:
         header = rows * np.float32(self.embed_scale)  # as llama.cpp scales a token's row
         self._decode_embeddings(np.concatenate([soft, header]), True, after)
         return [*before, *([_PLACEHOLDER_ID] * len(soft)), *after]
-
-    def _token_rows(self, ids: list[int]) -> np.ndarray | None:
-        """The input-embedding rows of `ids` (unscaled), None where the model's table
-        cannot be read exactly (`TokenRows.open`)."""
-        if self.token_rows is None:
-            return None
-        return self.token_rows(ids)
 
     def _truncate(self, keep: int) -> None:
         """Keep the KV cache's first `keep` positions (0: empty it) for the next prompt."""
@@ -658,20 +668,7 @@ class LLM:
         most = max(s.max_tokens for s in samplings)
         before, after = self.prompt_parts(prompt, checked, placement, most)
         n_prompt = len(before) + len(after) + (0 if checked is None else len(checked))
-        # The sequences share one cache of n_ctx cells: the prompt's once, then every
-        # decoded token of every answer its own. Answers go in turns of what fits (one
-        # always does: prompt_parts checked the prompt and the longest answer).
-        turns: list[list[SamplingConfig]] = [[]]
-        cells = n_prompt
-        for sampling in samplings:
-            turn = turns[-1]
-            if turn and (
-                len(turn) == self.max_sequences or cells + sampling.max_tokens - 1 > self.n_ctx
-            ):
-                turns.append(turn := [])
-                cells = n_prompt
-            turn.append(sampling)
-            cells += sampling.max_tokens - 1
+        turns = _in_turns(samplings, n_prompt, self.n_ctx, self.max_sequences)
         if len(turns) > 1:
             return [c for t in turns for c in self.draw(prompt, soft, t, placement, ended)]
         soft = checked
@@ -722,9 +719,10 @@ class LLM:
         ended_at = time.perf_counter()
         first_at = first_at or ended_at
         n_soft = 0 if soft is None else len(soft)
+        eog = self.eog_ids
         return [
             Completion(
-                text=_cut(self.detokenize([t for t in answer if t not in self.eog_ids]), s.stop),
+                text=cut_at_stop(self.detokenize([t for t in answer if t not in eog]), s.stop),
                 finish_reason=reason,
                 prompt_tokens=n_prompt,
                 soft_tokens=n_soft,
