@@ -6,7 +6,7 @@ result is reproducible) — and returns the candidate with the highest summed un
 (ROUGE-1) against all the others: minimum-Bayes-risk selection under the task's own metric.
 A member's candidates are decoded side by side (`LLM.draw`): its prompt's keys and values
 computed once and shared, one llama.cpp batch per step for all of them, each candidate the
-very answer it would be drawn alone with one decode thread (`LLM.draw`).
+very answer it would be drawn alone with one decode thread.
 
 `consensus-beam` replaces each member's greedy answer by the best of a beam search
 (`beam.py`, 4 wide) for one-line answers: better on dev, not on test, at about twice the
