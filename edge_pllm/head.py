@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer
 
 from .bundle import InputEncoder, Placement
 from .errors import BundleError
 from .onnx_session import open_session
+from .wordpiece import load_tokenizer, pad
 
 if TYPE_CHECKING:
     from .bundle import Bundle
@@ -54,21 +54,12 @@ class QueryTokenizer:
     and the device use this same class, so both feed the head identical ids."""
 
     def __init__(self, tokenizer_path: str | Path, max_length: int):
-        self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        self._tokenizer.enable_truncation(max_length=max_length)
-        self._tokenizer.no_padding()
+        self._tokenize = load_tokenizer(tokenizer_path, max_length)
 
     def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """`texts` -> (input_ids, attention_mask), both (len(texts), longest) int64,
         right-padded with id 0 and mask 0."""
-        encodings = self._tokenizer.encode_batch(list(texts))
-        width = max((len(e.ids) for e in encodings), default=0)
-        ids = np.zeros((len(encodings), width), dtype=np.int64)
-        mask = np.zeros((len(encodings), width), dtype=np.int64)
-        for row, enc in enumerate(encodings):
-            ids[row, : len(enc.ids)] = enc.ids
-            mask[row, : len(enc.ids)] = 1
-        return ids, mask
+        return pad(self._tokenize(texts))
 
 
 class PlugHead:

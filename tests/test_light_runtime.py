@@ -1,5 +1,5 @@
-"""The device runtime never loads torch, transformers, optimum, sentence-transformers or the
-workstation package (`export`); its import graph has no cycle. The checks read the
+"""The device runtime never loads torch, transformers, optimum, sentence-transformers, the
+workstation package (`export`) or a network client; its import graph has no cycle. The checks read the
 installed `edge_pllm` (in CI's device environment, the wheel's copy, not the checkout)."""
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from pathlib import Path
 import edge_pllm
 
 HEAVY = ("torch", "transformers", "optimum", "sentence_transformers", "export")
+# Network clients (and `tokenizers`, which brings the model hub's): a device never goes online.
+NETWORK = ("tokenizers", "huggingface_hub", "hf_xet", "httpx", "httpx2", "requests", "openai")
 PACKAGE = Path(edge_pllm.__file__).resolve().parent
 
 
@@ -39,7 +41,7 @@ p = PersonalLLM({str(default_bundle)!r}, home={str(tmp_path)!r})
 p.add("u", ["a first note about caching", "a second note about parsing"])
 for strategy in ("none", "recent", "rag", "plug", "plug+rag"):
     p.generate("u", "Write one line.", strategy=strategy, sampling=SamplingConfig(max_tokens=4))
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r})
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in {(*HEAVY, *NETWORK)!r})
 unused = sorted(m for m in {sorted(OFF_THE_GENERATE_PATH)!r} if m in sys.modules)
 print(json.dumps([heavy, unused]))
 """
