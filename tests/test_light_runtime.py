@@ -1,6 +1,7 @@
 """The device runtime never loads torch, transformers, optimum, sentence-transformers, the
-workstation package (`export`) or a network client; its import graph has no cycle. The checks read the
-installed `edge_pllm` (in CI's device environment, the wheel's copy, not the checkout)."""
+workstation package (`export`) or a network client; its import graph has no cycle. The
+checks read the installed `edge_pllm` (in CI's device environment, the wheel's copy, not
+the checkout)."""
 
 from __future__ import annotations
 
