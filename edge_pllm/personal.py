@@ -43,7 +43,6 @@ from .items import (
 from .llm import LLM, Completion, LLMConfig, SamplingConfig
 from .model_registry import get_model, model_bundle
 from .prompts import DEFAULT_STYLE, PromptStyle, fit_prompt
-from .search import CACHE_BUDGET
 from .store import (
     AnswerRecord,
     Feedback,
@@ -114,17 +113,19 @@ class PersonalLLM:
         system_prompt: str | None = None,
         passphrase: str | None = None,
         remember_max_chars: int = MAX_ITEM_CHARS,
-        cache_budget: int = CACHE_BUDGET,
+        cache_budget: int | None = None,
         model: str | None = None,
     ):
         """`passphrase` opens (or creates) the history database encrypted at rest
         (SQLCipher; needs `pip install 'edge-pllm[encryption]'`). A remembered turn longer
         than `remember_max_chars` is not stored (the answer says so in `Response.memory`).
-        `cache_budget`: the bytes of history vectors kept in memory for search (default 256
-        MiB; 0 searches the database file every time, see `HistoryStore`). `model`: a GGUF
+        `cache_budget`: the bytes of history vectors kept in memory for search (default a
+        quarter of the machine's memory, at least 256 MiB; 0 searches the database file
+        every time, see `HistoryStore`). `model`: a GGUF
         registered with `edge-pllm models add` answers in place of the bundle's LLM (see
         `models`)."""
-        check_cache_budget(cache_budget)  # before a bundle is built or a file opened
+        if cache_budget is not None:  # before a bundle is built or a file opened
+            check_cache_budget(cache_budget)
         self.remember_max_chars = remember_max_chars
         self.home = paths.home(home)
         bundle_path = Path(bundle) if bundle is not None else ensure_default_bundle(self.home)

@@ -15,10 +15,21 @@ from collections.abc import Hashable, Iterable
 
 import numpy as np
 
-CACHE_BUDGET = 256 * 2**20  # bytes of matrices one store keeps: 100,000 vectors of 384 floats fit
+from .ram import usable_ram
+
+CACHE_FLOOR = 256 * 2**20  # the least budget: 100,000 vectors of 384 floats fit
+CACHE_SHARE = 4  # the default budget is a quarter of the memory the process may use
 CACHE_ENTRIES = 64
 KNN = "knn"  # the kind of a user's whole, unit-normalized matrix (search); else a vectors() limit
 _RESCORE_BLOCK = 4096
+
+
+def default_cache_budget() -> int:
+    """The bytes of matrices one store keeps by default: a quarter of the memory this
+    process may use (`ram.usable_ram`), at least CACHE_FLOOR. A million vectors of 384
+    floats (1.5 GB) fit on a machine with 8 GB; where they do not, sqlite-vec searches."""
+    ram = usable_ram()
+    return CACHE_FLOOR if ram is None else max(CACHE_FLOOR, ram // CACHE_SHARE)
 
 
 # Where the system has it, the pages are made at once: one call instead of a fault each.
@@ -164,7 +175,7 @@ class SearchCache:
     the whole unit-normalized matrix that search scans (key `(uid, KNN)`). At most `budget`
     bytes, least recently used out first; valid while the database's `token` holds."""
 
-    def __init__(self, budget: int = CACHE_BUDGET, entries: int = CACHE_ENTRIES):
+    def __init__(self, budget: int, entries: int = CACHE_ENTRIES):
         self._entries: OrderedDict[tuple[int, Hashable], Vectors] = OrderedDict()
         self._budget = int(budget)
         self._max_entries = entries

@@ -209,7 +209,8 @@ class HistoryStore:
     """Per-user history with embeddings. Safe to share between threads (one lock per store).
 
     `cache_budget`: the bytes of vectors kept in memory for search and `vectors()` (default
-    256 MiB: a user's 100,000 vectors of 384 floats take 155 MB); a user whose matrix does
+    `search.default_cache_budget()`: a quarter of the memory the process may use, at least
+    256 MiB; a user's 1,000,000 vectors of 384 floats take 1.5 GB); a user whose matrix does
     not fit is searched by sqlite-vec in the database file, with the same results."""
 
     def __init__(
@@ -218,8 +219,10 @@ class HistoryStore:
         dim: int,
         *,
         passphrase: str | None = None,
-        cache_budget: int = search.CACHE_BUDGET,
+        cache_budget: int | None = None,
     ):
+        if cache_budget is None:
+            cache_budget = search.default_cache_budget()
         check_cache_budget(cache_budget)
         self.path = str(path)
         self.dim = int(dim)

@@ -303,3 +303,45 @@ def test_personal_llm_passes_its_budget_to_the_store(default_bundle: Path, tmp_p
         assert pllm.store.cache_budget == 0
         assert len(pllm.store.search("ann", pllm.embedder.embed_one("note"), 2)) == 2
         assert pllm.store.cached_bytes() == 0
+
+
+def test_the_default_budget_is_a_quarter_of_the_memory_at_least_the_floor(
+    tmp_path: Path, monkeypatch
+):
+    from edge_pllm import ram
+
+    ram_now = ram.usable_ram()
+    assert ram_now is None or ram_now > 0
+    with HistoryStore(tmp_path / "d.db", DIM) as store:
+        expected = search.CACHE_FLOOR if ram_now is None else max(search.CACHE_FLOOR, ram_now // 4)
+        assert store.cache_budget == expected
+    monkeypatch.setattr(search, "usable_ram", lambda: 8 * 2**30)  # a laptop
+    assert search.default_cache_budget() == 2 * 2**30  # a million 384-float vectors fit
+    assert search.default_cache_budget() > search.Vectors.size(1_000_000, 384)
+    monkeypatch.setattr(search, "usable_ram", lambda: 512 * 2**20)  # a small device
+    assert search.default_cache_budget() == search.CACHE_FLOOR
+    monkeypatch.setattr(search, "usable_ram", lambda: None)  # the OS does not say
+    assert search.default_cache_budget() == search.CACHE_FLOOR
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"memory.max": "4294967296\n"}, 4 * 2**30),  # cgroup v2, docker run --memory 4g
+        ({"memory.max": "max\n"}, None),
+        ({"memory/memory.limit_in_bytes": "2147483648\n"}, 2 * 2**30),  # v1
+        ({"memory/memory.limit_in_bytes": "9223372036854771712\n"}, None),  # v1: no limit
+        ({}, None),
+    ],
+)
+def test_a_containers_memory_limit_bounds_the_memory(tmp_path: Path, monkeypatch, files, expected):
+    from edge_pllm import ram
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(ram, "SYSFS_CGROUP", tmp_path)
+    assert ram.cgroup_ram_limit() == expected
+    machine = ram.machine_ram()
+    bounds = [b for b in (machine, expected) if b is not None]
+    assert ram.usable_ram() == (min(bounds) if bounds else None)
