@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from tqdm.auto import tqdm
 
 from . import chat as chat_session
 from . import paths
@@ -132,7 +131,8 @@ class Context:
     def home(self) -> Path:
         return paths.home(self.home_override)
 
-    def pllm(self) -> PersonalLLM:
+    def pllm(self, one_shot: bool = False) -> PersonalLLM:
+        """The runtime (made on first use); `one_shot` for a command that answers once."""
         if self._pllm is None:
             self._pllm = PersonalLLM(
                 self.bundle,
@@ -140,6 +140,7 @@ class Context:
                 llm_config=LLMConfig(n_ctx=self.n_ctx),
                 passphrase=self.passphrase,
                 model=self.model,
+                one_shot=one_shot,
             )
         return self._pllm
 
@@ -260,8 +261,15 @@ def _name(stream: Any) -> str:
     return name if isinstance(name, str) and not name.startswith("<") else "stdin"
 
 
+def _bar(**options: Any) -> Any:
+    """A progress bar (tqdm, imported here: `ask` and `chat` never draw one)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(leave=False, **options)
+
+
 def _progress(total: int, desc: str) -> tuple[Any, Callable[[int], None]]:
-    bar = tqdm(total=total, desc=desc, unit="item", disable=total < 64, leave=False)
+    bar = _bar(total=total, desc=desc, unit="item", disable=total < 64)
     return bar, bar.update
 
 
@@ -410,7 +418,7 @@ def import_command(
         _add(obj, user, list(gitlog.history_items(commits, git_repo)))
     if paths:
         pllm = obj.pllm()
-        with tqdm(desc="Importing", unit="file", leave=False) as bar:
+        with _bar(desc="Importing", unit="file") as bar:
             report = pllm.import_paths(user, paths, me=me, progress=lambda _: bar.update())
         _import_summary(user, report)
 
@@ -463,7 +471,7 @@ def ask(
     """Answer PROMPT personalized by USER's history (streams to the terminal)."""
     if prompt == "-":
         prompt = as_text(click.get_binary_stream("stdin").read(), "prompt", None)
-    pllm = obj.pllm()
+    pllm = obj.pllm(one_shot=True)  # one answer: the encoders go before the LLM loads
     sampling = SamplingConfig(max_tokens=max_tokens, temperature=temperature)
     if show_context:
         prepared = pllm.prepare(user, prompt, strategy, sampling)
@@ -790,7 +798,7 @@ def models_add(obj: Context, path: str, name: str | None, template_file: Any) ->
     if template_file is not None:
         template = as_text(template_file.read(), "chat template", None)
     size = Path(path).stat().st_size
-    with tqdm(total=size, unit="B", unit_scale=True, desc="Checking", leave=False, delay=1) as bar:
+    with _bar(total=size, unit="B", unit_scale=True, desc="Checking", delay=1) as bar:
         record = model_registry.add_model(obj.home, path, name, template, bar.update)
     how = "linked" if record.linked else "referenced (moving or changing it breaks it)"
     click.echo(

@@ -28,14 +28,17 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
 
 from .cpus import usable_cpus
 from .errors import BundleError
 from .onnx_session import open_session
 from .wordpiece import load_tokenizer, pad
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 SHORT_TOKENS = 64  # a lone run of up to this many tokens runs on one thread
 BATCH_TOKENS = 256  # padded tokens per run beyond which batching gains nothing

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
 
 from .bundle import InputEncoder, Placement
 from .errors import BundleError
@@ -35,6 +34,8 @@ from .onnx_session import open_session
 from .wordpiece import load_tokenizer, pad
 
 if TYPE_CHECKING:
+    import onnxruntime as ort
+
     from .bundle import Bundle
 
 PROJECTION_CACHE = 16  # histories whose projections stay in memory

@@ -15,11 +15,13 @@ unchanged (paired medians within 1.5%).
 from __future__ import annotations
 
 from pathlib import Path
-
-import onnxruntime as ort
+from typing import TYPE_CHECKING
 
 from .cpus import library_threads
 from .errors import BundleError
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 
 def open_session(path: str | Path, threads: int = 0, what: str = "model") -> ort.InferenceSession:
@@ -27,6 +29,8 @@ def open_session(path: str | Path, threads: int = 0, what: str = "model") -> ort
     per physical core this process may use within its bounds, or onnxruntime's own
     default where neither can be told); a file onnxruntime cannot load is a BundleError
     naming it."""
+    import onnxruntime as ort  # here: a request that runs no ONNX model never loads it
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or library_threads()
     options.inter_op_num_threads = 1

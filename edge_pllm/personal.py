@@ -24,8 +24,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from . import paths
-from .bundle import Bundle, load_bundle
+from .bundle import Bundle, Placement, load_bundle
 from .decoding import Drawer, Drawn, Plan, Prepared, resolve
 from .defaults import ensure_default_bundle
 from .embedder import Embedder
@@ -52,6 +54,7 @@ from .store import (
     check_rating,
 )
 from .strategies import (
+    Personalization,
     QueryVector,
     Request,
     Strategy,
@@ -101,6 +104,40 @@ class Response:
     memory: Memory | None = None  # with remember=True: what was stored
 
 
+@dataclass
+class _Personalized:
+    """A request personalized by one prompt strategy, before the LLM renders it."""
+
+    messages: list[dict[str, str]]
+    query: str
+    strategy: str
+    found: Personalization
+    placement: Placement
+    vector: np.ndarray | None
+
+
+class _EmbedderSlot:
+    """A bundle's embedder, opened by the first caller that needs it."""
+
+    def __init__(self, bundle: Bundle):
+        self._bundle = bundle
+        self._lock = threading.Lock()
+        self._embedder: Embedder | None = None
+
+    def get(self) -> Embedder:
+        with self._lock:
+            if self._embedder is None:
+                spec = self._bundle.embedder
+                self._embedder = Embedder(
+                    self._bundle.file(spec.file), self._bundle.file(spec.tokenizer), spec.config
+                )
+            return self._embedder
+
+    def set(self, embedder: Embedder | None) -> None:
+        with self._lock:
+            self._embedder = embedder
+
+
 class PersonalLLM:
     """A frozen local LLM personalized by each user's on-device history."""
 
@@ -115,6 +152,7 @@ class PersonalLLM:
         remember_max_chars: int = MAX_ITEM_CHARS,
         cache_budget: int | None = None,
         model: str | None = None,
+        one_shot: bool = False,
     ):
         """`passphrase` opens (or creates) the history database encrypted at rest
         (SQLCipher; needs `pip install 'edge-pllm[encryption]'`). A remembered turn longer
@@ -123,10 +161,13 @@ class PersonalLLM:
         quarter of the machine's memory, at least 256 MiB; 0 searches the database file
         every time, see `HistoryStore`). `model`: a GGUF
         registered with `edge-pllm models add` answers in place of the bundle's LLM (see
-        `models`)."""
+        `models`). `one_shot`: a process that answers one request and ends (`edge-pllm
+        ask`): the embedder and the Persona-Plug head are let go as soon as the prompt is
+        personalized, so that their memory is never held beside the LLM's."""
         if cache_budget is not None:  # before a bundle is built or a file opened
             check_cache_budget(cache_budget)
         self.remember_max_chars = remember_max_chars
+        self.one_shot = one_shot
         self.home = paths.home(home)
         bundle_path = Path(bundle) if bundle is not None else ensure_default_bundle(self.home)
         self._base: Bundle = load_bundle(bundle_path)
@@ -134,13 +175,14 @@ class PersonalLLM:
         self.model = model  # the registered model it answers with (None: the bundle's LLM)
         if model is not None:
             self.bundle = model_bundle(self.home, get_model(self.home, model), self._base)
-        spec = self.bundle.embedder
-        self.embedder = Embedder(
-            self.bundle.file(spec.file), self.bundle.file(spec.tokenizer), spec.config
-        )
+        self._embedder = _EmbedderSlot(self.bundle)  # shared with `with_model`'s twins
+        if not paths.database_path(self.home).exists():
+            # A new database takes the manifest's width: the embedder's own is checked
+            # before it is made. An existing one was made with a checked width.
+            self.embedder  # noqa: B018
         self.store = HistoryStore(
             paths.database_path(self.home),
-            spec.config.dim,
+            self.bundle.embedder.config.dim,
             passphrase=passphrase,
             cache_budget=cache_budget,
         )
@@ -166,6 +208,26 @@ class PersonalLLM:
         twin._owns_store, twin.model = False, model
         self._family.append(twin)  # the same list: a shallow copy shares it
         return twin
+
+    @property
+    def embedder(self) -> Embedder:
+        """The bundle's sentence embedder, opened on first use: a request that embeds
+        nothing (`none`, `recent`) never loads it, nor onnxruntime."""
+        return self._embedder.get()
+
+    @embedder.setter
+    def embedder(self, embedder: Embedder) -> None:
+        self._embedder.set(embedder)
+
+    def unload_encoders(self) -> None:
+        """Let the embedder and the Persona-Plug head go (each opens again when next
+        used): onnxruntime's sessions hold about 70 MiB."""
+        self._embedder.set(None)
+        for runtime in self._family:
+            runtime._plug = None
+
+    def _embed_one(self, text: str) -> np.ndarray:
+        return self.embedder.embed_one(text)
 
     @property
     def base_bundle(self) -> Bundle:
@@ -305,32 +367,70 @@ class PersonalLLM:
         """Personalize `prompt` (a request, or chat messages whose last user turn is the
         request) for `user`: the templated text and soft tokens to generate from. Prompts
         prepared for one request can share its embedding through `vectors`."""
-        user = validate_user(user)
-        messages = _as_messages(prompt)
-        query = next(m["content"] for m in reversed(messages) if m["role"] == "user")
         plan = resolve(strategy)
         if not plan.decoder.streams:
             raise InvalidInputError(
                 f"{plan.name} chooses among whole answers: use generate or stream.",
                 field="strategy",
             )
-        chosen = plan.prompts[0]
         sampling = sampling or SamplingConfig()
+        vectors = vectors or QueryVector(self._embed_one)
+        personalized = self._personalize(user, prompt, plan.prompts[0], vectors)
+        return self._render(personalized, sampling, style)
+
+    def _prepare_all(
+        self,
+        user: str,
+        prompt: str | Sequence[dict[str, str]],
+        plan: Plan,
+        sampling: SamplingConfig,
+        style: PromptStyle,
+        remember: bool,
+    ) -> list[Prepared]:
+        """The plan's prompts, the request embedded once for all. A `one_shot` runtime lets
+        the embedder and the head go once every prompt is personalized, before the LLM is
+        loaded to render them (unless the turn is to be remembered: that embeds it again)."""
+        vectors = QueryVector(self._embed_one)
+        found = [self._personalize(user, prompt, p, vectors) for p in plan.prompts]
+        if self.one_shot and not remember:
+            self.unload_encoders()
+        return [self._render(f, sampling, style) for f in found]
+
+    def _personalize(
+        self,
+        user: str,
+        prompt: str | Sequence[dict[str, str]],
+        chosen: Strategy,
+        vectors: QueryVector,
+    ) -> _Personalized:
+        user = validate_user(user)
+        messages = _as_messages(prompt)
+        query = next(m["content"] for m in reversed(messages) if m["role"] == "user")
         plug = None
         if chosen.needs_head:
-            self.llm  # noqa: B018 - loaded first: a head whose adapter llama.cpp refuses is refused
+            spec = self.bundle.plug
+            if spec is not None and spec.adapter_file is not None:
+                self.llm  # noqa: B018 - first: a head whose adapter llama.cpp refuses is refused
             plug = self.plug
-        vectors = vectors or QueryVector(self.embedder)
         found = chosen.personalize(Request(user, query, self.store, vectors, plug))
-        llm = self.llm
-        n_soft = 0 if found.soft_tokens is None else len(found.soft_tokens)
         if found.answer_start and opening(found.answer_start) != found.answer_start:
             raise InvalidInputError(
                 f"An answer's opening is one 'area: ' (got {found.answer_start[:40]!r}).",
                 field="answer_start",
             )
+        placement = plug.placement if plug is not None else "prefix"
+        vector = vectors.computed(query)
+        return _Personalized(messages, query, chosen.name, found, placement, vector)
+
+    def _render(
+        self, personalized: _Personalized, sampling: SamplingConfig, style: PromptStyle
+    ) -> Prepared:
+        """The personalized request as the LLM's templated text, within its context."""
+        llm = self.llm
+        found = personalized.found
+        n_soft = 0 if found.soft_tokens is None else len(found.soft_tokens)
         text, kept = fit_prompt(
-            messages,
+            personalized.messages,
             found.context,
             render=llm.apply_chat_template,
             count_tokens=llm.count_tokens,
@@ -343,9 +443,15 @@ class PersonalLLM:
         )
         dropped = len(found.context) - len(kept)
         found.context = kept
-        placement = plug.placement if plug is not None else "prefix"
-        vector = vectors.computed(query)
-        return Prepared(text, found, chosen.name, dropped, placement, query, vector)
+        return Prepared(
+            text,
+            found,
+            personalized.strategy,
+            dropped,
+            personalized.placement,
+            personalized.query,
+            personalized.vector,
+        )
 
     def generate(
         self,
@@ -410,12 +516,14 @@ class PersonalLLM:
         plan = resolve(strategy)
         with self._llm_lock:
             if plan.decoder.streams:
-                prepared = self.prepare(user, prompt, plan.prompts[0], sampling, style)
+                (prepared,) = self._prepare_all(user, prompt, plan, sampling, style, remember)
                 stream: Iterator[str] = Drawer(self.llm).stream(
                     prepared, sampling, style, ended.append
                 )
             else:  # chosen whole: one piece
-                prepared, text, completion = self._complete(user, prompt, plan, sampling, style)
+                prepared, text, completion = self._complete(
+                    user, prompt, plan, sampling, style, remember
+                )
                 ended.extend([completion] if completion is not None else [])
                 stream = iter([text])
             if on_prepared is not None:
@@ -438,13 +546,11 @@ class PersonalLLM:
         plan: Plan,
         sampling: SamplingConfig,
         style: PromptStyle,
+        remember: bool = False,
     ) -> Drawn:
-        """Prepare the plan's prompts (the request embedded once for all) and let its
-        decoder draw the answer (the caller holds the LLM lock)."""
-        vectors = QueryVector(self.embedder)
-        prepared = [
-            self.prepare(user, prompt, p, sampling, style, vectors=vectors) for p in plan.prompts
-        ]
+        """Prepare the plan's prompts and let its decoder draw the answer (the caller holds
+        the LLM lock)."""
+        prepared = self._prepare_all(user, prompt, plan, sampling, style, remember)
         chosen, text, completion = plan.decoder.draw(Drawer(self.llm), prepared, sampling, style)
         return replace(chosen, strategy=plan.name), text, completion
 

@@ -23,7 +23,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .embedder import Embedder
 from .errors import BundleError, InvalidInputError, UnknownStrategyError
 from .head import PlugHead
 from .items import TURN_KIND, HistoryItem
@@ -38,14 +37,14 @@ class QueryVector:
     by every other step of the same request (each member of a consensus, `+opening` after
     retrieval, the turn stored with memory on): one request, one embedding."""
 
-    def __init__(self, embedder: Embedder):
-        self._embedder = embedder
+    def __init__(self, embed_one: Callable[[str], np.ndarray]):
+        self._embed_one = embed_one  # called only when a step asks: `none` never embeds
         self._text: str | None = None
         self._value: np.ndarray | None = None
 
     def of(self, text: str) -> np.ndarray:
         if self._value is None or text != self._text:
-            self._text, self._value = text, self._embedder.embed_one(text)
+            self._text, self._value = text, self._embed_one(text)
         return self._value.copy()
 
     def computed(self, text: str) -> np.ndarray | None:

@@ -154,3 +154,26 @@ print(json.dumps([names, heavy]))
     assert heavy == []
     for path in PACKAGE.rglob("*.py"):
         assert "train_plug" not in path.read_text(), path.name
+
+
+def test_a_request_that_embeds_nothing_loads_no_onnx_model(default_bundle, tmp_path):
+    """`none` and `recent` need neither the embedder nor the head: onnxruntime stays out of
+    the process (#35: what a request does not need is not loaded for it); `rag` loads it."""
+    from edge_pllm import PersonalLLM
+
+    with PersonalLLM(default_bundle, home=tmp_path) as pllm:
+        pllm.add("u", ["a first note about caching", "a second note about parsing"])
+    script = f"""
+import json, sys
+from edge_pllm import PersonalLLM, SamplingConfig
+p = PersonalLLM({str(default_bundle)!r}, home={str(tmp_path)!r})
+seen = []
+for strategy in ("none", "recent", "rag"):
+    p.generate("u", "Write one line.", strategy=strategy, sampling=SamplingConfig(max_tokens=2))
+    seen.append("onnxruntime" in sys.modules)
+print(json.dumps(seen))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300
+    )
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [False, False, True]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -200,3 +202,26 @@ def test_retrieval_shows_only_relevant_items_and_says_when_none_is(pllm):
     persona = pllm.prepare("alice", "Bake a rye bread with caraway seeds", "plug+rag:1")
     assert persona.personalization.soft_tokens is not None
     assert persona.personalization.info["fallback"] == NOT_RELEVANT_PLUG
+
+
+def test_a_one_shot_runtime_lets_the_encoders_go_before_the_llm_answers(
+    default_bundle: Path, isolated_home: Path
+):
+    """`one_shot` (edge-pllm ask): the same answers, the embedder and the head let go once
+    the prompt is personalized; kept when the turn is to be remembered (it is embedded)."""
+    from edge_pllm import LLMConfig, PersonalLLM, SamplingConfig
+
+    config = LLMConfig(n_ctx=1024, n_threads=1)
+    sampling = SamplingConfig(max_tokens=6)
+    request = "Write a commit subject: the parser crashed on blank lines"
+    with PersonalLLM(default_bundle, home=isolated_home, llm_config=config) as kept:
+        kept.add("ann", ["fix: handle empty config", "docs: explain the cache flag"])
+        expected = {s: kept.generate("ann", request, strategy=s, sampling=sampling).text
+                    for s in ("plug", "rag", "consensus")}  # fmt: skip
+    with PersonalLLM(default_bundle, home=isolated_home, llm_config=config, one_shot=True) as lean:
+        for strategy, text in expected.items():
+            assert lean.generate("ann", request, strategy=strategy, sampling=sampling).text == text
+            assert lean._embedder._embedder is None and lean._plug is None
+        lean.generate("ann", request, strategy="plug", sampling=sampling, remember=True)
+        assert lean._embedder._embedder is not None and lean._plug is not None
+        assert lean.store.count("ann") == 3  # the turn, embedded after the answer

@@ -139,7 +139,8 @@ def test_runtime_cli_and_server_make_no_outbound_connection(
 
 def test_onnxruntime_telemetry_is_off_before_onnxruntime_loads():
     """onnxruntime's 1DS telemetry (mobile.events.data.microsoft.com) is read from the
-    environment when onnxruntime is imported: edge_pllm must set it first."""
+    environment when onnxruntime is imported: edge_pllm must set it first (the runtime
+    imports onnxruntime when it opens its first session)."""
     code = (
         "import os, sys\n"
         "seen = []\n"
@@ -150,6 +151,11 @@ def test_onnxruntime_telemetry_is_off_before_onnxruntime_loads():
         "sys.meta_path.insert(0, Watch())\n"
         "from edge_pllm import PersonalLLM\n"
         "import edge_pllm.embedder, edge_pllm.head\n"
+        "from edge_pllm.onnx_session import open_session\n"
+        "try:\n"
+        "    open_session('missing.onnx')\n"
+        "except Exception:\n"
+        "    pass\n"
         "print(seen)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
