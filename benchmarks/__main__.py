@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         system.process_figures(
             res, model, bundle, home, (big, users[big]), prompts[0], args.threads, min(repeats, 3)
         )
+        system.ask_process(
+            res, model, bundle, home, users[mid], prompts[0], args.threads, 1 if args.smoke else 5
+        )
         serving.under_load(res, bundle, args.threads, max_tokens=max_tokens // 2)
         importing.run(res, bundle, args.threads, 40 if args.smoke else 1000, args.data)
         system.decode_limit(res, model, args.threads, bare_tps)

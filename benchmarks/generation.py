@@ -235,7 +235,7 @@ def short_request_persona(
     cheap (the task prompts above are whole commit messages, up to 256 tokens); then
     embedding time by length, cut from `long_text`."""
     row = persona_breakdown(pllm, user, [CHAT_PROMPT] * 20)
-    n_tokens = len(pllm.embedder._tokenizer.encode(CHAT_PROMPT).ids)
+    n_tokens = pllm.embedder.count_tokens(CHAT_PROMPT)
     res.add(
         Row(
             "persona",
@@ -257,14 +257,14 @@ EMBED_LENGTHS = (16, 32, 64, 128, 256)
 def embed_by_length(res: Results, pllm: PersonalLLM, text: str, repeats: int = 15) -> None:
     """What stands between a real task request and a ≤ 5 ms persona: embedding the request,
     timed at growing token counts (the leading words of `text`), lengths interleaved."""
-    tokenizer = pllm.embedder._tokenizer
+    count = pllm.embedder.count_tokens
     words = text.split()
     texts = {}
     for n in EMBED_LENGTHS:
         w = 1
-        while w < len(words) and len(tokenizer.encode(" ".join(words[:w])).ids) < n:
+        while w < len(words) and count(" ".join(words[:w])) < n:
             w += 1
-        texts[len(tokenizer.encode(" ".join(words[:w])).ids)] = " ".join(words[:w])
+        texts[count(" ".join(words[:w]))] = " ".join(words[:w])
     times: dict[int, list[float]] = {n: [] for n in texts}
     for _ in range(repeats + 1):  # the first pass warms up
         for n, t in texts.items():

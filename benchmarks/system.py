@@ -170,3 +170,84 @@ def decode_limit(res: Results, model: Path, threads: int, measured_tps: float) -
             limit,
         )
     )
+
+
+# The reference for `edge-pllm ask`: what a person would write with llama-cpp-python alone,
+# the same GGUF, request and answer length (the chat template adds the same system turn).
+_BARE_CHAT = """
+import sys
+from llama_cpp import Llama
+llm = Llama(sys.argv[1], n_ctx=2048, n_batch=512, n_threads=int(sys.argv[4]), flash_attn=True,
+            verbose=False)
+out = llm.create_chat_completion([{"role": "user", "content": sys.argv[2]}],
+                                 max_tokens=int(sys.argv[3]), temperature=0.0)
+print(out["choices"][0]["message"]["content"])
+"""
+
+
+def _timed_process(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MiB) of a whole child process, from the OS's accounting."""
+    started = time.perf_counter()
+    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - started
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise RuntimeError(f"{argv[:4]} failed: {child.stderr.read().decode()[-2000:]}")
+    child.stderr.close()
+    return wall, usage.ru_maxrss / 1024
+
+
+def ask_process(
+    res: Results,
+    model: Path,
+    bundle: Path,
+    home: Path,
+    user: str,
+    request: str,
+    threads: int,
+    pairs: int,
+) -> None:
+    """`edge-pllm ask USER REQUEST -s S -n 8` as a person runs it (start, imports, load,
+    persona, prefill, 8 tokens) against bare llama-cpp-python's chat completion of the same
+    request, run in turn, pair by pair; for `none` and `plug`. Bytecode is written on a
+    first run of each (as an installed package has it)."""
+    print("whole process: edge-pllm ask vs a bare chat completion", flush=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env.update(EDGE_PLLM_HOME=str(home), EDGE_PLLM_THREADS=str(threads))
+    bare = [sys.executable, "-c", _BARE_CHAT, str(model), request, "8", str(threads)]
+    for strategy in ("none", "plug"):
+        ours = [sys.executable, "-m", "edge_pllm", "--bundle", str(bundle), "ask", user, request]
+        ours += ["-s", strategy, "-n", "8"]
+        _timed_process(ours, env), _timed_process(bare, env)  # warm-up: bytecode, page cache
+        runs = [(_timed_process(ours, env), _timed_process(bare, env)) for _ in range(pairs)]
+        wall = float(np.median([o[0] / b[0] for o, b in runs]))
+        peak = float(np.median([o[1] for o, _ in runs]))
+        peak_ref = float(np.median([b[1] for _, b in runs]))
+        ms = float(np.median([o[0] for o, _ in runs])) * 1000
+        ms_ref = float(np.median([b[0] for _, b in runs])) * 1000
+        res.add(
+            Row(
+                "process",
+                f"edge-pllm ask -s {strategy} -n 8, whole process (median of {pairs} "
+                f"pairs; ratio {wall:.2f} pair by pair)",
+                ms,
+                "ms",
+                "bare llama-cpp-python chat completion, same request",
+                ms_ref,
+                "≤ 1.3 × bare",
+                wall <= 1.3,
+            )
+        )
+        res.add(
+            Row(
+                "process",
+                f"edge-pllm ask -s {strategy} -n 8, peak RSS",
+                peak,
+                "MiB",
+                "bare llama-cpp-python chat completion, same request",
+                peak_ref,
+                "≤ 1.3 × bare",
+                peak <= 1.3 * peak_ref,
+            )
+        )

@@ -162,6 +162,10 @@ class Embedder:
         hidden = session.run(None, {k: v for k, v in feeds.items() if k in self._inputs})[0]
         return self._pool(hidden, mask)
 
+    def count_tokens(self, text: str) -> int:
+        """The tokens the model sees for `text` (with its markers, after truncation)."""
+        return len(self._tokenize([text])[0])
+
     def embed_one(self, text: str) -> np.ndarray:
         return self.embed([text])[0]
 

@@ -28,6 +28,7 @@ _STRING, _ARRAY = 8, 9
 # Byte sizes of the GGUF metadata value types with a fixed size (by type id).
 _FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _F32, _F16 = 0, 1
+_U64 = struct.Struct("<Q")
 
 _to_float_t = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 
@@ -92,6 +93,11 @@ def _tensor(buf: memoryview, name: str) -> tuple[int, list[int], int] | None:
             at += 12
             if inner in _FIXED:
                 return at + count * _FIXED[inner]
+            if inner == _STRING:  # a vocabulary: tens of thousands, skipped in a tight loop
+                length = _U64.unpack_from
+                for _ in range(count):
+                    at += 8 + length(buf, at)[0]
+                return at
             for _ in range(count):
                 at = skip(inner, at)
             return at
