@@ -15,6 +15,7 @@ memory nothing of a request or its answer is stored.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import threading
@@ -263,6 +264,13 @@ class PersonalLLM:
                 self._llm = llm
             return self._llm
 
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[LLM]:
+        """The LLM, loaded and held by this thread until the block ends: `unload` (another
+        model making room in the server) waits for it."""
+        with self._llm_lock:
+            yield self.llm
+
     def head_usable(self) -> bool:
         """Whether the bundle's Persona-Plug head can answer: False when there is none, or
         when it was refused (`Bundle.plug_error` says why). A head with a task adapter is
@@ -282,8 +290,13 @@ class PersonalLLM:
         return self._plug
 
     def close(self) -> None:
+        """Close the store (a `with_model` twin: let its LLM go, the store stays open)."""
         if self._owns_store:
             self.store.close()
+            return
+        self.unload()
+        with contextlib.suppress(ValueError):  # closed twice
+            self._family.remove(self)
 
     def __enter__(self) -> PersonalLLM:
         return self

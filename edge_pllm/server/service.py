@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import secrets
@@ -12,7 +13,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -95,9 +96,13 @@ class Service:
     def __init__(self, pllm: PersonalLLM, config: ServerConfig):
         self.pllm, self.config = pllm, config
         self.model_id = f"edge-pllm/{pllm.model or pllm.base_bundle.name}"
-        # Every model answered with so far, least recently used first (`runtime`).
+        # Every model answered with so far, least recently used first (`runtime`), by name;
+        # each with the sha256 of the file it was made for (a name registered again anew).
         self._runtimes: OrderedDict[str | None, PersonalLLM] = OrderedDict({pllm.model: pllm})
+        self._made_for: dict[str | None, str | None] = {pllm.model: None}
         self._runtimes_lock = threading.Lock()
+        # Held while one model makes room and loads: `max_loaded` holds across loading.
+        self._loading_lock = threading.Lock()
         # Model work waits for the runtime's one llama context in threads of its own, so
         # the default executor stays free for history and search requests meanwhile.
         self._generation = ThreadPoolExecutor(GENERATION_THREADS, "edge-pllm-generation")
@@ -134,9 +139,14 @@ class Service:
     def known(self) -> dict[str, str | None]:
         """Every model id this server answers to: the bundle's LLM and each registered
         model (`edge-pllm models add`), each with its registered name (None: the bundle's)."""
-        ids: dict[str, str | None] = {self.id_of(None): None}
-        ids.update({self.id_of(m.name): m.name for m in list_models(self.pllm.home)})
-        return ids
+        return {self.id_of(name): name for name in self._registered()}
+
+    def _registered(self) -> dict[str | None, str | None]:
+        """Each model's name (None: the bundle's LLM) and the sha256 of its file (None for
+        the bundle's), as registered now."""
+        found: dict[str | None, str | None] = {None: None}
+        found.update({m.name: m.sha256 for m in list_models(self.pllm.home)})
+        return found
 
     def id_of(self, name: str | None) -> str:
         """The id a client names a model by: `edge-pllm/NAME` (the bundle's own LLM: the
@@ -148,25 +158,41 @@ class Service:
         the one the server was started with). UnknownModelError (404) for another name."""
         if model is None or model == self.model_id:
             return self.pllm
-        known = self.known()
+        registered = self._registered()
+        known = {self.id_of(name): name for name in registered}
         key = model if model in known else self.id_of(model)
         if key not in known:
             raise UnknownModelError(model, list(known))
         name = known[key]
         with self._runtimes_lock:
             runtime = self._runtimes.get(name)
+            if runtime is not None and self._made_for[name] != registered[name]:
+                # Registered again (another file under the same name): a runtime of its own;
+                # the old one is let go once the generation it may be running ends.
+                self._generation.submit(runtime.close)
+                runtime = None
             if runtime is None:
                 runtime = self._runtimes[name] = self.pllm.with_model(name)
+                self._made_for[name] = registered[name]
             return runtime
 
-    def _make_room(self, runtime: PersonalLLM) -> None:
-        """Before `runtime` generates (in a generation thread): the least recently used
-        other models are unloaded so that at most `max_loaded` stay in memory."""
-        with self._runtimes_lock:
-            self._runtimes.move_to_end(runtime.model)
-            others = [r for r in self._runtimes.values() if r is not runtime and r.loaded]
-        for other in others[: max(0, len(others) - (self.config.max_loaded - 1))]:
-            other.unload()
+    @contextlib.contextmanager
+    def _room(self, runtime: PersonalLLM) -> Iterator[None]:
+        """Held while `runtime` generates (in a generation thread): the least recently used
+        other models are unloaded so that at most `max_loaded` stay in memory, and
+        `runtime` is loaded and held, one model at a time, so that two requests for two
+        models never both load past the limit. Unloading a model waits for its generation
+        to end; meanwhile other models wait their turn to make room."""
+        with contextlib.ExitStack() as held:
+            with self._loading_lock:
+                with self._runtimes_lock:
+                    if self._runtimes.get(runtime.model) is runtime:
+                        self._runtimes.move_to_end(runtime.model)
+                    others = [r for r in self._runtimes.values() if r is not runtime and r.loaded]
+                for other in others[: max(0, len(others) - (self.config.max_loaded - 1))]:
+                    other.unload()
+                held.enter_context(runtime.in_use())
+            yield
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -287,17 +313,17 @@ class Service:
         prepared_box: list[Prepared] = []
 
         def work() -> Answer:
-            self._make_room(pllm)
-            return pllm.generate(
-                user,
-                prompt,
-                strategy=strategy,
-                sampling=sampling,
-                on_prepared=prepared_box.append,
-                remember=remember,
-                answer_id=rid,
-                keep=lambda: _still_there(request, loop),
-            )
+            with self._room(pllm):
+                return pllm.generate(
+                    user,
+                    prompt,
+                    strategy=strategy,
+                    sampling=sampling,
+                    on_prepared=prepared_box.append,
+                    remember=remember,
+                    answer_id=rid,
+                    keep=lambda: _still_there(request, loop),
+                )
 
         answer = await asyncio.wrap_future(self._model_work(work))
         text = answer.text
@@ -361,30 +387,31 @@ class Service:
                 loop.call_soon_threadsafe(ready.set_result, p)
 
             done: list[Answer] = []
-            self._make_room(pllm)
-            pieces = pllm.stream(
-                user,
-                prompt,
-                strategy=strategy,
-                sampling=sampling,
-                on_prepared=prepared_cb,
-                remember=remember,
-                answer_id=head.id,
-                on_done=done.append,
-                keep=delivered,
-            )
             try:
-                for piece in pieces:
-                    if gone.is_set():
-                        return  # closing the stream below: an interrupted answer, not kept
-                    loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
-                loop.call_soon_threadsafe(queue.put_nowait, ("end", done[0]))
+                with self._room(pllm):  # may load the model: its errors are delivered too
+                    pieces = pllm.stream(
+                        user,
+                        prompt,
+                        strategy=strategy,
+                        sampling=sampling,
+                        on_prepared=prepared_cb,
+                        remember=remember,
+                        answer_id=head.id,
+                        on_done=done.append,
+                        keep=delivered,
+                    )
+                    try:
+                        for piece in pieces:
+                            if gone.is_set():
+                                return  # the stream closed below: interrupted, not kept
+                            loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
+                        loop.call_soon_threadsafe(queue.put_nowait, ("end", done[0]))
+                    finally:
+                        pieces.close()  # type: ignore[attr-defined]
             except Exception as exc:  # delivered to the client, as an error or an event
                 if not ready.done():
                     loop.call_soon_threadsafe(ready.set_exception, exc)
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
-            finally:
-                pieces.close()  # type: ignore[attr-defined]
 
         self._model_work(producer)
         prepared = await ready  # raises the typed error -> proper 4xx before streaming
