@@ -981,7 +981,8 @@ def serve(
     max_loaded: int,
 ) -> None:
     """Serve an OpenAI-compatible API; the request's `user` selects the persona, its
-    `model` the model (`edge-pllm models`: the bundle's and every registered one)."""
+    `model` the model (`edge-pllm models`: the bundle's and every registered one). Needs
+    the [server] extra: `pip install 'edge-pllm[server]'`."""
     from .decoding import resolve
     from .server import ServerConfig
     from .server import serve as run_server
