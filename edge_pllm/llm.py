@@ -31,6 +31,7 @@ import functools
 import hashlib
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -156,6 +157,35 @@ def _row_key(row: np.ndarray) -> bytes:
     return hashlib.sha256(np.ascontiguousarray(row, dtype=np.float32).tobytes()).digest()
 
 
+_SEQUENCES_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _sequences(n: int) -> Iterator[None]:
+    """While a Llama is made: its context holds `n` sequences in one unified KV cache (its
+    cells shared: a sequence may reach any position, all of them together hold n_ctx
+    tokens; `draw` decodes answers side by side). llama-cpp-python has no parameter for
+    it: the defaults its constructor starts from are given those two fields, so that one
+    context is made, not one and then its replacement (a second context cost 44-74 ms of
+    every load, measured)."""
+    from llama_cpp import llama_cpp as raw
+
+    with _SEQUENCES_LOCK:
+        defaults = raw.llama_context_default_params
+
+        def with_sequences() -> Any:
+            params = defaults()
+            params.n_seq_max = n
+            params.kv_unified = True  # else each sequence would get n_ctx / n cells
+            return params
+
+        raw.llama_context_default_params = with_sequences
+        try:
+            yield
+        finally:
+            raw.llama_context_default_params = defaults
+
+
 class LLM:
     """A GGUF model loaded in llama.cpp, with soft-token prefix support."""
 
@@ -174,8 +204,14 @@ class LLM:
         if not self.path.is_file():
             raise BundleError(f"The model file {self.path} does not exist.", file=str(self.path))
         decode_threads, prompt_threads = llm_threads()
+        # A batch holds at most n_batch tokens: one per sequence at a step.
+        self.max_sequences = min(MAX_SEQUENCES, self.config.n_batch)
         try:
-            with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+            with (
+                open(os.devnull, "w") as devnull,
+                contextlib.redirect_stderr(devnull),
+                _sequences(self.max_sequences),
+            ):
                 self._llama = llama_cpp.Llama(
                     model_path=str(self.path),
                     n_ctx=self.config.n_ctx,
@@ -199,9 +235,12 @@ class LLM:
                 "an unsupported architecture.",
                 file=str(self.path),
             ) from exc
-        # A batch holds at most n_batch tokens: one per sequence at a step.
-        self.max_sequences = min(MAX_SEQUENCES, self.config.n_batch)
-        self._allow_sequences(self.max_sequences)
+        if self._llama.context_params.n_seq_max != self.max_sequences:
+            raise BundleError(  # the pinned llama-cpp-python makes its context as read here
+                f"llama-cpp-python made a context for {self._llama.context_params.n_seq_max} "
+                f"sequences, not {self.max_sequences}; reinstall the version edge-pllm pins.",
+                file=str(self.path),
+            )
         meta = self._llama.metadata
         self.architecture: str = meta.get("general.architecture", "unknown")
         self.chat_template: str | None = chat_template or meta.get("tokenizer.chat_template")
@@ -239,28 +278,6 @@ class LLM:
             full = self._formatter(messages=probe).prompt
             if full.startswith(turn.prompt):
                 self.answer_header = full[len(turn.prompt) :]
-
-    def _allow_sequences(self, n: int) -> None:
-        """Give the model a context that holds `n` sequences in one unified KV cache (its
-        cells shared: a sequence may reach any position of the context, while all of them
-        together hold n_ctx tokens): llama-cpp-python makes one for a single sequence and
-        has no parameter for more, so its context is replaced before anything is decoded."""
-        from llama_cpp._internals import LlamaContext
-
-        llama = self._llama
-        params = llama.context_params
-        params.n_seq_max = n
-        params.kv_unified = True  # else each sequence would get n_ctx / n cells
-        llama._ctx.close()  # its memory first: a phone cannot hold two caches
-        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
-            try:
-                llama._ctx = LlamaContext(model=llama._model, params=params, verbose=False)
-            except ValueError as exc:
-                raise BundleError(
-                    f"llama.cpp could not make a context for {self.path} ({exc}).",
-                    file=str(self.path),
-                ) from exc
-        llama._stack.callback(llama._ctx.close)
 
     @property
     def llama(self) -> Any:
