@@ -210,7 +210,7 @@ def knn(res: Results, store: HistoryStore, users: dict[int, str], queries: np.nd
                 "the vectors themselves (float32)",
                 own,
                 "≤ 1.02 × the vectors (their ids beside them)" if at_target else "",
-                bool(mib <= 1.02 * own) if at_target else None,
+                bool(0 < mib <= 1.02 * own) if at_target else None,  # 0: not kept at all
             )
         )
         del matrix, id_arr

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -187,14 +188,15 @@ print(out["choices"][0]["message"]["content"])
 
 def _timed_process(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
     """(wall seconds, peak RSS in MiB) of a whole child process, from the OS's accounting."""
-    started = time.perf_counter()
-    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - started
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
-        raise RuntimeError(f"{argv[:4]} failed: {child.stderr.read().decode()[-2000:]}")
-    child.stderr.close()
+    with tempfile.TemporaryFile() as errors:  # a file: a pipe unread would fill and block
+        started = time.perf_counter()
+        child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=errors, env=env)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - started
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode != 0:
+            errors.seek(0)
+            raise RuntimeError(f"{argv[:4]} failed: {errors.read().decode()[-2000:]}")
     return wall, usage.ru_maxrss / 1024
 
 

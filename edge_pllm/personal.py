@@ -159,12 +159,15 @@ class PersonalLLM:
         (SQLCipher; needs `pip install 'edge-pllm[encryption]'`). A remembered turn longer
         than `remember_max_chars` is not stored (the answer says so in `Response.memory`).
         `cache_budget`: the bytes of history vectors kept in memory for search (default a
-        quarter of the machine's memory, at least 256 MiB; 0 searches the database file
+        quarter of the memory the process may use, its container's limit included, at
+        least 256 MiB; 0 searches the database file
         every time, see `HistoryStore`). `model`: a GGUF
         registered with `edge-pllm models add` answers in place of the bundle's LLM (see
         `models`). `one_shot`: a process that answers one request and ends (`edge-pllm
         ask`): the embedder and the Persona-Plug head are let go as soon as the prompt is
-        personalized, so that their memory is never held beside the LLM's."""
+        personalized, before the LLM loads, so that their memory is not held beside the
+        LLM's (except for a head with a task adapter, which needs the LLM first, and the
+        embedder when a turn to remember must still be embedded)."""
         if cache_budget is not None:  # before a bundle is built or a file opened
             check_cache_budget(cache_budget)
         self.remember_max_chars = remember_max_chars
@@ -220,12 +223,12 @@ class PersonalLLM:
     def embedder(self, embedder: Embedder) -> None:
         self._embedder.set(embedder)
 
-    def unload_encoders(self) -> None:
-        """Let the embedder and the Persona-Plug head go (each opens again when next
-        used): onnxruntime's sessions hold about 70 MiB."""
-        self._embedder.set(None)
-        for runtime in self._family:
-            runtime._plug = None
+    def unload_encoders(self, embedder: bool = True) -> None:
+        """Let this runtime's Persona-Plug head and (with `embedder`) the embedder go: each
+        opens again when next used. onnxruntime's sessions hold about 70 MiB."""
+        self._plug = None
+        if embedder:
+            self._embedder.set(None)
 
     def _embed_one(self, text: str) -> np.ndarray:
         return self.embedder.embed_one(text)
@@ -285,9 +288,10 @@ class PersonalLLM:
         """The bundle's Persona-Plug head, loaded on first use; None if the bundle has none.
         BundleError if it has one that does not fit it (`Bundle.plug_error` says why)."""
         has_head = self.bundle.plug is not None or self.bundle.plug_error is not None
-        if self._plug is None and has_head:
-            self._plug = PlugHead(self.bundle)
-        return self._plug
+        head = self._plug
+        if head is None and has_head:
+            head = self._plug = PlugHead(self.bundle)
+        return head
 
     def close(self) -> None:
         """Close the store (a `with_model` twin: let its LLM go, the store stays open)."""
@@ -395,18 +399,21 @@ class PersonalLLM:
         self,
         user: str,
         prompt: str | Sequence[dict[str, str]],
-        plan: Plan,
+        prompts: Sequence[Strategy],
         sampling: SamplingConfig,
         style: PromptStyle,
         remember: bool,
     ) -> list[Prepared]:
-        """The plan's prompts, the request embedded once for all. A `one_shot` runtime lets
-        the embedder and the head go once every prompt is personalized, before the LLM is
-        loaded to render them (unless the turn is to be remembered: that embeds it again)."""
+        """`prompts` prepared, the request embedded once for all. A `one_shot` runtime lets
+        the head and the embedder go once every prompt is personalized, before the LLM is
+        loaded to render them (the embedder stays for a turn to remember whose request no
+        prompt embedded)."""
         vectors = QueryVector(self._embed_one)
-        found = [self._personalize(user, prompt, p, vectors) for p in plan.prompts]
-        if self.one_shot and not remember:
-            self.unload_encoders()
+        found = [self._personalize(user, prompt, p, vectors) for p in prompts]
+        for f in found:  # a later prompt may have embedded the request
+            f.vector = f.vector if f.vector is not None else vectors.computed(f.query)
+        if self.one_shot:  # a turn to remember is embedded after the answer, if not yet
+            self.unload_encoders(embedder=not (remember and found[0].vector is None))
         return [self._render(f, sampling, style) for f in found]
 
     def _personalize(
@@ -529,7 +536,9 @@ class PersonalLLM:
         plan = resolve(strategy)
         with self._llm_lock:
             if plan.decoder.streams:
-                (prepared,) = self._prepare_all(user, prompt, plan, sampling, style, remember)
+                (prepared,) = self._prepare_all(
+                    user, prompt, plan.prompts[:1], sampling, style, remember
+                )
                 stream: Iterator[str] = Drawer(self.llm).stream(
                     prepared, sampling, style, ended.append
                 )
@@ -563,7 +572,7 @@ class PersonalLLM:
     ) -> Drawn:
         """Prepare the plan's prompts and let its decoder draw the answer (the caller holds
         the LLM lock)."""
-        prepared = self._prepare_all(user, prompt, plan, sampling, style, remember)
+        prepared = self._prepare_all(user, prompt, plan.prompts, sampling, style, remember)
         chosen, text, completion = plan.decoder.draw(Drawer(self.llm), prepared, sampling, style)
         return replace(chosen, strategy=plan.name), text, completion
 

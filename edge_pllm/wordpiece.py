@@ -11,9 +11,11 @@ whitespace to spaces, CJK ideographs spaced, accents stripped, lower case),
 longest match, `##` continuations, `[UNK]` for a word it cannot spell), then the
 `[CLS] A [SEP]` template. tests/test_wordpiece.py checks the ids against `tokenizers`, for
 every character that is not a letter and on random text. Characters are classed by
-Python's Unicode tables (`unicodedata`), corrected where those of `tokenizers` are older
-(`_OLD_CLASS`); a Python newer than 3.11 knows characters of Unicode 15 and later, which
-that test would show if they differ.
+Python's Unicode tables (`unicodedata`, Unicode 14.0 on Python 3.11), corrected where
+those of `tokenizers` are older (`_OLD_CLASS`). On Python 3.12 and later (Unicode 15 and
+on), the few hundred marks and punctuation assigned since 14.0 (Kawi, Nag Mundari, ...) are
+classed by the newer tables while `tokenizers` reads them as letters: words holding them
+get other ids there (that test shows which).
 
 A tokenizer of another kind (BPE, Unigram...) is read by `tokenizers` itself, which
 `pip install 'edge-pllm[tokenizers]'` adds.
@@ -76,7 +78,6 @@ _OLD_CLASS = {
     0x111C9: "punct",  # Mn, once Po
     0x1734: "mark",  # Mc, once Mn
 }
-_WORD_CACHE = 65536  # distinct words whose pieces are remembered
 
 
 def _is_cjk(cp: int) -> bool:
@@ -130,7 +131,6 @@ class WordPiece:
         self._strip_accents = strip_accents
         self._cls, self._sep = cls, sep
         self.max_length = max_length
-        self._pieces = lru_cache(maxsize=_WORD_CACHE)(self._word_ids)
 
     @classmethod
     def from_file(cls, path: str | Path, max_length: int) -> WordPiece | None:
@@ -175,18 +175,33 @@ class WordPiece:
             return None
         vocab = model.get("vocab")
         unk = model.get("unk_token", "[UNK]")
-        if not isinstance(vocab, dict) or unk not in vocab:
+        prefix = model.get("continuing_subword_prefix", "##")
+        max_chars = model.get("max_input_chars_per_word", 100)
+        lowercase, strip = norm.get("lowercase", True), norm.get("strip_accents")
+        if (
+            not isinstance(vocab, dict)
+            or unk not in vocab
+            or not all(isinstance(k, str) and type(v) is int for k, v in vocab.items())
+            or not isinstance(prefix, str)
+            or type(max_chars) is not int
+            or not isinstance(lowercase, bool)
+            or not (strip is None or isinstance(strip, bool))
+            or not all(type(end[0]) is int for end in ends)
+        ):
             return None
-        lowercase = bool(norm.get("lowercase", True))
-        strip = norm.get("strip_accents")
+        # `tokenizers` gives an added token its id in the vocabulary (one the vocabulary
+        # lacks gets an id of its own choosing, not read here).
+        contents = [t.get("content") for t in added]
+        if not all(isinstance(c, str) and c in vocab for c in contents):
+            return None
         return cls(
             vocab,
-            specials={t["content"]: int(t["id"]) for t in added if t.get("content")},
+            specials={c: vocab[c] for c in contents if c},
             unk=unk,
-            prefix=model.get("continuing_subword_prefix", "##"),
-            max_chars=int(model.get("max_input_chars_per_word", 100)),
+            prefix=prefix,
+            max_chars=max_chars,
             lowercase=lowercase,
-            strip_accents=lowercase if strip is None else bool(strip),
+            strip_accents=lowercase if strip is None else strip,
             cls=ends[0][0],
             sep=ends[1][0],
             max_length=max_length,
@@ -202,8 +217,9 @@ class WordPiece:
                 ids.append(special)
                 continue
             for word in self._words(piece):
-                ids.extend(self._pieces(word))
-        del ids[max(self.max_length - 1, 1) :]
+                ids.extend(self._word_ids(word))
+        if self.max_length >= 2:  # as `tokenizers`: below room for the markers, no cut
+            del ids[self.max_length - 1 :]
         ids.append(self._sep)
         return ids
 
@@ -247,9 +263,9 @@ class WordPiece:
             words.append("".join(word))
         return words
 
-    def _word_ids(self, word: str) -> tuple[int, ...]:
+    def _word_ids(self, word: str) -> list[int]:
         if len(word) > self._max_chars:
-            return (self._unk,)
+            return [self._unk]
         vocab, ids, start = self._vocab, [], 0
         while start < len(word):
             end = len(word)
@@ -261,9 +277,9 @@ class WordPiece:
                     break
                 end -= 1
             else:
-                return (self._unk,)
+                return [self._unk]
             start = end
-        return tuple(ids)
+        return ids
 
 
 def load_tokenizer(path: str | Path, max_length: int) -> Encode:
@@ -276,7 +292,7 @@ def load_tokenizer(path: str | Path, max_length: int) -> Encode:
         from tokenizers import Tokenizer
     except ImportError:
         raise MissingDependencyError(
-            "tokenizers", "tokenizers", f"the embedder's tokenizer {path} (not BERT's WordPiece)"
+            "tokenizers", "tokenizers", f"The embedder's tokenizer {path} (not one read here)"
         ) from None
     try:
         tokenizer = Tokenizer.from_file(str(path))

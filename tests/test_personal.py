@@ -222,6 +222,10 @@ def test_a_one_shot_runtime_lets_the_encoders_go_before_the_llm_answers(
         for strategy, text in expected.items():
             assert lean.generate("ann", request, strategy=strategy, sampling=sampling).text == text
             assert lean._embedder._embedder is None and lean._plug is None
+        # A turn to remember: plug embedded the request, so nothing stays for it...
         lean.generate("ann", request, strategy="plug", sampling=sampling, remember=True)
-        assert lean._embedder._embedder is not None and lean._plug is not None
-        assert lean.store.count("ann") == 3  # the turn, embedded after the answer
+        assert lean._embedder._embedder is None and lean._plug is None
+        # ...none did not: the embedder stays to embed the turn after the answer.
+        lean.generate("ann", request + "?", strategy="none", sampling=sampling, remember=True)
+        assert lean._embedder._embedder is not None
+        assert lean.store.count("ann") == 4  # both turns stored

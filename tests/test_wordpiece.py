@@ -114,3 +114,43 @@ def test_an_unreadable_file_is_a_bundle_error(tmp_path: Path, content: bytes):
     path.write_bytes(content)
     with pytest.raises(BundleError, match=r"tokenizer\.json could not be read"):
         load_tokenizer(path, MAX_LENGTH)
+
+
+NEW_TOKEN = {
+    "id": 40000,
+    "content": "<new>",
+    "special": False,
+    "single_word": False,
+    "lstrip": False,
+    "rstrip": False,
+    "normalized": False,
+}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda spec: spec["added_tokens"][4].update(id=5000),  # [MASK] not at its vocab id
+        lambda spec: spec["added_tokens"].append(NEW_TOKEN),  # one the vocabulary lacks
+        lambda spec: spec["model"].update(continuing_subword_prefix=None),
+        lambda spec: spec["normalizer"].update(lowercase="false"),
+    ],
+)
+def test_an_odd_layout_gets_the_ids_tokenizers_gives(tmp_path, change):
+    """Added tokens at other ids, or missing from the vocabulary, fields of the wrong type:
+    the ids are those `tokenizers` gives (a layout not read exactly here goes to it), or
+    the file is refused as `tokenizers` refuses it."""
+    spec = json.loads(TOKENIZER.read_text())
+    change(spec)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(spec))
+    try:
+        ref = tokenizers.Tokenizer.from_file(str(path))
+    except Exception:
+        with pytest.raises(BundleError):
+            load_tokenizer(path, MAX_LENGTH)
+        return
+    ref.enable_truncation(max_length=MAX_LENGTH)
+    ref.no_padding()
+    texts = ["hello [MASK] world <new>", "Ünïcode and ##pieces"]
+    assert load_tokenizer(path, MAX_LENGTH)(texts) == [e.ids for e in ref.encode_batch(texts)]
