@@ -160,14 +160,13 @@ class PersonalLLM:
         than `remember_max_chars` is not stored (the answer says so in `Response.memory`).
         `cache_budget`: the bytes of history vectors kept in memory for search (default a
         quarter of the memory the process may use, its container's limit included, at
-        least 256 MiB; 0 searches the database file
-        every time, see `HistoryStore`). `model`: a GGUF
-        registered with `edge-pllm models add` answers in place of the bundle's LLM (see
-        `models`). `one_shot`: a process that answers one request and ends (`edge-pllm
-        ask`): the embedder and the Persona-Plug head are let go as soon as the prompt is
-        personalized, before the LLM loads, so that their memory is not held beside the
-        LLM's (except for a head with a task adapter, which needs the LLM first, and the
-        embedder when a turn to remember must still be embedded)."""
+        least 256 MiB; 0 searches the database file every time, see `HistoryStore`).
+        `model`: a GGUF registered with `edge-pllm models add` answers in place of the
+        bundle's LLM (see `models`). `one_shot`: a process that answers one request and
+        ends (`edge-pllm ask`): the embedder and the Persona-Plug head are let go as soon
+        as the prompt is personalized, before the LLM loads, so that their memory is not
+        held beside the LLM's (except for a head with a task adapter, which needs the LLM
+        first, and the embedder when a turn to remember must still be embedded)."""
         if cache_budget is not None:  # before a bundle is built or a file opened
             check_cache_budget(cache_budget)
         self.remember_max_chars = remember_max_chars
