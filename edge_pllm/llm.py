@@ -167,7 +167,8 @@ def _sequences(n: int) -> Iterator[None]:
     tokens; `draw` decodes answers side by side). llama-cpp-python has no parameter for
     it: the defaults its constructor starts from are given those two fields, so that one
     context is made, not one and then its replacement (a second context cost 44-74 ms of
-    every load, measured)."""
+    every load, measured). Our LLMs are made one at a time (a lock); a Llama another part
+    of the program makes in another thread at that very moment would get them too."""
     from llama_cpp import llama_cpp as raw
 
     with _SEQUENCES_LOCK:
