@@ -22,6 +22,11 @@ esac
 
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
+if [ "$MODE" = device ] && [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    echo "$VENV holds the workstation (torch); the device install goes into one of its own:" >&2
+    echo "  VENV=.venv-device bash setup.sh --device" >&2
+    exit 2
+fi
 if [ ! -x "$VENV/bin/python" ]; then
     echo "==> creating $VENV with $($PYTHON --version)"
     "$PYTHON" -m venv "$VENV"
