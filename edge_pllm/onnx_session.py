@@ -14,6 +14,9 @@ unchanged (paired medians within 1.5%).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,3 +51,14 @@ def open_session(path: str | Path, threads: int = 0, what: str = "model") -> ort
             "`edge-pllm setup --rebuild` (or re-export it).",
             file=str(path),
         ) from exc
+
+
+def return_freed_memory() -> None:
+    """Give the heap's free pages back to the system once sessions are let go (glibc's
+    `malloc_trim`; elsewhere nothing): what onnxruntime freed (the head's projection of 512
+    history items among it) otherwise stays in the process beside the LLM (measured: 27
+    MiB of a plug answer's peak)."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):  # musl has none
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols: glibc's

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import os
-import sys
 import threading
 import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -47,6 +45,7 @@ from .items import (
 )
 from .llm import LLM, Completion, LLMConfig, SamplingConfig
 from .model_registry import get_model, model_bundle
+from .onnx_session import return_freed_memory
 from .prompts import DEFAULT_STYLE, PromptStyle, fit_prompt
 from .store import (
     AnswerRecord,
@@ -141,17 +140,6 @@ class _EmbedderSlot:
             self._embedder = embedder
 
 
-def _trim_heap() -> None:
-    """Give the heap's free pages back to the system (glibc's `malloc_trim`; elsewhere
-    nothing): what onnxruntime freed (the head's projection of 512 history items among
-    it) otherwise stays in the process beside the LLM (measured: 27 MiB of a plug
-    answer's peak)."""
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):  # musl has none
-        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols: glibc's
-
-
 class PersonalLLM:
     """A frozen local LLM personalized by each user's on-device history."""
 
@@ -241,7 +229,7 @@ class PersonalLLM:
         self._plug = None
         if embedder:
             self._embedder.set(None)
-        _trim_heap()
+        return_freed_memory()
 
     def _embed_one(self, text: str) -> np.ndarray:
         return self.embedder.embed_one(text)
