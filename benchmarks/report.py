@@ -59,8 +59,9 @@ SECTIONS = {
         "`import USER FOLDER` on Markdown, HTML, mail and chat-line files of real commit "
         "texts; then the same folder again, unchanged. Long notes: 50 made-up facts, each "
         "at the start, middle or end of a 2–10 KB note of real text, among 500 other items; "
-        "recall@3 of the note, stored whole (the embedder reads its first 256 tokens) and "
-        "imported in parts.",
+        "recall@3 of the note, imported (one item, a vector for each part) against one "
+        "vector a note (the embedder reads its first 256 tokens: all a note had before "
+        "parts).",
     ),
     "limit": (
         "The physical limit of decode",

@@ -27,6 +27,7 @@ from .files import atomic_write, open_private, private_dir
 from .items import NewItem, as_text, read_jsonl, validate_items, validate_user
 from .llm import LLMConfig, SamplingConfig
 from .model_registry import ENV_MODEL
+from .parts import vector_count
 from .personal import DEFAULT_STRATEGY, PersonalLLM, Prepared, Response
 from .terminal import shown, shown_json
 
@@ -269,14 +270,14 @@ def _bar(**options: Any) -> Any:
 
 
 def _progress(total: int, desc: str) -> tuple[Any, Callable[[int], None]]:
-    bar = _bar(total=total, desc=desc, unit="item", disable=total < 64)
+    bar = _bar(total=total, desc=desc, unit="text", disable=total < 64)
     return bar, bar.update
 
 
 def _add(obj: Context, user: str, items: list[NewItem | dict[str, Any]]) -> None:
     checked = validate_items(items)
     pllm = obj.pllm()
-    bar, update = _progress(len(checked), "Embedding")
+    bar, update = _progress(sum(vector_count(i.text) for i in checked), "Embedding")
     with bar:
         before = pllm.store.count(user) if pllm.store.has_user(user) else 0
         ids = pllm.add(user, checked, progress=update)
@@ -643,10 +644,14 @@ def items(obj: Context, user: str, limit: int, as_json: bool) -> None:
 @pass_ctx
 @plain_errors
 def search(obj: Context, user: str, query: str, k: int) -> None:
-    """Show USER's history items nearest to QUERY."""
+    """Show USER's history items nearest to QUERY: an item's first line, or the part of a
+    long item that was found, on one line."""
     for hit in obj.pllm().search(user, query, k):
-        first_line = shown(hit.item.text.splitlines()[0][:100], keep="")
-        click.echo(f"{hit.item.id}\t{1 - hit.distance:.3f}\t{first_line}")
+        if hit.part is None:
+            text = hit.item.text.splitlines()[0][:100]
+        else:
+            text = f"(part {hit.part.number}/{hit.part.count}) {' '.join(hit.passage.text.split())}"
+        click.echo(f"{hit.item.id}\t{1 - hit.distance:.3f}\t{shown(text, keep='')}")
 
 
 @cli.command()
@@ -868,8 +873,9 @@ def status(obj: Context) -> None:
     )
     click.echo(f"database:  {store.path} (driver {store.driver})")
     click.echo(f"users:     {len(store.users())}")
+    parts = f", {check['parts']} of them for parts of long items" if check["parts"] else ""
     click.echo(
-        f"items:     {check['items']} (vectors {check['vectors']}, "
+        f"items:     {check['items']} (vectors {check['vectors']}{parts}, "
         f"integrity {check['integrity_check']})"
     )
 

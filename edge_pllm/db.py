@@ -328,11 +328,33 @@ def _m004_sources(conn: Any, settings: dict[str, Any]) -> None:
         conn.execute(statement)
 
 
+def _m005_parts(conn: Any, settings: dict[str, Any]) -> None:
+    # The parts of long items (`parts.py`): one row per part, naming the vector it has in
+    # history_vec. An item's own vector (rowid = its id) is of its whole text; a part's
+    # rowid is negative, so it never meets an item's id. The rows go with their item; the
+    # store erases the vectors they name before the item goes.
+    for statement in (
+        """CREATE TABLE item_parts (
+            vector_id INTEGER PRIMARY KEY,
+            item_id INTEGER NOT NULL REFERENCES history(id) ON DELETE CASCADE,
+            user_id INTEGER NOT NULL,
+            part INTEGER NOT NULL,
+            parts INTEGER NOT NULL,
+            start INTEGER NOT NULL,
+            stop INTEGER NOT NULL
+        )""",
+        "CREATE INDEX item_parts_item ON item_parts (item_id)",
+        "CREATE INDEX item_parts_user ON item_parts (user_id, vector_id)",
+    ):
+        conn.execute(statement)
+
+
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("m001_initial", _m001_initial),
     ("m002_vectors", _m002_vectors),
     ("m003_answers", _m003_answers),
     ("m004_sources", _m004_sources),
+    ("m005_parts", _m005_parts),
 ]
 
 

@@ -37,6 +37,7 @@ from .files import atomic_write, open_private, private_dir
 from .jsonio import parse_json
 from .lamp import Question, TaskSpec, TaskSplit, load_split
 from .llm import SamplingConfig
+from .parts import texts_to_embed
 from .personal import PersonalLLM
 from .vector_cache import VectorCache
 
@@ -159,7 +160,7 @@ def _ingest(
         return
     if pllm.store.has_user(user) and pllm.store.count(user) >= len({i.text for i in items}):
         return
-    pllm.store.add(user, items, cache.vectors([i.text for i in items]))
+    pllm.store.add(user, items, cache.vectors(texts_to_embed(i.text for i in items)))
 
 
 def run(config: RunConfig, pllm: PersonalLLM, progress: bool = True) -> list[SplitResult]:

@@ -12,13 +12,15 @@ entered) and reads each file it knows by its type:
 - chat messages as JSON lines (`.jsonl`, `{"role", "content"}` a line): the user's turns;
 - PDF (`.pdf`): its text layer, page by page (needs the `[pdf]` extra: pypdf).
 
-A text longer than the embedder reads (`PART_CHARS`) is split into parts on paragraph,
-then sentence, boundaries, with a small overlap, each part an item of its own that names
-its source and part. Every item records where it came from (`metadata.source`: path,
-part). Importing again is incremental (the store's `sources`): an unchanged file (same size
-and modification time, or same sha256) is skipped, a changed one has its items replaced,
-and a file gone from a folder that was imported has its items removed, each file in one
-transaction. A file that cannot be read is reported and skipped; the others are imported.
+Each message, turn, note or document is one item, however long: the store gives a long
+one a vector for each of its parts (`parts`), so all of it is searchable, and it dumps
+and goes as one. A text over the item limit (`MAX_ITEM_CHARS`) is cut, at part
+boundaries, into sections that are items of their own. Every item records where it came
+from (`metadata.source`: path, and where in the file, section). Importing again is
+incremental (the store's `sources`): an unchanged file (same size and modification time,
+or same sha256) is skipped, a changed one has its items replaced, and a file gone from a
+folder that was imported has its items removed, each file in one transaction. A file
+that cannot be read is reported and skipped; the others are imported.
 """
 
 from __future__ import annotations
@@ -42,16 +44,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from .errors import InvalidInputError
 from .items import MAX_ITEM_CHARS, NewItem
 from .jsonio import parse_json
+from .parts import part_spans, texts_to_embed
 from .store import SourceFile
 
 if TYPE_CHECKING:
     from .personal import PersonalLLM
 
 NOTE_KIND, MAIL_KIND, CHAT_KIND = "note", "mail", "chat"
-# About what the embedder reads of an item (256 tokens of English prose); longer texts are
-# split so that their ends are searchable too.
-PART_CHARS = 1000
-OVERLAP_CHARS = 150
 MAX_FILE_BYTES = 50 * 2**20  # a larger file is reported, not read
 
 
@@ -338,60 +337,42 @@ def reader_for(path: Path) -> Reader | None:
     return READERS.get(path.suffix.lower())
 
 
-# --- parts ----------------------------------------------------------------------------------
+# --- items ---------------------------------------------------------------------------------
 
 
-def split_parts(text: str, size: int = PART_CHARS, overlap: int = OVERLAP_CHARS) -> list[str]:
-    """`text` in parts of at most `size` characters, cut at paragraph, else sentence, else
-    word boundaries; each part after the first starts with the last sentence of the part
-    before it when that is at most `overlap` characters. A short text is one part."""
+def sections(text: str, limit: int = MAX_ITEM_CHARS) -> list[str]:
+    """`text` as one section, or, when longer than `limit` characters, cut at part
+    boundaries into sections of at most `limit`."""
     text = text.strip()
-    if len(text) <= size:
+    if len(text) <= limit:
         return [text] if text else []
-    units: list[tuple[str, str]] = []  # (text, the separator before it)
-    for paragraph in re.split(r"\n\s*\n", text):
-        paragraph, sep = paragraph.strip(), "\n\n"
-        if len(paragraph) <= size:
-            units.append((paragraph, sep))
-            continue
-        for sentence in re.split(r"(?<=[.!?])\s+", paragraph):
-            while len(sentence) > size:  # no boundary: cut at the last space that fits
-                cut = sentence.rfind(" ", 0, size)
-                cut = cut if cut > size // 2 else size
-                units.append((sentence[:cut].strip(), sep))
-                sentence, sep = sentence[cut:].strip(), " "
-            if sentence:
-                units.append((sentence, sep))
-                sep = " "
-    parts: list[str] = []
-    current, last = "", ""
-    for unit, sep in units:
-        if current and len(current) + len(sep) + len(unit) > size:
-            parts.append(current)
-            fits = len(last) <= overlap and len(last) + 1 + len(unit) <= size
-            current, sep = (last, " ") if fits else ("", sep)
-        current = f"{current}{sep}{unit}" if current else unit
-        last = unit
-    if current:
-        parts.append(current)
-    return parts
+    found: list[str] = []
+    start = stop = 0
+    for a, b in part_spans(text):
+        if b - start > limit and stop > start:
+            found.append(text[start:stop].strip())
+            start = a
+        stop = b
+    found.append(text[start:stop].strip())
+    return [s for s in found if s]
 
 
 def items_of(path: str, pieces: Sequence[Piece], written: str | None = None) -> list[NewItem]:
-    """The pieces as history items, split into parts, each naming its source; a piece
-    without a date of its own is dated `written` (the file's modification time)."""
+    """The pieces as history items, each naming its source (a piece over the item limit in
+    sections); a piece without a date of its own is dated `written` (the file's
+    modification time)."""
     items = []
     for piece in pieces:
-        parts = split_parts(piece.text)
-        for n, part in enumerate(parts, 1):
+        cut = sections(piece.text)
+        for n, section in enumerate(cut, 1):
             source: dict[str, Any] = {"path": path}
             if piece.where:
                 source["in"] = piece.where
-            if len(parts) > 1:
-                source["part"] = f"{n}/{len(parts)}"
+            if len(cut) > 1:
+                source["section"] = f"{n}/{len(cut)}"
             items.append(
                 NewItem(
-                    text=part[:MAX_ITEM_CHARS],
+                    text=section,
                     kind=piece.kind,
                     created_at=piece.created_at or written,
                     metadata={"source": source},
@@ -511,7 +492,7 @@ def _import_file(
         return
     written = datetime.fromtimestamp(source.mtime_ns / 1e9, UTC).isoformat(timespec="seconds")
     items = items_of(str(path), read(path, data, me), written)
-    vectors = pllm.embedder.embed([i.text for i in items])
+    vectors = pllm.embedder.embed(texts_to_embed(i.text for i in items))
     added, removed = pllm.store.import_source(user, source, items, vectors)
     report.imported += 1
     report.added += added

@@ -18,7 +18,7 @@ from typing import Any
 from .errors import InvalidInputError
 from .jsonio import parse_json
 
-MAX_ITEM_CHARS = 100_000
+MAX_ITEM_CHARS = 1_000_000  # a longer text is split into parts for search (`parts`)
 TURN_KIND = "turn"  # a request the user wrote, remembered (memory on)
 MAX_USER_CHARS = 200
 MAX_METADATA_CHARS = 100_000  # an item's metadata, as JSON text

@@ -46,6 +46,7 @@ from .items import (
 from .llm import LLM, Completion, LLMConfig, SamplingConfig
 from .model_registry import get_model, model_bundle
 from .onnx_session import return_freed_memory
+from .parts import texts_to_embed, vector_texts
 from .prompts import DEFAULT_STYLE, PromptStyle, fit_prompt
 from .store import (
     AnswerRecord,
@@ -317,13 +318,14 @@ class PersonalLLM:
         items: str | NewItem | dict[str, Any] | Sequence[str | NewItem | dict[str, Any]],
         progress: Callable[[int], None] | None = None,
     ) -> list[int]:
-        """Add history for `user`, embedding it once; all items land, or none do."""
+        """Add history for `user`, embedding it once (a long item in parts: `parts`); all
+        items land, or none do. `progress` is told how many texts were embedded."""
         if isinstance(items, str | bytes | NewItem | dict):
             items = [items]  # type: ignore[list-item]
         user = validate_user(user)
         checked = validate_items(items)
-        vectors = self.embedder.embed([i.text for i in checked], progress=progress)
-        return self.store.add(user, checked, vectors)
+        texts = texts_to_embed(i.text for i in checked)
+        return self.store.add(user, checked, self.embedder.embed(texts, progress=progress))
 
     def delete(self, user: str, ids: Sequence[int]) -> int:
         """Delete items of `user` (all or none), and drop the model's cached prompt, which
@@ -616,9 +618,13 @@ class PersonalLLM:
             )
         turn = NewItem(text=text, kind=TURN_KIND, metadata={"answer_id": response.id})
         try:
+            text = validate_items([turn])[0].text
+            further = vector_texts(text)[1:]
             vector = prepared.request_vector
             if vector is None:
-                vector = self.embedder.embed_one(validate_items([turn])[0].text)
+                vector = self.embedder.embed_one(text)
+            if further:  # a long turn: its parts too
+                vector = np.vstack([vector, self.embedder.embed(further)])
             item_id = self.store.remember(
                 user,
                 turn,
@@ -661,8 +667,8 @@ class PersonalLLM:
                 )
             ]
         )[0]
-        vector = self.embedder.embed_one(item.text)
-        return self.store.add_feedback(user, answer_id, edit=item, vector=vector)
+        vectors = self.embedder.embed(vector_texts(item.text))
+        return self.store.add_feedback(user, answer_id, edit=item, vector=vectors)
 
     def export_feedback(self, user: str, folder: str | Path, split: str = "train") -> int:
         """Write `user`'s edits and well-rated answers as a LaMP-format task ("chat") in

@@ -1,8 +1,10 @@
 """The history store: users, their history items and the items' embeddings, in one SQLite file.
 
 Embeddings live in a sqlite-vec `vec0` table whose partition key is the user, so a KNN
-search is always restricted to one user's vectors. An item's row and its vector are
-written in the same transaction and deleted together.
+search is always restricted to one user's vectors. An item's row and its vectors are
+written in the same transaction and deleted together: one vector (rowid = the item's id),
+and for a long item one more for each of its parts (`parts.py`, rows in `item_parts`);
+search finds an item by its nearest vector.
 
 Search reads a user's vectors into memory once and scans them there (`search.py`), under a
 byte budget; above it, sqlite-vec's KNN answers. The matrices follow this connection's own
@@ -22,7 +24,7 @@ import operator
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ from .items import (
     validate_items,
     validate_user,
 )
+from .parts import part_spans
 
 _ITEM_COLUMNS = (
     "h.id, u.name, h.kind, h.text, h.created_at, h.written_at, h.metadata, h.content_hash"
@@ -64,11 +67,40 @@ class UserInfo:
 
 
 @dataclass(frozen=True)
+class Part:
+    """The part of a long item that a search found: number `number` of `count`, the
+    characters `start:stop` of the item's text."""
+
+    number: int
+    count: int
+    start: int
+    stop: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"number": self.number, "count": self.count, "start": self.start, "stop": self.stop}
+
+
+@dataclass(frozen=True)
 class SearchHit:
-    """A history item found by vector search, with its cosine distance to the query."""
+    """A history item found by vector search, with its cosine distance to the query, and
+    the `part` of a long item that was nearest (None: the vector of the item's whole text
+    was, or it has no parts)."""
 
     item: HistoryItem
     distance: float
+    part: Part | None = None
+
+    @property
+    def passage(self) -> HistoryItem:
+        """The item as a prompt shows it: the part that was found (its metadata's `part`
+        says which, as "2/5"), or the item itself."""
+        if self.part is None:
+            return self.item
+        return replace(
+            self.item,
+            text=self.item.text[self.part.start : self.part.stop],
+            metadata={**self.item.metadata, "part": f"{self.part.number}/{self.part.count}"},
+        )
 
 
 @dataclass(frozen=True)
@@ -148,10 +180,17 @@ def _row_to_item(row: Sequence[Any]) -> HistoryItem:
 MAX_K = 4096  # sqlite-vec's largest k for one KNN query
 _SPOT_CHECKS = 3  # vectors read from vec0's chunks that are compared with its rows
 _MAX_ROWS = 2**62
+_IN_BATCH = 500  # ids in one `IN (...)`: under every SQLite build's limit on parameters
 
 
 def _by_distance(hit: tuple[int, float]) -> tuple[float, int]:
     return hit[1], hit[0]
+
+
+def _as_rows(vector: Any) -> Any:
+    """One item's vector (a row) or vectors (rows: a long item's parts) as rows."""
+    arr = np.asarray(vector)
+    return arr.reshape(1, -1) if arr.ndim == 1 else arr
 
 
 def _count_param(value: Any, name: str) -> int:
@@ -289,6 +328,23 @@ class HistoryStore:
             raise InvalidInputError("Vectors contain NaN or infinity.", field="vectors")
         return np.ascontiguousarray(arr)
 
+    def _item_vectors(
+        self, vectors: np.ndarray, checked: Sequence[NewItem]
+    ) -> tuple[np.ndarray, list[list[tuple[int, int]]]]:
+        """`vectors` checked against the items: one for each item's whole text and one for
+        each part of a long one (`parts.vector_texts`, in item order); with each item's
+        part spans."""
+        spans = [part_spans(item.text) for item in checked]
+        n = len(checked) + sum(len(s) for s in spans)
+        if n != len(checked) and np.shape(vectors)[:1] == (len(checked),):
+            raise InvalidInputError(
+                f"Expected {n} vectors for {len(checked)} items, got one for each item: a "
+                "long item has one for its whole text and one for each of its parts "
+                "(edge_pllm.parts.vector_texts gives the texts to embed).",
+                field="vectors",
+            )
+        return self._check_vectors(vectors, n), spans
+
     # --- the matrices in memory ---------------------------------------------------------------
 
     @property
@@ -352,15 +408,18 @@ class HistoryStore:
     ) -> list[int]:
         """Add items with their embeddings in one transaction; return their ids.
 
-        An item already stored for this user (same kind and text) is not stored twice: its
-        existing id is returned. If any item is invalid nothing is written.
+        `vectors` holds, in item order, each item's `parts.vector_texts` embedded: one per
+        item, and for a long item one more for each of its parts. An item already stored
+        for this user (same kind and text) is not stored twice: its existing id is
+        returned. If any item is invalid nothing is written.
         """
         user = validate_user(user)
         checked = validate_items(items)
-        arr = self._check_vectors(vectors, len(checked))
+        arr, spans = self._item_vectors(vectors, checked)
         written = now_iso()
         with self._write() as conn:
-            return self._insert(conn, self._ensure_user(conn, user, written), checked, arr, written)
+            uid = self._ensure_user(conn, user, written)
+            return self._insert(conn, uid, checked, arr, spans, written)
 
     @staticmethod
     def _ensure_user(conn: Any, user: str, written: str) -> int:
@@ -377,15 +436,19 @@ class HistoryStore:
         uid: int,
         checked: Sequence[NewItem],
         arr: np.ndarray,
+        spans: Sequence[Sequence[tuple[int, int]]],
         written: str,
         *,
         by_hand: bool = True,
     ) -> list[int]:
-        """Insert checked items and their vectors (the caller holds `_write`); an item
-        already stored (same kind and text) keeps its row and id. Added `by_hand`, an item
-        an imported file gave becomes the user's own: no file's change or removal takes it."""
+        """Insert checked items and their vectors, `spans` their parts (`_item_vectors`; the
+        caller holds `_write`); an item already stored (same kind and text) keeps its row
+        and id. Added `by_hand`, an item an imported file gave becomes the user's own: no
+        file's change or removal takes it."""
         ids: list[int] = []
-        for item, vec in zip(checked, arr, strict=True):
+        at = 0
+        for item, item_spans in zip(checked, spans, strict=True):
+            vecs, at = arr[at : at + 1 + len(item_spans)], at + 1 + len(item_spans)
             digest = content_hash(item.kind, item.text)
             existing = conn.execute(
                 "SELECT id FROM history WHERE user_id = ? AND kind = ? AND content_hash = ?",
@@ -409,13 +472,41 @@ class HistoryStore:
                     written,
                 ),
             ).lastrowid
-            conn.execute(
-                "INSERT INTO history_vec (rowid, user_id, embedding) VALUES (?, ?, ?)",
-                (item_id, uid, vec.tobytes()),
-            )
-            self._added.append((uid, item_id, vec))
+            self._insert_vectors(conn, uid, item_id, vecs, item_spans)
             ids.append(item_id)
         return ids
+
+    def _insert_vectors(
+        self,
+        conn: Any,
+        uid: int,
+        item_id: int,
+        vecs: np.ndarray,
+        spans: Sequence[tuple[int, int]],
+    ) -> None:
+        """The vector of the item's whole text at the item's id, then each part's (`spans`)
+        at the next free negative id, recorded in `item_parts`."""
+        conn.execute(
+            "INSERT INTO history_vec (rowid, user_id, embedding) VALUES (?, ?, ?)",
+            (item_id, uid, vecs[0].tobytes()),
+        )
+        self._added.append((uid, item_id, vecs[0]))
+        if not spans:
+            return
+        (low,) = conn.execute("SELECT MIN(vector_id) FROM item_parts").fetchone()
+        low = min(low or 0, 0)
+        for number, (vec, (start, stop)) in enumerate(zip(vecs[1:], spans, strict=True), 1):
+            vector_id = low - number
+            conn.execute(
+                "INSERT INTO history_vec (rowid, user_id, embedding) VALUES (?, ?, ?)",
+                (vector_id, uid, vec.tobytes()),
+            )
+            conn.execute(
+                "INSERT INTO item_parts (vector_id, item_id, user_id, part, parts, start, stop)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (vector_id, item_id, uid, number, len(spans), start, stop),
+            )
+            self._added.append((uid, vector_id, vec))
 
     # --- imported files -----------------------------------------------------------------------
 
@@ -432,7 +523,7 @@ class HistoryStore:
         read. Returns (items added, items removed). If any item is invalid nothing changes."""
         user = validate_user(user)
         checked = validate_items(items) if items else []
-        arr = self._check_vectors(vectors, len(checked)) if checked else vectors
+        arr, spans = self._item_vectors(vectors, checked) if checked else (vectors, [])
         written = now_iso()
         with self._write() as conn:
             uid = self._ensure_user(conn, user, written)
@@ -453,8 +544,12 @@ class HistoryStore:
                     " WHERE id = ?",
                     (source.sha256, source.size, source.mtime_ns, written, source_id),
                 )
-            ids = self._insert(conn, uid, checked, arr, written, by_hand=False) if checked else []
-            new = {item_id for _, item_id, _ in self._added}
+            ids = (
+                self._insert(conn, uid, checked, arr, spans, written, by_hand=False)
+                if checked
+                else []
+            )
+            new = {item_id for _, item_id, _ in self._added if item_id > 0}
             for item_id in dict.fromkeys(ids):
                 linked = conn.execute(
                     "SELECT 1 FROM source_items WHERE item_id = ? LIMIT 1", (item_id,)
@@ -510,8 +605,8 @@ class HistoryStore:
         if gone:
             self._cache.erase(uid)
         for item_id in gone:
+            self._erase_vectors(conn, item_id)
             conn.execute("DELETE FROM history WHERE id = ?", (item_id,))
-            self._erase_vector(conn, item_id)
         return len(gone)
 
     def sources(self, user: str) -> list[SourceRecord]:
@@ -547,7 +642,7 @@ class HistoryStore:
         user = validate_user(user)
         answer_id = validate_answer_id(answer_id)
         checked = validate_items([turn])
-        arr = self._check_vectors(np.asarray(vector).reshape(1, -1), 1)
+        arr, spans = self._item_vectors(_as_rows(vector), checked)
         answer = as_stored_text(answer)
         written = now_iso()
         with self._write() as conn:
@@ -558,7 +653,7 @@ class HistoryStore:
                 raise InvalidInputError(
                     f"The answer id {answer_id!r} is already used for {user!r}.", field="answer_id"
                 )
-            (turn_id,) = self._insert(conn, uid, checked, arr, written)
+            (turn_id,) = self._insert(conn, uid, checked, arr, spans, written)
             conn.execute(
                 "INSERT INTO answers (user_id, answer_id, turn_id, text, strategy, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -602,12 +697,12 @@ class HistoryStore:
         one of the two; AnswerNotFoundError (nothing stored) if the answer is not theirs."""
         answer_id = validate_answer_id(answer_id)
         rating = check_rating(rating, edit is not None)
-        checked, arr = None, None
+        checked, arr, spans = None, None, []
         if edit is not None:
             checked = validate_items([edit])
             if vector is None:
                 raise InvalidInputError("An edit needs its vector.", field="vector")
-            arr = self._check_vectors(np.asarray(vector).reshape(1, -1), 1)
+            arr, spans = self._item_vectors(_as_rows(vector), checked)
         written = now_iso()
         with self._write() as conn:
             uid = self._user_id(user)
@@ -618,7 +713,7 @@ class HistoryStore:
                 raise AnswerNotFoundError(answer_id, user)
             edit_id = None
             if checked is not None and arr is not None:
-                (edit_id,) = self._insert(conn, uid, checked, arr, written)
+                (edit_id,) = self._insert(conn, uid, checked, arr, spans, written)
             conn.execute(
                 "INSERT INTO feedback (answer_row, rating, edit_id, created_at)"
                 " VALUES (?, ?, ?, ?)",
@@ -626,9 +721,17 @@ class HistoryStore:
             )
         return Feedback(answer_id, user, rating, edit_id, written)
 
-    def _erase_vector(self, conn: Any, item_id: int) -> None:
-        conn.execute("UPDATE history_vec SET embedding = ? WHERE rowid = ?", (self._zeros, item_id))
-        conn.execute("DELETE FROM history_vec WHERE rowid = ?", (item_id,))
+    def _erase_vectors(self, conn: Any, item_id: int) -> None:
+        """Overwrite and delete the item's vectors, its parts' too (before the item's row
+        goes: its `item_parts` rows go with it)."""
+        parts = conn.execute(
+            "SELECT vector_id FROM item_parts WHERE item_id = ?", (item_id,)
+        ).fetchall()
+        for vector_id in (item_id, *(r[0] for r in parts)):
+            conn.execute(
+                "UPDATE history_vec SET embedding = ? WHERE rowid = ?", (self._zeros, vector_id)
+            )
+            conn.execute("DELETE FROM history_vec WHERE rowid = ?", (vector_id,))
 
     @property
     def _zeros(self) -> bytes:
@@ -644,12 +747,12 @@ class HistoryStore:
                 for item_id in dict.fromkeys(ids):
                     if not -(2**63) <= item_id < 2**63:  # cannot be a SQLite rowid
                         raise ItemNotFoundError(item_id, user)
-                    cur = conn.execute(
-                        "DELETE FROM history WHERE id = ? AND user_id = ?", (item_id, uid)
-                    )
-                    if not cur.rowcount:
+                    if not conn.execute(
+                        "SELECT 1 FROM history WHERE id = ? AND user_id = ?", (item_id, uid)
+                    ).fetchone():
                         raise ItemNotFoundError(item_id, user)  # rolls the whole call back
-                    self._erase_vector(conn, item_id)
+                    self._erase_vectors(conn, item_id)
+                    conn.execute("DELETE FROM history WHERE id = ?", (item_id,))
             self.checkpoint()
         return len(set(ids))
 
@@ -663,7 +766,7 @@ class HistoryStore:
                     r[0] for r in conn.execute("SELECT id FROM history WHERE user_id = ?", (uid,))
                 ]
                 for item_id in ids:
-                    self._erase_vector(conn, item_id)
+                    self._erase_vectors(conn, item_id)
                 # Their answers and feedback (the cascade would take them with the turns),
                 # and the files they imported.
                 conn.execute("DELETE FROM answers WHERE user_id = ?", (uid,))
@@ -731,7 +834,8 @@ class HistoryStore:
             ).fetchone()[0]
 
     def vector_count(self, user: str | None = None) -> int:
-        """How many vectors are stored (for one user, or all): equals count() when consistent."""
+        """How many vectors are stored (for one user, or all): count() and one for each
+        part of a long item (`parts`) when consistent."""
         with self._lock:
             if user is None:
                 return self._conn.execute("SELECT COUNT(*) FROM history_vec").fetchone()[0]
@@ -772,8 +876,10 @@ class HistoryStore:
 
     def search(self, user: str, query: np.ndarray, k: int) -> list[SearchHit]:
         """The `k` items of `user` nearest to `query` (cosine), nearest first (k ≤ MAX_K);
-        items at the same distance in id order. Exact: the user's vectors are scanned in
-        memory (read once, see `cache_budget`), or by sqlite-vec when they do not fit."""
+        a long item at the distance of its nearest vector, its whole text's or one of its
+        parts' (the hit's `part`); vectors at the same distance in id order. Exact: the
+        user's vectors are scanned in memory (read once, see `cache_budget`), or by
+        sqlite-vec when they do not fit."""
         try:
             query = np.asarray(query, dtype=np.float32).reshape(1, -1)
         except (TypeError, ValueError) as exc:
@@ -785,7 +891,7 @@ class HistoryStore:
         k = min(k, MAX_K)
         with self._lock:
             uid = self._user_id(user)
-            hits = self._nearest(uid, vec, k)
+            hits = self._nearest_items(uid, vec, k)
             if not hits:
                 return []
             marks = ",".join("?" * len(hits))
@@ -795,7 +901,41 @@ class HistoryStore:
                 (*[h[0] for h in hits], uid),
             ).fetchall()
         by_id = {r[0]: _row_to_item(r) for r in rows}
-        return [SearchHit(by_id[i], d) for i, d in hits if i in by_id]
+        return [SearchHit(by_id[i], d, part) for i, d, part in hits if i in by_id]
+
+    def _nearest_items(
+        self, uid: int, vec: np.ndarray, k: int
+    ) -> list[tuple[int, float, Part | None]]:
+        """The `k` items nearest to `vec`, each by its nearest vector: (item id, distance,
+        the part that vector is, None for the item's own). Reads more vectors while the
+        same items' parts fill the first `k`."""
+        want = k
+        while True:
+            hits = self._nearest(uid, vec, want)
+            parts = self._parts_of([i for i, _ in hits])
+            found: dict[int, tuple[int, float, Part | None]] = {}
+            for vector_id, distance in hits:
+                item_id, part = parts.get(vector_id, (vector_id, None))
+                if item_id not in found:
+                    found[item_id] = (item_id, distance, part)
+            if len(found) >= k or len(hits) < want or want >= MAX_K:
+                return list(found.values())[:k]
+            want = min(2 * want, MAX_K)
+
+    def _parts_of(self, vector_ids: Sequence[int]) -> dict[int, tuple[int, Part]]:
+        """Which item, and which part of it, each of these vectors is (only parts' vectors,
+        the negative ids, are named)."""
+        wanted = [i for i in vector_ids if i < 0]
+        found: dict[int, tuple[int, Part]] = {}
+        for at in range(0, len(wanted), _IN_BATCH):
+            batch = wanted[at : at + _IN_BATCH]
+            rows = self._conn.execute(
+                "SELECT vector_id, item_id, part, parts, start, stop FROM item_parts"
+                f" WHERE vector_id IN ({','.join('?' * len(batch))})",
+                batch,
+            )
+            found.update((r[0], (r[1], Part(*r[2:]))) for r in rows)
+        return found
 
     def _nearest(self, uid: int, vec: np.ndarray, k: int) -> list[tuple[int, float]]:
         self._sync_cache()  # the caller holds the lock
@@ -804,7 +944,9 @@ class HistoryStore:
         if matrix is not None:
             return search.top_k(matrix, query, k)
         (n,) = self._conn.execute(
-            "SELECT COUNT(*) FROM history WHERE user_id = ?", (uid,)
+            "SELECT (SELECT COUNT(*) FROM history WHERE user_id = ?)"
+            " + (SELECT COUNT(*) FROM item_parts WHERE user_id = ?)",
+            (uid, uid),
         ).fetchone()
         if not self._cache.fits(search.Vectors.size(n, self.dim)):
             return self._sqlite_vec_nearest(uid, vec, k)
@@ -829,7 +971,8 @@ class HistoryStore:
         return sorted(((i, 1.0 if d is None else float(d)) for i, d in hits), key=_by_distance)
 
     def _read_matrix(self, uid: int, n: int) -> search.Vectors:
-        """The user's `n` vectors, unit-normalized, in a matrix of their own."""
+        """The user's `n` vectors (their items' and parts'), unit-normalized, in a
+        matrix of their own."""
         matrix = search.Vectors(n, self.dim)
         if not self._read_chunks(uid, matrix):
             matrix.wipe()
@@ -846,7 +989,7 @@ class HistoryStore:
         1,024 vectors at a time: about 5 times faster than through the virtual table's rows).
         False if those tables are not as sqlite-vec 0.1.x lays them out, or what they hold
         disagrees with the history's count or with vec0's own rows: the caller then reads
-        the rows. `matrix` has room for exactly the user's items."""
+        the rows. `matrix` has room for exactly the user's vectors."""
         dim = self.dim
         try:  # `+`: compared without affinity, the chunk is found by vec0's index
             chunks = self._conn.execute(
@@ -874,7 +1017,8 @@ class HistoryStore:
             if db.is_sqlite_error(exc):
                 return False
             raise
-        # As many as the history counts (the capacity), each once, and a few read back by id.
+        # As many as the history and parts count (the capacity), each once, and a few read
+        # back by id.
         ids = np.sort(matrix.ids)
         if matrix.n != matrix.capacity or (ids[1:] == ids[:-1]).any():
             return False
@@ -887,7 +1031,8 @@ class HistoryStore:
         return True
 
     def vectors(self, user: str, limit: int | None = 512) -> tuple[list[int], np.ndarray]:
-        """The user's newest `limit` item ids and embeddings (oldest first), for aggregation.
+        """The user's newest `limit` item ids and embeddings (oldest first), for aggregation:
+        each item's one vector of its whole text, never its parts'.
 
         Kept in memory for the next request (read-only, the same array until the user's
         history changes; see `cache_budget`)."""
@@ -920,9 +1065,16 @@ class HistoryStore:
                 "SELECT COUNT(*) FROM history h WHERE NOT EXISTS"
                 " (SELECT 1 FROM history_vec v WHERE v.rowid = h.id)"
             ).fetchone()[0]
+            parts = self._conn.execute("SELECT COUNT(*) FROM item_parts").fetchone()[0]
+            lost_parts = self._conn.execute(
+                "SELECT COUNT(*) FROM item_parts p WHERE NOT EXISTS"
+                " (SELECT 1 FROM history_vec v WHERE v.rowid = p.vector_id)"
+            ).fetchone()[0]
         return {
             "integrity_check": check,
             "items": self.count(),
+            "parts": parts,
             "vectors": self.vector_count(),
             "items_without_vector": orphans,
+            "parts_without_vector": lost_parts,
         }

@@ -158,8 +158,9 @@ class Recent:
 @dataclass(frozen=True)
 class Retrieval:
     """The k history items most similar to the query (cosine, within the user), in the
-    prompt; those under `min_similarity` are left out, and with none left the prompt is the
-    plain one (`info["fallback"]` says so)."""
+    prompt (of a long item, the part found: `SearchHit.passage`); those under
+    `min_similarity` are left out, and with none left the prompt is the plain one
+    (`info["fallback"]` says so)."""
 
     k: int = DEFAULT_K
     name: str = "rag"
@@ -174,7 +175,7 @@ class Retrieval:
         info["distances"] = [h.distance for h in hits]
         if not hits:
             info["fallback"] = NOT_RELEVANT
-        return Personalization(context=[h.item for h in hits], info=info)
+        return Personalization(context=[h.passage for h in hits], info=info)
 
 
 @dataclass(frozen=True)
@@ -226,7 +227,7 @@ class Plug:
         found.soft_tokens = soft.astype(np.float32)
         if self.rag:
             hits = nearest(request, self.rag, self.min_similarity)
-            found.context = [h.item for h in hits]
+            found.context = [h.passage for h in hits]
             found.info["item_ids"] = [h.item.id for h in hits]
             if not hits:
                 found.info["fallback"] = NOT_RELEVANT_PLUG

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from edge_pllm.items import NewItem
+from edge_pllm.parts import texts_to_embed
 from edge_pllm.store import HistoryStore
 
 CRASH_USERS = ("ann", "bo", "cy")
@@ -65,7 +66,8 @@ def ingest_forever(db_path: str, seed: int, dim: int) -> None:
                 n = rng.randint(1, 48)
                 user = rng.choice(CRASH_USERS)
                 items = _batch(tag, n, rng, long_text=rng.random() < 0.3)
-                vecs = vectors.normal(size=(n, dim)).astype(np.float32)
+                k = len(texts_to_embed(i.text for i in items))  # long ones: parts too
+                vecs = vectors.normal(size=(k, dim)).astype(np.float32)
                 ids = store.add(user, items, vecs)
                 batches[tag] = (user, ids)
                 out.write(f"added {tag} {user} {n}\n")

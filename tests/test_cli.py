@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from edge_pllm.cli import cli
+from edge_pllm.items import MAX_ITEM_CHARS
 
 
 @pytest.fixture
@@ -114,9 +115,19 @@ def test_errors_are_one_plain_sentence(run, args, stdin, message):
     assert run("users").output.startswith("alice\t1 item\t")
 
 
+def test_a_long_note_is_one_item_found_by_its_end(run, tmp_path: Path):
+    note = tmp_path / "note.txt"
+    shed = [f"Tool {i} hangs in the shed by the rakes." for i in range(40)]
+    note.write_text("\n\n".join([*shed, "The spare house key is under the blue flower pot."]))
+    assert "Added 1 item " in run("add", "alice", "-f", str(note)).output
+    hit = run("search", "alice", "spare house key", "-k", "1").output
+    assert "The spare house key is under" in hit and "(part " in hit
+    assert "of them for parts of long items" in run("status").output
+
+
 def test_big_item_is_refused(run, tmp_path: Path):
     big = tmp_path / "big.txt"
-    big.write_text("x" * 1_000_000)
+    big.write_text("x" * (MAX_ITEM_CHARS + 1))
     result = run("add", "alice", "-f", str(big), ok=False)
     assert "over the limit" in result.output and "split it" in result.output
 

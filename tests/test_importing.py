@@ -4,7 +4,6 @@ the real embedder into the real store, incrementally, with bad files reported an
 from __future__ import annotations
 
 import email.message
-import itertools
 import json
 import mailbox
 import os
@@ -15,7 +14,8 @@ from click.testing import CliRunner
 
 from edge_pllm import NewItem, SamplingConfig
 from edge_pllm.cli import cli
-from edge_pllm.importing import html_text, own_words, split_parts
+from edge_pllm.importing import html_text, own_words, sections
+from edge_pllm.parts import PART_CHARS, part_spans
 
 ME = "ann@example.org"
 
@@ -175,34 +175,40 @@ def test_a_file_that_turns_bad_keeps_what_it_gave_before(pllm, kept):
     assert report.skipped and texts(pllm, "ann") == ["# Garden\n\nTomatoes need full sun."]
 
 
-def test_a_long_note_is_split_so_that_its_end_is_found(pllm, tmp_path):
+def test_a_long_note_is_one_item_whose_end_is_found(pllm, tmp_path):
     filler = " ".join(
         f"The shed holds tool number {i} next to the lawn mower and the rakes." for i in range(60)
     )
     fact = "The spare house key is hidden under the blue flower pot by the door."
-    (tmp_path / "long.md").write_text(f"{filler}\n\n{fact}\n")
+    note = f"{filler}\n\n{fact}"
+    (tmp_path / "long.md").write_text(f"{note}\n")
     others = [
         f"Recipe {i}: mix flour, water and salt, bake for {20 + i} minutes." for i in range(30)
     ]
     pllm.add("ann", others)
     pllm.import_paths("ann", [tmp_path / "long.md"])
-    parts = [i for i in pllm.store.items("ann") if "source" in i.metadata]
-    assert len(parts) > 3 and all(len(p.text) <= 1000 for p in parts)
-    assert {p.metadata["source"]["part"].split("/")[1] for p in parts} == {str(len(parts))}
-    hits = pllm.search("ann", "Where is the spare house key hidden?", 3)
-    assert fact in hits[0].item.text
+    (item,) = [i for i in pllm.store.items("ann") if "source" in i.metadata]
+    assert item.text == note and item.metadata["source"] == {"path": str(tmp_path / "long.md")}
+    n = len(part_spans(note))
+    assert n > 3 and pllm.store.vector_count("ann") == 30 + 1 + n  # whole, then parts
+    question = "Where is the spare house key hidden?"
+    hits = pllm.search("ann", question, 3)
+    assert hits[0].item.id == item.id and hits[0].part.number == n
+    assert hits[0].passage.text.endswith(fact) and len(hits[0].passage.text) <= PART_CHARS
+    # The note's one vector (all it had before parts) is far from the question.
+    whole, asked = pllm.embedder.embed([note, question])
+    assert 1 - float(whole @ asked) > hits[0].distance + 0.2
+    pllm.store.drop_source("ann", str(tmp_path / "long.md"))
+    assert pllm.store.vector_count("ann") == pllm.store.count("ann") == 30
 
 
-def test_parts_are_cut_at_boundaries_with_overlap():
-    sentences = [f"Sentence {i} says something short." for i in range(80)]
-    parts = split_parts(" ".join(sentences), size=300, overlap=80)
-    assert all(len(p) <= 300 for p in parts) and len(parts) > 5
-    assert "".join(parts).count("Sentence 79") == 1
-    for before, after in itertools.pairwise(parts):
-        assert after.startswith(before.rsplit(". ", 1)[-1])  # the last sentence again
-    assert split_parts("short") == ["short"] and split_parts("  ") == []
-    word = "x" * 2500
-    assert all(len(p) <= 1000 for p in split_parts(word))
+def test_a_text_over_the_item_limit_is_cut_into_sections_at_part_boundaries():
+    text = "\n\n".join(f"Paragraph {i} is about the shed. " * 20 for i in range(40))
+    cut = sections(text, limit=5000)
+    assert len(cut) > 1 and all(len(s) <= 5000 for s in cut)
+    assert all(s.startswith("Paragraph") for s in cut)
+    assert sum(s.count("Paragraph") for s in cut) >= 40 * 20  # nothing lost
+    assert sections(" short ") == ["short"] and sections("  ") == []
 
 
 def test_readers_leave_out_what_others_wrote_and_markup():

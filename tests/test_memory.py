@@ -34,6 +34,7 @@ from edge_pllm import (
     UnknownUserError,
 )
 from edge_pllm.cli import cli
+from edge_pllm.items import MAX_ITEM_CHARS
 from edge_pllm.lamp import CHAT_TASK, load_split, task_spec
 
 ALICE = [
@@ -240,7 +241,7 @@ def test_bad_feedback_is_a_typed_error_and_stores_nothing(shared):
         (owner, mine, {"rating": 1, "edit": "both"}, InvalidInputError),
         (owner, mine, {}, InvalidInputError),
         (owner, mine, {"edit": "   "}, InvalidInputError),
-        (owner, mine, {"edit": "x" * 100_001}, InvalidInputError),
+        (owner, mine, {"edit": "x" * (MAX_ITEM_CHARS + 1)}, InvalidInputError),
         (owner, "not an id", {"rating": 1}, InvalidInputError),
     ]
     for user, answer_id, kwargs, error in cases:

@@ -14,6 +14,8 @@ from edge_pllm import (
     UnknownStrategyError,
     UnknownUserError,
 )
+from edge_pllm.items import MAX_ITEM_CHARS
+from edge_pllm.parts import PART_CHARS, part_spans
 from edge_pllm.strategies import Retrieval, get_strategy
 
 ALICE = [
@@ -51,6 +53,36 @@ def test_rag_context_comes_only_from_the_requesting_user(loaded):
 def test_rag_ranks_the_relevant_item_first(loaded):
     prepared = loaded.prepare("alice", "How is the cache directory picked?", "rag:2")
     assert prepared.personalization.context[0].text == ALICE[1]
+
+
+LONG_NOTE = "\n\n".join(
+    [f"The shed holds tool number {i} next to the lawn mower and the rakes." for i in range(40)]
+    + ["The spare house key is hidden under the blue flower pot by the door."]
+)
+
+
+def test_rag_shows_the_part_of_a_long_note_that_was_found(pllm):
+    (note_id,) = pllm.add("dora", [LONG_NOTE])
+    pllm.add("dora", ["Buy milk and bread.", "Call the plumber on Monday."])
+    found = Retrieval(k=1, min_similarity=-1.0)  # which passage shows, whatever its score
+    prepared = pllm.prepare("dora", "Where is the spare house key hidden?", found)
+    (shown,) = prepared.personalization.context
+    assert shown.id == note_id and shown.text.endswith("blue flower pot by the door.")
+    assert len(shown.text) <= PART_CHARS and "tool number 0 " not in prepared.prompt
+    assert shown.metadata["part"].endswith(f"/{len(part_spans(LONG_NOTE))}")
+
+
+def test_a_long_remembered_turn_and_a_long_edit_are_searchable_to_their_end(pllm):
+    pllm.add("dora", ["Buy milk and bread."])
+    sampling = SamplingConfig(max_tokens=4)
+    response = pllm.generate("dora", LONG_NOTE, strategy="rag", sampling=sampling, remember=True)
+    assert response.memory is not None and response.memory.remembered
+    edit = LONG_NOTE.replace("spare house key", "garage remote")
+    pllm.feedback("dora", response.id, edit=edit)
+    assert pllm.store.vector_count("dora") == 1 + 2 * (1 + len(part_spans(LONG_NOTE)))
+    for asked, kind in (("spare house key", "turn"), ("garage remote", "edit")):
+        hit = pllm.search("dora", f"Where is the {asked}?", 1)[0]
+        assert hit.item.kind == kind and hit.part is not None and asked in hit.passage.text
 
 
 def test_recent_uses_newest_items_first(pllm):
@@ -94,7 +126,7 @@ def test_request_too_long_even_without_history_is_an_error(pllm):
 
 def test_bad_input_leaves_the_store_unchanged(loaded):
     before = [(u.name, u.items) for u in loaded.store.users()], loaded.store.vector_count()
-    for bad in (["ok", "   "], [b"\xc3\x28"], ["x" * 1_000_000], []):
+    for bad in (["ok", "   "], [b"\xc3\x28"], ["x" * (MAX_ITEM_CHARS + 1)], []):
         with pytest.raises(InvalidInputError):
             loaded.add("alice", bad)
     with pytest.raises(InvalidInputError):

@@ -1,7 +1,8 @@
 """Guarantee 3, crash safety: a process killed (SIGKILL) in the middle of batched ingest,
 deletes and forgets, again and again on the same database, leaves it intact every time:
-`PRAGMA integrity_check` is ok, every item has both its text row and its vector or neither,
-every batch is there whole or not at all, and nothing reported as committed is lost.
+`PRAGMA integrity_check` is ok, every item has its text row and its vectors (a long one's
+parts too) or neither, every batch is there whole or not at all, and nothing reported as
+committed is lost.
 
 The child (tests/security_workers.py) prints a line after each commit, and a line *before*
 each change that removes items; the parent kills it at a random moment and then checks.
@@ -63,8 +64,20 @@ def check_database(db: Path, ledger: Ledger) -> dict[str, int]:
         conn = store._conn
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         rows = {r[0]: r[1] for r in conn.execute("SELECT id, user_id FROM history")}
+        # A long item's further parts: their vectors are named by item_parts (negative ids).
+        rows |= {
+            r[0]: r[1]
+            for r in conn.execute(
+                "SELECT p.vector_id, h.user_id FROM item_parts p"
+                " JOIN history h ON h.id = p.item_id WHERE p.vector_id < 0"
+            )
+        }
         vecs = {r[0]: r[1] for r in conn.execute("SELECT rowid, user_id FROM history_vec")}
-        assert rows == vecs, "an item lost its vector, or a vector its item"
+        assert rows == vecs, "an item or part lost its vector, or a vector its item or part"
+        assert conn.execute(
+            "SELECT COUNT(*) FROM item_parts p JOIN history h ON h.id = p.item_id"
+            " WHERE p.user_id != h.user_id"
+        ).fetchone() == (0,)
         users = {r[0] for r in conn.execute("SELECT id FROM users")}
         assert set(rows.values()) <= users
         found: dict[str, int] = {}

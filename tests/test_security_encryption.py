@@ -22,6 +22,7 @@ from edge_pllm.errors import (
     MissingDependencyError,
     PassphraseError,
 )
+from edge_pllm.parts import texts_to_embed
 from edge_pllm.store import HistoryStore
 
 pytest.importorskip("sqlcipher3", reason="encryption needs the [encryption] extra")
@@ -42,9 +43,9 @@ def unit(n: int, seed: int = 0) -> np.ndarray:
 
 def test_no_plaintext_and_no_vector_bytes_on_disk(tmp_path: Path, report_counts):
     db = tmp_path / "secret.db"
-    vecs = unit(5)
     texts = [f"{MARKER} item {i}: my medical notes" for i in range(4)]
     texts.append(f"{MARKER} long " + "very private words " * 1200)
+    vecs = unit(len(texts_to_embed(texts)))  # the long item's parts have vectors too
     with HistoryStore(db, DIM, passphrase=PASS) as store:
         assert store.driver == "sqlcipher3" and store.encrypted
         store.add("alice", texts, vecs)

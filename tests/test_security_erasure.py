@@ -16,6 +16,7 @@ import pytest
 from edge_pllm import db as edge_db
 from edge_pllm.cli import cli
 from edge_pllm.items import NewItem
+from edge_pllm.parts import texts_to_embed
 from edge_pllm.store import HistoryStore
 
 DIM = 384
@@ -38,6 +39,11 @@ def items_for(user: str, marker: str, n: int = 6) -> list[str]:
     short = [f"{user} note {i}: {marker}-{i}" for i in range(n - 1)]
     long = f"{user} diary {marker}-long " + "private words " * 1500  # ~20 kB: overflow pages
     return [*short, long]
+
+
+def vectors_for(rng: np.random.Generator, texts: list[str]) -> np.ndarray:
+    """Distinct vectors for the items of `texts`: the long one's parts have their own."""
+    return distinctive(rng, len(texts_to_embed(texts)))
 
 
 def plaintexts(marker: str, n: int = 6) -> list[bytes]:
@@ -67,9 +73,11 @@ def assert_gone(db: Path, needles: list[bytes]) -> int:
 def test_forget_leaves_no_text_or_vector_in_any_file(store: HistoryStore, report_counts):
     db = Path(store.path)
     rng = np.random.default_rng(7)
-    alice_vecs, bob_vecs = distinctive(rng, 6), distinctive(rng, 6)
-    store.add("alice", items_for("alice", "ALICE-SECRET-7f3a"), alice_vecs)
-    store.add("bob", items_for("bob", "BOB-KEEP-19c2"), bob_vecs)
+    alice, bob = items_for("alice", "ALICE-SECRET-7f3a"), items_for("bob", "BOB-KEEP-19c2")
+    alice_vecs, bob_vecs = vectors_for(rng, alice), vectors_for(rng, bob)
+    assert len(alice_vecs) > 6, "the long item's parts have vectors that must go too"
+    store.add("alice", alice, alice_vecs)
+    store.add("bob", bob, bob_vecs)
     store.checkpoint()
     store.add("alice", ["one more ALICE-SECRET-7f3a-late"], distinctive(rng, 1))  # in the -wal
     before = raw_bytes(db)
@@ -84,7 +92,7 @@ def test_forget_leaves_no_text_or_vector_in_any_file(store: HistoryStore, report
     # Bob's data is intact and still found by bytes and by query.
     after = raw_bytes(db)
     assert all(n in after for n in plaintexts("BOB-KEEP-19c2"))
-    assert sum(p in after for v in bob_vecs for p in pieces(v)) >= 6 * (
+    assert sum(p in after for v in bob_vecs for p in pieces(v)) >= len(bob_vecs) * (
         len(pieces(bob_vecs[0])) - 1
     )
     assert store.search("bob", bob_vecs[2], 1)[0].item.text.startswith("bob note 2")
@@ -95,11 +103,14 @@ def test_forget_leaves_no_text_or_vector_in_any_file(store: HistoryStore, report
 def test_delete_single_items_erases_their_bytes(store: HistoryStore, report_counts):
     db = Path(store.path)
     rng = np.random.default_rng(8)
-    vecs = distinctive(rng, 6)
-    ids = store.add("carol", items_for("carol", "CAROL-DEL-55e1"), vecs)
+    texts = items_for("carol", "CAROL-DEL-55e1")
+    vecs = vectors_for(rng, texts)
+    ids = store.add("carol", texts, vecs)
     gone, kept = [ids[1], ids[5]], [ids[0], ids[2]]
     store.delete("carol", gone)
-    needles = [b"CAROL-DEL-55e1-1", b"CAROL-DEL-55e1-long", *pieces(vecs[1]), *pieces(vecs[5])]
+    # Item 5 is the long one: its vectors are the rows from 5 on, one for each part.
+    needles = [b"CAROL-DEL-55e1-1", b"CAROL-DEL-55e1-long", *pieces(vecs[1])]
+    needles += [p for v in vecs[5:] for p in pieces(v)]
     searched = assert_gone(db, needles)
     data = raw_bytes(db)
     assert b"CAROL-DEL-55e1-0" in data and b"CAROL-DEL-55e1-2" in data

@@ -195,7 +195,15 @@ def test_history_endpoints(server):
     listed = raw.get("/users/carol/history").json()["items"]
     assert sorted(i["text"] for i in listed) == ["apple pie recipe", "tax return deadline"]
     hits = raw.get("/users/carol/search", params={"q": "baking apples", "k": 1}).json()["hits"]
-    assert hits[0]["text"] == "apple pie recipe"
+    assert hits[0]["text"] == "apple pie recipe" and hits[0]["part"] is None
+    assert hits[0]["passage"] == "apple pie recipe"
+    note = "\n\n".join([f"Tool {i} hangs in the shed by the rakes." for i in range(40)])
+    note += "\n\nThe spare house key is under the blue flower pot."
+    assert raw.post("/users/dina/history", json={"items": [note]}).status_code == 201
+    (hit,) = raw.get("/users/dina/search", params={"q": "spare house key", "k": 1}).json()["hits"]
+    assert hit["text"] == note and hit["passage"].endswith("under the blue flower pot.")
+    assert hit["part"]["number"] == hit["part"]["count"] > 1
+    assert note[hit["part"]["start"] : hit["part"]["stop"]] == hit["passage"]
     exported = raw.get("/users/carol/export").text.splitlines()
     assert len(exported) == 2 and json.loads(exported[0])["text"]
     item = added.json()["ids"][0]

@@ -483,7 +483,16 @@ class Service:
 
         def work() -> list[dict[str, Any]]:
             hits = self.pllm.search(user, query, k)
-            return [{"id": h.item.id, "distance": h.distance, **h.item.to_json()} for h in hits]
+            return [
+                {
+                    "id": h.item.id,
+                    "distance": h.distance,
+                    **h.item.to_json(),
+                    "part": h.part.to_json() if h.part else None,
+                    "passage": h.passage.text,
+                }
+                for h in hits
+            ]
 
         return JSONResponse({"user": user, "hits": await asyncio.to_thread(work)})
 
