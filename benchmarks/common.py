@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_pllm.cpus import llm_threads, usable_cpus
+from edge_pllm.parts import WHOLE_CHARS
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "commit_subjects"
@@ -124,12 +125,15 @@ def synthetic_history(
     base_texts: list[str], base_vectors: np.ndarray, n: int, seed: int = 0
 ) -> tuple[list[dict], np.ndarray]:
     """`n` distinct items built from real texts and their real vectors, jittered and
-    renormalized, so large histories cost seconds instead of hours of embedding."""
+    renormalized, so large histories cost seconds instead of hours of embedding. Each text
+    is cut to what its one vector reads (`parts.WHOLE_CHARS`): an item in parts would need
+    a vector for each part (the importing section measures those)."""
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(base_texts), n)
+    keep = WHOLE_CHARS - 12  # room for the "(#n)" that makes each text distinct
     items = [
         {
-            "text": f"{base_texts[j]}\n(#{i})",
+            "text": f"{base_texts[j][:keep]}\n(#{i})",
             "created_at": (START + timedelta(minutes=i)).isoformat(),
         }
         for i, j in enumerate(picks)

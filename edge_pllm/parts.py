@@ -24,6 +24,10 @@ from collections.abc import Iterable, Iterator
 WHOLE_CHARS = 1000
 PART_CHARS = 400
 OVERLAP_CHARS = 80
+# A text so long that its parts would pass this many has longer parts (up to WHOLE_CHARS):
+# an item has at most about twice this many vectors (a part holds one unit over half its
+# size, or several).
+MOST_PARTS = 1000
 
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+")
@@ -80,10 +84,11 @@ def part_spans(
     text: str, size: int = PART_CHARS, overlap: int = OVERLAP_CHARS, whole: int = WHOLE_CHARS
 ) -> list[tuple[int, int]]:
     """The (start, stop) character spans of `text`'s parts, in order, each at most `size`
-    characters; none when the text is at most `whole` characters (its one vector reads
-    all of it)."""
+    characters (more for a text over `MOST_PARTS` times that, up to `whole`); none when
+    the text is at most `whole` characters (its one vector reads all of it)."""
     if len(text) <= max(whole, size):
         return []
+    size = max(size, min(whole, -(-len(text) // MOST_PARTS)))
     spans: list[tuple[int, int]] = []
     start: int | None = None
     stop = 0

@@ -92,14 +92,14 @@ class SearchHit:
 
     @property
     def passage(self) -> HistoryItem:
-        """The item as a prompt shows it: the part that was found (its metadata's `part`
-        says which, as "2/5"), or the item itself."""
+        """The item as a prompt shows it: the part that was found (its metadata's
+        `passage` says which, as "2/5"), or the item itself."""
         if self.part is None:
             return self.item
         return replace(
             self.item,
             text=self.item.text[self.part.start : self.part.stop],
-            metadata={**self.item.metadata, "part": f"{self.part.number}/{self.part.count}"},
+            metadata={**self.item.metadata, "passage": f"{self.part.number}/{self.part.count}"},
         )
 
 
@@ -181,6 +181,7 @@ MAX_K = 4096  # sqlite-vec's largest k for one KNN query
 _SPOT_CHECKS = 3  # vectors read from vec0's chunks that are compared with its rows
 _MAX_ROWS = 2**62
 _IN_BATCH = 500  # ids in one `IN (...)`: under every SQLite build's limit on parameters
+_READ_AHEAD = 4  # vectors read for each item asked for: a long item's parts take places
 
 
 def _by_distance(hit: tuple[int, float]) -> tuple[float, int]:
@@ -336,7 +337,11 @@ class HistoryStore:
         part spans."""
         spans = [part_spans(item.text) for item in checked]
         n = len(checked) + sum(len(s) for s in spans)
-        if n != len(checked) and np.shape(vectors)[:1] == (len(checked),):
+        try:
+            rows = len(vectors)
+        except TypeError:
+            rows = None
+        if n != len(checked) and rows == len(checked):
             raise InvalidInputError(
                 f"Expected {n} vectors for {len(checked)} items, got one for each item: a "
                 "long item has one for its whole text and one for each of its parts "
@@ -907,9 +912,15 @@ class HistoryStore:
         self, uid: int, vec: np.ndarray, k: int
     ) -> list[tuple[int, float, Part | None]]:
         """The `k` items nearest to `vec`, each by its nearest vector: (item id, distance,
-        the part that vector is, None for the item's own). Reads more vectors while the
-        same items' parts fill the first `k`."""
-        want = k
+        the part that vector is, None for the item's own), ties in item id order. Reads
+        more vectors while the same items' parts fill the first `k` (in memory, until every
+        vector is read; from the file, at most MAX_K)."""
+        if not vec.any():  # no direction: every item at distance 1, the first ones by id
+            rows = self._conn.execute(
+                "SELECT id FROM history WHERE user_id = ? ORDER BY id LIMIT ?", (uid, k)
+            ).fetchall()
+            return [(r[0], 1.0, None) for r in rows]
+        want = _READ_AHEAD * k
         while True:
             hits = self._nearest(uid, vec, want)
             parts = self._parts_of([i for i, _ in hits])
@@ -918,9 +929,9 @@ class HistoryStore:
                 item_id, part = parts.get(vector_id, (vector_id, None))
                 if item_id not in found:
                     found[item_id] = (item_id, distance, part)
-            if len(found) >= k or len(hits) < want or want >= MAX_K:
-                return list(found.values())[:k]
-            want = min(2 * want, MAX_K)
+            if len(found) >= k or len(hits) < want:  # fewer: every vector there is was read
+                return sorted(found.values(), key=lambda hit: (hit[1], hit[0]))[:k]
+            want *= 2
 
     def _parts_of(self, vector_ids: Sequence[int]) -> dict[int, tuple[int, Part]]:
         """Which item, and which part of it, each of these vectors is (only parts' vectors,
@@ -957,11 +968,7 @@ class HistoryStore:
         return hits
 
     def _sqlite_vec_nearest(self, uid: int, vec: np.ndarray, k: int) -> list[tuple[int, float]]:
-        if not vec.any():  # no direction: every item at distance 1, as in memory
-            rows = self._conn.execute(
-                "SELECT id FROM history WHERE user_id = ? ORDER BY id LIMIT ?", (uid, k)
-            ).fetchall()
-            return [(r[0], 1.0) for r in rows]
+        k = min(k, MAX_K)
         hits = self._conn.execute(
             "SELECT rowid, distance FROM history_vec"
             " WHERE embedding MATCH ? AND k = ? AND user_id = ? ORDER BY distance",

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from edge_pllm import db
 from edge_pllm.errors import InvalidInputError
-from edge_pllm.parts import part_spans, texts_to_embed, vector_count, vector_texts
+from edge_pllm.parts import MOST_PARTS, part_spans, texts_to_embed, vector_count, vector_texts
 from edge_pllm.store import HistoryStore
 
 DIM = 8
@@ -116,7 +116,7 @@ def test_a_long_item_is_one_item_found_by_any_of_its_parts(store: HistoryStore):
         assert hits[0].part is not None and hits[0].part.number == number
         assert hits[0].part.count == n - 1
         assert hits[0].passage.text == LONG[slice(*spans[number - 1])]
-        assert hits[0].passage.metadata["part"] == f"{number}/{n - 1}"
+        assert hits[0].passage.metadata["passage"] == f"{number}/{n - 1}"
         assert len({h.item.id for h in hits}) == 3  # the item once, with two others
     integrity = store.integrity()
     assert integrity["parts"] == n - 1 and integrity["parts_without_vector"] == 0
@@ -132,7 +132,9 @@ def test_search_in_the_file_finds_the_same_parts(store: HistoryStore):
     store.cache_budget = 0  # sqlite-vec's KNN in the file from now on
     in_file = [[(h.item.id, h.part) for h in store.search("ann", q, 4)] for q in queries]
     assert in_file == in_memory
-    assert all(h.item.user == "ann" for q in queries for h in store.search("ann", q, 30))
+    ann = {i.id for i in store.items("ann")}
+    for q in queries:  # all of ann's 21 items, each once, and nothing of bob's
+        assert sorted(h.item.id for h in store.search("ann", q, 30)) == sorted(ann)
 
 
 def test_k_distinct_items_even_when_one_items_parts_are_nearest(store: HistoryStore):
@@ -184,14 +186,28 @@ def test_a_database_from_before_parts_gains_them_on_open(tmp_path: Path, monkeyp
         assert [i.id for i in store.items("ann", newest_first=False)] == [kept, item_id]
 
 
-def test_an_item_of_hundreds_of_parts_gives_way_to_the_next_items(store: HistoryStore):
+@pytest.mark.parametrize("budget", [None, 0], ids=["in memory", "in the file"])
+def test_an_item_of_thousands_of_parts_gives_way_to_the_next_items(tmp_path: Path, budget):
     rng = np.random.default_rng(6)
-    text = " ".join(f"word{i}" for i in range(40_000))  # about 700 parts
+    text = "\n\n".join(f"{i:04d} " + "w" * 196 for i in range(4_900))  # 201-char paragraphs
     n = vector_count(text)
-    base = unit(rng, 1)[0]
-    near = base + 0.01 * rng.normal(size=(n, DIM)).astype(np.float32)  # all nearest the query
-    (big,) = store.add("ann", [text], near)
-    others = store.add("ann", ["one", "two"], unit(rng, 2))
-    hits = store.search("ann", base, 3)
-    assert n > 600 and [h.item.id for h in hits][:1] == [big]
+    with HistoryStore(tmp_path / "h.db", DIM) as store:
+        if budget is not None:
+            store.cache_budget = budget
+        base = unit(rng, 1)[0]
+        near = base + 0.01 * rng.normal(size=(n, DIM)).astype(np.float32)  # all nearest it
+        (big,) = store.add("ann", [text], near)
+        others = store.add("ann", ["one", "two"], unit(rng, 2))
+        hits = store.search("ann", base, 3)
+    assert 1_000 < n <= 2 * MOST_PARTS + 1  # the parts of a long text are bounded
+    assert [h.item.id for h in hits][:1] == [big]
     assert sorted(h.item.id for h in hits[1:]) == sorted(others)
+
+
+def test_a_query_without_direction_finds_the_first_items_in_both_paths(store: HistoryStore):
+    rng = np.random.default_rng(7)
+    add_long(store, "ann", rng)
+    store.add("ann", ["one", "two"], unit(rng, 2))
+    first = [h.item.id for h in store.search("ann", np.zeros(DIM), 2)]
+    store.cache_budget = 0
+    assert [h.item.id for h in store.search("ann", np.zeros(DIM), 2)] == first == [1, 2]

@@ -69,7 +69,7 @@ def test_rag_shows_the_part_of_a_long_note_that_was_found(pllm):
     (shown,) = prepared.personalization.context
     assert shown.id == note_id and shown.text.endswith("blue flower pot by the door.")
     assert len(shown.text) <= PART_CHARS and "tool number 0 " not in prepared.prompt
-    assert shown.metadata["part"].endswith(f"/{len(part_spans(LONG_NOTE))}")
+    assert shown.metadata["passage"].endswith(f"/{len(part_spans(LONG_NOTE))}")
 
 
 def test_a_long_remembered_turn_and_a_long_edit_are_searchable_to_their_end(pllm):

@@ -17,7 +17,7 @@ from edge_pllm import db as edge_db
 from edge_pllm.cli import cli
 from edge_pllm.items import NewItem
 from edge_pllm.parts import texts_to_embed
-from edge_pllm.store import HistoryStore
+from edge_pllm.store import HistoryStore, SourceFile
 
 DIM = 384
 
@@ -268,3 +268,24 @@ def test_secure_delete_cost_is_small(tmp_path: Path, report_counts):
         f"OFF {timings['OFF'] * 1000:.0f} ms"
     )
     assert timings["ON"] < 5 * timings["OFF"] + 0.5
+
+
+def test_a_long_imported_item_leaves_with_its_file_and_every_part(store: HistoryStore):
+    """A file's long item has a vector for each part: when the file goes (or changes),
+    every one of them is erased with the item's text."""
+    db = Path(store.path)
+    rng = np.random.default_rng(13)
+    paragraphs = (f"paragraph {i} of private words " * 9 for i in range(20))
+    note = "JUNE-NOTE-77aa " + "\n\n".join(paragraphs)
+    vecs = vectors_for(rng, [note])
+    assert len(vecs) > 5
+    source = SourceFile("/notes/june.md", 10, 1, "0" * 64)
+    store.import_source("june", source, [note], vecs)
+    store.add("june", ["kept JUNE-KEEP-1b"], distinctive(rng, 1))
+    store.checkpoint()
+    needles = [b"JUNE-NOTE-77aa", *(p for v in vecs for p in pieces(v))]
+    before = raw_bytes(db)
+    assert sum(n in before for n in needles) >= len(needles) - len(vecs)
+    assert store.drop_source("june", "/notes/june.md") == 1
+    assert_gone(db, needles)
+    assert b"JUNE-KEEP-1b" in raw_bytes(db) and store.vector_count("june") == 1
