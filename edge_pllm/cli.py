@@ -269,8 +269,8 @@ def _bar(**options: Any) -> Any:
     return tqdm(leave=False, **options)
 
 
-def _progress(total: int, desc: str) -> tuple[Any, Callable[[int], None]]:
-    bar = _bar(total=total, desc=desc, unit="text", disable=total < 64)
+def _progress(total: int, desc: str, unit: str = "text") -> tuple[Any, Callable[[int], None]]:
+    bar = _bar(total=total, desc=desc, unit=unit, disable=total < 64)
     return bar, bar.update
 
 
@@ -681,6 +681,22 @@ def forget(obj: Context, user: str, yes: bool) -> None:
     store.forget(user)
     click.echo(f"Forgot {user}: {_count(n, 'item')} erased.")
     _note_residue(store)
+
+
+@cli.command()
+@click.argument("users", nargs=-1)
+@pass_ctx
+@plain_errors
+def reindex(obj: Context, users: tuple[str, ...]) -> None:
+    """Give long items stored before parts existed a vector for each part (every user's,
+    or USERS'), so that all of each is searchable."""
+    pllm = obj.pllm()
+    for user in users or [u.name for u in pllm.store.users()]:
+        waiting = len(pllm.store.items_without_parts(user))
+        bar, update = _progress(waiting, f"Reindexing {user}", unit="item")
+        with bar:
+            done = pllm.reindex(user, progress=update)
+        click.echo(f"{user}: {_count(done, 'long item')} given parts.")
 
 
 def _note_residue(store: Any) -> None:

@@ -358,6 +358,18 @@ class PersonalLLM:
             self._drop_cached_prompt()  # what changed or went stays in no cached prompt
         return report
 
+    def reindex(self, user: str, progress: Callable[[int], None] | None = None) -> int:
+        """Give `user`'s long items stored before parts existed a vector for each part, so
+        that all of them is searchable; returns how many items got parts. `progress` is
+        told of each item done."""
+        done = 0
+        for item in self.store.items_without_parts(user):
+            vectors = self.embedder.embed(vector_texts(item.text)[1:])
+            done += self.store.add_parts(user, item.id, vectors) > 0
+            if progress is not None:
+                progress(1)
+        return done
+
     def search(self, user: str, query: str, k: int = 5) -> list[SearchHit]:
         """`user`'s `k` history items nearest to the text `query` (cosine), nearest first.
         The query is checked as any text that is embedded (InvalidInputError)."""

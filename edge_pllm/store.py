@@ -49,7 +49,7 @@ from .items import (
     validate_items,
     validate_user,
 )
-from .parts import part_spans
+from .parts import WHOLE_CHARS, part_spans
 
 _ITEM_COLUMNS = (
     "h.id, u.name, h.kind, h.text, h.created_at, h.written_at, h.metadata, h.content_hash"
@@ -496,11 +496,23 @@ class HistoryStore:
             (item_id, uid, vecs[0].tobytes()),
         )
         self._added.append((uid, item_id, vecs[0]))
+        self._insert_parts(conn, uid, item_id, vecs[1:], spans)
+
+    def _insert_parts(
+        self,
+        conn: Any,
+        uid: int,
+        item_id: int,
+        vecs: np.ndarray,
+        spans: Sequence[tuple[int, int]],
+    ) -> None:
+        """Each part's vector (`spans`, in order) at the next free negative id, recorded in
+        `item_parts` (the caller holds `_write`)."""
         if not spans:
             return
         (low,) = conn.execute("SELECT MIN(vector_id) FROM item_parts").fetchone()
         low = min(low or 0, 0)
-        for number, (vec, (start, stop)) in enumerate(zip(vecs[1:], spans, strict=True), 1):
+        for number, (vec, (start, stop)) in enumerate(zip(vecs, spans, strict=True), 1):
             vector_id = low - number
             conn.execute(
                 "INSERT INTO history_vec (rowid, user_id, embedding) VALUES (?, ?, ?)",
@@ -512,6 +524,38 @@ class HistoryStore:
                 (vector_id, item_id, uid, number, len(spans), start, stop),
             )
             self._added.append((uid, vector_id, vec))
+
+    def items_without_parts(self, user: str) -> list[HistoryItem]:
+        """`user`'s items long enough for parts that have none (stored before parts were
+        made): `add_parts` gives them theirs."""
+        with self._lock:
+            uid = self._user_id(user)
+            rows = self._conn.execute(
+                f"SELECT {_ITEM_COLUMNS} FROM history h JOIN users u ON u.id = h.user_id"
+                " WHERE h.user_id = ? AND length(h.text) > ? AND NOT EXISTS"
+                " (SELECT 1 FROM item_parts p WHERE p.item_id = h.id) ORDER BY h.id",
+                (uid, WHOLE_CHARS),
+            ).fetchall()
+        return [item for item in map(_row_to_item, rows) if part_spans(item.text)]
+
+    def add_parts(self, user: str, item_id: int, vectors: np.ndarray) -> int:
+        """Give an item of `user` that has no parts a vector for each (`vectors`: its
+        `parts.vector_texts` after the first, embedded); returns how many parts it got (0:
+        it has them already, or needs none). ItemNotFoundError if it is not `user`'s."""
+        with self._write() as conn:
+            uid = self._user_id(user)
+            row = conn.execute(
+                "SELECT text FROM history WHERE id = ? AND user_id = ?", (item_id, uid)
+            ).fetchone()
+            if row is None:
+                raise ItemNotFoundError(item_id, user)
+            if conn.execute("SELECT 1 FROM item_parts WHERE item_id = ?", (item_id,)).fetchone():
+                return 0
+            spans = part_spans(row[0])
+            if spans:
+                arr = self._check_vectors(vectors, len(spans))
+                self._insert_parts(conn, uid, item_id, arr, spans)
+        return len(spans)
 
     # --- imported files -----------------------------------------------------------------------
 

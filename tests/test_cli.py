@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from edge_pllm import db
 from edge_pllm.cli import cli
 from edge_pllm.items import MAX_ITEM_CHARS
 
@@ -123,6 +124,20 @@ def test_a_long_note_is_one_item_found_by_its_end(run, tmp_path: Path):
     hit = run("search", "alice", "spare house key", "-k", "1").output
     assert "The spare house key is under" in hit and "(part " in hit
     assert "of them for parts of long items" in run("status").output
+
+
+def test_reindex_gives_long_items_from_before_parts_theirs(run, isolated_home: Path):
+    shed = [f"Tool {i} hangs in the shed by the rakes." for i in range(40)]
+    run("add", "alice", "\n\n".join([*shed, "The spare house key is under the blue pot."]))
+    conn = db.connect(isolated_home / "history.db")  # as a release before parts left it
+    conn.execute("DELETE FROM history_vec WHERE rowid < 0")
+    conn.execute("DELETE FROM item_parts")
+    conn.commit()
+    conn.close()
+    assert "(part " not in run("search", "alice", "spare house key", "-k", "1").output
+    assert "alice: 1 long item given parts." in run("reindex").output
+    assert "(part " in run("search", "alice", "spare house key", "-k", "1").output
+    assert "alice: 0 long items given parts." in run("reindex", "alice").output
 
 
 def test_big_item_is_refused(run, tmp_path: Path):

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_pllm import db
-from edge_pllm.errors import InvalidInputError
+from edge_pllm.errors import InvalidInputError, ItemNotFoundError
 from edge_pllm.parts import MOST_PARTS, part_spans, texts_to_embed, vector_count, vector_texts
 from edge_pllm.store import HistoryStore
 
@@ -211,3 +211,30 @@ def test_a_query_without_direction_finds_the_first_items_in_both_paths(store: Hi
     first = [h.item.id for h in store.search("ann", np.zeros(DIM), 2)]
     store.cache_budget = 0
     assert [h.item.id for h in store.search("ann", np.zeros(DIM), 2)] == first == [1, 2]
+
+
+def strip_parts(conn) -> None:
+    """The database as a release before parts left it: long items with one vector."""
+    conn.execute("DELETE FROM history_vec WHERE rowid < 0")
+    conn.execute("DELETE FROM item_parts")
+    conn.commit()
+
+
+def test_items_from_before_parts_are_given_theirs(store: HistoryStore):
+    rng = np.random.default_rng(8)
+    item_id, vecs = add_long(store, "ann", rng)
+    store.add("ann", ["short"], unit(rng, 1))
+    (bob_item, _) = add_long(store, "bob", rng)
+    strip_parts(store._conn)
+    store.clear_cache()
+    assert [i.id for i in store.items_without_parts("ann")] == [item_id]
+    assert store.search("ann", vecs[-1], 1)[0].part is None  # only its whole text's vector
+    with pytest.raises(ItemNotFoundError):
+        store.add_parts("ann", bob_item, vecs[1:])  # not ann's
+    with pytest.raises(InvalidInputError):
+        store.add_parts("ann", item_id, vecs[1:3])  # too few
+    assert store.add_parts("ann", item_id, vecs[1:]) == len(vecs) - 1
+    assert store.add_parts("ann", item_id, vecs[1:]) == 0  # has them now
+    assert store.items_without_parts("ann") == []
+    hit = store.search("ann", vecs[-1], 1)[0]
+    assert hit.item.id == item_id and hit.part is not None and hit.part.number == len(vecs) - 1
