@@ -477,26 +477,17 @@ class HistoryStore:
                     written,
                 ),
             ).lastrowid
-            self._insert_vectors(conn, uid, item_id, vecs, item_spans)
+            self._put_vector(conn, uid, item_id, vecs[0])  # its whole text's, at its id
+            self._insert_parts(conn, uid, item_id, vecs[1:], item_spans)
             ids.append(item_id)
         return ids
 
-    def _insert_vectors(
-        self,
-        conn: Any,
-        uid: int,
-        item_id: int,
-        vecs: np.ndarray,
-        spans: Sequence[tuple[int, int]],
-    ) -> None:
-        """The vector of the item's whole text at the item's id, then each part's (`spans`)
-        at the next free negative id, recorded in `item_parts`."""
+    def _put_vector(self, conn: Any, uid: int, vector_id: int, vec: np.ndarray) -> None:
         conn.execute(
             "INSERT INTO history_vec (rowid, user_id, embedding) VALUES (?, ?, ?)",
-            (item_id, uid, vecs[0].tobytes()),
+            (vector_id, uid, vec.tobytes()),
         )
-        self._added.append((uid, item_id, vecs[0]))
-        self._insert_parts(conn, uid, item_id, vecs[1:], spans)
+        self._added.append((uid, vector_id, vec))
 
     def _insert_parts(
         self,
@@ -514,16 +505,12 @@ class HistoryStore:
         low = min(low or 0, 0)
         for number, (vec, (start, stop)) in enumerate(zip(vecs, spans, strict=True), 1):
             vector_id = low - number
-            conn.execute(
-                "INSERT INTO history_vec (rowid, user_id, embedding) VALUES (?, ?, ?)",
-                (vector_id, uid, vec.tobytes()),
-            )
+            self._put_vector(conn, uid, vector_id, vec)
             conn.execute(
                 "INSERT INTO item_parts (vector_id, item_id, user_id, part, parts, start, stop)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (vector_id, item_id, uid, number, len(spans), start, stop),
             )
-            self._added.append((uid, vector_id, vec))
 
     def items_without_parts(self, user: str) -> list[HistoryItem]:
         """`user`'s items long enough for parts that have none (stored before parts were

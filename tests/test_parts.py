@@ -16,12 +16,7 @@ from edge_pllm.errors import InvalidInputError, ItemNotFoundError
 from edge_pllm.parts import MOST_PARTS, part_spans, texts_to_embed, vector_count, vector_texts
 from edge_pllm.store import HistoryStore
 
-DIM = 8
-
-
-def unit(rng: np.random.Generator, n: int) -> np.ndarray:
-    v = rng.normal(size=(n, DIM)).astype(np.float32)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
+from .test_store import DIM, unit
 
 
 @pytest.fixture
