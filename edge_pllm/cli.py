@@ -74,7 +74,8 @@ def refuse_empty_values(ctx: click.Context | None) -> None:
         value = ctx.params.get(param.name)
         values = value if isinstance(value, tuple | list) else (value,)
         if any(isinstance(v, str) and v == "" for v in values):
-            raise click.BadParameter("an empty value; give one, or leave it out.", ctx, param)
+            hint = "give one." if param.required else "give one, or leave it out."
+            raise click.BadParameter(f"an empty value; {hint}", ctx, param)
 
 
 def _os_error(exc: OSError) -> str:
@@ -392,6 +393,12 @@ def ingest(
     help="Your mail address: the messages of .mbox and .eml files sent from it are yours; "
     "repeatable.",
 )
+@click.option(
+    "--again",
+    is_flag=True,
+    help="Read every file, changed or not, and replace its items (after an upgrade, or to "
+    "bring back items you deleted).",
+)
 @pass_ctx
 @plain_errors
 def import_command(
@@ -402,6 +409,7 @@ def import_command(
     authors: tuple[str, ...],
     rev: str,
     me: tuple[str, ...],
+    again: bool,
 ) -> None:
     """Import USER's own writing from PATHS (files and folders, recursively): notes and
     Markdown, HTML, mail (.mbox, .eml: your messages, with --me), a ChatGPT export
@@ -420,7 +428,9 @@ def import_command(
     if paths:
         pllm = obj.pllm()
         with _bar(desc="Importing", unit="file") as bar:
-            report = pllm.import_paths(user, paths, me=me, progress=lambda _: bar.update())
+            report = pllm.import_paths(
+                user, paths, me=me, progress=lambda _: bar.update(), again=again
+            )
         _import_summary(user, report)
 
 

@@ -423,9 +423,12 @@ def import_paths(
     *,
     me: Collection[str] = (),
     progress: Callable[[Path], None] | None = None,
+    again: bool = False,
 ) -> ImportReport:
     """Import the files under `paths` into `user`'s history (see the module's doc);
-    `progress` is called with each file as it is done."""
+    `progress` is called with each file as it is done. With `again`, every file is read
+    and its items replaced, changed or not (after an upgrade that reads files otherwise,
+    or to bring back items deleted by hand)."""
     store = pllm.store
     report = ImportReport()
     known = {r.file.path: r.file for r in store.sources(user)}
@@ -446,7 +449,8 @@ def import_paths(
         try:
             if not _is_utf8(str(path)):
                 raise ReadError("its name is not UTF-8 text; rename it")
-            _import_file(pllm, user, path, read, known.get(str(path)), me, report)
+            before = None if again else known.get(str(path))
+            _import_file(pllm, user, path, read, before, me, report)
         except (ReadError, InvalidInputError) as exc:
             report.skipped.append((str(path), str(exc)))
         except OSError as exc:

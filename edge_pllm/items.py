@@ -251,7 +251,7 @@ def validate_item(
     if len(text) > MAX_ITEM_CHARS:
         raise InvalidInputError(
             f"The text has {len(text):,} characters, over the limit of {MAX_ITEM_CHARS:,}; "
-            "split it into smaller items.",
+            "split it into smaller items (`edge-pllm import` cuts a longer file into sections).",
             field="text",
             index=index,
         )

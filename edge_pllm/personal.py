@@ -347,13 +347,16 @@ class PersonalLLM:
         *,
         me: Collection[str] = (),
         progress: Callable[[Path], None] | None = None,
+        again: bool = False,
     ) -> ImportReport:
         """Import the files and folders `paths` (notes, documents, mail, chat exports; see
         `importing`) into `user`'s history. Importing again reads only what changed and
-        removes what a folder no longer holds; `me` names the person's mail addresses."""
+        removes what a folder no longer holds (`again`: every file is read, changed or
+        not); `me` names the person's mail addresses."""
         from .importing import import_paths  # mail and HTML parsers: only when importing
 
-        report = import_paths(self, validate_user(user), paths, me=me, progress=progress)
+        user = validate_user(user)
+        report = import_paths(self, user, paths, me=me, progress=progress, again=again)
         if report.removed:
             self._drop_cached_prompt()  # what changed or went stays in no cached prompt
         return report

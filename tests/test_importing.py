@@ -168,6 +168,18 @@ def test_importing_again_skips_the_unchanged_replaces_the_changed_removes_the_go
     assert pllm.store.vector_count("ann") == pllm.store.count("ann")
 
 
+def test_again_reads_unchanged_files_and_brings_back_deleted_items(pllm, kept):
+    pllm.import_paths("ann", [kept / "garden.md"])
+    (item,) = pllm.store.items("ann")
+    pllm.delete("ann", [item.id])
+    assert pllm.import_paths("ann", [kept / "garden.md"]).unchanged == 1
+    assert pllm.store.count("ann") == 0  # a deleted item stays gone while its file is unchanged
+    report = pllm.import_paths("ann", [kept / "garden.md"], again=True)
+    assert report.imported == 1 and report.added == 1 and texts(pllm, "ann") == [item.text]
+    again = pllm.import_paths("ann", [kept / "garden.md"], again=True)
+    assert (again.added, again.removed) == (1, 1) and pllm.store.count("ann") == 1
+
+
 def test_a_file_that_turns_bad_keeps_what_it_gave_before(pllm, kept):
     pllm.import_paths("ann", [kept / "garden.md"])
     (kept / "garden.md").write_bytes(b"\xff\xfe not text any more")
