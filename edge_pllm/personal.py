@@ -32,7 +32,7 @@ from .bundle import Bundle, Placement, load_bundle
 from .decoding import Drawer, Drawn, Plan, Prepared, resolve
 from .defaults import ensure_default_bundle
 from .embedder import Embedder
-from .errors import AnswerNotFoundError, BundleError, InvalidInputError
+from .errors import AnswerNotFoundError, BundleError, InvalidInputError, ItemNotFoundError
 from .head import PlugHead
 from .items import (
     MAX_ITEM_CHARS,
@@ -366,9 +366,12 @@ class PersonalLLM:
         that all of them is searchable; returns how many items got parts. `progress` is
         told of each item done."""
         done = 0
-        for item in self.store.items_without_parts(user):
-            vectors = self.embedder.embed(vector_texts(item.text)[1:])
-            done += self.store.add_parts(user, item.id, vectors) > 0
+        for item_id in self.store.items_without_parts(user):
+            text = self.store.item_text(user, item_id)
+            if text is not None:  # not deleted meanwhile (by another process)
+                vectors = self.embedder.embed(vector_texts(text)[1:])
+                with contextlib.suppress(ItemNotFoundError):
+                    done += self.store.add_parts(user, item_id, vectors) > 0
             if progress is not None:
                 progress(1)
         return done

@@ -251,7 +251,8 @@ class HistoryStore:
     `cache_budget`: the bytes of vectors kept in memory for search and `vectors()` (default
     `search.default_cache_budget()`: a quarter of the memory the process may use, at least
     256 MiB; a user's 1,000,000 vectors of 384 floats take 1.5 GB); a user whose matrix does
-    not fit is searched by sqlite-vec in the database file, with the same results."""
+    not fit is searched by sqlite-vec in the database file, with the same results (but for
+    long items' parts, of which it reads at most MAX_K vectors: see `search`)."""
 
     def __init__(
         self,
@@ -512,23 +513,35 @@ class HistoryStore:
                 (vector_id, item_id, uid, number, len(spans), start, stop),
             )
 
-    def items_without_parts(self, user: str) -> list[HistoryItem]:
-        """`user`'s items long enough for parts that have none (stored before parts were
-        made): `add_parts` gives them theirs."""
+    def items_without_parts(self, user: str) -> list[int]:
+        """The ids of `user`'s items long enough for parts that have none (stored before
+        parts were made): `add_parts` gives them theirs."""
         with self._lock:
             uid = self._user_id(user)
             rows = self._conn.execute(
-                f"SELECT {_ITEM_COLUMNS} FROM history h JOIN users u ON u.id = h.user_id"
-                " WHERE h.user_id = ? AND length(h.text) > ? AND NOT EXISTS"
-                " (SELECT 1 FROM item_parts p WHERE p.item_id = h.id) ORDER BY h.id",
+                "SELECT id FROM history h WHERE user_id = ? AND length(text) > ? AND NOT EXISTS"
+                " (SELECT 1 FROM item_parts p WHERE p.item_id = h.id) ORDER BY id",
                 (uid, WHOLE_CHARS),
             ).fetchall()
-        return [item for item in map(_row_to_item, rows) if part_spans(item.text)]
+        return [r[0] for r in rows]
+
+    def item_text(self, user: str, item_id: int) -> str | None:
+        """The text of `user`'s item `item_id` (None: no such item of theirs)."""
+        (item_id,) = _item_ids([item_id])
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT text FROM history WHERE id = ? AND user_id = ?",
+                (item_id, self._user_id(user)),
+            ).fetchone()
+        return None if row is None else row[0]
 
     def add_parts(self, user: str, item_id: int, vectors: np.ndarray) -> int:
         """Give an item of `user` that has no parts a vector for each (`vectors`: its
         `parts.vector_texts` after the first, embedded); returns how many parts it got (0:
         it has them already, or needs none). ItemNotFoundError if it is not `user`'s."""
+        (item_id,) = _item_ids([item_id])
+        if not -(2**63) <= item_id < 2**63:  # cannot be a SQLite rowid
+            raise ItemNotFoundError(item_id, user)
         with self._write() as conn:
             uid = self._user_id(user)
             row = conn.execute(
@@ -944,8 +957,9 @@ class HistoryStore:
     ) -> list[tuple[int, float, Part | None]]:
         """The `k` items nearest to `vec`, each by its nearest vector: (item id, distance,
         the part that vector is, None for the item's own), ties in item id order. Reads
-        more vectors while the same items' parts fill the first `k` (in memory, until every
-        vector is read; from the file, at most MAX_K)."""
+        more vectors while the same items' parts fill the first `k`: in memory, until every
+        vector is read; from the file, at most MAX_K (long items whose parts fill those can
+        leave fewer than `k`)."""
         if not vec.any():  # no direction: every item at distance 1, the first ones by id
             rows = self._conn.execute(
                 "SELECT id FROM history WHERE user_id = ? ORDER BY id LIMIT ?", (uid, k)
@@ -960,9 +974,9 @@ class HistoryStore:
                 item_id, part = parts.get(vector_id, (vector_id, None))
                 if item_id not in found:
                     found[item_id] = (item_id, distance, part)
-            if len(found) >= k or len(hits) < want:  # fewer: every vector there is was read
+            if len(found) >= k or len(hits) < want:  # fewer: all there is, or MAX_K from the file
                 return sorted(found.values(), key=lambda hit: (hit[1], hit[0]))[:k]
-            want *= 2
+            want *= 8
 
     def _parts_of(self, vector_ids: Sequence[int]) -> dict[int, tuple[int, Part]]:
         """Which item, and which part of it, each of these vectors is (only parts' vectors,

@@ -140,6 +140,12 @@ def test_reindex_gives_long_items_from_before_parts_theirs(run, isolated_home: P
     assert "alice: 0 long items given parts." in run("reindex", "alice").output
 
 
+def test_an_empty_value_is_a_usage_error_that_says_what_to_do(run):
+    required = run("search", "alice", "", ok=False).output
+    assert "an empty value; give one." in required and "leave it out" not in required
+    assert "give one, or leave it out." in run("ask", "alice", "hi", "-s", "", ok=False).output
+
+
 def test_big_item_is_refused(run, tmp_path: Path):
     big = tmp_path / "big.txt"
     big.write_text("x" * (MAX_ITEM_CHARS + 1))

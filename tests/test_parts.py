@@ -199,6 +199,27 @@ def test_an_item_of_thousands_of_parts_gives_way_to_the_next_items(tmp_path: Pat
     assert sorted(h.item.id for h in hits[1:]) == sorted(others)
 
 
+def test_long_items_filling_more_than_4096_vectors_give_way_in_memory(store: HistoryStore):
+    rng = np.random.default_rng(9)
+    text = "\n\n".join(f"{i:04d} " + "w" * 196 for i in range(4_900))
+    base = unit(rng, 1)[0]
+    bigs = []
+    for copy in range(4):
+        n = vector_count(text + f" {copy}")
+        near = base + 0.01 * rng.normal(size=(n, DIM)).astype(np.float32)
+        bigs += store.add("ann", [text + f" {copy}"], near)
+    others = store.add("ann", ["one", "two"], unit(rng, 2))
+    assert store.vector_count("ann") > 4096 + 2
+    hits = store.search("ann", base, 6)
+    assert sorted(h.item.id for h in hits) == sorted(bigs + others)
+
+
+def test_a_ragged_list_of_vectors_is_a_typed_error(store: HistoryStore):
+    with pytest.raises(InvalidInputError):
+        store.add("ann", ["a", "b"], [[0.0] * DIM, [0.0] * (DIM - 1)])
+    assert not store.has_user("ann")
+
+
 def test_a_query_without_direction_finds_the_first_items_in_both_paths(store: HistoryStore):
     rng = np.random.default_rng(7)
     add_long(store, "ann", rng)
@@ -222,7 +243,7 @@ def test_items_from_before_parts_are_given_theirs(store: HistoryStore):
     (bob_item, _) = add_long(store, "bob", rng)
     strip_parts(store._conn)
     store.clear_cache()
-    assert [i.id for i in store.items_without_parts("ann")] == [item_id]
+    assert store.items_without_parts("ann") == [item_id]
     assert store.search("ann", vecs[-1], 1)[0].part is None  # only its whole text's vector
     with pytest.raises(ItemNotFoundError):
         store.add_parts("ann", bob_item, vecs[1:])  # not ann's
