@@ -427,11 +427,40 @@ def import_command(
         _add(obj, user, list(gitlog.history_items(commits, git_repo)))
     if paths:
         pllm = obj.pllm()
+        texts = _FileTexts()
         with _bar(desc="Importing", unit="file") as bar:
-            report = pllm.import_paths(
-                user, paths, me=me, progress=lambda _: bar.update(), again=again
-            )
+            try:
+                report = pllm.import_paths(
+                    user,
+                    paths,
+                    me=me,
+                    progress=lambda _: bar.update(),
+                    again=again,
+                    embedding=texts.start,
+                )
+            finally:
+                texts.close()
         _import_summary(user, report)
+
+
+class _FileTexts:
+    """A second bar, under the files', for the texts of a file that gives many while they
+    are embedded (a large document or mailbox takes a while)."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+
+    def start(self, path: Path, n: int) -> Callable[[int], None] | None:
+        self.close()
+        if n < 64:
+            return None
+        self._bar = _bar(total=n, desc=f"  {path.name[:40]}", unit="text", position=1)
+        return self._bar.update
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 def _import_summary(user: str, report: ImportReport) -> None:

@@ -51,6 +51,9 @@ if TYPE_CHECKING:
     from .personal import PersonalLLM
 
 NOTE_KIND, MAIL_KIND, CHAT_KIND = "note", "mail", "chat"
+# Told of a file and how many texts it gives, before they are embedded; may return what is
+# told how many are done as they are.
+Embedding = Callable[[Path, int], Callable[[int], None] | None]
 MAX_FILE_BYTES = 50 * 2**20  # a larger file is reported, not read
 
 
@@ -424,11 +427,14 @@ def import_paths(
     me: Collection[str] = (),
     progress: Callable[[Path], None] | None = None,
     again: bool = False,
+    embedding: Embedding | None = None,
 ) -> ImportReport:
     """Import the files under `paths` into `user`'s history (see the module's doc);
-    `progress` is called with each file as it is done. With `again`, every file is read
-    and its items replaced, changed or not (after an upgrade that reads files otherwise,
-    or to bring back items deleted by hand)."""
+    `progress` is called with each file as it is done, and `embedding` with a file and how
+    many texts it gives before they are embedded (what it returns, if anything, is told
+    how many are done as they are). With `again`, every file is read and its items
+    replaced, changed or not (after an upgrade that reads files otherwise, or to bring
+    back items deleted by hand)."""
     store = pllm.store
     report = ImportReport()
     known = {r.file.path: r.file for r in store.sources(user)}
@@ -450,7 +456,7 @@ def import_paths(
             if not _is_utf8(str(path)):
                 raise ReadError("its name is not UTF-8 text; rename it")
             before = None if again else known.get(str(path))
-            _import_file(pllm, user, path, read, before, me, report)
+            _import_file(pllm, user, path, read, before, me, report, embedding)
         except (ReadError, InvalidInputError) as exc:
             report.skipped.append((str(path), str(exc)))
         except OSError as exc:
@@ -484,6 +490,7 @@ def _import_file(
     before: SourceFile | None,
     me: Collection[str],
     report: ImportReport,
+    embedding: Embedding | None = None,
 ) -> None:
     stat = path.stat()
     if before is not None and (before.size, before.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
@@ -496,7 +503,9 @@ def _import_file(
         return
     written = datetime.fromtimestamp(source.mtime_ns / 1e9, UTC).isoformat(timespec="seconds")
     items = items_of(str(path), read(path, data, me), written)
-    vectors = pllm.embedder.embed(texts_to_embed(i.text for i in items))
+    texts = texts_to_embed(i.text for i in items)
+    done = embedding(path, len(texts)) if embedding is not None else None
+    vectors = pllm.embedder.embed(texts, progress=done)
     added, removed = pllm.store.import_source(user, source, items, vectors)
     report.imported += 1
     report.added += added

@@ -348,15 +348,19 @@ class PersonalLLM:
         me: Collection[str] = (),
         progress: Callable[[Path], None] | None = None,
         again: bool = False,
+        embedding: Callable[[Path, int], Callable[[int], None] | None] | None = None,
     ) -> ImportReport:
         """Import the files and folders `paths` (notes, documents, mail, chat exports; see
         `importing`) into `user`'s history. Importing again reads only what changed and
         removes what a folder no longer holds (`again`: every file is read, changed or
-        not); `me` names the person's mail addresses."""
+        not); `me` names the person's mail addresses. `progress` and `embedding` follow the
+        work (`importing.import_paths`)."""
         from .importing import import_paths  # mail and HTML parsers: only when importing
 
         user = validate_user(user)
-        report = import_paths(self, user, paths, me=me, progress=progress, again=again)
+        report = import_paths(
+            self, user, paths, me=me, progress=progress, again=again, embedding=embedding
+        )
         if report.removed:
             self._drop_cached_prompt()  # what changed or went stays in no cached prompt
         return report

@@ -126,6 +126,16 @@ def test_a_long_note_is_one_item_found_by_its_end(run, tmp_path: Path):
     assert "of them for parts of long items" in run("status").output
 
 
+def test_importing_a_file_of_many_texts_shows_them_as_they_are_embedded(run, tmp_path: Path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    days = (f"Day {i}: rain, then sun. " * 8 for i in range(200))  # about 100 parts
+    (notes / "diary.md").write_text("\n\n".join(days))
+    result = run("import", "bea", str(notes))
+    assert "Imported 1 file for bea: 1 item added" in result.output
+    assert "diary.md" in result.stderr  # the second bar: the file's texts
+
+
 def test_reindex_gives_long_items_from_before_parts_theirs(run, isolated_home: Path):
     shed = [f"Tool {i} hangs in the shed by the rakes." for i in range(40)]
     run("add", "alice", "\n\n".join([*shed, "The spare house key is under the blue pot."]))

@@ -180,6 +180,21 @@ def test_again_reads_unchanged_files_and_brings_back_deleted_items(pllm, kept):
     assert (again.added, again.removed) == (1, 1) and pllm.store.count("ann") == 1
 
 
+def test_embedding_is_told_each_files_texts_as_they_are_done(pllm, tmp_path):
+    shed = (f"Paragraph {i} is about the shed and its tools. " * 5 for i in range(80))
+    (tmp_path / "long.md").write_text("\n\n".join(shed))
+    (tmp_path / "short.md").write_text("A short note.")
+    seen: dict[str, list[int]] = {}
+
+    def embedding(path: Path, n: int):
+        seen[path.name] = [n, 0]
+        return lambda k: seen[path.name].__setitem__(1, seen[path.name][1] + k)
+
+    pllm.import_paths("ann", [tmp_path], embedding=embedding)
+    assert seen["short.md"] == [1, 1]
+    assert seen["long.md"][0] == seen["long.md"][1] == pllm.store.vector_count("ann") - 1 > 64
+
+
 def test_a_file_that_turns_bad_keeps_what_it_gave_before(pllm, kept):
     pllm.import_paths("ann", [kept / "garden.md"])
     (kept / "garden.md").write_bytes(b"\xff\xfe not text any more")
