@@ -529,10 +529,17 @@ class HistoryStore:
         """The text of `user`'s item `item_id` (None: no such item of theirs)."""
         (item_id,) = _item_ids([item_id])
         with self._lock:
-            row = self._conn.execute(
-                "SELECT text FROM history WHERE id = ? AND user_id = ?",
-                (item_id, self._user_id(user)),
-            ).fetchone()
+            return self._own_text(self._conn, self._user_id(user), item_id)
+
+    @staticmethod
+    def _own_text(conn: Any, uid: int, item_id: int) -> str | None:
+        """The text of the user's item `item_id`, None if it is not theirs (or cannot be a
+        SQLite rowid at all)."""
+        if not -(2**63) <= item_id < 2**63:
+            return None
+        row = conn.execute(
+            "SELECT text FROM history WHERE id = ? AND user_id = ?", (item_id, uid)
+        ).fetchone()
         return None if row is None else row[0]
 
     def add_parts(self, user: str, item_id: int, vectors: np.ndarray) -> int:
@@ -540,18 +547,14 @@ class HistoryStore:
         `parts.vector_texts` after the first, embedded); returns how many parts it got (0:
         it has them already, or needs none). ItemNotFoundError if it is not `user`'s."""
         (item_id,) = _item_ids([item_id])
-        if not -(2**63) <= item_id < 2**63:  # cannot be a SQLite rowid
-            raise ItemNotFoundError(item_id, user)
         with self._write() as conn:
             uid = self._user_id(user)
-            row = conn.execute(
-                "SELECT text FROM history WHERE id = ? AND user_id = ?", (item_id, uid)
-            ).fetchone()
-            if row is None:
+            text = self._own_text(conn, uid, item_id)
+            if text is None:
                 raise ItemNotFoundError(item_id, user)
             if conn.execute("SELECT 1 FROM item_parts WHERE item_id = ?", (item_id,)).fetchone():
                 return 0
-            spans = part_spans(row[0])
+            spans = part_spans(text)
             if spans:
                 arr = self._check_vectors(vectors, len(spans))
                 self._insert_parts(conn, uid, item_id, arr, spans)
@@ -794,11 +797,7 @@ class HistoryStore:
                 uid = self._user_id(user)
                 self._cache.erase(uid)
                 for item_id in dict.fromkeys(ids):
-                    if not -(2**63) <= item_id < 2**63:  # cannot be a SQLite rowid
-                        raise ItemNotFoundError(item_id, user)
-                    if not conn.execute(
-                        "SELECT 1 FROM history WHERE id = ? AND user_id = ?", (item_id, uid)
-                    ).fetchone():
+                    if self._own_text(conn, uid, item_id) is None:
                         raise ItemNotFoundError(item_id, user)  # rolls the whole call back
                     self._erase_vectors(conn, item_id)
                     conn.execute("DELETE FROM history WHERE id = ?", (item_id,))

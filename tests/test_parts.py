@@ -247,6 +247,9 @@ def test_items_from_before_parts_are_given_theirs(store: HistoryStore):
     assert store.search("ann", vecs[-1], 1)[0].part is None  # only its whole text's vector
     with pytest.raises(ItemNotFoundError):
         store.add_parts("ann", bob_item, vecs[1:])  # not ann's
+    with pytest.raises(ItemNotFoundError):
+        store.add_parts("ann", 2**64, vecs[1:])  # cannot be anyone's
+    assert store.item_text("ann", 2**64) is None and store.item_text("ann", bob_item) is None
     with pytest.raises(InvalidInputError):
         store.add_parts("ann", item_id, vecs[1:3])  # too few
     assert store.add_parts("ann", item_id, vecs[1:]) == len(vecs) - 1
