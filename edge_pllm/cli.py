@@ -516,7 +516,9 @@ def ask(
 
     def show(prepared: Prepared) -> None:
         for item in prepared.personalization.context:
-            click.echo(f"[context #{item.id}] {shown(item.text[:200])}", err=True)
+            part = item.metadata.get("passage")
+            where = f" part {part}" if part else ""
+            click.echo(f"[context #{item.id}{where}] {shown(item.text[:200])}", err=True)
 
     done: list[Response] = []
     pieces = pllm.stream(

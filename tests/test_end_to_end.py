@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,9 +66,12 @@ def test_lamp_ingest_and_rag_stay_within_each_question_user(tmp_path: Path, defa
         context = [line for line in shown.stderr.splitlines() if line.startswith("[context #")]
         assert len(context) <= 3  # the nearest three, those relevant enough to show
         shown_items += len(context)
-        subjects = {p["title"] for p in q["profile"]}
+        own = [f"{p['title']}\n\n{p['text']}" for p in q["profile"]]
         for line in context:
-            assert line.split("] ", 1)[1].split("\n")[0].strip() in {s[:200] for s in subjects}
+            head, text = line.split("] ", 1)
+            assert re.fullmatch(r"\[context #\d+( part \d+/\d+)?", head), head
+            # A long item shows the part found; whole or part, it is this user's own text.
+            assert any(text.strip() in entry for entry in own), text
         assert shown.stdout.strip()
     assert shown_items > 0
 
