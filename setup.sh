@@ -60,8 +60,8 @@ else
         echo "==> installing ${TORCH_SPEC:-torch==2.13.0} (CPU)"
         "${PIP[@]}" install -q "${TORCH_SPEC:-torch==2.13.0}"
     fi
-    echo "==> installing edge-pllm[export,eval,server,bench,dev] (llama-cpp-python builds from source: ~10 min on 2 cores)"
-    "${PIP[@]}" install -q -e '.[export,eval,server,bench,dev]'
+    echo "==> installing edge-pllm[export,federated,eval,server,bench,dev] (llama-cpp-python builds from source: ~10 min on 2 cores)"
+    "${PIP[@]}" install -q -e '.[export,federated,eval,server,bench,dev]'
 fi
 
 echo "==> assembling the default bundle (once)"

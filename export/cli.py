@@ -14,10 +14,13 @@ import click
 
 from edge_pllm.cli import Context, plain_errors
 from edge_pllm.defaults import default_bundle_path, ensure_default_bundle
-from edge_pllm.errors import MissingDependencyError
+from edge_pllm.errors import InvalidInputError, MissingDependencyError
 from edge_pllm.files import atomic_write
 
-from .pplug.config import config_options
+from .pplug.config import FederatedConfig, config_options
+
+# What `train-plug --federated-sim` imports beyond [export]: the [federated] extra.
+FEDERATED_MODULES = ("flwr", "ray", "dp_accounting")
 
 
 def workstation(fn: Any) -> Any:
@@ -31,7 +34,8 @@ def workstation(fn: Any) -> Any:
         except ModuleNotFoundError as exc:
             name = (exc.name or "a package").split(".")[0]
             command = click.get_current_context().command_path
-            raise MissingDependencyError(name, "export", f"`{command}`") from None
+            extra = "federated" if name in FEDERATED_MODULES else "export"
+            raise MissingDependencyError(name, extra, f"`{command}`") from None
 
     return wrapper
 
@@ -245,6 +249,7 @@ def export_default_command(
 @click.command("train-plug")
 @click.argument("task_dir", type=click.Path(exists=True, file_okay=False))
 @config_options()
+@config_options(FederatedConfig)
 @click.option(
     "-o",
     "--out",
@@ -268,7 +273,9 @@ def train_plug(
 
     Every setting is recorded with the head, with the command that trains it again.
     Under torchrun or accelerate launch the processes share each step (--batch-size is the
-    whole step's); rank 0 writes the head and attaches it."""
+    whole step's); rank 0 writes the head and attaches it. With --federated-sim N, N
+    simulated clients (Flower; needs [federated]) each train on their own people and send
+    only the head's weights."""
     from edge_pllm.bundle import ADAPTER_FILE, load_bundle
     from edge_pllm.lamp import load_split
 
@@ -276,8 +283,16 @@ def train_plug(
     from .pplug.distributed import join
 
     config = pplug.config_from_options(**options)
+    fed = pplug.config_from_options(FederatedConfig, **options)
+    if fed.federated_sim:
+        fed.rounds(config.steps)  # a run that cannot be cut into rounds is refused first
     world = join(pplug.resolve_device(config.device))
     world.check_batch(config.batch_size)
+    if fed.federated_sim and world.size > 1:
+        raise InvalidInputError(
+            "--federated-sim runs its clients itself: start it as one process, not under torchrun.",
+            field="federated_sim",
+        )
     obj = ctx.find_object(Context)
     if obj.bundle:
         bundle = Path(obj.bundle)
@@ -301,16 +316,25 @@ def train_plug(
     out = Path(out_dir) if out_dir else obj.home / "plug-train"
     if world.is_main:
         click.echo(f"{len(examples)} training examples from {', '.join(config.splits)}.", err=True)
-    head, result = pplug.train(
-        bundle,
-        examples,
-        spec,
-        out,
-        config,
-        home_dir=obj.home,
-        log=lambda line: click.echo(line, err=True),
-        validation=held_out,
-    )
+    federation = None
+    if fed.federated_sim:
+        from .pplug.federated import simulate
+
+        head, result, federation = simulate(
+            bundle, examples, spec, out, config, fed, obj.home, held_out,
+            log_line=lambda line: click.echo(line, err=True),
+        )  # fmt: skip
+    else:
+        head, result = pplug.train(
+            bundle,
+            examples,
+            spec,
+            out,
+            config,
+            home_dir=obj.home,
+            log=lambda line: click.echo(line, err=True),
+            validation=held_out,
+        )
     if not world.is_main:
         return  # rank 0 writes the head, its entry and the bundle
     onnx_path = pplug.export_onnx(head, out / "plug.onnx")
@@ -333,7 +357,8 @@ def train_plug(
             if result.validation
             else {}
         ),
-        "command": config.command(task_dir),
+        **({"federation": federation.as_dict(fed)} if federation else {}),
+        "command": config.command(task_dir, *([fed] if federation else [])),
     }
     plug_spec = pplug.head_spec(head, load_bundle(bundle), info)
     atomic_write(out / "plug.json", json.dumps(plug_spec.to_manifest(), indent=2))

@@ -27,6 +27,7 @@ _WHERE = {
     "Draw": "training",
     "Encoded": "data",
     "Example": "data",
+    "FederatedConfig": "config",
     "FrozenPrefix": "frozen",
     "HeadConfig": "model",
     "PPlugHead": "model",

@@ -240,23 +240,147 @@ class TrainConfig:
         record = self.record()
         return {f.name: record[f.name] for f in fields(self) if f.metadata.get("decides")}
 
-    def command(self, task_dir: str) -> str:
+    def command(self, task_dir: str, *more: Any) -> str:
         """The `train-plug` command line that trains this head again: every setting spelled
-        out, so a later change of a default does not change what it reproduces."""
+        out, so a later change of a default does not change what it reproduces (`more`:
+        other option configs of the run, e.g. its `FederatedConfig`)."""
         words = [*shlex.split(COMMAND), task_dir]
-        for f in fields(self):
-            if "help" not in f.metadata:
-                continue
-            value, flag = getattr(self, f.name), _flag(f)
-            if value is None:
-                continue
-            if isinstance(value, bool):
-                words.append(flag if value else f"--no-{flag[2:]}")
-            elif isinstance(value, tuple):
-                words += [w for v in value for w in (flag, str(v))]
-            else:
-                words += [flag, str(value)]
+        for config in (self, *more):
+            words += option_words(config)
         return shlex.join(words)
+
+
+def option_words(config: Any) -> list[str]:
+    """The command-line words that set every option field of `config` to its value."""
+    words: list[str] = []
+    for f in fields(config):
+        if "help" not in f.metadata:
+            continue
+        value, flag = getattr(config, f.name), _flag(f)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            words.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, tuple):
+            words += [w for v in value for w in (flag, str(v))]
+        else:
+            words += [flag, str(value)]
+    return words
+
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+SPLIT_BY = ("person", "repository")
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    """How a head is trained on Flower (`train-plug --federated-sim N`): the clients, the
+    rounds, the server's strategy and differential privacy. Recorded with the head and in
+    its reproduce command beside `TrainConfig`; `--steps` is each client's steps in all."""
+
+    federated_sim: int | None = option(
+        None,
+        "Train federated: simulate N clients on this machine (Flower's simulation engine), "
+        "the training split shared out among them by --split-by; each sends only the head's "
+        "weights.",
+        type=click.IntRange(min=1),
+    )
+    split_by: str = option(
+        "person",
+        "How the simulated clients share the training split. person: each user's examples "
+        "on one client. repository: each repository's users on one client (question ids "
+        "'<repository>-<n>', as `edge-pllm corpus` writes them).",
+        type=click.Choice(SPLIT_BY),
+    )
+    local_steps: int = option(
+        25,
+        "Steps each client trains per round, from the server's head; the rounds are "
+        "--steps / --local-steps.",
+        type=click.IntRange(min=1),
+    )
+    strategy: str = option(
+        "fedavg",
+        "How the server combines the clients' heads. fedavg: their mean, weighted by "
+        "examples. fedprox: the same, each client's loss pulled toward the server's head "
+        "(--proximal-mu). fedadam: Adam on the server over the mean's change (--server-lr).",
+        type=click.Choice(STRATEGIES),
+    )
+    proximal_mu: float = option(
+        0.01, "With fedprox: the weight μ of (μ/2)·‖w − w_server‖² in each client's loss."
+    )
+    server_lr: float = option(0.01, "With fedadam: the server's learning rate η.")
+    fraction: float = option(
+        1.0, "Share of the clients each round trains.", type=click.FloatRange(0, 1, min_open=True)
+    )
+    min_clients: int = option(
+        1,
+        "Fewest well-formed updates a round needs; a round with fewer keeps the head as it "
+        "was (clients that drop or send a malformed update are left out).",
+        type=click.IntRange(min=1),
+    )
+    dp_noise: float = option(
+        0.0,
+        "Differential privacy: the noise multiplier z of the Gaussian noise the server adds "
+        "to the mean of the clients' clipped updates (Flower's client-side fixed clipping; "
+        "the ε spent is reported). 0: off.",
+        type=click.FloatRange(min=0),
+    )
+    dp_clip: float = option(
+        1.0,
+        "With --dp-noise: the L2 norm each client's update is clipped to, on the client.",
+        type=click.FloatRange(min=0, min_open=True),
+    )
+    dp_delta: float = option(
+        1e-5,
+        "With --dp-noise: the δ at which ε is reported.",
+        type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    )
+    round_timeout: float = option(
+        3600.0,
+        "Seconds the server waits for a round's updates; a client not done by then is left "
+        "out of the round.",
+        type=click.FloatRange(min=0, min_open=True),
+        decides=False,
+    )
+
+    def __post_init__(self) -> None:
+        check = [
+            (self.strategy in STRATEGIES, "strategy", f"one of {', '.join(STRATEGIES)}"),
+            (self.split_by in SPLIT_BY, "split_by", "person or repository"),
+            (self.local_steps >= 1, "local_steps", "at least 1"),
+            (0 < self.fraction <= 1, "fraction", "within (0, 1]"),
+            (self.min_clients >= 1, "min_clients", "at least 1"),
+            (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0, "proximal_mu", "≥ 0"),
+            (math.isfinite(self.server_lr) and self.server_lr > 0, "server_lr", "> 0"),
+            (math.isfinite(self.dp_noise) and self.dp_noise >= 0, "dp_noise", "≥ 0"),
+            (math.isfinite(self.dp_clip) and self.dp_clip > 0, "dp_clip", "> 0"),
+            (0 < self.dp_delta < 1, "dp_delta", "within (0, 1)"),
+            (
+                not self.dp_noise or self.strategy != "fedadam",
+                "strategy",
+                "fedavg or fedprox with --dp-noise (Flower accounts ε for a plain mean)",
+            ),
+        ]
+        for ok, name, wanted in check:
+            if not ok:
+                raise InvalidInputError(
+                    f"{name} must be {wanted} (got {getattr(self, name)!r}).", field=name
+                )
+
+    def rounds(self, steps: int) -> int:
+        """The rounds of a run of `steps` steps per client (--steps / --local-steps)."""
+        if steps % self.local_steps:
+            raise InvalidInputError(
+                f"--steps {steps} is not a whole number of rounds of --local-steps "
+                f"{self.local_steps}: pass --steps as a multiple of --local-steps.",
+                field="local_steps",
+            )
+        return steps // self.local_steps
+
+    def sampled(self) -> int:
+        """Clients each round trains (at least --min-clients, at most all of them)."""
+        n = self.federated_sim or 1
+        return min(n, max(int(n * self.fraction), self.min_clients))
 
 
 def flag_of(name: str, cls: type | None = None) -> str:
@@ -298,4 +422,12 @@ def config_from_options(cls: type = TrainConfig, **values: Any) -> Any:
     )
 
 
-__all__ = ["TrainConfig", "asdict", "config_from_options", "config_options", "flag_of"]
+__all__ = [
+    "FederatedConfig",
+    "TrainConfig",
+    "asdict",
+    "config_from_options",
+    "config_options",
+    "flag_of",
+    "option_words",
+]

@@ -164,6 +164,7 @@ class Session:
     seconds: float = 0.0  # training time of earlier runs (resumed)
     world: World = field(default_factory=World)  # the training processes (one: World())
     reader: AnswerReader | None = None  # --outcome-samples: how the device reads an answer
+    penalty: Callable[[], torch.Tensor] | None = None  # added to each step's loss (FedProx)
 
 
 def _optimizer(head: PPlugHead, config: TrainConfig) -> torch.optim.AdamW:
@@ -204,13 +205,16 @@ def setup(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     world: World | None = None,
+    llm: torch.nn.Module | None = None,
 ) -> Session:
     """Load the frozen models, embed the histories (cached in `home_dir`), encode the
     prompts, compute the requests' keys and values, and build a fresh head.
 
     With several processes (`world`), each machine's first process embeds the histories
     while the others wait, then they read the cache; the requests' keys and values are
-    computed in shares (one per process of a machine) into the cache, then read by all."""
+    computed in shares (one per process of a machine) into the cache, then read by all.
+    `llm`: the frozen LLM `load_frozen_llm` gives for this bundle and config, already loaded
+    (federated clients of one process share it)."""
     if not examples:
         raise InvalidInputError("No training examples: check the task folder and split.")
     world = world or World()
@@ -230,7 +234,8 @@ def setup(
             f"{runtime.architecture!r}. Train without --adapter-rank.",
             field="adapter_rank",
         )
-    llm = load_frozen_llm(bundle, Path(config.llm_source) if config.llm_source else None)
+    if llm is None:
+        llm = load_frozen_llm(bundle, Path(config.llm_source) if config.llm_source else None)
     # Measured on the CPU before the move: the same float whatever the training device.
     embed_norm = token_embedding_norm(llm) / runtime.embed_scale
     llm.to(device)
@@ -557,6 +562,8 @@ def train_step(session: Session) -> float:
             torch.tensor([float(scores.sum()), len(scores)], device=s.device)
         )
         s.scores.append(float(summed[0] / summed[1]))
+    if s.penalty is not None:
+        loss = loss + s.penalty()
     s.opt.zero_grad()
     loss.backward()
     params = [p for group in s.opt.param_groups for p in group["params"]]

@@ -1,0 +1,235 @@
+"""Federated training on Flower's simulation engine, on the tiny model tests/test_pplug.py
+builds: one client holding everything trains central training's head; three clients send
+nothing but the head's weights; a client that drops or sends a malformed update does not
+stop a round; differential privacy clips each update and reports its ε."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="training needs the [export] extra")
+pytest.importorskip("flwr", reason="federated training needs the [federated] extra")
+
+from edge_pllm.errors import InvalidInputError  # noqa: E402
+from edge_pllm.lamp import task_spec  # noqa: E402
+from export import pplug  # noqa: E402
+from export.pplug import federated  # noqa: E402
+
+from .test_distributed import WEIGHTS_ATOL  # noqa: E402
+from .test_pplug import tiny_bundle  # noqa: E402, F401 (a fixture)
+
+REPO = Path(__file__).resolve().parent.parent
+SPEC = task_spec("commit_subject")
+PEOPLE = {
+    "git-1": ("parser", ["Tokenize the input.", "Parse nested lists.", "Report the line."]),
+    "git-2": ("docs", ["Explain the flags.", "Fix a typo in the guide.", "Add an example."]),
+    "vim-1": ("tests", ["Cover the empty file.", "Run the suite twice.", "Check exit codes."]),
+    "vim-2": ("build", ["Link statically.", "Cache the objects.", "Strip the binary."]),
+}
+
+
+def write_people(folder: Path, splits: tuple[str, ...] = ("train", "dev")) -> Path:
+    """A commit_subject task of four people in two repositories (ids '<repo>-<n>')."""
+    folder.mkdir(parents=True, exist_ok=True)
+    questions, golds = [], []
+    for user, (word, texts) in PEOPLE.items():
+        profile = [
+            {"title": f"{word} {i}", "text": t, "date": f"2024-01-0{i + 1}"}
+            for i, t in enumerate(texts)
+        ]
+        questions.append({"id": user, "input": "Subject for: Say my word.", "profile": profile})
+        golds.append({"id": user, "output": word})
+    for split in splits:
+        (folder / f"{split}_questions.json").write_text(json.dumps(questions))
+        (folder / f"{split}_outputs.json").write_text(
+            json.dumps({"task": "commit_subject", "golds": golds})
+        )
+    return folder
+
+
+def examples_of(task: Path) -> list[pplug.Example]:
+    return pplug.lamp_examples(task, "train", SPEC, from_profiles=2)
+
+
+def config(tiny: Path, **changes) -> pplug.TrainConfig:
+    return pplug.TrainConfig(
+        **{"steps": 4, "batch_size": 2, "dropout_copies": 1, "llm_source": str(tiny),
+           "persona_tokens": 2, **changes}
+    )  # fmt: skip
+
+
+class Recorder:
+    """A client mod (outermost: it sees each reply as it leaves the client) that writes
+    every reply's records to a folder, and can make a client fail or tamper with its
+    update in a given round."""
+
+    def __init__(self, folder: Path, fail: tuple[int, int] | None = None,
+                 tamper: tuple[int, int] | None = None) -> None:  # fmt: skip
+        self.folder, self.fail, self.tamper = folder, fail, tamper
+
+    def __call__(self, message, context, call_next):
+        client = int(context.node_config["partition-id"])
+        number = int(message.content["config"]["server-round"])
+        sent = {k: np.array(a.numpy()) for k, a in message.content["arrays"].items()}
+        if (client, number) == self.fail:
+            raise RuntimeError(f"client {client} lost its connection")
+        reply = call_next(message, context)
+        if (client, number) == self.tamper:
+            arrays = reply.content["arrays"]
+            name = next(iter(arrays.keys()))
+            arrays[name] = federated.Array(np.zeros((3, 3), np.float32))
+        records = {}
+        for key, record in reply.content.items():
+            if isinstance(record, federated.ArrayRecord):
+                records[key] = {k: np.array(a.numpy()) for k, a in record.items()}
+            else:
+                records[key] = dict(record)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        dump = {"records": records, "sent": sent, "raw": pickle.dumps(reply.content)}
+        (self.folder / f"{client}-{number}.pkl").write_bytes(pickle.dumps(dump))
+        return reply
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory) -> Path:
+    return write_people(tmp_path_factory.mktemp("people") / "task")
+
+
+def test_clients_hold_people_or_repositories_whole():
+    examples = [pplug.Example.of_texts(u, "q", ["t"], "a") for u in PEOPLE for _ in range(3)]
+    by_person = federated.partition(examples, 3, "person")
+    assert [len(s) for s in by_person] == [6, 3, 3]  # four people dealt to three clients
+    for share in by_person:
+        for e in share:
+            assert all(o.user != e.user for other in by_person if other is not share for o in other)
+    by_repo = federated.partition(examples, 2, "repository")
+    assert [{e.user.split("-")[0] for e in s} for s in by_repo] == [{"git"}, {"vim"}]
+    with pytest.raises(InvalidInputError, match="at least 3 repositories"):
+        federated.partition(examples, 3, "repository")
+    fed = pplug.FederatedConfig(federated_sim=3, local_steps=3)
+    with pytest.raises(InvalidInputError, match="multiple of --local-steps"):
+        fed.rounds(4)
+    with pytest.raises(InvalidInputError, match="fedavg or fedprox"):
+        pplug.FederatedConfig(federated_sim=3, strategy="fedadam", dp_noise=1.0)
+
+
+def test_one_client_holding_everything_trains_the_central_head(tiny_bundle, task, tmp_path):  # noqa: F811
+    """The server's mean of one head is that head: 2 rounds of 2 steps on one client are
+    central training's 4 steps."""
+    tiny, bundle = tiny_bundle
+    examples = examples_of(task)
+    cfg = config(tiny)
+    central, _ = pplug.train(bundle, examples, SPEC, tmp_path / "central", cfg, tmp_path, False)
+    fed = pplug.FederatedConfig(federated_sim=1, local_steps=2)
+    head, result, federation = federated.simulate(
+        bundle, examples, SPEC, tmp_path / "fed", cfg, fed, tmp_path
+    )
+    assert (federation.rounds, federation.clients, result.steps) == (2, 1, 4)
+    a, b = central.state_dict(), head.state_dict()
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"one client vs central training: max abs weight difference {diff:.2e}")
+    assert diff < WEIGHTS_ATOL
+    assert float((a["history_mean"] - b["history_mean"]).abs().max()) == 0.0
+    client = torch.load(tmp_path / "fed" / "clients" / "0" / "checkpoint.pt", weights_only=False)
+    reference = torch.load(tmp_path / "central" / "checkpoint.pt", weights_only=False)
+    assert client["losses"] == pytest.approx(reference["losses"], rel=1e-4)
+
+
+def test_three_clients_send_only_the_head_and_survive_faults(tiny_bundle, task, tmp_path):  # noqa: F811
+    """The CI-sized federation (3 clients, 2 rounds): every reply a client sends holds the
+    head's trainable weights, its example count, steps and loss, and the head's version:
+    nothing else. Client 2 drops in round 1, client 1's round-2 update has a weight of
+    another shape: both rounds go on with the others, and the server logs why."""
+    tiny, bundle = tiny_bundle
+    examples = examples_of(task)
+    cfg = config(tiny)
+    fed = pplug.FederatedConfig(federated_sim=3, local_steps=2)
+    recorder = Recorder(tmp_path / "sent", fail=(2, 1), tamper=(1, 2))
+    lines: list[str] = []
+    head, result, federation = federated.simulate(
+        bundle, examples, SPEC, tmp_path / "fed", cfg, fed, tmp_path,
+        log_line=lines.append, mods=[recorder],
+    )  # fmt: skip
+    assert federation.rounds == 2 and len(result.losses) == 2
+    assert (
+        len(federation.tally.dropped) == 1 and "lost its connection" in federation.tally.dropped[0]
+    )
+    assert len(federation.tally.refused) == 1 and "[3, 3]" in federation.tally.refused[0]
+    assert federation.tally.kept_rounds == []
+    assert any(line.startswith("round 2/2, clients' loss") for line in lines)
+
+    names = federated.shared_names(head)
+    shapes = {n: tuple(p.shape) for n, p in head.named_parameters()}
+    histories = [t.encode() for _, texts in PEOPLE.values() for t in texts]
+    replies = sorted((tmp_path / "sent").glob("*.pkl"))
+    assert [p.stem for p in replies] == ["0-1", "0-2", "1-1", "1-2", "2-2"]
+    for path in replies:
+        dump = pickle.loads(path.read_bytes())
+        records = dump["records"]
+        assert set(records) == {"arrays", "metrics", "head"}
+        assert list(records["arrays"]) == names
+        if path.stem != "1-2":  # the tampered one
+            for name, value in records["arrays"].items():
+                assert value.shape == shapes[name] and value.dtype == np.float32
+        assert set(records["metrics"]) == {"num-examples", "passes", "train-loss"}
+        assert records["metrics"]["passes"] == fed.local_steps * cfg.batch_size
+        assert set(records["head"]) == {"version"}
+        assert not any(text in dump["raw"] for text in histories)
+        if path.stem == "1-2":
+            continue
+        # the weights moved from what the server sent: it is a trained head, not an echo
+        moved = max(float(np.abs(records["arrays"][n] - dump["sent"][n]).max()) for n in names)
+        assert moved > 0
+    state = federated.read_state(tmp_path / "fed")
+    assert state["round"] == 2
+
+
+def test_differential_privacy_clips_each_update_and_reports_epsilon(tiny_bundle, task, tmp_path):  # noqa: F811
+    tiny, bundle = tiny_bundle
+    cfg = config(tiny, steps=2)
+    fed = pplug.FederatedConfig(federated_sim=2, local_steps=1, dp_noise=1.0, dp_clip=0.1)
+    recorder = Recorder(tmp_path / "sent")
+    _, _, federation = federated.simulate(
+        bundle, examples_of(task), SPEC, tmp_path / "fed", cfg, fed, tmp_path, mods=[recorder]
+    )
+    assert federation.epsilon is not None and 0 < federation.epsilon < float("inf")
+    entry = federation.as_dict(fed)
+    assert entry["dp"]["epsilon"] == federation.epsilon and entry["dp"]["delta"] == 1e-5
+    for path in sorted((tmp_path / "sent").glob("*.pkl")):
+        dump = pickle.loads(path.read_bytes())
+        update = np.concatenate(
+            [(v - dump["sent"][k]).ravel() for k, v in dump["records"]["arrays"].items()]
+        )
+        # float32: (old + clipped update) - old is off by up to an ulp an element, the norm
+        # Flower clips by is summed in float32
+        ulps = np.concatenate([np.spacing(np.abs(v)).ravel() for v in dump["sent"].values()])
+        assert np.linalg.norm(update) <= 0.1 * (1 + 1e-4) + np.linalg.norm(ulps)
+        assert np.linalg.norm(update) >= 0.1 * 0.99  # one step moves the head further: clipped
+
+
+@pytest.mark.slow
+def test_train_plug_federated_sim_records_and_resumes(tiny_bundle, task, tmp_path):  # noqa: F811
+    """`train-plug --federated-sim 2`: the head's entry says how it was trained and its
+    command trains it again; run again, the finished federation is not trained twice."""
+    tiny, bundle = tiny_bundle
+    args = ["--bundle", str(bundle), "--home", str(tmp_path), "train-plug", str(task)]
+    args += ["--steps", "2", "--batch-size", "2", "--llm-source", str(tiny), "--persona-tokens"]
+    args += ["2", "--validate", "dev", "--no-attach", "-o", str(tmp_path / "out")]
+    args += ["--federated-sim", "2", "--local-steps", "1", "--split-by", "repository"]
+    command = [sys.executable, "-m", "export.pplug", *args]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    entry = json.loads((tmp_path / "out" / "plug.json").read_text())
+    assert entry["federation"]["clients"] == 2 and entry["federation"]["rounds"] == 2
+    assert "--federated-sim 2 --split-by repository --local-steps 1" in entry["command"]
+    assert entry["validation"]["split"] == "dev"
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "round 1/2" not in again.stderr
