@@ -233,3 +233,31 @@ def test_train_plug_federated_sim_records_and_resumes(tiny_bundle, task, tmp_pat
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "round 1/2" not in again.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_federation_cut_after_a_round_goes_on_from_there(tiny_bundle, task, tmp_path):  # noqa: F811
+    """The server stops right after round 1 (its state written): the run says so; the same
+    call again trains round 2 only, to the head of a run never cut."""
+    tiny, bundle = tiny_bundle
+    examples, cfg = examples_of(task), config(tiny)
+    fed = pplug.FederatedConfig(federated_sim=2, local_steps=2)
+    whole, _, _ = federated.simulate(bundle, examples, SPEC, tmp_path / "whole", cfg, fed, tmp_path)
+
+    def cut(line: str) -> None:
+        if line.startswith("round 1/2"):
+            raise SystemExit("the server's machine went down")
+
+    with pytest.raises(InvalidInputError, match="stopped after round 1 of 2"):
+        federated.simulate(
+            bundle, examples, SPEC, tmp_path / "cut", cfg, fed, tmp_path, log_line=cut
+        )
+    lines: list[str] = []
+    head, _, _ = federated.simulate(
+        bundle, examples, SPEC, tmp_path / "cut", cfg, fed, tmp_path, log_line=lines.append
+    )
+    assert not any(line.startswith("round 1/2") for line in lines)
+    assert any(line.startswith("round 2/2") for line in lines)
+    a, b = whole.state_dict(), head.state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < WEIGHTS_ATOL

@@ -570,7 +570,7 @@ def simulate(
     started = time.perf_counter()
     session = setup(
         bundle_dir, examples, spec, config, home_dir, validation, progress=log_line is not None,
-        log=log_line,
+        log=log_line, trains=False,
     )  # fmt: skip
     setup_seconds = time.perf_counter() - started
     initial = head_arrays(session.head)
@@ -618,6 +618,12 @@ def simulate(
         raise InvalidInputError(
             "The federation ended without a round: see the log above for why the clients "
             "failed (each client's error is logged).",
+            field="federated_sim",
+        )
+    if state["round"] < rounds:
+        raise InvalidInputError(
+            f"The federation stopped after round {state['round']} of {rounds} (see the log "
+            "above): run the same command again to go on from there.",
             field="federated_sim",
         )
     load_arrays(session.head, ArrayRecord({k: Array(v) for k, v in state["arrays"].items()}))

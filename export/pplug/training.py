@@ -206,6 +206,7 @@ def setup(
     log: Callable[[str], None] | None = None,
     world: World | None = None,
     llm: torch.nn.Module | None = None,
+    trains: bool = True,
 ) -> Session:
     """Load the frozen models, embed the histories (cached in `home_dir`), encode the
     prompts, compute the requests' keys and values, and build a fresh head.
@@ -214,7 +215,8 @@ def setup(
     while the others wait, then they read the cache; the requests' keys and values are
     computed in shares (one per process of a machine) into the cache, then read by all.
     `llm`: the frozen LLM `load_frozen_llm` gives for this bundle and config, already loaded
-    (federated clients of one process share it)."""
+    (federated clients of one process share it). `trains=False` (a federated server, whose
+    clients train): the examples' prompts and keys and values are not made, only the head."""
     if not examples:
         raise InvalidInputError("No training examples: check the task folder and split.")
     world = world or World()
@@ -248,11 +250,10 @@ def setup(
     with world.local_first(), vector_cache(home_dir, bundle, embedder) as cache:
         table = VectorTable(cache, texts)
     encode = PromptEncoder(runtime, spec, config.max_prompt_tokens, config.placement)
-    encoded = [encode(e) for e in examples]
+    trained = examples if trains else []
+    encoded = [encode(e) for e in trained]
     # plug+rag: the same examples with their k nearest history items shown in the prompt.
-    encoded_rag = (
-        [encode(e, retrieve(e, table, config.rag)) for e in examples] if config.rag else []
-    )
+    encoded_rag = [encode(e, retrieve(e, table, config.rag)) for e in trained] if config.rag else []
     # The requests' keys and values, kept per LLM (and its source) in <home>/cache.
     llm_key = bundle.manifest["files"][bundle.llm.file]["sha256"]
     if config.llm_source:
@@ -264,7 +265,7 @@ def setup(
         world.barrier()
     prefixes = FrozenPrefix(llm, encoded, progress, kv_dir)
     prefixes_rag = FrozenPrefix(llm, encoded_rag, progress, kv_dir) if config.rag else None
-    if log:
+    if log and trains:
         log(f"requests' keys and values: {prefixes.nbytes / 1e9:.2f} GB (fp16)")
 
     head_config = HeadConfig(
