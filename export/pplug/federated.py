@@ -113,10 +113,11 @@ def load_arrays(head: PPlugHead, arrays: ArrayRecord) -> None:
 
 def head_version(head: PPlugHead) -> str:
     """A fingerprint of the head's configuration and weight shapes: a reply for another
-    head is refused."""
+    head is refused. The LLM's embedding norm is left out: summed on another number of
+    threads it differs in the last bits, and every client takes the server's."""
     params = dict(head.named_parameters())
     described = {
-        "config": asdict(head.config),
+        "config": {**asdict(head.config), "embed_norm": None},
         "shapes": {n: list(params[n].shape) for n in shared_names(head)},
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
@@ -208,9 +209,10 @@ def client_round(job: ClientJob, message: Message, context: Context) -> Message:
             field="head_version",
         )
     load_arrays(session.head, message.content["arrays"])
-    with torch.no_grad():
+    with torch.no_grad():  # the server's buffers: the centring mean, the embedding norm
         mean = torch.tensor(np.asarray(sent["history-mean"], dtype=np.float32))
         session.head.history_mean.copy_(mean.to(session.head.history_mean.device))
+        session.head.embed_norm.fill_(float(sent["embed-norm"]))
     mu = float(sent.get("proximal-mu", 0.0))
     if mu > 0:
         anchor = {n: p.detach().clone() for n, p in session.head.named_parameters()}
@@ -377,6 +379,7 @@ class ServerJob:
     clients: int
     initial: ArrayRecord
     history_mean: list[float]
+    embed_norm: float
     version: str
     out: str
     on_round: Callable[[int, Tally], None] | None = None
@@ -461,6 +464,7 @@ def run_server(job: ServerJob, grid: Grid) -> None:
     config: dict[str, Any] = {
         "head-version": job.version,
         "history-mean": job.history_mean,
+        "embed-norm": job.embed_norm,
     }
     if job.federation.strategy == "fedprox":
         config["proximal-mu"] = job.federation.proximal_mu
@@ -588,17 +592,19 @@ def simulate(
             log_line(f"round {number}/{rounds}{said}")
 
     server_job = ServerJob(
-        fed, rounds, clients, initial, session.head.history_mean.cpu().tolist(), version, str(out),
-        on_round,
+        fed, rounds, clients, initial, session.head.history_mean.cpu().tolist(),
+        float(session.head.embed_norm), version, str(out), on_round,
     )  # fmt: skip
     if log_line:
         log_line(
             f"federation: {clients} clients ({', '.join(str(len(s)) for s in shares)} "
             f"examples), {rounds} rounds of {fed.local_steps} steps, {fed.strategy}"
         )
+    # Flower's own warnings (run_simulation's deprecation, evaluation skipped) say nothing
+    # about this run; a client's failure is an error, and Guard says what it refused.
     flower = logging.getLogger("flwr")
     level = flower.level
-    flower.setLevel(logging.WARNING)
+    flower.setLevel(logging.ERROR)
     began = time.perf_counter()
     try:
         run_simulation(
@@ -626,8 +632,14 @@ def simulate(
             "above): run the same command again to go on from there.",
             field="federated_sim",
         )
-    load_arrays(session.head, ArrayRecord({k: Array(v) for k, v in state["arrays"].items()}))
     tally: Tally = state["tally"]
+    if len(tally.kept_rounds) >= rounds:
+        raise InvalidInputError(
+            f"No round of the {rounds} took an update: every client failed or was refused "
+            "(see the log above).",
+            field="federated_sim",
+        )
+    load_arrays(session.head, ArrayRecord({k: Array(v) for k, v in state["arrays"].items()}))
     checked = None
     if validation:
         checked = validate(

@@ -130,7 +130,10 @@ class FrozenPrefix:
             private_dir(cache_dir)  # the requests of private history: owner-only
         with torch.no_grad():
             for e in tqdm(
-                encoded, desc="Request keys/values", unit="example", disable=not progress
+                encoded,
+                desc="Request keys/values",
+                unit="example",
+                disable=not progress or not encoded,
             ):
                 if not e.before:
                     self.kv.append(None)
