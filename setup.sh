@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One command from a fresh clone to a first personalized answer.
 #
-#   bash setup.sh            the workstation: .venv with edge-pllm and its export, eval, server,
-#                            bench and dev extras (torch, transformers, optimum), so the whole
-#                            test suite runs
+#   bash setup.sh            the workstation: .venv with edge-pllm and its export, federated,
+#                            eval, server, bench and dev extras (torch, transformers, optimum,
+#                            Flower), so the whole test suite runs
 #   bash setup.sh --device   a device: .venv with the runtime and the default models only (no
 #                            torch, no tokenizers, no network client; about 350 MB)
 #
