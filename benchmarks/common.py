@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_pllm.cpus import llm_threads, usable_cpus
-from edge_pllm.parts import WHOLE_CHARS
+from edge_pllm.storage.parts import WHOLE_CHARS
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "commit_subjects"

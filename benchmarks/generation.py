@@ -9,10 +9,10 @@ import time
 from dataclasses import dataclass
 
 from edge_pllm import PersonalLLM
-from edge_pllm.consensus import Consensus
-from edge_pllm.decoding import Drawer, Drawn
-from edge_pllm.llm import SamplingConfig
-from edge_pllm.prompts import PromptStyle
+from edge_pllm.decoding.consensus import Consensus
+from edge_pllm.decoding.decoders import Drawer, Drawn
+from edge_pllm.inference.llm import SamplingConfig
+from edge_pllm.personalization.prompts import PromptStyle
 
 from .common import CHAT_PROMPT, Results, Row
 

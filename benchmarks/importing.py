@@ -21,8 +21,8 @@ import numpy as np
 
 from edge_pllm import PersonalLLM, paths
 from edge_pllm.defaults import ensure_default_bundle
-from edge_pllm.importing import import_paths
-from edge_pllm.search import normalize
+from edge_pllm.storage.importing import import_paths
+from edge_pllm.storage.search import normalize
 
 from .common import DATA, Results, Row, commit_texts, peak_rss_mb
 

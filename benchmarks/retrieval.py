@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_pllm.embedder import Embedder
-from edge_pllm.store import HistoryStore
+from edge_pllm.inference.embedder import Embedder
+from edge_pllm.storage.store import HistoryStore
 from export.defaults import default_embedder_source
 
 from .common import Results, Row, median_time, synthetic_history

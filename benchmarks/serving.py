@@ -19,7 +19,7 @@ from pathlib import Path
 
 from edge_pllm import PersonalLLM, paths
 from edge_pllm.defaults import ensure_default_bundle
-from edge_pllm.llm import LLMConfig
+from edge_pllm.inference.llm import LLMConfig
 from edge_pllm.server import ServerConfig, listen, uvicorn_config
 
 from .common import CHAT_PROMPT, Results, Row

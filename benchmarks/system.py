@@ -36,7 +36,7 @@ _OURS = """
 import json, sys, time
 t0 = float(sys.argv[1])
 from edge_pllm import PersonalLLM
-from edge_pllm.llm import LLMConfig, SamplingConfig
+from edge_pllm.inference.llm import LLMConfig, SamplingConfig
 from benchmarks.common import peak_rss_mb
 pllm = PersonalLLM(sys.argv[2], home=sys.argv[5], llm_config=LLMConfig(n_threads=int(sys.argv[3])))
 first = None

@@ -31,9 +31,9 @@ from .errors import (
     UnknownStrategyError,
     UnknownUserError,
 )
-from .items import HistoryItem, NewItem
-from .llm import LLMConfig, SamplingConfig
+from .inference.llm import LLMConfig, SamplingConfig
 from .personal import PersonalLLM, Response
+from .storage.items import HistoryItem, NewItem
 
 __version__ = "0.1.0"
 

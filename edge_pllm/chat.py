@@ -10,10 +10,10 @@ from typing import Any
 
 import click
 
-from .decoding import names as decoder_names
-from .decoding import resolve
+from .decoding.decoders import names as decoder_names
+from .decoding.decoders import resolve
 from .errors import ContextOverflowError
-from .llm import SamplingConfig
+from .inference.llm import SamplingConfig
 from .personal import PersonalLLM, Prepared, Response
 from .terminal import shown
 

@@ -19,20 +19,20 @@ from . import chat as chat_session
 from . import paths
 from .chat import count_of as _count
 from .cpus import ENV_THREADS, MAX_THREADS, cpu_bound, library_threads, llm_threads, usable_cpus
-from .decoding import names as decoder_names
-from .decoding import resolve
+from .decoding.decoders import names as decoder_names
+from .decoding.decoders import resolve
 from .defaults import default_bundle_path, ensure_default_bundle
 from .errors import EdgePLLMError, InvalidInputError
 from .files import atomic_write, open_private, private_dir
-from .items import NewItem, as_text, read_jsonl, validate_items, validate_user
-from .llm import LLMConfig, SamplingConfig
-from .model_registry import ENV_MODEL
-from .parts import vector_count
+from .inference.llm import LLMConfig, SamplingConfig
+from .inference.model_registry import ENV_MODEL
 from .personal import DEFAULT_STRATEGY, PersonalLLM, Prepared, Response
+from .storage.items import NewItem, as_text, read_jsonl, validate_items, validate_user
+from .storage.parts import vector_count
 from .terminal import shown, shown_json
 
 if TYPE_CHECKING:
-    from .importing import ImportReport
+    from .storage.importing import ImportReport
 
 F = TypeVar("F", bound=Callable[..., Any])
 ENV_PASSPHRASE = "EDGE_PLLM_PASSPHRASE"
@@ -343,7 +343,7 @@ def ingest(
     obj: Context, questions: str, task: str | None, user_prefix: str, limit: int | None
 ) -> None:
     """Ingest the profiles of a LaMP-format *_questions.json file, one user per question."""
-    from .lamp import load_split
+    from .evaluation.lamp import load_split
 
     path = Path(questions)
     if not path.name.endswith("_questions.json"):
@@ -421,7 +421,7 @@ def import_command(
         raise click.UsageError("Give files or folders to import, or --git REPO.")
     user = validate_user(user)
     if git_repo:
-        from . import gitlog
+        from .storage import gitlog
 
         commits = gitlog.own_commits(git_repo, authors, rev)
         _add(obj, user, list(gitlog.history_items(commits, git_repo)))
@@ -822,8 +822,8 @@ def models_group(ctx: click.Context) -> None:
     `models add` (size, quantization, context length, chat template, whether `plug` fits)."""
     if ctx.invoked_subcommand is not None:
         return
-    from . import model_registry
-    from .bundle import load_bundle
+    from .inference import model_registry
+    from .inference.bundle import load_bundle
 
     obj: Context = ctx.obj
     home = obj.home
@@ -861,7 +861,7 @@ def models_group(ctx: click.Context) -> None:
 def models_add(obj: Context, path: str, name: str | None, template_file: Any) -> None:
     """Register the GGUF at PATH: checked once by sha256, never copied (a hard link in the
     data directory where the file system allows, else a reference to PATH)."""
-    from . import model_registry
+    from .inference import model_registry
 
     template = None
     if template_file is not None:
@@ -882,7 +882,7 @@ def models_add(obj: Context, path: str, name: str | None, template_file: Any) ->
 @plain_errors
 def models_remove(obj: Context, name: str) -> None:
     """Unregister the model NAME (your file stays where it is)."""
-    from . import model_registry
+    from .inference import model_registry
 
     record = model_registry.remove_model(obj.home, name)
     click.echo(f"Removed {record.name} ({record.path} is untouched).")
@@ -983,7 +983,7 @@ SAMPLE_BODY = (
 @plain_errors
 def demo(obj: Context, strategies: tuple[str, ...]) -> None:
     """Load a sample author's commit history and answer one request per strategy."""
-    from .lamp import task_spec
+    from .evaluation.lamp import task_spec
 
     spec = task_spec(SAMPLE_TASK)
     sample = resources.files("edge_pllm").joinpath("sample_history.jsonl")
@@ -1053,7 +1053,7 @@ def serve(
     """Serve an OpenAI-compatible API; the request's `user` selects the persona, its
     `model` the model (`edge-pllm models`: the bundle's and every registered one). Needs
     the [server] extra: `pip install 'edge-pllm[server]'`."""
-    from .decoding import resolve
+    from .decoding.decoders import resolve
     from .server import ServerConfig
     from .server import serve as run_server
 
@@ -1150,8 +1150,8 @@ def eval_command(
     On several machines: `--shard I/N --out runI` on each, then `--merge run1 --merge run2
     ... --out all` (same TASK_DIR, splits, strategies and limit) scores them all together,
     exactly as one process would."""
-    from . import evaluate
-    from .lamp import load_split
+    from .evaluation import evaluate
+    from .evaluation.lamp import load_split
 
     started = time.perf_counter()
     folder = Path(task_dir)

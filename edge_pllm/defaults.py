@@ -21,9 +21,9 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .bundle import MANIFEST, load_bundle
 from .errors import BundleError, MissingDependencyError
 from .files import copy_private, replacing_folder
+from .inference.bundle import MANIFEST, load_bundle
 from .paths import bundles_dir
 
 DEFAULT_BUNDLE = "default"

@@ -28,13 +28,24 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import paths
-from .bundle import Bundle, Placement, load_bundle
-from .decoding import Drawer, Drawn, Plan, Prepared, resolve
+from .decoding.decoders import Drawer, Drawn, Plan, Prepared, resolve
 from .defaults import ensure_default_bundle
-from .embedder import Embedder
 from .errors import AnswerNotFoundError, BundleError, InvalidInputError, ItemNotFoundError
-from .head import PlugHead
-from .items import (
+from .inference.bundle import Bundle, Placement, load_bundle
+from .inference.embedder import Embedder
+from .inference.llm import LLM, Completion, LLMConfig, SamplingConfig
+from .inference.model_registry import get_model, model_bundle
+from .inference.onnx_session import return_freed_memory
+from .personalization.head import PlugHead
+from .personalization.prompts import DEFAULT_STYLE, PromptStyle, fit_prompt
+from .personalization.strategies import (
+    Personalization,
+    QueryVector,
+    Request,
+    Strategy,
+    opening,
+)
+from .storage.items import (
     MAX_ITEM_CHARS,
     TURN_KIND,
     NewItem,
@@ -43,12 +54,8 @@ from .items import (
     validate_items,
     validate_user,
 )
-from .llm import LLM, Completion, LLMConfig, SamplingConfig
-from .model_registry import get_model, model_bundle
-from .onnx_session import return_freed_memory
-from .parts import texts_to_embed, vector_texts
-from .prompts import DEFAULT_STYLE, PromptStyle, fit_prompt
-from .store import (
+from .storage.parts import texts_to_embed, vector_texts
+from .storage.store import (
     AnswerRecord,
     Feedback,
     HistoryStore,
@@ -56,16 +63,9 @@ from .store import (
     check_cache_budget,
     check_rating,
 )
-from .strategies import (
-    Personalization,
-    QueryVector,
-    Request,
-    Strategy,
-    opening,
-)
 
 if TYPE_CHECKING:
-    from .importing import ImportReport
+    from .storage.importing import ImportReport
 
 DEFAULT_STRATEGY = "rag"
 EDIT_KIND = "edit"  # the text the user kept instead of an answer
@@ -355,7 +355,7 @@ class PersonalLLM:
         removes what a folder no longer holds (`again`: every file is read, changed or
         not); `me` names the person's mail addresses. `progress` and `embedding` follow the
         work (`importing.import_paths`)."""
-        from .importing import import_paths  # mail and HTML parsers: only when importing
+        from .storage.importing import import_paths  # mail and HTML parsers: only when importing
 
         user = validate_user(user)
         report = import_paths(
@@ -698,7 +698,10 @@ class PersonalLLM:
         reads: each question is a request, its profile the history the user had when it was
         answered (without the request itself), its output the text the user kept (their
         edit, else the answer if they rated it +1). Returns how many questions."""
-        from .lamp import CHAT_TASK, write_split  # evaluation's module: not on the generate path
+        from .evaluation.lamp import (  # evaluation's module: not on the generate path
+            CHAT_TASK,
+            write_split,
+        )
 
         answers = self.store.answers(user)
         items = list(self.store.iter_items(user))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import unicodedata
 
-from .items import invisible
+from .storage.items import invisible
 
 
 def _escape(char: str) -> str:

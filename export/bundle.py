@@ -18,7 +18,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from edge_pllm.bundle import (
+from edge_pllm.defaults import LLM_FILE
+from edge_pllm.errors import BundleError, MissingDependencyError
+from edge_pllm.files import atomic_write, open_private, private_dir, replacing_folder
+from edge_pllm.inference.bundle import (
     ADAPTER_FILE,
     FORMAT,
     HEAD_FILE,
@@ -32,9 +35,6 @@ from edge_pllm.bundle import (
     manifest_format,
     verify_files,
 )
-from edge_pllm.defaults import LLM_FILE
-from edge_pllm.errors import BundleError, MissingDependencyError
-from edge_pllm.files import atomic_write, open_private, private_dir, replacing_folder
 
 from .embedder import embedder_manifest_entry, embedder_report, export_embedder
 from .plug_graph import split_head, write_population

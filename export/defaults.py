@@ -15,7 +15,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from edge_pllm.bundle import MANIFEST, load_bundle
 from edge_pllm.defaults import (
     DEFAULT_BUNDLE,
     LLM_FILE,
@@ -25,6 +24,7 @@ from edge_pllm.defaults import (
 )
 from edge_pllm.errors import BundleError
 from edge_pllm.files import atomic_write, replacing_folder
+from edge_pllm.inference.bundle import MANIFEST, load_bundle
 
 from .bundle import build_bundle, copy_head
 

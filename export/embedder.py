@@ -31,9 +31,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edge_pllm.embedder import EmbedderConfig
 from edge_pllm.errors import BundleError, MissingDependencyError
 from edge_pllm.files import private_dir
+from edge_pllm.inference.embedder import EmbedderConfig
 
 if TYPE_CHECKING:
     import onnx
@@ -166,7 +166,8 @@ def export_embedder(
 
 
 def embedder_manifest_entry(exported: ExportedEmbedder, source: str | Path) -> dict[str, object]:
-    """The bundle manifest's `embedder` entry for `exported` (`edge_pllm.bundle` parses it)."""
+    """The bundle manifest's `embedder` entry for `exported` (`edge_pllm.inference.bundle`
+    parses it)."""
     config = exported.config
     entry: dict[str, object] = {
         "file": exported.onnx_int8.name,
@@ -321,7 +322,7 @@ def embedder_report(
     import numpy as np
     from sentence_transformers import SentenceTransformer
 
-    from edge_pllm.embedder import Embedder
+    from edge_pllm.inference.embedder import Embedder
 
     corpus = texts or [*REPORT_SENTENCES, *_sample_corpus()]
     queries = REPORT_SENTENCES

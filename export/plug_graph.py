@@ -13,7 +13,7 @@ from pathlib import Path
 
 from edge_pllm.errors import BundleError
 from edge_pllm.files import open_private, replacing
-from edge_pllm.head import PROJECTED_INPUT as PROJECTED
+from edge_pllm.personalization.head import PROJECTED_INPUT as PROJECTED
 
 PROJECTION_NODE = "/proj/proj.2/Add"  # the last op of PPlugHead.proj, named by its scope
 

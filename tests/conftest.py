@@ -34,8 +34,8 @@ def default_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def llm(default_bundle: Path):
-    from edge_pllm.bundle import load_bundle
-    from edge_pllm.llm import LLM, LLMConfig
+    from edge_pllm.inference.bundle import load_bundle
+    from edge_pllm.inference.llm import LLM, LLMConfig
 
     bundle = load_bundle(default_bundle)
     return LLM(bundle.file(bundle.llm.file), LLMConfig(n_ctx=1024, n_batch=64, n_threads=2))
@@ -89,7 +89,7 @@ def bundle_copy(default_bundle: Path, tmp_path: Path) -> Path:
     """A verified copy of the default bundle that a test may damage."""
     import shutil
 
-    from edge_pllm.bundle import STAMP, load_bundle
+    from edge_pllm.inference.bundle import STAMP, load_bundle
 
     dest = tmp_path / "bundle"
     shutil.copytree(default_bundle, dest)

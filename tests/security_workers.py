@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from edge_pllm.items import NewItem
-from edge_pllm.parts import texts_to_embed
-from edge_pllm.store import HistoryStore
+from edge_pllm.storage.items import NewItem
+from edge_pllm.storage.parts import texts_to_embed
+from edge_pllm.storage.store import HistoryStore
 
 CRASH_USERS = ("ann", "bo", "cy")
 

@@ -12,11 +12,11 @@ from click.testing import CliRunner
 torch = pytest.importorskip("torch", reason="training needs the [export] extra")
 
 from edge_pllm import LLMConfig, PersonalLLM, SamplingConfig  # noqa: E402
-from edge_pllm.bundle import ADAPTER_FILE, ADAPTER_FORMAT, FORMAT, load_bundle  # noqa: E402
 from edge_pllm.cli import cli  # noqa: E402
 from edge_pllm.errors import BundleError, InvalidInputError  # noqa: E402
-from edge_pllm.head import PlugHead  # noqa: E402
-from edge_pllm.llm import LLM  # noqa: E402
+from edge_pllm.inference.bundle import ADAPTER_FILE, ADAPTER_FORMAT, FORMAT, load_bundle  # noqa: E402
+from edge_pllm.inference.llm import LLM  # noqa: E402
+from edge_pllm.personalization.head import PlugHead  # noqa: E402
 from edge_pllm.server import create_app  # noqa: E402
 from export import pplug  # noqa: E402
 from export.bundle import attach_head  # noqa: E402

@@ -8,12 +8,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from edge_pllm.answers import AnswerReader
-from edge_pllm.beam import Beam, beam_answers, penalized_logprobs, search
-from edge_pllm.consensus import Consensus
+from edge_pllm.decoding.answers import AnswerReader
+from edge_pllm.decoding.beam import Beam, beam_answers, penalized_logprobs, search
+from edge_pllm.decoding.consensus import Consensus
 from edge_pllm.errors import InvalidInputError
-from edge_pllm.llm import SamplingConfig
-from edge_pllm.prompts import PromptStyle
+from edge_pllm.inference.llm import SamplingConfig
+from edge_pllm.personalization.prompts import PromptStyle
 
 EOS, A, B, C, NL = range(5)
 WORDS = {A: "a", B: "b", C: "c", NL: "\n"}

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_pllm.bundle import MANIFEST, load_bundle
 from edge_pllm.errors import BundleError
+from edge_pllm.inference.bundle import MANIFEST, load_bundle
 
 
 def test_manifest_records_every_file_and_dims(default_bundle: Path):

@@ -150,9 +150,9 @@ def prompt(term: Terminal) -> None:
 
 
 def _store(home: Path, bundle: Path):
-    from edge_pllm.bundle import load_bundle
+    from edge_pllm.inference.bundle import load_bundle
     from edge_pllm.paths import database_path
-    from edge_pllm.store import HistoryStore
+    from edge_pllm.storage.store import HistoryStore
 
     dim = load_bundle(bundle).embedder.config.dim
     return HistoryStore(database_path(home), dim)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edge_pllm import db
 from edge_pllm.cli import cli
-from edge_pllm.items import MAX_ITEM_CHARS
+from edge_pllm.storage import db
+from edge_pllm.storage.items import MAX_ITEM_CHARS
 
 
 @pytest.fixture
@@ -173,7 +173,7 @@ def test_backup_and_path(run, isolated_home: Path, tmp_path: Path):
 
 
 def test_one_line_answers_stop_at_the_end_of_their_first_line():
-    from edge_pllm.prompts import first_line
+    from edge_pllm.personalization.prompts import first_line
 
     consumed = []
 
@@ -188,7 +188,7 @@ def test_one_line_answers_stop_at_the_end_of_their_first_line():
     assert "".join(first_line(iter(["a\nb"]))) == "a"
     assert "".join(first_line(iter(["The subject is:\n", "BUG: fix\nmore"]))) == "BUG: fix"
     assert "".join(first_line(iter([]))) == ""
-    from edge_pllm.lamp import task_spec
+    from edge_pllm.evaluation.lamp import task_spec
 
     clean = task_spec("commit_subject").clean
     assert "".join(first_line(iter(["<text>\n", "BUG: fix\n"]), clean)) == "BUG: fix"

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from edge_pllm.consensus import choose, tokens, unigram_f1
+from edge_pllm.decoding.consensus import choose, tokens, unigram_f1
 
 
 def test_the_candidate_the_others_agree_with_wins():
@@ -47,11 +47,11 @@ def test_consensus_answers_with_the_candidate_its_members_agree_on(pllm, spec):
     with seeds 1..N), streamed whole, and reproducible."""
     from dataclasses import replace
 
-    from edge_pllm.answers import AnswerReader
-    from edge_pllm.beam import beam_answers
+    from edge_pllm.decoding.answers import AnswerReader
+    from edge_pllm.decoding.beam import beam_answers
     from edge_pllm.errors import InvalidInputError
-    from edge_pllm.llm import SamplingConfig
-    from edge_pllm.prompts import PromptStyle
+    from edge_pllm.inference.llm import SamplingConfig
+    from edge_pllm.personalization.prompts import PromptStyle
 
     pllm.add("ada", ["Fix the parser crash on empty input", "docs: explain the cache budget"])
     query = "Write a one-line commit subject for: the parser crashed when the input was empty."

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_pllm.bundle import load_bundle
-from edge_pllm.embedder import Embedder
+from edge_pllm.inference.bundle import load_bundle
+from edge_pllm.inference.embedder import Embedder
 from export.defaults import default_embedder_source
 from export.embedder import ExportedEmbedder
 

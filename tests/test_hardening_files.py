@@ -23,7 +23,6 @@ from click.testing import CliRunner
 
 from edge_pllm import paths
 from edge_pllm.cli import cli
-from edge_pllm.db import file_kind
 from edge_pllm.errors import InvalidInputError, PassphraseError
 from edge_pllm.files import (
     atomic_write,
@@ -35,8 +34,9 @@ from edge_pllm.files import (
     replacing,
     replacing_folder,
 )
-from edge_pllm.store import HistoryStore
-from edge_pllm.vector_cache import VectorCache
+from edge_pllm.storage.db import file_kind
+from edge_pllm.storage.store import HistoryStore
+from edge_pllm.storage.vector_cache import VectorCache
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
 

@@ -33,16 +33,16 @@ from hypothesis import strategies as st
 
 import edge_pllm.cli as cli_module
 from edge_pllm import LLMConfig, PersonalLLM
-from edge_pllm.bundle import FORMATS, MANIFEST, STAMP, load_bundle
 from edge_pllm.cli import cli, normalize_passphrase
 from edge_pllm.defaults import assemble_bundle, default_llm_source, shipped_bundle_dir
-from edge_pllm.embedder import Embedder
 from edge_pllm.errors import BundleError, InvalidInputError
-from edge_pllm.evaluate import _load_done
-from edge_pllm.items import NewItem, normalize_time, read_jsonl, validate_item
+from edge_pllm.evaluation.evaluate import _load_done
+from edge_pllm.inference.bundle import FORMATS, MANIFEST, STAMP, load_bundle
+from edge_pllm.inference.embedder import Embedder
 from edge_pllm.jsonio import parse_json
 from edge_pllm.paths import database_path
-from edge_pllm.store import HistoryStore
+from edge_pllm.storage.items import NewItem, normalize_time, read_jsonl, validate_item
+from edge_pllm.storage.store import HistoryStore
 
 SETTINGS = dict(
     deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)

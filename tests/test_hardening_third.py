@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 from edge_pllm import LLMConfig, PersonalLLM
 from edge_pllm.cli import cli
 from edge_pllm.errors import InvalidInputError
-from edge_pllm.items import _INVISIBLE, invisible, validate_user
+from edge_pllm.storage.items import _INVISIBLE, invisible, validate_user
 from edge_pllm.terminal import shown, shown_json
 
 SETTINGS = dict(
@@ -282,7 +282,7 @@ def run(default_bundle: Path, isolated_home: Path):
 
 
 def _task(folder: Path) -> Path:
-    from edge_pllm.lamp import write_split
+    from edge_pllm.evaluation.lamp import write_split
 
     profile = [{"id": f"p{k}", "title": f"fix: thing {k}", "text": f"body {k}"} for k in range(3)]
     questions = [{"id": f"q{n}", "input": f"body of {n}", "profile": profile} for n in range(2)]

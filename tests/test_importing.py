@@ -14,8 +14,8 @@ from click.testing import CliRunner
 
 from edge_pllm import NewItem, SamplingConfig
 from edge_pllm.cli import cli
-from edge_pllm.importing import html_text, own_words, sections
-from edge_pllm.parts import PART_CHARS, part_spans
+from edge_pllm.storage.importing import html_text, own_words, sections
+from edge_pllm.storage.parts import PART_CHARS, part_spans
 
 ME = "ann@example.org"
 

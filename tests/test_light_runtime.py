@@ -54,7 +54,11 @@ print(json.dumps([heavy, unused]))
 
 # Runtime modules that adding history and generating never need: imported lazily by the
 # commands that do (evaluation, the server), they cost a generate process nothing.
-OFF_THE_GENERATE_PATH = {"edge_pllm.lamp", "edge_pllm.metrics", "edge_pllm.evaluate"}
+OFF_THE_GENERATE_PATH = {
+    "edge_pllm.evaluation.lamp",
+    "edge_pllm.evaluation.metrics",
+    "edge_pllm.evaluation.evaluate",
+}
 
 
 def runtime_imports() -> dict[str, set[str]]:
@@ -99,7 +103,9 @@ def runtime_imports() -> dict[str, set[str]]:
 
 def test_the_runtime_import_graph_has_no_cycle():
     graph = runtime_imports()
-    assert "edge_pllm.strategies" in graph["edge_pllm.personal"]  # the graph sees imports
+    assert (
+        "edge_pllm.personalization.strategies" in graph["edge_pllm.personal"]
+    )  # the graph sees imports
     state: dict[str, str] = {}
     cycles = []
 
@@ -120,12 +126,12 @@ def test_the_runtime_import_graph_has_no_cycle():
 
 def test_the_head_does_not_import_the_strategies():
     graph = runtime_imports()
-    reached, todo = set(), ["edge_pllm.head"]
+    reached, todo = set(), ["edge_pllm.personalization.head"]
     while todo:
         for dep in graph[todo.pop()] - reached:
             reached.add(dep)
             todo.append(dep)
-    assert "edge_pllm.strategies" not in reached
+    assert "edge_pllm.personalization.strategies" not in reached
 
 
 def test_workstation_commands_join_the_cli_through_an_entry_point_without_torch():

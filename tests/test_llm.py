@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edge_pllm.errors import BundleError, ContextOverflowError, SoftTokenShapeError
-from edge_pllm.llm import LLM, LLMConfig, SamplingConfig
+from edge_pllm.inference.llm import LLM, LLMConfig, SamplingConfig
 
 TEXT = "Persona-Plug feeds a user embedding to a frozen model as a soft token."
 

@@ -34,8 +34,8 @@ from edge_pllm import (
     UnknownUserError,
 )
 from edge_pllm.cli import cli
-from edge_pllm.items import MAX_ITEM_CHARS
-from edge_pllm.lamp import CHAT_TASK, load_split, task_spec
+from edge_pllm.evaluation.lamp import CHAT_TASK, load_split, task_spec
+from edge_pllm.storage.items import MAX_ITEM_CHARS
 
 ALICE = [
     "fix(parser): handle blank lines at the end of the file",

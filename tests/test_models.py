@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from edge_pllm import InvalidInputError, SamplingConfig
 from edge_pllm.cli import cli
 from edge_pllm.errors import BundleError, ModelChangedError, UnknownModelError
-from edge_pllm.model_registry import add_model, list_models, models_dir
+from edge_pllm.inference.model_registry import add_model, list_models, models_dir
 
 from .model_support import GEMMA_TEMPLATE, runtime
 

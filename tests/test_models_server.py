@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from edge_pllm import PersonalLLM
-from edge_pllm.model_registry import add_model
+from edge_pllm.inference.model_registry import add_model
 
 from .model_support import GEMMA_TEMPLATE, runtime
 
@@ -94,7 +94,7 @@ def test_a_model_registered_again_under_its_name_answers_with_the_new_file(
 ):
     """A name removed and added again for another file while the server runs: the next
     request answers with the new file, and the old runtime is let go."""
-    from edge_pllm.model_registry import remove_model
+    from edge_pllm.inference.model_registry import remove_model
 
     running, pllm = served
     service = running.server.config.app.state.service

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_pllm.bundle import load_bundle
-from edge_pllm.embedder import Embedder
-from edge_pllm.onnx_session import open_session
+from edge_pllm.inference.bundle import load_bundle
+from edge_pllm.inference.embedder import Embedder
+from edge_pllm.inference.onnx_session import open_session
 
 TEXTS = [
     "fix(parser): handle blank lines at the end of the file",

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 import pytest
 
 from edge_pllm import InvalidInputError, SamplingConfig
-from edge_pllm.consensus import DEFAULT_MEMBERS, Consensus
-from edge_pllm.decoding import resolve
-from edge_pllm.prompts import PromptStyle
-from edge_pllm.strategies import (
+from edge_pllm.decoding.consensus import DEFAULT_MEMBERS, Consensus
+from edge_pllm.decoding.decoders import resolve
+from edge_pllm.personalization.prompts import PromptStyle
+from edge_pllm.personalization.strategies import (
     NoPersonalization,
     Opening,
     Personalization,
@@ -135,7 +135,7 @@ def test_answers_drawn_side_by_side_read_as_answers_drawn_alone(pllm):
     cut at its line, a stop string honoured, and the cost of an answer that is not cut."""
     from dataclasses import replace
 
-    from edge_pllm.decoding import Drawer
+    from edge_pllm.decoding.decoders import Drawer
 
     pllm.add("ann", PARSER_PERSON)
     drawer = Drawer(pllm.llm)

@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="training needs the [export] extra")
 
-from edge_pllm.answers import AnswerReader  # noqa: E402
+from edge_pllm.decoding.answers import AnswerReader  # noqa: E402
 from edge_pllm.errors import InvalidInputError  # noqa: E402
 from export import pplug  # noqa: E402
 from export.pplug.outcome import (  # noqa: E402
@@ -107,7 +107,7 @@ def test_an_answer_ends_and_is_scored_where_the_device_ends_and_reads_it(session
 
 
 def test_sampling_keeps_the_devices_top_k_top_p_and_min_p_before_the_temperature():
-    from edge_pllm.llm import SamplingConfig
+    from edge_pllm.inference.llm import SamplingConfig
     from export.pplug.outcome import _sampler_probs
 
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.04, 0.01]])

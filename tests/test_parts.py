@@ -11,10 +11,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_pllm import db
 from edge_pllm.errors import InvalidInputError, ItemNotFoundError
-from edge_pllm.parts import MOST_PARTS, part_spans, texts_to_embed, vector_count, vector_texts
-from edge_pllm.store import HistoryStore
+from edge_pllm.storage import db
+from edge_pllm.storage.parts import (
+    MOST_PARTS,
+    part_spans,
+    texts_to_embed,
+    vector_count,
+    vector_texts,
+)
+from edge_pllm.storage.store import HistoryStore
 
 from .test_store import DIM, unit
 

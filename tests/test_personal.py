@@ -14,9 +14,9 @@ from edge_pllm import (
     UnknownStrategyError,
     UnknownUserError,
 )
-from edge_pllm.items import MAX_ITEM_CHARS
-from edge_pllm.parts import PART_CHARS, part_spans
-from edge_pllm.strategies import Retrieval, get_strategy
+from edge_pllm.personalization.strategies import Retrieval, get_strategy
+from edge_pllm.storage.items import MAX_ITEM_CHARS
+from edge_pllm.storage.parts import PART_CHARS, part_spans
 
 ALICE = [
     "fix(parser): handle blank lines at the end of the file",
@@ -177,7 +177,7 @@ def test_forget_and_delete_drop_the_cached_prompt(loaded):
 def test_the_population_prior_gives_way_to_the_users_own_persona(pllm):
     """plug = α·own + (1 − α)·population with α = n / (n + 2): one item weighs 1/3, and the
     own persona takes over as the history grows; plug-own is the own persona alone."""
-    from edge_pllm.strategies import POPULATION_PRIOR
+    from edge_pllm.personalization.strategies import POPULATION_PRIOR
 
     query = "Write a commit subject: the parser crashed on blank lines"
     population = pllm.prepare("nobody", query, "plug").personalization.soft_tokens
@@ -198,7 +198,7 @@ def test_the_population_prior_gives_way_to_the_users_own_persona(pllm):
 def test_a_one_line_style_answers_with_the_first_line_and_stops_there(pllm):
     """A task whose scorer reads one line (PromptStyle.one_line) gets that line, and the
     generation ends there: the same greedy answer, cut, and far fewer tokens decoded."""
-    from edge_pllm.prompts import PromptStyle
+    from edge_pllm.personalization.prompts import PromptStyle
 
     query = "List three fruits, one per line, then say why you like each of them."
     sampling = SamplingConfig(max_tokens=64)
@@ -219,7 +219,7 @@ def test_a_one_line_style_answers_with_the_first_line_and_stops_there(pllm):
 
 
 def test_retrieval_shows_only_relevant_items_and_says_when_none_is(pllm):
-    from edge_pllm.strategies import MIN_SIMILARITY, NOT_RELEVANT, NOT_RELEVANT_PLUG
+    from edge_pllm.personalization.strategies import MIN_SIMILARITY, NOT_RELEVANT, NOT_RELEVANT_PLUG
 
     pllm.add("alice", ["parser: skip blank lines in the config file", "cache: drop stale keys"])
     plain = pllm.prepare("alice", "Bake a rye bread with caraway seeds", "none").prompt

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_pllm.bundle import (
+from edge_pllm.errors import BundleError
+from edge_pllm.inference.bundle import (
     ADAPTER_FORMAT,
     FORMAT,
     MANIFEST,
@@ -21,7 +22,6 @@ from edge_pllm.bundle import (
     file_entries,
     load_bundle,
 )
-from edge_pllm.errors import BundleError
 
 FILES = ["llm.gguf", "embedder.onnx", "tokenizer.json", "plug.onnx", "plug_project.onnx"]
 D_ENC, D_LLM = 384, 576
@@ -218,8 +218,14 @@ def test_the_head_files_of_a_parsed_head_need_checksums(tmp_path: Path):
     ids=["wrong width", "not finite", "not a matrix"],
 )
 def test_a_population_file_that_does_not_fit_the_head_is_refused(bundle_copy: Path, rows):
-    from edge_pllm.bundle import MANIFEST, POPULATION_FILE, STAMP, file_entries, load_bundle
-    from edge_pllm.head import PlugHead
+    from edge_pllm.inference.bundle import (
+        MANIFEST,
+        POPULATION_FILE,
+        STAMP,
+        file_entries,
+        load_bundle,
+    )
+    from edge_pllm.personalization.head import PlugHead
 
     np.save(bundle_copy / POPULATION_FILE, rows)
     manifest = json.loads((bundle_copy / MANIFEST).read_text())

@@ -9,15 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from edge_pllm import SamplingConfig, decoding
-from edge_pllm.decoding import Drawer, resolve
+from edge_pllm import SamplingConfig
+from edge_pllm.decoding import decoders as decoding
+from edge_pllm.decoding.decoders import Drawer, resolve
 from edge_pllm.errors import UnknownStrategyError
-from edge_pllm.prompts import PromptStyle
+from edge_pllm.personalization.prompts import PromptStyle
 
 PLUGIN = '''
 from dataclasses import dataclass, field
 
-from edge_pllm import decoding, strategies
+from edge_pllm.decoding import decoders as decoding
+from edge_pllm.personalization import strategies
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(decoding, "_plugins_loaded", False)
-    from edge_pllm import strategies
+    from edge_pllm.personalization import strategies
 
     monkeypatch.setattr(strategies, "REGISTRY", dict(strategies.REGISTRY))
     monkeypatch.setattr(decoding, "REGISTRY", strategies.REGISTRY)

@@ -13,7 +13,7 @@ from edge_pllm import cpus
 from edge_pllm.cli import cli
 from edge_pllm.cpus import cgroup_cpu_quota, llm_threads, parse_cpu_list, usable_cpus
 from edge_pllm.errors import InvalidInputError
-from edge_pllm.llm import LLM, LLMConfig
+from edge_pllm.inference.llm import LLM, LLMConfig
 from edge_pllm.personal import PersonalLLM
 
 PACKAGE = Path(__file__).resolve().parents[1] / "edge_pllm"
@@ -112,7 +112,9 @@ def test_without_a_topology_half_the_cpus_decode(monkeypatch, tmp_path: Path, si
 
 
 def test_the_model_gets_the_default_threads(default_bundle: Path, monkeypatch):
-    monkeypatch.setattr("edge_pllm.llm.llm_threads", lambda: (3, 5))  # no library's default
+    monkeypatch.setattr(
+        "edge_pllm.inference.llm.llm_threads", lambda: (3, 5)
+    )  # no library's default
     model = LLM(default_bundle / "llm.gguf", LLMConfig(n_ctx=256))
     assert model.llama.context_params.n_threads == 3
     assert model.llama.context_params.n_threads_batch == 5

@@ -16,12 +16,12 @@ import pytest
 torch = pytest.importorskip("torch", reason="training needs the [export] extra")
 
 from edge_pllm import BundleError, LLMConfig, PersonalLLM, SamplingConfig  # noqa: E402
-from edge_pllm.bundle import load_bundle  # noqa: E402
 from edge_pllm.errors import InvalidInputError  # noqa: E402
-from edge_pllm.head import PlugHead, QueryTokenizer  # noqa: E402
-from edge_pllm.lamp import task_spec  # noqa: E402
-from edge_pllm.llm import LLM  # noqa: E402
-from edge_pllm.vector_cache import VectorCache  # noqa: E402
+from edge_pllm.evaluation.lamp import task_spec  # noqa: E402
+from edge_pllm.inference.bundle import load_bundle  # noqa: E402
+from edge_pllm.inference.llm import LLM  # noqa: E402
+from edge_pllm.personalization.head import PlugHead, QueryTokenizer  # noqa: E402
+from edge_pllm.storage.vector_cache import VectorCache  # noqa: E402
 from export import pplug  # noqa: E402
 from export.bundle import attach_head, build_bundle  # noqa: E402
 from export.defaults import default_embedder_source  # noqa: E402
@@ -71,7 +71,7 @@ def small_config(tiny: Path, **changes) -> pplug.TrainConfig:
 
 
 def vectors(bundle: Path, texts: list[str]) -> np.ndarray:
-    from edge_pllm.embedder import Embedder
+    from edge_pllm.inference.embedder import Embedder
 
     b = load_bundle(bundle)
     return Embedder(b.file(b.embedder.file), b.file(b.embedder.tokenizer), b.embedder.config).embed(
@@ -205,8 +205,8 @@ def test_several_task_and_persona_tokens_through_the_device_path(tiny_bundle, tr
     assert np.abs(persona[0] - persona[1]).max() > 1e-3
     assert np.abs(persona[1] - persona[2]).max() > 1e-3
     # Attaching wrote μ as the population history: the device's persona of a newcomer.
-    from edge_pllm.bundle import POPULATION_FILE
-    from edge_pllm.head import PlugHead
+    from edge_pllm.inference.bundle import POPULATION_FILE
+    from edge_pllm.personalization.head import PlugHead
 
     attached = load_bundle(copy)
     assert attached.plug is not None and attached.plug.population_file == POPULATION_FILE
@@ -442,8 +442,8 @@ def write_task(
 def test_rag_training_shows_what_plug_rag_shows_at_run_time(tiny_bundle, trained, tmp_path):
     """Training with --rag retrieves the items plug+rag:1 retrieves on the device, and
     prompts the LLM with exactly the token ids the device's prompt has."""
-    from edge_pllm.embedder import Embedder
-    from edge_pllm.lamp import load_split
+    from edge_pllm.evaluation.lamp import load_split
+    from edge_pllm.inference.embedder import Embedder
 
     _, bundle = tiny_bundle
     spec = task_spec("commit_subject")

@@ -1,4 +1,4 @@
-"""Search in memory (edge_pllm/search.py through HistoryStore) on real SQLite + sqlite-vec:
+"""Search in memory (edge_pllm/storage/search.py through HistoryStore) on real SQLite + sqlite-vec:
 exact against a brute force, isolated between users, erased at once, bounded in bytes."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_pllm import search
 from edge_pllm.errors import InvalidInputError, UnknownUserError
-from edge_pllm.store import HistoryStore
+from edge_pllm.storage import search
+from edge_pllm.storage.store import HistoryStore
 
 DIM = 8
 TOL = 1e-6  # the store normalizes in float32, the reference in float64

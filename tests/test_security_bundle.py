@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from edge_pllm import LLMConfig, PersonalLLM
-from edge_pllm.bundle import MANIFEST, load_bundle
 from edge_pllm.errors import BundleError
+from edge_pllm.inference.bundle import MANIFEST, load_bundle
 
 
 def manifest_of(bundle: Path) -> dict:

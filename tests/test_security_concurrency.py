@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_pllm.store import HistoryStore
+from edge_pllm.storage.store import HistoryStore
 
 from .security_workers import concurrent_worker, open_and_add
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_pllm.store import HistoryStore
+from edge_pllm.storage.store import HistoryStore
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 64

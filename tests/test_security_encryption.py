@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edge_pllm import db as edge_db
 from edge_pllm.cli import cli
 from edge_pllm.errors import (
     EdgePLLMError,
@@ -22,8 +21,9 @@ from edge_pllm.errors import (
     MissingDependencyError,
     PassphraseError,
 )
-from edge_pllm.parts import texts_to_embed
-from edge_pllm.store import HistoryStore
+from edge_pllm.storage import db as edge_db
+from edge_pllm.storage.parts import texts_to_embed
+from edge_pllm.storage.store import HistoryStore
 
 pytest.importorskip("sqlcipher3", reason="encryption needs the [encryption] extra")
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_pllm import db as edge_db
 from edge_pllm.cli import cli
-from edge_pllm.items import NewItem
-from edge_pllm.parts import texts_to_embed
-from edge_pllm.store import HistoryStore, SourceFile
+from edge_pllm.storage import db as edge_db
+from edge_pllm.storage.items import NewItem
+from edge_pllm.storage.parts import texts_to_embed
+from edge_pllm.storage.store import HistoryStore, SourceFile
 
 DIM = 384
 

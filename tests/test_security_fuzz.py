@@ -26,17 +26,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge_pllm import LLMConfig, PersonalLLM, SamplingConfig
-from edge_pllm.bundle import MANIFEST, STAMP, load_bundle
 from edge_pllm.errors import ContextOverflowError, EdgePLLMError
-from edge_pllm.items import (
+from edge_pllm.inference.bundle import MANIFEST, STAMP, load_bundle
+from edge_pllm.personalization.strategies import Retrieval
+from edge_pllm.storage.items import (
     MAX_ITEM_CHARS,
     NewItem,
     read_jsonl,
     validate_items,
     validate_user,
 )
-from edge_pllm.store import HistoryStore
-from edge_pllm.strategies import Retrieval
+from edge_pllm.storage.store import HistoryStore
 
 from .security_support import asgi_request
 
@@ -552,18 +552,18 @@ def test_server_fuzz_many(pllm, report_counts):
 
 LOADER = r"""
 import sys
-from edge_pllm.bundle import load_bundle
+from edge_pllm.inference.bundle import load_bundle
 from edge_pllm.errors import BundleError, EdgePLLMError
 try:
     b = load_bundle(sys.argv[1])
-    from edge_pllm.embedder import Embedder
+    from edge_pllm.inference.embedder import Embedder
     e = Embedder(b.file(b.embedder.file), b.file(b.embedder.tokenizer), b.embedder.config)
     e.embed_one("hello")
     if b.manifest.get("plug"):
-        from edge_pllm.head import PlugHead
+        from edge_pllm.personalization.head import PlugHead
         PlugHead(b)
     if sys.argv[2] == "llm":
-        from edge_pllm.llm import LLM, LLMConfig
+        from edge_pllm.inference.llm import LLM, LLMConfig
         LLM(b.file(b.llm.file), LLMConfig(n_ctx=64, n_threads=1))
     print("LOADED")
 except EdgePLLMError as exc:

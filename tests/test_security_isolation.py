@@ -32,8 +32,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from edge_pllm import LLMConfig, PersonalLLM, SamplingConfig  # noqa: E402
 from edge_pllm.errors import InvalidInputError, UnknownUserError  # noqa: E402
-from edge_pllm.items import NewItem, invisible, validate_user  # noqa: E402
-from edge_pllm.store import HistoryStore  # noqa: E402
+from edge_pllm.storage.items import NewItem, invisible, validate_user  # noqa: E402
+from edge_pllm.storage.store import HistoryStore  # noqa: E402
 
 from .security_support import CachedEmbedder  # noqa: E402
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_pllm import db
 from edge_pllm.errors import (
     ExtensionLoadingError,
     InvalidInputError,
@@ -16,8 +15,9 @@ from edge_pllm.errors import (
     StoreMismatchError,
     UnknownUserError,
 )
-from edge_pllm.items import NewItem
-from edge_pllm.store import HistoryStore
+from edge_pllm.storage import db
+from edge_pllm.storage.items import NewItem
+from edge_pllm.storage.store import HistoryStore
 
 DIM = 8
 

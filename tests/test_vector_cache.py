@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_pllm.vector_cache import VectorCache, cache_key
+from edge_pllm.storage.vector_cache import VectorCache, cache_key
 
 
 class Counting:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from edge_pllm import defaults
 from edge_pllm.errors import BundleError, MissingDependencyError
-from edge_pllm.wordpiece import WordPiece, load_tokenizer
+from edge_pllm.inference.wordpiece import WordPiece, load_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers", reason="the reference needs `tokenizers`")
 

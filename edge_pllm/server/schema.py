@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, TypeVar
 
 from ..errors import InvalidInputError
-from ..items import MAX_ITEM_CHARS, validate_user
 from ..jsonio import parse_json
+from ..storage.items import MAX_ITEM_CHARS, validate_user
 
 try:
     from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError

@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import UnknownModelError
-from ..items import validate_user
-from ..llm import SamplingConfig
-from ..model_registry import list_models
+from ..inference.llm import SamplingConfig
+from ..inference.model_registry import list_models
 from ..personal import PersonalLLM, Prepared
 from ..personal import Response as Answer
+from ..storage.items import validate_user
 from . import schema
 from ._web import JSONResponse, Request, Response, StreamingResponse
 from .errors import HTTPError, error_body

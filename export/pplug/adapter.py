@@ -6,7 +6,7 @@ answer's header and the answer run through the LLM with the adapter. The adapter
 the task (one for all users, trained with the head), while the request's keys and values
 stay those of the plain LLM: cached in training, and on the device shared by every
 strategy and user. The device sets the adapter on its llama.cpp context for exactly those
-positions (`edge_pllm.llm`), from a GGUF LoRA file (`write_gguf`).
+positions (`edge_pllm.inference.llm`), from a GGUF LoRA file (`write_gguf`).
 
     y = W x + (alpha / rank) B A x      on q, k, v, o, gate, up and down of every layer
 """

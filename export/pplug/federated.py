@@ -58,8 +58,8 @@ from flwr.serverapp.strategy import (
 )
 
 from edge_pllm.errors import InvalidInputError
+from edge_pllm.evaluation.lamp import TaskSpec, task_spec
 from edge_pllm.files import atomic_write, private_dir
-from edge_pllm.lamp import TaskSpec, task_spec
 
 from .config import FederatedConfig, TrainConfig
 from .data import Example
@@ -177,7 +177,7 @@ _frozen: dict[tuple[str, str | None], torch.nn.Module] = {}  # per worker proces
 
 def _frozen_llm(job: ClientJob) -> torch.nn.Module:
     """The frozen LLM, loaded once per worker process for every client it runs."""
-    from edge_pllm.bundle import load_bundle
+    from edge_pllm.inference.bundle import load_bundle
 
     key = (job.bundle, job.config.llm_source)
     if key not in _frozen:

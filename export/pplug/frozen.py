@@ -20,11 +20,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from edge_pllm.bundle import Bundle, sha256_file
-from edge_pllm.embedder import Embedder
 from edge_pllm.errors import InvalidInputError
 from edge_pllm.files import atomic_write, private_dir
-from edge_pllm.head import QueryTokenizer
+from edge_pllm.inference.bundle import Bundle, sha256_file
+from edge_pllm.inference.embedder import Embedder
+from edge_pllm.personalization.head import QueryTokenizer
 
 from ..embedder import quiet_third_party
 from .adapter import applied

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from edge_pllm.bundle import InputEncoder
 from edge_pllm.errors import InvalidInputError
-from edge_pllm.head import HISTORY_INPUTS, QUERY_INPUTS
+from edge_pllm.inference.bundle import InputEncoder
+from edge_pllm.personalization.head import HISTORY_INPUTS, QUERY_INPUTS
 
 
 @dataclass
@@ -86,7 +86,8 @@ class LinearQueryEncoder(nn.Linear):
 def pool_tokens(
     hidden: torch.Tensor, mask: torch.Tensor, pooling: str, normalize: bool
 ) -> torch.Tensor:
-    """Token states (B, L, d) -> sentence vectors (B, d), as edge_pllm.embedder pools them."""
+    """Token states (B, L, d) -> sentence vectors (B, d), as edge_pllm.inference.embedder
+    pools them."""
     m = mask.unsqueeze(-1).to(hidden.dtype)
     if pooling == "mean":
         pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1e-9)

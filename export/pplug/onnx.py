@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from edge_pllm.bundle import HEAD_FILE, Bundle, PlugSpec
 from edge_pllm.files import replacing
+from edge_pllm.inference.bundle import HEAD_FILE, Bundle, PlugSpec
 
 from ..embedder import quiet_third_party
 from .model import PPlugHead

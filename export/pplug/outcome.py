@@ -25,9 +25,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from edge_pllm.answers import AnswerReader
-from edge_pllm.consensus import TEMPERATURE, tokens, unigram_f1
-from edge_pllm.llm import SamplingConfig
+from edge_pllm.decoding.answers import AnswerReader
+from edge_pllm.decoding.consensus import TEMPERATURE, tokens, unigram_f1
+from edge_pllm.inference.llm import SamplingConfig
 
 from .adapter import applied
 from .data import Encoded

@@ -29,16 +29,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from edge_pllm.answers import AnswerReader
-from edge_pllm.bundle import Bundle, load_bundle
 from edge_pllm.cpus import compute_threads, cpu_bound
-from edge_pllm.embedder import Embedder
+from edge_pllm.decoding.answers import AnswerReader
 from edge_pllm.errors import InvalidInputError
+from edge_pllm.evaluation.lamp import TaskSpec
 from edge_pllm.files import atomic_write, private_dir
-from edge_pllm.head import QueryTokenizer
-from edge_pllm.lamp import TaskSpec
-from edge_pllm.llm import LLM, LLMConfig
-from edge_pllm.vector_cache import cache_key
+from edge_pllm.inference.bundle import Bundle, load_bundle
+from edge_pllm.inference.embedder import Embedder
+from edge_pllm.inference.llm import LLM, LLMConfig
+from edge_pllm.personalization.head import QueryTokenizer
+from edge_pllm.storage.vector_cache import cache_key
 
 from .config import TrainConfig, flag_of
 from .data import Encoded, Example, PromptEncoder, VectorTable, retrieve, vector_cache

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_pllm import metrics
 from edge_pllm.errors import InvalidInputError
+from edge_pllm.evaluation import metrics
 
 from .data import Encoded, Example
 from .distributed import World

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .errors import InvalidInputError
-from .jsonio import parse_json
+from ..errors import InvalidInputError
+from ..jsonio import parse_json
 
 MAX_ITEM_CHARS = 1_000_000  # a longer text is split into parts for search (`parts`)
 TURN_KIND = "turn"  # a request the user wrote, remembered (memory on)

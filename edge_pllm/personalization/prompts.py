@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from .errors import ContextOverflowError
-from .items import HistoryItem
+from ..errors import ContextOverflowError
+from ..storage.items import HistoryItem
 
 MAX_ITEM_CHARS_IN_PROMPT = 1_000
 HISTORY_HEADER = (

@@ -23,10 +23,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import BundleError, InvalidInputError, UnknownStrategyError
+from ..errors import BundleError, InvalidInputError, UnknownStrategyError
+from ..storage.items import TURN_KIND, HistoryItem
+from ..storage.store import HistoryStore, SearchHit
 from .head import PlugHead
-from .items import TURN_KIND, HistoryItem
-from .store import HistoryStore, SearchHit
 
 DEFAULT_K = 3
 MAX_K = 100  # items in a prompt: more never fits a context

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import MissingDependencyError
+from ..errors import MissingDependencyError
 
 LAMP1_LABELS = ("[1]", "[2]")
 LAMP2_LABELS = (

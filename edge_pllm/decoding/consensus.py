@@ -25,13 +25,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from ..errors import InvalidInputError
 from .beam import MAX_WIDTH
-from .errors import InvalidInputError
 
 if TYPE_CHECKING:
-    from .decoding import Drawer, Drawn, Prepared
-    from .llm import SamplingConfig
-    from .prompts import PromptStyle
+    from ..inference.llm import SamplingConfig
+    from ..personalization.prompts import PromptStyle
+    from .decoders import Drawer, Drawn, Prepared
 
 DEFAULT_MEMBERS = ("plug", "plug+rag:1")
 DEFAULT_SAMPLES = 4

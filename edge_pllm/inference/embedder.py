@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .cpus import usable_cpus
-from .errors import BundleError
+from ..cpus import usable_cpus
+from ..errors import BundleError
 from .onnx_session import open_session
 from .wordpiece import load_tokenizer, pad
 

@@ -28,15 +28,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .bundle import InputEncoder, Placement
-from .errors import BundleError
-from .onnx_session import open_session
-from .wordpiece import load_tokenizer, pad
+from ..errors import BundleError
+from ..inference.bundle import InputEncoder, Placement
+from ..inference.onnx_session import open_session
+from ..inference.wordpiece import load_tokenizer, pad
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
-    from .bundle import Bundle
+    from ..inference.bundle import Bundle
 
 PROJECTION_CACHE = 16  # histories whose projections stay in memory
 

@@ -15,7 +15,7 @@ from collections.abc import Hashable, Iterable
 
 import numpy as np
 
-from .ram import usable_ram
+from ..ram import usable_ram
 
 CACHE_FLOOR = 256 * 2**20  # the least budget: 100,000 vectors of 384 floats fit
 CACHE_SHARE = 4  # the default budget is a quarter of the memory the process may use

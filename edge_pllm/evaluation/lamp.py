@@ -20,12 +20,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ..errors import InvalidInputError
+from ..files import atomic_write, private_dir
+from ..jsonio import parse_json
+from ..personalization.prompts import PromptStyle
+from ..storage.items import HistoryItem, NewItem, json_type, normalize_time
 from . import metrics
-from .errors import InvalidInputError
-from .files import atomic_write, private_dir
-from .items import HistoryItem, NewItem, json_type, normalize_time
-from .jsonio import parse_json
-from .prompts import PromptStyle
 
 CHAT_TASK = "chat"
 

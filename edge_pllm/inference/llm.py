@@ -40,15 +40,15 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import PLACEMENTS, Placement
-from .cpus import llm_threads
-from .errors import (
+from ..cpus import llm_threads
+from ..errors import (
     BundleError,
     ContextOverflowError,
     InvalidInputError,
     LLMError,
     SoftTokenShapeError,
 )
+from .bundle import PLACEMENTS, Placement
 from .token_rows import TokenRows
 
 # Architectures whose input embeddings llama.cpp multiplies by sqrt(n_embd) for tokens

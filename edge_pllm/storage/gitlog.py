@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import GitError
+from ..errors import GitError
 from .items import NewItem
 
 COMMIT_KIND = "commit"
@@ -229,7 +229,7 @@ def author_counts(commits: Collection[Commit]) -> list[tuple[str, int]]:
 def history_items(commits: Collection[Commit], repo: str | Path) -> list[NewItem]:
     """The commits as history items, stored as the commit-subject task stores a profile
     ("subject\n\nbody", the subject also as `title`), each naming its source."""
-    from .lamp import task_spec  # the task's own rule for what is stored and embedded
+    from ..evaluation.lamp import task_spec  # the task's own rule for what is stored and embedded
 
     spec = task_spec("commit_subject")
     source = str(Path(repo).resolve())

@@ -38,13 +38,13 @@ from typing import Any
 
 import sqlite_vec
 
-from .errors import (
+from ..errors import (
     ExtensionLoadingError,
     InvalidInputError,
     MissingDependencyError,
     PassphraseError,
 )
-from .files import private_file
+from ..files import private_file
 
 DRIVERS: tuple[str, ...] = ("sqlite3", "pysqlite3.dbapi2")
 ENCRYPTED_DRIVER = "sqlcipher3.dbapi2"

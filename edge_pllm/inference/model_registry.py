@@ -24,9 +24,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ..errors import BundleError, InvalidInputError, ModelChangedError, UnknownModelError
+from ..files import atomic_write, private_dir
 from .bundle import Bundle, LLMSpec, sha256_file
-from .errors import BundleError, InvalidInputError, ModelChangedError, UnknownModelError
-from .files import atomic_write, private_dir
 
 MODELS_DIR = "models"
 RECORD = "model.json"

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BundleError, MissingDependencyError
+from ..errors import BundleError, MissingDependencyError
 
 Encode = Callable[[Sequence[str]], list[list[int]]]
 

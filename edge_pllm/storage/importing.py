@@ -41,14 +41,14 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
+from ..jsonio import parse_json
 from .items import MAX_ITEM_CHARS, NewItem
-from .jsonio import parse_json
 from .parts import part_spans, texts_to_embed
 from .store import SourceFile
 
 if TYPE_CHECKING:
-    from .personal import PersonalLLM
+    from ..personal import PersonalLLM
 
 NOTE_KIND, MAIL_KIND, CHAT_KIND = "note", "mail", "chat"
 # Told of a file and how many texts it gives, before they are embedded; may return what is

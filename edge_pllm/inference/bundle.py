@@ -23,11 +23,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from ..errors import BundleError, InvalidInputError
+from ..files import atomic_write
+from ..jsonio import parse_json
+from ..storage.items import json_type
 from .embedder import POOLINGS, EmbedderConfig
-from .errors import BundleError, InvalidInputError
-from .files import atomic_write
-from .items import json_type
-from .jsonio import parse_json
 
 MANIFEST = "manifest.json"
 STAMP = ".verified.json"

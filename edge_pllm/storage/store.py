@@ -30,8 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from . import db, search
-from .errors import (
+from ..errors import (
     AnswerNotFoundError,
     InvalidInputError,
     ItemNotFoundError,
@@ -39,7 +38,8 @@ from .errors import (
     StoreMismatchError,
     UnknownUserError,
 )
-from .files import new_private_file
+from ..files import new_private_file
+from . import db, search
 from .items import (
     HistoryItem,
     NewItem,
@@ -346,7 +346,7 @@ class HistoryStore:
             raise InvalidInputError(
                 f"Expected {n} vectors for {len(checked)} items, got one for each item: a "
                 "long item has one for its whole text and one for each of its parts "
-                "(edge_pllm.parts.vector_texts gives the texts to embed).",
+                "(edge_pllm.storage.parts.vector_texts gives the texts to embed).",
                 field="vectors",
             )
         return self._check_vectors(vectors, n), spans

@@ -35,9 +35,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .cpus import library_threads
-from .errors import BundleError
-from .files import atomic_write, private_dir
+from ..cpus import library_threads
+from ..errors import BundleError
+from ..files import atomic_write, private_dir
 
 if TYPE_CHECKING:
     import onnxruntime as ort

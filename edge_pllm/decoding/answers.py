@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .llm import LLM, cut_at_stop
-from .prompts import first_line
+from ..inference.llm import LLM, cut_at_stop
+from ..personalization.prompts import first_line
 
 
 @dataclass(frozen=True)

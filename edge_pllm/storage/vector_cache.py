@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .files import private_dir, private_file
+from ..files import private_dir, private_file
 
 Embed = Callable[[list[str]], np.ndarray]
 _CHUNK = 500  # keys per SELECT (SQLite's variable limit is 999 on old builds)

@@ -21,14 +21,11 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from .answers import AnswerReader
-from .beam import Beam, beam_answers
-from .bundle import Placement
-from .consensus import BEAM_WIDTH, DEFAULT_SAMPLES, Consensus
-from .errors import UnknownStrategyError
-from .llm import LLM, Completion, SamplingConfig
-from .prompts import PromptStyle, first_line
-from .strategies import (
+from ..errors import UnknownStrategyError
+from ..inference.bundle import Placement
+from ..inference.llm import LLM, Completion, SamplingConfig
+from ..personalization.prompts import PromptStyle, first_line
+from ..personalization.strategies import (
     OPENING,
     REGISTRY,
     Opening,
@@ -38,6 +35,9 @@ from .strategies import (
     opened,
     spec_k,
 )
+from .answers import AnswerReader
+from .beam import Beam, beam_answers
+from .consensus import BEAM_WIDTH, DEFAULT_SAMPLES, Consensus
 
 
 @dataclass
@@ -210,7 +210,7 @@ def register_decoder(name: str, factory: DecoderFactory) -> None:
     DECODERS[name] = factory
 
 
-PLUGINS_GROUP = "edge_pllm.strategies"
+PLUGINS_GROUP = "edge_pllm.strategies"  # the entry-point group (public: kept)
 _plugins_loaded = False
 _plugins_lock = threading.RLock()
 

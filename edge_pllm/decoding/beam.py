@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import InvalidInputError
+from ..inference.bundle import Placement
+from ..inference.llm import LLM, SamplingConfig
 from .answers import AnswerReader
-from .bundle import Placement
-from .errors import InvalidInputError
-from .llm import LLM, SamplingConfig
 
 PENALTY_WINDOW = 64  # llama-cpp-python's default last_n_tokens_size: the tokens penalized
 MAX_WIDTH = 16
