@@ -20,8 +20,8 @@ import numpy as np
 
 from edge_pllm import PersonalLLM, paths
 from edge_pllm.defaults import ensure_default_bundle
-from edge_pllm.evaluation.lamp import task_spec
 from edge_pllm.inference.llm import LLMConfig
+from edge_pllm.tasks.lamp import task_spec
 
 from . import generation, importing, retrieval, serving, system
 from .common import (

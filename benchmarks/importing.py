@@ -21,7 +21,6 @@ import numpy as np
 
 from edge_pllm import PersonalLLM, paths
 from edge_pllm.defaults import ensure_default_bundle
-from edge_pllm.storage.importing import import_paths
 from edge_pllm.storage.search import normalize
 
 from .common import DATA, Results, Row, commit_texts, peak_rss_mb
@@ -55,10 +54,10 @@ def mixed_folder(root: Path, texts: list[str], n: int) -> Path:
 def throughput(res: Results, pllm: PersonalLLM, texts: list[str], n: int, tmp: Path) -> None:
     folder = mixed_folder(tmp / "mixed", texts, n)
     started = time.perf_counter()
-    first = import_paths(pllm, "mixed", [folder], me=["me@example.org"])
+    first = pllm.import_paths("mixed", [folder], me=["me@example.org"])
     took = time.perf_counter() - started
     started = time.perf_counter()
-    again = import_paths(pllm, "mixed", [folder], me=["me@example.org"])
+    again = pllm.import_paths("mixed", [folder], me=["me@example.org"])
     took_again = time.perf_counter() - started
     assert first.imported == n and again.unchanged == n, (first, again)
     note = f"{first.added} items; peak RSS of the process {peak_rss_mb():.0f} MiB"
@@ -101,7 +100,7 @@ def long_notes(res: Results, pllm: PersonalLLM, texts: list[str], tmp: Path, n: 
         (folder / f"note-{i}.md").write_text(body)
         facts.append((f"What is {person}'s {thing}?", i, where, body))
     pllm.add("notes", others)
-    import_paths(pllm, "notes", [folder])
+    pllm.import_paths("notes", [folder])
     assert pllm.store.count("notes") == len(others) + n  # a note is one item
     whole = normalize(pllm.embedder.embed([*others, *(body for *_, body in facts)]))
     queries = normalize(pllm.embedder.embed([query for query, *_ in facts]))

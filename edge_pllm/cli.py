@@ -32,7 +32,7 @@ from .storage.parts import vector_count
 from .terminal import shown, shown_json
 
 if TYPE_CHECKING:
-    from .storage.importing import ImportReport
+    from .sources.importing import ImportReport
 
 F = TypeVar("F", bound=Callable[..., Any])
 ENV_PASSPHRASE = "EDGE_PLLM_PASSPHRASE"
@@ -343,7 +343,7 @@ def ingest(
     obj: Context, questions: str, task: str | None, user_prefix: str, limit: int | None
 ) -> None:
     """Ingest the profiles of a LaMP-format *_questions.json file, one user per question."""
-    from .evaluation.lamp import load_split
+    from .tasks.lamp import load_split
 
     path = Path(questions)
     if not path.name.endswith("_questions.json"):
@@ -421,7 +421,7 @@ def import_command(
         raise click.UsageError("Give files or folders to import, or --git REPO.")
     user = validate_user(user)
     if git_repo:
-        from .storage import gitlog
+        from .sources import gitlog
 
         commits = gitlog.own_commits(git_repo, authors, rev)
         _add(obj, user, list(gitlog.history_items(commits, git_repo)))
@@ -983,7 +983,7 @@ SAMPLE_BODY = (
 @plain_errors
 def demo(obj: Context, strategies: tuple[str, ...]) -> None:
     """Load a sample author's commit history and answer one request per strategy."""
-    from .evaluation.lamp import task_spec
+    from .tasks.lamp import task_spec
 
     spec = task_spec(SAMPLE_TASK)
     sample = resources.files("edge_pllm").joinpath("sample_history.jsonl")
@@ -1150,8 +1150,8 @@ def eval_command(
     On several machines: `--shard I/N --out runI` on each, then `--merge run1 --merge run2
     ... --out all` (same TASK_DIR, splits, strategies and limit) scores them all together,
     exactly as one process would."""
-    from .evaluation import evaluate
-    from .evaluation.lamp import load_split
+    from . import evaluate
+    from .tasks.lamp import load_split
 
     started = time.perf_counter()
     folder = Path(task_dir)

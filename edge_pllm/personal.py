@@ -65,7 +65,7 @@ from .storage.store import (
 )
 
 if TYPE_CHECKING:
-    from .storage.importing import ImportReport
+    from .sources.importing import ImportReport
 
 DEFAULT_STRATEGY = "rag"
 EDIT_KIND = "edit"  # the text the user kept instead of an answer
@@ -355,11 +355,18 @@ class PersonalLLM:
         removes what a folder no longer holds (`again`: every file is read, changed or
         not); `me` names the person's mail addresses. `progress` and `embedding` follow the
         work (`importing.import_paths`)."""
-        from .storage.importing import import_paths  # mail and HTML parsers: only when importing
+        from .sources.importing import import_paths  # mail and HTML parsers: only when importing
 
         user = validate_user(user)
         report = import_paths(
-            self, user, paths, me=me, progress=progress, again=again, embedding=embedding
+            self.store,
+            lambda texts, done: self.embedder.embed(texts, progress=done),
+            user,
+            paths,
+            me=me,
+            progress=progress,
+            again=again,
+            embedding=embedding,
         )
         if report.removed:
             self._drop_cached_prompt()  # what changed or went stays in no cached prompt
@@ -698,7 +705,7 @@ class PersonalLLM:
         reads: each question is a request, its profile the history the user had when it was
         answered (without the request itself), its output the text the user kept (their
         edit, else the answer if they rated it +1). Returns how many questions."""
-        from .evaluation.lamp import (  # evaluation's module: not on the generate path
+        from .tasks.lamp import (  # evaluation's module: not on the generate path
             CHAT_TASK,
             write_split,
         )

@@ -276,8 +276,8 @@ def train_plug(
     whole step's); rank 0 writes the head and attaches it. With --federated-sim N, N
     simulated clients (Flower; needs [federated]) each train on their own people and send
     only the head's weights."""
-    from edge_pllm.evaluation.lamp import load_split
     from edge_pllm.inference.bundle import ADAPTER_FILE, load_bundle
+    from edge_pllm.tasks.lamp import load_split
 
     from . import pplug
     from .pplug.distributed import join

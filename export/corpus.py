@@ -5,7 +5,7 @@ The shared task (`../shared/data/commit_subjects`) is a time split of 207 people
 measures people the head trained on. Here every split's people are new to the others: a
 repository belongs to one split, and a person (mailmap-canonical email) who is a user in
 repositories of two splits is kept only in the first of train, dev, test. The rules for
-commits and users are the shared task's (`edge_pllm.storage.gitlog`); queries are:
+commits and users are the shared task's (`edge_pllm.sources.gitlog`); queries are:
 
 - dev and test: each user's last qualifying commit;
 - train: each user's third-to-last (as the shared task's train query), so a shared
@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from edge_pllm.errors import InvalidInputError
-from edge_pllm.evaluation.lamp import write_split
 from edge_pllm.files import atomic_write, private_dir
-from edge_pllm.storage.gitlog import Commit, head_commit, read_commits
+from edge_pllm.sources.gitlog import Commit, head_commit, read_commits
+from edge_pllm.tasks.lamp import write_split
 
 SPLITS = ("train", "dev", "test")
 DEFAULT_REPOS = Path(__file__).with_name("corpus_repos.tsv")

@@ -188,7 +188,7 @@ def test_one_line_answers_stop_at_the_end_of_their_first_line():
     assert "".join(first_line(iter(["a\nb"]))) == "a"
     assert "".join(first_line(iter(["The subject is:\n", "BUG: fix\nmore"]))) == "BUG: fix"
     assert "".join(first_line(iter([]))) == ""
-    from edge_pllm.evaluation.lamp import task_spec
+    from edge_pllm.tasks.lamp import task_spec
 
     clean = task_spec("commit_subject").clean
     assert "".join(first_line(iter(["<text>\n", "BUG: fix\n"]), clean)) == "BUG: fix"

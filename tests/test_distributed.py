@@ -17,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="training needs the [export] extra")
 
 from edge_pllm.errors import InvalidInputError  # noqa: E402
-from edge_pllm.evaluation.lamp import task_spec  # noqa: E402
+from edge_pllm.tasks.lamp import task_spec  # noqa: E402
 from export import pplug  # noqa: E402
 
 from .test_pplug import tiny_bundle, write_task  # noqa: E402, F401 (a fixture)

@@ -149,8 +149,8 @@ def test_plug_learns_who_the_user_is(default_bundle: Path, tmp_path: Path):
     import shutil
 
     from edge_pllm import LLMConfig, PersonalLLM, SamplingConfig
-    from edge_pllm.evaluation.lamp import task_spec
     from edge_pllm.inference.bundle import load_bundle
+    from edge_pllm.tasks.lamp import task_spec
     from export import pplug
     from export.bundle import attach_head
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from edge_pllm import LLMConfig, PersonalLLM
-from edge_pllm.evaluation.evaluate import RunConfig, report, run
-from edge_pllm.evaluation.lamp import task_spec
+from edge_pllm.evaluate import RunConfig, report, run
+from edge_pllm.tasks.lamp import task_spec
 
 PROFILES = {
     "u1": [
@@ -139,7 +139,7 @@ def test_sharded_runs_merged_score_as_one_run(default_bundle, tmp_path):
     outputs and report as one unsharded run."""
     pytest.importorskip("rouge_score", reason="ROUGE needs the [eval] extra")
     from edge_pllm.errors import InvalidInputError
-    from edge_pllm.evaluation.evaluate import Shard, merge
+    from edge_pllm.evaluate import Shard, merge
 
     task = make_task(tmp_path / "task")
     strategies = ["rag:2", "rag:2@other"]

@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch", reason="training needs the [export] extra")
 pytest.importorskip("flwr", reason="federated training needs the [federated] extra")
 
 from edge_pllm.errors import InvalidInputError  # noqa: E402
-from edge_pllm.evaluation.lamp import task_spec  # noqa: E402
+from edge_pllm.tasks.lamp import task_spec  # noqa: E402
 from export import pplug  # noqa: E402
 from export.pplug import federated  # noqa: E402
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from edge_pllm.cli import cli
 from edge_pllm.errors import InvalidInputError
-from edge_pllm.storage.gitlog import clean_body, is_bot, own_commits, parse_message, read_commits
+from edge_pllm.sources.gitlog import clean_body, is_bot, own_commits, parse_message, read_commits
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
@@ -162,7 +162,7 @@ def test_corpus_splits_by_repository_and_person(tmp_path: Path):
     entries = read_repo_list(listing)
     corpus = build_corpus(snaps, tmp_path / "out", entries, min_commits=10, min_profile=2)
 
-    from edge_pllm.evaluation.lamp import load_split
+    from edge_pllm.tasks.lamp import load_split
 
     got = {s: load_split(tmp_path / "out", s) for s in ("train", "dev", "test")}
     qs = {s: list(t.questions()) for s, t in got.items()}

@@ -36,7 +36,7 @@ from edge_pllm import LLMConfig, PersonalLLM
 from edge_pllm.cli import cli, normalize_passphrase
 from edge_pllm.defaults import assemble_bundle, default_llm_source, shipped_bundle_dir
 from edge_pllm.errors import BundleError, InvalidInputError
-from edge_pllm.evaluation.evaluate import _load_done
+from edge_pllm.evaluate import _load_done
 from edge_pllm.inference.bundle import FORMATS, MANIFEST, STAMP, load_bundle
 from edge_pllm.inference.embedder import Embedder
 from edge_pllm.jsonio import parse_json

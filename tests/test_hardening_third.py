@@ -282,7 +282,7 @@ def run(default_bundle: Path, isolated_home: Path):
 
 
 def _task(folder: Path) -> Path:
-    from edge_pllm.evaluation.lamp import write_split
+    from edge_pllm.tasks.lamp import write_split
 
     profile = [{"id": f"p{k}", "title": f"fix: thing {k}", "text": f"body {k}"} for k in range(3)]
     questions = [{"id": f"q{n}", "input": f"body of {n}", "profile": profile} for n in range(2)]

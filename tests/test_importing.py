@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from edge_pllm import NewItem, SamplingConfig
 from edge_pllm.cli import cli
-from edge_pllm.storage.importing import html_text, own_words, sections
+from edge_pllm.sources.importing import html_text, own_words, sections
 from edge_pllm.storage.parts import PART_CHARS, part_spans
 
 ME = "ann@example.org"

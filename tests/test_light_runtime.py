@@ -55,9 +55,9 @@ print(json.dumps([heavy, unused]))
 # Runtime modules that adding history and generating never need: imported lazily by the
 # commands that do (evaluation, the server), they cost a generate process nothing.
 OFF_THE_GENERATE_PATH = {
-    "edge_pllm.evaluation.lamp",
-    "edge_pllm.evaluation.metrics",
-    "edge_pllm.evaluation.evaluate",
+    "edge_pllm.tasks.lamp",
+    "edge_pllm.tasks.metrics",
+    "edge_pllm.evaluate",
 }
 
 

@@ -34,8 +34,8 @@ from edge_pllm import (
     UnknownUserError,
 )
 from edge_pllm.cli import cli
-from edge_pllm.evaluation.lamp import CHAT_TASK, load_split, task_spec
 from edge_pllm.storage.items import MAX_ITEM_CHARS
+from edge_pllm.tasks.lamp import CHAT_TASK, load_split, task_spec
 
 ALICE = [
     "fix(parser): handle blank lines at the end of the file",

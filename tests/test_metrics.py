@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from edge_pllm.evaluation import metrics
-from edge_pllm.evaluation.lamp import task_spec
+from edge_pllm.tasks import metrics
+from edge_pllm.tasks.lamp import task_spec
 
 
 def test_rouge_hand_checked_and_equal_to_rouge_score():

@@ -17,11 +17,11 @@ torch = pytest.importorskip("torch", reason="training needs the [export] extra")
 
 from edge_pllm import BundleError, LLMConfig, PersonalLLM, SamplingConfig  # noqa: E402
 from edge_pllm.errors import InvalidInputError  # noqa: E402
-from edge_pllm.evaluation.lamp import task_spec  # noqa: E402
 from edge_pllm.inference.bundle import load_bundle  # noqa: E402
 from edge_pllm.inference.llm import LLM  # noqa: E402
 from edge_pllm.personalization.head import PlugHead, QueryTokenizer  # noqa: E402
 from edge_pllm.storage.vector_cache import VectorCache  # noqa: E402
+from edge_pllm.tasks.lamp import task_spec  # noqa: E402
 from export import pplug  # noqa: E402
 from export.bundle import attach_head, build_bundle  # noqa: E402
 from export.defaults import default_embedder_source  # noqa: E402
@@ -442,8 +442,8 @@ def write_task(
 def test_rag_training_shows_what_plug_rag_shows_at_run_time(tiny_bundle, trained, tmp_path):
     """Training with --rag retrieves the items plug+rag:1 retrieves on the device, and
     prompts the LLM with exactly the token ids the device's prompt has."""
-    from edge_pllm.evaluation.lamp import load_split
     from edge_pllm.inference.embedder import Embedder
+    from edge_pllm.tasks.lamp import load_split
 
     _, bundle = tiny_bundle
     spec = task_spec("commit_subject")

@@ -31,7 +31,7 @@ from .beam import MAX_WIDTH
 if TYPE_CHECKING:
     from ..inference.llm import SamplingConfig
     from ..personalization.prompts import PromptStyle
-    from .decoders import Drawer, Drawn, Prepared
+    from .drawer import Drawer, Drawn, Prepared
 
 DEFAULT_MEMBERS = ("plug", "plug+rag:1")
 DEFAULT_SAMPLES = 4

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_pllm.evaluation.lamp import TaskSpec, load_split
 from edge_pllm.inference.bundle import Bundle
 from edge_pllm.inference.embedder import Embedder
 from edge_pllm.inference.llm import LLM
@@ -18,6 +17,7 @@ from edge_pllm.personalization.prompts import build_messages
 from edge_pllm.personalization.strategies import MIN_SIMILARITY
 from edge_pllm.storage.items import HistoryItem
 from edge_pllm.storage.vector_cache import VectorCache, cache_key
+from edge_pllm.tasks.lamp import TaskSpec, load_split
 
 
 @dataclass

@@ -58,8 +58,8 @@ from flwr.serverapp.strategy import (
 )
 
 from edge_pllm.errors import InvalidInputError
-from edge_pllm.evaluation.lamp import TaskSpec, task_spec
 from edge_pllm.files import atomic_write, private_dir
+from edge_pllm.tasks.lamp import TaskSpec, task_spec
 
 from .config import FederatedConfig, TrainConfig
 from .data import Example

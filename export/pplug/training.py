@@ -32,13 +32,13 @@ from tqdm.auto import tqdm
 from edge_pllm.cpus import compute_threads, cpu_bound
 from edge_pllm.decoding.answers import AnswerReader
 from edge_pllm.errors import InvalidInputError
-from edge_pllm.evaluation.lamp import TaskSpec
 from edge_pllm.files import atomic_write, private_dir
 from edge_pllm.inference.bundle import Bundle, load_bundle
 from edge_pllm.inference.embedder import Embedder
 from edge_pllm.inference.llm import LLM, LLMConfig
 from edge_pllm.personalization.head import QueryTokenizer
 from edge_pllm.storage.vector_cache import cache_key
+from edge_pllm.tasks.lamp import TaskSpec
 
 from .config import TrainConfig, flag_of
 from .data import Encoded, Example, PromptEncoder, VectorTable, retrieve, vector_cache

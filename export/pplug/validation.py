@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from edge_pllm.errors import InvalidInputError
-from edge_pllm.evaluation import metrics
+from edge_pllm.tasks import metrics
 
 from .data import Encoded, Example
 from .distributed import World

@@ -30,16 +30,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..decoding.decoders import resolve
-from ..errors import InvalidInputError
-from ..files import atomic_write, open_private, private_dir
-from ..inference.llm import SamplingConfig
-from ..jsonio import parse_json
-from ..personal import PersonalLLM
-from ..storage.parts import texts_to_embed
-from ..storage.vector_cache import VectorCache
-from . import metrics
-from .lamp import Question, TaskSpec, TaskSplit, load_split
+from .decoding.decoders import resolve
+from .errors import InvalidInputError
+from .files import atomic_write, open_private, private_dir
+from .inference.llm import SamplingConfig
+from .jsonio import parse_json
+from .personal import PersonalLLM
+from .storage.parts import texts_to_embed
+from .storage.vector_cache import VectorCache
+from .tasks import metrics
+from .tasks.lamp import Question, TaskSpec, TaskSplit, load_split
 
 FLOORS = ("floor:first-line", "floor:latest")
 PREDICTIONS = "predictions.jsonl"

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import GitError
-from .items import NewItem
+from ..storage.items import NewItem
 
 COMMIT_KIND = "commit"
 MIN_BODY_WORDS = 12
@@ -229,7 +229,7 @@ def author_counts(commits: Collection[Commit]) -> list[tuple[str, int]]:
 def history_items(commits: Collection[Commit], repo: str | Path) -> list[NewItem]:
     """The commits as history items, stored as the commit-subject task stores a profile
     ("subject\n\nbody", the subject also as `title`), each naming its source."""
-    from ..evaluation.lamp import task_spec  # the task's own rule for what is stored and embedded
+    from ..tasks.lamp import task_spec  # the task's own rule for what is stored and embedded
 
     spec = task_spec("commit_subject")
     source = str(Path(repo).resolve())

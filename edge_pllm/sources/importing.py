@@ -39,21 +39,22 @@ from email.message import EmailMessage, Message
 from email.utils import getaddresses, parsedate_to_datetime
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
+
+import numpy as np
 
 from ..errors import InvalidInputError
 from ..jsonio import parse_json
-from .items import MAX_ITEM_CHARS, NewItem
-from .parts import part_spans, texts_to_embed
-from .store import SourceFile
-
-if TYPE_CHECKING:
-    from ..personal import PersonalLLM
+from ..storage.items import MAX_ITEM_CHARS, NewItem
+from ..storage.parts import part_spans, texts_to_embed
+from ..storage.store import HistoryStore, SourceFile
 
 NOTE_KIND, MAIL_KIND, CHAT_KIND = "note", "mail", "chat"
 # Told of a file and how many texts it gives, before they are embedded; may return what is
 # told how many are done as they are.
 Embedding = Callable[[Path, int], Callable[[int], None] | None]
+# Texts into vectors, told of each text done (`Embedder.embed`, loaded only when called).
+Embed = Callable[[list[str], Callable[[int], None] | None], np.ndarray]
 MAX_FILE_BYTES = 50 * 2**20  # a larger file is reported, not read
 
 
@@ -420,7 +421,8 @@ def _read(path: Path) -> tuple[SourceFile, bytes]:
 
 
 def import_paths(
-    pllm: PersonalLLM,
+    store: HistoryStore,
+    embed: Embed,
     user: str,
     paths: Sequence[str | os.PathLike[str]],
     *,
@@ -435,7 +437,6 @@ def import_paths(
     how many are done as they are). With `again`, every file is read and its items
     replaced, changed or not (after an upgrade that reads files otherwise, or to bring
     back items deleted by hand)."""
-    store = pllm.store
     report = ImportReport()
     known = {r.file.path: r.file for r in store.sources(user)}
     roots: set[Path] = set()
@@ -456,7 +457,7 @@ def import_paths(
             if not _is_utf8(str(path)):
                 raise ReadError("its name is not UTF-8 text; rename it")
             before = None if again else known.get(str(path))
-            _import_file(pllm, user, path, read, before, me, report, embedding)
+            _import_file(store, embed, user, path, read, before, me, report, embedding)
         except (ReadError, InvalidInputError) as exc:
             report.skipped.append((str(path), str(exc)))
         except OSError as exc:
@@ -483,7 +484,8 @@ def _is_utf8(text: str) -> bool:
 
 
 def _import_file(
-    pllm: PersonalLLM,
+    store: HistoryStore,
+    embed: Embed,
     user: str,
     path: Path,
     read: Reader,
@@ -498,15 +500,15 @@ def _import_file(
         return
     source, data = _read(path)
     if before is not None and before.sha256 == source.sha256:
-        pllm.store.touch_source(user, source)
+        store.touch_source(user, source)
         report.unchanged += 1
         return
     written = datetime.fromtimestamp(source.mtime_ns / 1e9, UTC).isoformat(timespec="seconds")
     items = items_of(str(path), read(path, data, me), written)
     texts = texts_to_embed(i.text for i in items)
     done = embedding(path, len(texts)) if embedding is not None else None
-    vectors = pllm.embedder.embed(texts, progress=done)
-    added, removed = pllm.store.import_source(user, source, items, vectors)
+    vectors = embed(texts, done)
+    added, removed = store.import_source(user, source, items, vectors)
     report.imported += 1
     report.added += added
     report.removed += removed
