@@ -284,8 +284,9 @@ def train_plug(
 
     config = pplug.config_from_options(**options)
     fed = pplug.config_from_options(FederatedConfig, **options)
+    fed.check_with(config)  # before anything is loaded or written
     if fed.federated_sim:
-        fed.rounds(config.steps)  # a run that cannot be cut into rounds is refused first
+        fed.rounds(config.steps)
     world = join(pplug.resolve_device(config.device))
     world.check_batch(config.batch_size)
     if fed.federated_sim and world.size > 1:

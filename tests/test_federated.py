@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,8 +72,10 @@ class Recorder:
     update in a given round."""
 
     def __init__(self, folder: Path, fail: tuple[int, int] | None = None,
-                 tamper: tuple[int, int] | None = None) -> None:  # fmt: skip
+                 tamper: tuple[int, int] | None = None,
+                 tamper_metrics: tuple[int, int] | None = None) -> None:  # fmt: skip
         self.folder, self.fail, self.tamper = folder, fail, tamper
+        self.tamper_metrics = tamper_metrics
 
     def __call__(self, message, context, call_next):
         client = int(context.node_config["partition-id"])
@@ -85,6 +88,8 @@ class Recorder:
             arrays = reply.content["arrays"]
             name = next(iter(arrays.keys()))
             arrays[name] = federated.Array(np.zeros((3, 3), np.float32))
+        if (client, number) == self.tamper_metrics:  # a client weighing itself a million
+            reply.content["metrics"] = federated.MetricRecord({"num-examples": 10**6})
         records = {}
         for key, record in reply.content.items():
             if isinstance(record, federated.ArrayRecord):
@@ -118,6 +123,16 @@ def test_clients_hold_people_or_repositories_whole():
         fed.rounds(4)
     with pytest.raises(InvalidInputError, match="fedavg or fedprox"):
         pplug.FederatedConfig(federated_sim=3, strategy="fedadam", dp_noise=1.0)
+    with pytest.raises(InvalidInputError, match="at most the 3 clients"):
+        pplug.FederatedConfig(federated_sim=3, min_clients=4)
+    central = pplug.TrainConfig()
+    with pytest.raises(InvalidInputError, match="--strategy, --dp-noise without --federated-sim"):
+        pplug.FederatedConfig(dp_noise=1.0, strategy="fedprox").check_with(central)
+    with pytest.raises(InvalidInputError, match="needs --no-center"):
+        pplug.FederatedConfig(federated_sim=3, dp_noise=1.0).check_with(central)
+    pplug.FederatedConfig(federated_sim=3, dp_noise=1.0).check_with(pplug.TrainConfig(center=False))
+    with pytest.raises(InvalidInputError, match="--init-from"):
+        pplug.FederatedConfig(federated_sim=3).check_with(pplug.TrainConfig(init_from="."))
 
 
 def test_one_client_holding_everything_trains_the_central_head(tiny_bundle, task, tmp_path):  # noqa: F811
@@ -137,7 +152,9 @@ def test_one_client_holding_everything_trains_the_central_head(tiny_bundle, task
     print(f"one client vs central training: max abs weight difference {diff:.2e}")
     assert diff < WEIGHTS_ATOL
     assert float((a["history_mean"] - b["history_mean"]).abs().max()) == 0.0
-    client = torch.load(tmp_path / "fed" / "clients" / "0" / "checkpoint.pt", weights_only=False)
+    client = torch.load(
+        tmp_path / "fed" / "clients" / "0" / "round-2" / "checkpoint.pt", weights_only=False
+    )
     reference = torch.load(tmp_path / "central" / "checkpoint.pt", weights_only=False)
     assert client["losses"] == pytest.approx(reference["losses"], rel=1e-4)
 
@@ -146,12 +163,13 @@ def test_three_clients_send_only_the_head_and_survive_faults(tiny_bundle, task, 
     """The CI-sized federation (3 clients, 2 rounds): every reply a client sends holds the
     head's trainable weights, its example count, steps and loss, and the head's version:
     nothing else. Client 2 drops in round 1, client 1's round-2 update has a weight of
-    another shape: both rounds go on with the others, and the server logs why."""
+    another shape, client 0's round-2 metrics claim a million examples: both rounds go on
+    with the others, and the server logs why."""
     tiny, bundle = tiny_bundle
     examples = examples_of(task)
     cfg = config(tiny)
     fed = pplug.FederatedConfig(federated_sim=3, local_steps=2)
-    recorder = Recorder(tmp_path / "sent", fail=(2, 1), tamper=(1, 2))
+    recorder = Recorder(tmp_path / "sent", fail=(2, 1), tamper=(1, 2), tamper_metrics=(0, 2))
     lines: list[str] = []
     head, result, federation = federated.simulate(
         bundle, examples, SPEC, tmp_path / "fed", cfg, fed, tmp_path,
@@ -161,7 +179,8 @@ def test_three_clients_send_only_the_head_and_survive_faults(tiny_bundle, task, 
     assert (
         len(federation.tally.dropped) == 1 and "lost its connection" in federation.tally.dropped[0]
     )
-    assert len(federation.tally.refused) == 1 and "[3, 3]" in federation.tally.refused[0]
+    refused = sorted(federation.tally.refused)
+    assert len(refused) == 2 and "[3, 3]" in " ".join(refused) and "metrics" in " ".join(refused)
     assert federation.tally.kept_rounds == []
     assert any(line.startswith("round 2/2, clients' loss") for line in lines)
 
@@ -175,15 +194,14 @@ def test_three_clients_send_only_the_head_and_survive_faults(tiny_bundle, task, 
         records = dump["records"]
         assert set(records) == {"arrays", "metrics", "head"}
         assert list(records["arrays"]) == names
-        if path.stem != "1-2":  # the tampered one
-            for name, value in records["arrays"].items():
-                assert value.shape == shapes[name] and value.dtype == np.float32
+        if path.stem in ("1-2", "0-2"):  # the tampered ones
+            continue
+        for name, value in records["arrays"].items():
+            assert value.shape == shapes[name] and value.dtype == np.float32
         assert set(records["metrics"]) == {"num-examples", "passes", "train-loss"}
         assert records["metrics"]["passes"] == fed.local_steps * cfg.batch_size
         assert set(records["head"]) == {"version"}
         assert not any(text in dump["raw"] for text in histories)
-        if path.stem == "1-2":
-            continue
         # the weights moved from what the server sent: it is a trained head, not an echo
         moved = max(float(np.abs(records["arrays"][n] - dump["sent"][n]).max()) for n in names)
         assert moved > 0
@@ -193,13 +211,16 @@ def test_three_clients_send_only_the_head_and_survive_faults(tiny_bundle, task, 
 
 def test_differential_privacy_clips_each_update_and_reports_epsilon(tiny_bundle, task, tmp_path):  # noqa: F811
     tiny, bundle = tiny_bundle
-    cfg = config(tiny, steps=2)
+    cfg = config(tiny, steps=2, center=False)
     fed = pplug.FederatedConfig(federated_sim=2, local_steps=1, dp_noise=1.0, dp_clip=0.1)
     recorder = Recorder(tmp_path / "sent")
     _, _, federation = federated.simulate(
         bundle, examples_of(task), SPEC, tmp_path / "fed", cfg, fed, tmp_path, mods=[recorder]
     )
     assert federation.epsilon is not None and 0 < federation.epsilon < float("inf")
+    state = federated.read_state(tmp_path / "fed")
+    assert len(state["tally"].losses) == 2 and state["tally"].kept_rounds == []
+    assert sum(c["count"] for c in state["privacy"]["compositions"]) == 2  # both released
     entry = federation.as_dict(fed)
     assert entry["dp"]["epsilon"] == federation.epsilon and entry["dp"]["delta"] == 1e-5
     for path in sorted((tmp_path / "sent").glob("*.pkl")):
@@ -237,12 +258,15 @@ def test_train_plug_federated_sim_records_and_resumes(tiny_bundle, task, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_a_federation_cut_after_a_round_goes_on_from_there(tiny_bundle, task, tmp_path):  # noqa: F811
-    """The server stops right after round 1 (its state written): the run says so; the same
-    call again trains round 2 only, to the head of a run never cut."""
+def test_a_federation_cut_in_a_round_goes_on_from_there(tiny_bundle, task, tmp_path):  # noqa: F811
+    """FedAdam, 2 rounds. The server stops right after round 1 (its state written), after
+    its clients had already trained round 2 (their round-2 checkpoints are there: a cut
+    in the middle of a round): the run says so; the same call again trains round 2 from
+    the clients' round-1 checkpoints, to the head of a run never cut, FedAdam's moments
+    and round count kept."""
     tiny, bundle = tiny_bundle
     examples, cfg = examples_of(task), config(tiny)
-    fed = pplug.FederatedConfig(federated_sim=2, local_steps=2)
+    fed = pplug.FederatedConfig(federated_sim=2, local_steps=2, strategy="fedadam")
     whole, _, _ = federated.simulate(bundle, examples, SPEC, tmp_path / "whole", cfg, fed, tmp_path)
 
     def cut(line: str) -> None:
@@ -253,6 +277,9 @@ def test_a_federation_cut_after_a_round_goes_on_from_there(tiny_bundle, task, tm
         federated.simulate(
             bundle, examples, SPEC, tmp_path / "cut", cfg, fed, tmp_path, log_line=cut
         )
+    for client in ("0", "1"):  # round 2 trained before the cut
+        done = tmp_path / "whole" / "clients" / client / "round-2"
+        shutil.copytree(done, tmp_path / "cut" / "clients" / client / "round-2")
     lines: list[str] = []
     head, _, _ = federated.simulate(
         bundle, examples, SPEC, tmp_path / "cut", cfg, fed, tmp_path, log_line=lines.append
@@ -261,3 +288,6 @@ def test_a_federation_cut_after_a_round_goes_on_from_there(tiny_bundle, task, tm
     assert any(line.startswith("round 2/2") for line in lines)
     a, b = whole.state_dict(), head.state_dict()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < WEIGHTS_ATOL
+    with pytest.raises(InvalidInputError, match="strategy 'fedadam' \\(now 'fedavg'\\)"):
+        other = pplug.FederatedConfig(federated_sim=2, local_steps=2)
+        federated.simulate(bundle, examples, SPEC, tmp_path / "cut", cfg, other, tmp_path)

@@ -310,7 +310,10 @@ class FederatedConfig:
     )
     server_lr: float = option(0.01, "With fedadam: the server's learning rate η.")
     fraction: float = option(
-        1.0, "Share of the clients each round trains.", type=click.FloatRange(0, 1, min_open=True)
+        1.0,
+        "Share of the clients each round trains (a client trains --local-steps in each round "
+        "it is in).",
+        type=click.FloatRange(0, 1, min_open=True),
     )
     min_clients: int = option(
         1,
@@ -350,6 +353,11 @@ class FederatedConfig:
             (self.local_steps >= 1, "local_steps", "at least 1"),
             (0 < self.fraction <= 1, "fraction", "within (0, 1]"),
             (self.min_clients >= 1, "min_clients", "at least 1"),
+            (
+                not self.federated_sim or self.min_clients <= self.federated_sim,
+                "min_clients",
+                f"at most the {self.federated_sim} clients of --federated-sim",
+            ),
             (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0, "proximal_mu", "≥ 0"),
             (math.isfinite(self.server_lr) and self.server_lr > 0, "server_lr", "> 0"),
             (math.isfinite(self.dp_noise) and self.dp_noise >= 0, "dp_noise", "≥ 0"),
@@ -366,6 +374,36 @@ class FederatedConfig:
                 raise InvalidInputError(
                     f"{name} must be {wanted} (got {getattr(self, name)!r}).", field=name
                 )
+
+    def check_with(self, config: TrainConfig) -> None:
+        """Refuse federated options without --federated-sim, and settings a federation
+        cannot keep: --init-from (the server's head is the start), a centring mean beside
+        differential privacy (the mean of the histories would be published un-noised)."""
+        if not self.federated_sim:
+            given = [
+                flag_of(f.name, FederatedConfig)
+                for f in fields(self)
+                if getattr(self, f.name) != f.default
+            ]
+            if given:
+                raise InvalidInputError(
+                    f"{', '.join(given)} without --federated-sim: they set federated "
+                    "training, so add --federated-sim N, or leave them out.",
+                    field="federated_sim",
+                )
+            return
+        if config.init_from:
+            raise InvalidInputError(
+                "--init-from is not supported with --federated-sim: every client starts from "
+                "the server's head.",
+                field="init_from",
+            )
+        if self.dp_noise and config.center:
+            raise InvalidInputError(
+                "--dp-noise needs --no-center: the centring mean is computed from the "
+                "histories and would ship with the head un-noised, outside the ε reported.",
+                field="center",
+            )
 
     def rounds(self, steps: int) -> int:
         """The rounds of a run of `steps` steps per client (--steps / --local-steps)."""

@@ -28,7 +28,9 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -65,11 +67,12 @@ from .config import FederatedConfig, TrainConfig
 from .data import Example
 from .frozen import load_frozen_llm
 from .model import PPlugHead
-from .training import TrainResult, device_label, resume, save, setup, train_step
+from .training import CHECKPOINT, TrainResult, device_label, resume, save, setup, train_step
 from .validation import validate, validation_examples
 
 STATE = "federation.pt"
 ARRAYS, METRICS, HEAD = "arrays", "metrics", "head"  # the records of a reply
+METRIC_KEYS = ("num-examples", "passes", "train-loss")  # what a reply's metrics hold
 log = logging.getLogger("edge_pllm.federated")
 
 Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
@@ -186,22 +189,57 @@ def _frozen_llm(job: ClientJob) -> torch.nn.Module:
     return _frozen[key]
 
 
+class ClientFailed(RuntimeError):
+    """What a failed client tells the server: the kind of error, never its text (which
+    may quote the client's data); the client's own log has the rest."""
+
+
 def client_round(job: ClientJob, message: Message, context: Context) -> Message:
-    """One round on client `partition-id`: set up as central training does, resume the
-    client's own checkpoint, take the server's head, train --local-steps steps, save, and
-    reply with the head's weights, the example count and the mean loss."""
+    """One round on client `partition-id` (see `train_round`); an error of ours is told to
+    the server as it is (it names settings, never data), any other by its kind only."""
     client = int(context.node_config["partition-id"])
+    try:
+        return train_round(job, client, message)
+    except InvalidInputError:
+        raise
+    except Exception as exc:
+        log.exception("client %d failed", client)  # on the client: its own log
+        raise ClientFailed(
+            f"client {client} failed with {type(exc).__name__} (its own log says why)"
+        ) from None
+
+
+def _round_dir(root: Path, number: int) -> Path:
+    return root / f"round-{number}"
+
+
+def _newest_before(root: Path, number: int) -> int:
+    """The newest round before `number` whose checkpoint this client kept (0: none)."""
+    done = [
+        int(p.name.split("-", 1)[1])
+        for p in root.glob("round-*")
+        if p.name.split("-", 1)[1].isdigit() and (p / CHECKPOINT).is_file()
+    ]
+    return max([r for r in done if r < number], default=0)
+
+
+def train_round(job: ClientJob, client: int, message: Message) -> Message:
+    """Set up as central training does, resume this client's checkpoint of its newest
+    round before this one (a round trained again after a cut starts where it started),
+    take the server's head, train --local-steps steps, save this round's checkpoint, and
+    reply with the head's weights, the example count, the passes and the mean loss."""
     examples = list(job.shares[client])
     # each client its own random stream; client 0's is central training's
     config = replace(job.config, seed=job.config.seed + client)
-    folder = job.client_dir(client)
-    private_dir(folder)
+    root = job.client_dir(client)
+    sent = message.content["config"]
+    number = int(sent["server-round"])
+    before = _newest_before(root, number)
     session = setup(
         job.bundle, examples, task_spec(job.task), config, Path(job.home), progress=False,
         llm=_frozen_llm(job),
     )  # fmt: skip
-    resume(session, folder)
-    sent = message.content["config"]
+    resume(session, _round_dir(root, before))  # round 0 is never written: a fresh start
     version = head_version(session.head)
     if sent["head-version"] != version:
         raise InvalidInputError(
@@ -235,13 +273,19 @@ def client_round(job: ClientJob, message: Message, context: Context) -> Message:
     target = min(config.steps, session.step + job.federation.local_steps)
     while session.step < target:
         train_step(session)
+    folder = _round_dir(root, number)
+    private_dir(folder)
     save(session, folder, session.seconds + time.perf_counter() - started)
+    for old in root.glob("round-*"):  # this round's and the one it started from are kept
+        suffix = old.name.split("-", 1)[1]
+        if suffix.isdigit() and int(suffix) not in (number, before):
+            shutil.rmtree(old, ignore_errors=True)
     losses = session.losses[first:]
     metrics = MetricRecord(
         {
-            "num-examples": len(examples),
-            "passes": len(losses) * config.batch_size,
-            "train-loss": float(np.mean(losses)),
+            METRIC_KEYS[0]: len(examples),
+            METRIC_KEYS[1]: len(losses) * config.batch_size,
+            METRIC_KEYS[2]: float(np.mean(losses)),
         }
     )
     reply = RecordDict(
@@ -291,6 +335,7 @@ class Guard(Strategy):
         inner: Strategy,
         expected: ArrayRecord,
         version: str,
+        passes: int,
         min_clients: int,
         tally: Tally,
         first_round: int = 0,
@@ -298,7 +343,9 @@ class Guard(Strategy):
         super().__init__()
         self.inner, self.version, self.min_clients, self.tally = inner, version, min_clients, tally
         self.shapes = {k: (tuple(a.shape), a.dtype) for k, a in expected.items()}
+        self.passes = passes  # examples a client trains on in a round
         self.first_round = first_round  # rounds done before a resume
+        self.asked: dict[int, int] = {}  # clients asked, per round
 
     def summary(self) -> None:
         self.inner.summary()
@@ -306,7 +353,12 @@ class Guard(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        # The inner strategy sees the federation's round (FedAdam's bias correction counts
+        # it), and so do the clients (their checkpoints are kept by round).
+        absolute = self.first_round + server_round
+        messages = list(self.inner.configure_train(absolute, arrays, config, grid))
+        self.asked[absolute] = len(messages)
+        return messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -334,15 +386,27 @@ class Guard(Strategy):
             if not np.isfinite(array.numpy()).all():
                 return f"{name}: values that are not finite"
         metrics = content[METRICS]
-        count = metrics.get("num-examples") if isinstance(metrics, MetricRecord) else None
-        if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+        if not isinstance(metrics, MetricRecord) or set(metrics.keys()) != set(METRIC_KEYS):
+            found = sorted(metrics.keys()) if isinstance(metrics, MetricRecord) else None
+            return f"metrics {found}, not {sorted(METRIC_KEYS)}"
+        count, passes, loss = (metrics[k] for k in METRIC_KEYS)
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 < count < 10**9:
             return f"example count {count!r}"
+        if passes != self.passes:
+            return f"{passes!r} examples trained on, not {self.passes}"
+        if not isinstance(loss, float | int) or not math.isfinite(loss):
+            return f"loss {loss!r}"
         return None
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         absolute = self.first_round + server_round
+        replies = list(replies)
+        if len(replies) < self.asked.get(absolute, 0):
+            missing = self.asked[absolute] - len(replies)
+            self.tally.dropped.append(f"round {absolute}: {missing} client(s) did not answer")
+            log.warning("round %d: %d client(s) did not answer in time", absolute, missing)
         good = []
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -363,7 +427,11 @@ class Guard(Strategy):
                 absolute, len(good), self.min_clients,
             )  # fmt: skip
             return None, None
-        arrays, metrics = self.inner.aggregate_train(server_round, good)
+        arrays, metrics = self.inner.aggregate_train(absolute, good)
+        if arrays is None:  # differential privacy releases a round only if all answered
+            self.tally.kept_rounds.append(absolute)
+            log.warning("round %d: no update released: the head is kept", absolute)
+            return None, None
         if metrics is not None and "train-loss" in metrics:
             self.tally.losses[absolute] = float(metrics["train-loss"])
         return arrays, metrics
@@ -382,6 +450,8 @@ class ServerJob:
     embed_norm: float
     version: str
     out: str
+    settings: dict[str, Any]  # what decides the federation's head: a resume keeps them
+    passes: int  # examples a client trains on in a round
     on_round: Callable[[int, Tally], None] | None = None
 
 
@@ -444,11 +514,14 @@ def run_server(job: ServerJob, grid: Grid) -> None:
     strategy, accountant = _strategy(job.federation, job.clients)
     done, arrays, tally = 0, job.initial, Tally()
     if state is not None:
-        if state["version"] != job.version or state["rounds"] != job.rounds:
+        saved = {**state.get("settings", {}), "head": state["version"]}
+        now = {**job.settings, "head": job.version}
+        changed = sorted(k for k in now if saved.get(k) != now[k])
+        if changed:
+            said = ", ".join(f"{k} {saved.get(k)!r} (now {now[k]!r})" for k in changed)
             raise InvalidInputError(
-                f"{out / STATE} is of another federation (head {state['version']}, "
-                f"{state['rounds']} rounds; now {job.version}, {job.rounds}): train into "
-                "another folder or delete it.",
+                f"{out / STATE} is of a federation trained with {said}: resume with the "
+                "settings it was trained with, or train into another folder.",
                 field="out_dir",
             )
         done, tally = state["round"], state["tally"]
@@ -460,7 +533,11 @@ def run_server(job: ServerJob, grid: Grid) -> None:
             accountant.load_state_dict(state["privacy"])
     if done >= job.rounds:
         return
-    guard = Guard(strategy, job.initial, job.version, job.federation.min_clients, tally, done)
+    guard = Guard(
+        strategy, job.initial, job.version, job.passes, job.federation.min_clients, tally, done
+    )
+    earlier = state.get("seconds", 0.0) if state else 0.0
+    began = time.perf_counter()
     config: dict[str, Any] = {
         "head-version": job.version,
         "history-mean": job.history_mean,
@@ -482,6 +559,8 @@ def run_server(job: ServerJob, grid: Grid) -> None:
             "optimizer": _optimizer_state(strategy),
             "privacy": accountant.state_dict() if accountant is not None else None,
             "epsilon": accountant.get_privacy_spent().epsilon if accountant else None,
+            "settings": job.settings,
+            "seconds": earlier + time.perf_counter() - began,  # every run's rounds
         }
         buffer = io.BytesIO()
         torch.save(saved, buffer)
@@ -520,7 +599,7 @@ class Federation:
 
     clients: int
     rounds: int
-    update_bytes: int  # one client's reply: the head's trainable weights (float32)
+    update_bytes: int  # the weights of one reply as Flower counts them (float32, with names)
     seconds: float
     tally: Tally
     epsilon: float | None = None
@@ -564,8 +643,12 @@ def simulate(
     first head and centring mean are those central training starts from (`setup` on every
     example: in a simulation the data are public); the returned head is validated on
     `validation` as central training's is, and is on the CPU."""
+    import ray  # noqa: F401  (Flower's engine: missing, it is said before any setup)
     from flwr.simulation import run_simulation
 
+    if fed.dp_noise:
+        import dp_accounting  # noqa: F401  (Flower's accountant reads ε with it)
+    fed.check_with(config)
     clients = fed.federated_sim or 1
     rounds = fed.rounds(config.steps)
     shares = partition(examples, clients, fed.split_by)
@@ -591,10 +674,17 @@ def simulate(
             said = f", clients' loss {loss:.3f}" if loss is not None else ", head kept"
             log_line(f"round {number}/{rounds}{said}")
 
+    settings = {
+        **{k: v for k, v in asdict(fed).items() if k != "round_timeout"},
+        **config.decisive(),
+    }
+    passes = fed.local_steps * config.batch_size
     server_job = ServerJob(
         fed, rounds, clients, initial, session.head.history_mean.cpu().tolist(),
-        float(session.head.embed_norm), version, str(out), on_round,
+        float(session.head.embed_norm), version, str(out), settings, passes, on_round,
     )  # fmt: skip
+    # On a GPU the clients share it (Ray hides it from a worker that asks for none).
+    gpus = 1.0 / clients if session.device.type == "cuda" else 0.0
     if log_line:
         log_line(
             f"federation: {clients} clients ({', '.join(str(len(s)) for s in shares)} "
@@ -612,13 +702,12 @@ def simulate(
             client_app=client_app(client_job, mods),
             num_supernodes=clients,
             backend_config={
-                "client_resources": {"num_cpus": threads, "num_gpus": 0.0},
+                "client_resources": {"num_cpus": threads, "num_gpus": gpus},
                 "init_args": {"num_cpus": max(threads, os.cpu_count() or 1)},
             },
         )
     finally:
         flower.setLevel(level)
-    seconds = time.perf_counter() - began
     state = read_state(out)
     if state is None or state["version"] != version:
         raise InvalidInputError(
@@ -640,6 +729,8 @@ def simulate(
             field="federated_sim",
         )
     load_arrays(session.head, ArrayRecord({k: Array(v) for k, v in state["arrays"].items()}))
+    seconds = float(state.get("seconds") or time.perf_counter() - began)  # every run's rounds
+    trained = (rounds - len(tally.kept_rounds)) * fed.sampled() * passes
     checked = None
     if validation:
         checked = validate(
@@ -657,13 +748,13 @@ def simulate(
         [tally.losses[r] for r in sorted(tally.losses)],
         f"{device_label(session.device)} × {clients} simulated clients",
         checked,
-        examples_per_hour=config.steps * config.batch_size * clients / seconds * 3600,
+        examples_per_hour=trained / seconds * 3600 if seconds > 0 else 0.0,
         setup_seconds=setup_seconds,
     )
     federation = Federation(
         clients,
         rounds,
-        sum(a.numpy().nbytes for a in initial.values()),
+        initial.count_bytes(),
         seconds,
         tally,
         state.get("epsilon"),
