@@ -215,11 +215,7 @@ class TrainConfig:
             (self.max_history >= 1, "max_history", "at least 1"),
             (self.validate not in self.splits, "validate", "a held-out split, not a training one"),
         ]
-        for ok, name, wanted in check:
-            if not ok:
-                raise InvalidInputError(
-                    f"{name} must be {wanted} (got {getattr(self, name)!r}).", field=name
-                )
+        refuse_unmet(self, check)
 
     @property
     def scale(self) -> float | None:
@@ -248,6 +244,16 @@ class TrainConfig:
         for config in (self, *more):
             words += option_words(config)
         return shlex.join(words)
+
+
+def refuse_unmet(config: Any, checks: list[tuple[bool, str, str]]) -> None:
+    """The first of `checks` (met, field, what it must be) that is not met, as a typed error
+    naming the field's value."""
+    for ok, name, wanted in checks:
+        if not ok:
+            raise InvalidInputError(
+                f"{name} must be {wanted} (got {getattr(config, name)!r}).", field=name
+            )
 
 
 def option_words(config: Any) -> list[str]:
@@ -369,11 +375,7 @@ class FederatedConfig:
                 "fedavg or fedprox with --dp-noise (Flower accounts ε for a plain mean)",
             ),
         ]
-        for ok, name, wanted in check:
-            if not ok:
-                raise InvalidInputError(
-                    f"{name} must be {wanted} (got {getattr(self, name)!r}).", field=name
-                )
+        refuse_unmet(self, check)
 
     def check_with(self, config: TrainConfig) -> None:
         """Refuse federated options without --federated-sim, and settings a federation
