@@ -210,9 +210,14 @@ def test_three_clients_send_only_the_head_and_survive_faults(tiny_bundle, task, 
 
 
 def test_differential_privacy_clips_each_update_and_reports_epsilon(tiny_bundle, task, tmp_path):  # noqa: F811
+    """FedProx (its μ sent by Flower's FedProx, the client's loss pulled toward the
+    server's head) under differential privacy: each update leaves the client clipped, both
+    rounds are released, and the ε spent is reported."""
     tiny, bundle = tiny_bundle
     cfg = config(tiny, steps=2, center=False)
-    fed = pplug.FederatedConfig(federated_sim=2, local_steps=1, dp_noise=1.0, dp_clip=0.1)
+    fed = pplug.FederatedConfig(
+        federated_sim=2, local_steps=1, strategy="fedprox", dp_noise=1.0, dp_clip=0.1
+    )
     recorder = Recorder(tmp_path / "sent")
     _, _, federation = federated.simulate(
         bundle, examples_of(task), SPEC, tmp_path / "fed", cfg, fed, tmp_path, mods=[recorder]

@@ -251,7 +251,7 @@ def train_round(job: ClientJob, client: int, message: Message) -> Message:
         mean = torch.tensor(np.asarray(sent["history-mean"], dtype=np.float32))
         session.head.history_mean.copy_(mean.to(session.head.history_mean.device))
         session.head.embed_norm.fill_(float(sent["embed-norm"]))
-    mu = float(sent.get("proximal-mu", 0.0))
+    mu = float(sent.get("proximal-mu", 0.0))  # FedProx's configure_train sends it
     if mu > 0:
         anchor = {n: p.detach().clone() for n, p in session.head.named_parameters()}
 
@@ -543,8 +543,6 @@ def run_server(job: ServerJob, grid: Grid) -> None:
         "history-mean": job.history_mean,
         "embed-norm": job.embed_norm,
     }
-    if job.federation.strategy == "fedprox":
-        config["proximal-mu"] = job.federation.proximal_mu
 
     def after(server_round: int, now: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
