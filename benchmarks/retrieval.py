@@ -39,7 +39,8 @@ def ingest(res: Results, embedder: Embedder, texts: list[str], threads: int) -> 
     # Interleaved in chunks, so that a busy spell on the machine hits every engine alike.
     engines = {
         "st": lambda chunk: reference.encode(chunk, batch_size=32, normalize_embeddings=True),
-        "ours": embedder.embed,  # as the runtime ingests: one text per run (see embedder.py)
+        # as the runtime ingests: one text per run (see edge_pllm/inference/embedder.py)
+        "ours": embedder.embed,
         "batched": lambda chunk: embedder.embed(chunk, batch_size=32),
         "per-row": per_row.embed,  # batches as its manifest entry says
     }

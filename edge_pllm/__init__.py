@@ -37,6 +37,19 @@ from .storage.items import HistoryItem, NewItem
 
 __version__ = "0.1.0"
 
+# Plugins written for the flat layout import these modules by their old names
+# (`from edge_pllm import strategies`); they live in personalization/ now.
+_MOVED = {"strategies": ".personalization.strategies", "prompts": ".personalization.prompts"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _MOVED:
+        import importlib
+
+        return importlib.import_module(_MOVED[name], __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "AnswerNotFoundError",
     "BundleError",

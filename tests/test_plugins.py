@@ -103,3 +103,19 @@ def test_a_plugin_adds_a_strategy_and_a_decoder_that_answer(plugin, pllm):
 def test_without_the_plugin_its_names_are_unknown():
     with pytest.raises(UnknownStrategyError):
         resolve("newest")
+
+
+def test_plugins_written_for_the_flat_layout_still_import():
+    """`from edge_pllm import decoding, strategies, prompts` (the names before the
+    subpackages) gives the same registries."""
+    from edge_pllm import decoding as old_decoding
+    from edge_pllm import prompts as old_prompts
+    from edge_pllm import strategies as old_strategies
+    from edge_pllm.personalization import prompts as new_prompts
+    from edge_pllm.personalization import strategies as new_strategies
+
+    assert old_strategies is new_strategies and old_prompts is new_prompts
+    assert old_decoding.register_decoder is decoding.register_decoder
+    assert old_decoding.Drawer is Drawer and old_decoding.resolve is resolve
+    with pytest.raises(AttributeError):
+        old_decoding.no_such_name  # noqa: B018

@@ -1,13 +1,13 @@
 """How an answer is drawn from prepared prompts, apart from what goes into them.
 
-A strategy spec resolves to a `Plan`: the prompt strategies to prepare (strategies.py: what
-goes into a prompt) and the decoder that draws the answer from those prompts. `Direct`
-draws one answer from one prompt with the request's sampling, streamed as it is generated;
-`Consensus` (consensus.py) draws several from each member's prompt and keeps the one the
-others agree with, so it answers whole. `Drawer` is the one place that turns a prepared
-prompt into text through the LLM (the user's opening put on, a one-line answer cut at its
-line; `drawer.py`). A package adds strategies and decoders through an `edge_pllm.strategies` entry
-point (`load_plugins`), as commands join the CLI through `edge_pllm.commands`.
+A strategy spec resolves to a `Plan`: the prompt strategies to prepare
+(personalization/strategies.py: what goes into a prompt) and the decoder that draws the
+answer from those prompts. `Direct` draws one answer from one prompt with the request's
+sampling, streamed as it is generated; `Consensus` (consensus.py) draws several from each
+member's prompt and keeps the one the others agree with, so it answers whole. `Drawer`
+(drawer.py) is the one place that turns a prepared prompt into text through the LLM. A
+package adds strategies and decoders through an `edge_pllm.strategies` entry point
+(`load_plugins`), as commands join the CLI through `edge_pllm.commands`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ opens the answer the way the user opens theirs (`Opening`). A strategy that read
 bundle's Persona-Plug head says so with `needs_head`, and the caller then puts the head
 (`head.PlugHead`) in the `Request`.
 `consensus[:N]` and `consensus-beam[:N]` name a way to answer rather than a prompt: a decoder
-(decoding.py), which draws the answer from the prompts its member strategies prepare.
+(decoding/decoders.py), which draws the answer from the prompts its member strategies prepare.
 """
 
 from __future__ import annotations
@@ -325,7 +325,7 @@ def spec_k(spec: str, k_text: str) -> int | None:
 
 def get_strategy(spec: str | Strategy, k: int | None = None) -> Strategy:
     """Resolve `spec` ("rag", "rag:5", "rag:5+opening", or a Strategy object) to the prompt
-    strategy it names (a decoder such as `consensus` is resolved by `decoding.resolve`)."""
+    strategy it names (a decoder such as `consensus` is resolved by `decoders.resolve`)."""
     if not isinstance(spec, str):
         return spec
     spec = spec.strip()

@@ -6,6 +6,4 @@ items         HistoryItem and NewItem, and what an item's fields may hold
 parts         where a long text is cut into parts, each with a vector of its own
 search        exact cosine search over vectors held in memory, and its bounded cache
 vector_cache  vectors kept by content, so a text is embedded once
-importing     notes, mail, chat exports and documents into items
-gitlog        a person's commits from a git repository
 """
