@@ -276,9 +276,6 @@ def train_plug(
     whole step's); rank 0 writes the head and attaches it. With --federated-sim N, N
     simulated clients (Flower; needs [federated]) each train on their own people and send
     only the head's weights."""
-    from edge_pllm.inference.bundle import ADAPTER_FILE, load_bundle
-    from edge_pllm.tasks.lamp import load_split
-
     from . import pplug
     from .pplug.distributed import join
 
@@ -300,20 +297,7 @@ def train_plug(
     else:
         with world.local_first():  # one process per machine assembles it
             bundle = ensure_default_bundle(obj.home)
-    folder = Path(task_dir)
-    spec = load_split(folder, config.splits[0], config.task).spec
-    examples = [
-        e
-        for s in config.splits
-        for e in pplug.lamp_examples(
-            folder, s, spec, from_profiles=config.profile_examples, limit=config.limit
-        )
-    ]
-    held_out = []
-    if config.validate:
-        held_out = pplug.validation_examples(
-            pplug.lamp_examples(folder, config.validate, spec, 0, limit=config.validate_limit)
-        )
+    spec, examples, held_out = pplug.task_examples(Path(task_dir), config)
     out = Path(out_dir) if out_dir else obj.home / "plug-train"
     if world.is_main:
         click.echo(f"{len(examples)} training examples from {', '.join(config.splits)}.", err=True)
@@ -338,40 +322,20 @@ def train_plug(
         )
     if not world.is_main:
         return  # rank 0 writes the head, its entry and the bundle
-    onnx_path = pplug.export_onnx(head, out / "plug.onnx")
-    adapter_path = pplug.export_adapter(head, out / ADAPTER_FILE, load_bundle(bundle))
-    info = {
-        "task": spec.name,
-        "examples": len(examples),
-        "config": config.record(),
-        "train_seconds": round(result.seconds, 1),
-        "setup_seconds": round(result.setup_seconds, 1),
-        "examples_per_hour": round(result.examples_per_hour),
-        "final_loss": round(result.final_loss, 4),
-        **(
-            {"final_rouge1": round(result.final_score, 4)} if result.final_score is not None else {}
-        ),
-        "device": result.device,
-        "world_size": world.size,  # processes that shared each step of --batch-size examples
-        **(
-            {"validation": {"split": config.validate, **result.validation.as_dict()}}
-            if result.validation
-            else {}
-        ),
-        **({"federation": federation.as_dict(fed)} if federation else {}),
-        "command": config.command(task_dir, *([fed] if federation else [])),
-    }
-    plug_spec = pplug.head_spec(head, load_bundle(bundle), info)
-    atomic_write(out / "plug.json", json.dumps(plug_spec.to_manifest(), indent=2))
-    click.echo(
-        f"Trained in {result.seconds:.0f} s; final loss {result.final_loss:.3f}; "
-        f"head at {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB)."
+    pplug.publish(
+        head,
+        bundle,
+        out,
+        task=spec.name,
+        examples=len(examples),
+        config=config,
+        result=result,
+        command=config.command(task_dir, *([fed] if federation else [])),
+        world_size=world.size,
+        federation=federation.as_dict(fed) if federation else None,
+        attach=attach,
+        say=click.echo,
     )
-    if attach:
-        from .bundle import attach_head
-
-        attach_head(bundle, onnx_path, plug_spec, adapter_path)
-        click.echo(f"Head attached to the bundle {bundle}.")
 
 
 @click.command("corpus")

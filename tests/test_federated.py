@@ -5,7 +5,9 @@ stop a round; differential privacy clips each update and reports its ε."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -36,11 +38,16 @@ PEOPLE = {
 }
 
 
-def write_people(folder: Path, splits: tuple[str, ...] = ("train", "dev")) -> Path:
-    """A commit_subject task of four people in two repositories (ids '<repo>-<n>')."""
+def write_people(
+    folder: Path, splits: tuple[str, ...] = ("train", "dev"), people: tuple[str, ...] = ()
+) -> Path:
+    """A commit_subject task of four people in two repositories (ids '<repo>-<n>'), or of
+    those of `people`."""
     folder.mkdir(parents=True, exist_ok=True)
     questions, golds = [], []
     for user, (word, texts) in PEOPLE.items():
+        if people and user not in people:
+            continue
         profile = [
             {"title": f"{word} {i}", "text": t, "date": f"2024-01-0{i + 1}"}
             for i, t in enumerate(texts)
@@ -296,3 +303,133 @@ def test_a_federation_cut_in_a_round_goes_on_from_there(tiny_bundle, task, tmp_p
     with pytest.raises(InvalidInputError, match="strategy 'fedadam' \\(now 'fedavg'\\)"):
         other = pplug.FederatedConfig(federated_sim=2, local_steps=2)
         federated.simulate(bundle, examples, SPEC, tmp_path / "cut", cfg, other, tmp_path)
+
+
+def test_the_flower_app_reads_its_run_config_as_train_plug_reads_its_options():
+    """The deployed app's run config: its defaults are the app's pyproject's, its options
+    are train-plug's (checked as the command checks them), and the command it records runs
+    the same federation again."""
+    import shlex
+    import tomllib
+
+    from export.pplug.deployment import APP_DIR, RunSettings
+
+    app = tomllib.loads((REPO / APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert RunSettings.of(app["config"]) == RunSettings()
+    assert app["components"] == {
+        "serverapp": "export.pplug.deployment:server",
+        "clientapp": "export.pplug.deployment:client",
+    }
+    given = RunSettings(options="--steps 4 --local-steps 2 --strategy fedprox", clients=3)
+    config, fed = given.configs()
+    assert (config.steps, fed.local_steps, fed.strategy, fed.federated_sim) == (4, 2, "fedprox", 3)
+    words = shlex.split(given.command())
+    assert words[:4] == ["flwr", "run", APP_DIR, "SUPERLINK"] and words[4] == "--run-config"
+    again = RunSettings.of(tomllib.loads(words[5].replace('" ', '"\n').replace("3 ", "3\n")))
+    assert again.configs() == (config, fed)
+    with pytest.raises(InvalidInputError, match="--federated-sim is for one machine"):
+        RunSettings(options="--federated-sim 2").configs()
+    with pytest.raises(InvalidInputError, match="not train-plug's: No such option '--stepz'"):
+        RunSettings(options="--stepz 2").configs()
+    with pytest.raises(InvalidInputError, match="keys this app does not know: task"):
+        RunSettings.of({"task": "x"})
+    with pytest.raises(InvalidInputError, match="at most the 2 clients"):
+        RunSettings(options="--min-clients 3", clients=2).configs()
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _wait_for(port: int, seconds: float = 60) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_the_flower_app_trains_across_a_superlink_and_two_supernodes(tiny_bundle, tmp_path):  # noqa: F811
+    """Flower's own deployment, on one machine: `flower-superlink`, two `flower-supernode`s
+    each holding its own people in its own folder, and `flwr run federation/`. The server
+    starts from its own data, runs both rounds, validates and writes the head as train-plug
+    does; each device kept its checkpoints in its own folder."""
+    tiny, bundle = tiny_bundle
+    link, *node_ports = _free_ports(3)
+    flwr_home = tmp_path / "flwr"
+    flwr_home.mkdir()
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "here"\n\n[superlink.here]\naddress = "127.0.0.1:{link}"\n'
+        "insecure = true\n"
+    )
+    bin_dir = Path(sys.executable).parent
+    # Flower's processes start more of its commands by name: the environment's bin first
+    path = os.pathsep.join((str(bin_dir), os.environ.get("PATH", "")))
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "PYTHONPATH": str(REPO), "PATH": path}
+    with contextlib.ExitStack() as stack:
+
+        def start(name: str, *args: str) -> None:
+            log = stack.enter_context(open(tmp_path / f"{name}.log", "w"))
+            process = subprocess.Popen(
+                [bin_dir / args[0], *args[1:]], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+            stack.callback(process.wait, timeout=60)
+            stack.callback(process.terminate)
+
+        start(
+            "superlink", "flower-superlink", "--insecure",
+            "--disable-runtime-dependency-installation", "--port", str(link),
+        )  # fmt: skip
+        _wait_for(link)
+        for n, people in enumerate((("git-1", "git-2"), ("vim-1", "vim-2"))):
+            device = tmp_path / f"device-{n}"
+            write_people(device / "task", ("train",), people)
+            node = {"task-dir": device / "task", "home": device / "home", "bundle": bundle,
+                    "out": device / "out"}  # fmt: skip
+            start(
+                f"supernode-{n}", "flower-supernode", "--insecure", "--superlink",
+                f"127.0.0.1:{link}", "--port", str(node_ports[n]), "--node-config",
+                " ".join(f'{k}="{v}"' for k, v in node.items()) + f" partition-id={n}",
+            )  # fmt: skip
+        options = "--steps 2 --local-steps 1 --batch-size 2 --dropout-copies 1 --persona-tokens 2"
+        options += f" --llm-source {tiny} --validate dev"
+        run = {
+            "options": options,
+            "task-dir": write_people(tmp_path / "server-task"),
+            "bundle": bundle,
+            "home": tmp_path / "server-home",
+            "out": tmp_path / "out",
+        }
+        run_config = " ".join(f'{k}="{v}"' for k, v in run.items()) + " clients=2 attach=false"
+        done = subprocess.run(
+            [bin_dir / "flwr", "run", REPO / "federation", "here", "--run-config", run_config,
+             "--stream"],
+            env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path,
+        )  # fmt: skip
+        logs = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(tmp_path.glob("*.log")))
+        said = done.stdout + done.stderr + logs
+        assert done.returncode == 0, said
+        entry = json.loads((tmp_path / "out" / "plug.json").read_text())
+        assert entry["federation"]["runtime"] == "deployment", said
+        assert entry["federation"]["clients"] == 2 and entry["federation"]["rounds"] == 2
+        assert entry["examples"] == entry["federation"]["client_examples"] > 0
+        assert entry["validation"]["split"] == "dev"
+        assert entry["command"].startswith("flwr run federation SUPERLINK --run-config")
+        for n in (0, 1):
+            assert (tmp_path / f"device-{n}" / "out" / "clients" / str(n) / "round-2").is_dir()

@@ -10,10 +10,12 @@ Rooms:
               request's keys and values computed once when the soft tokens follow it
     training  set up, resume, step, save
     distributed  several processes (torchrun, accelerate launch): each its share of a step
+    federated  training across devices on Flower: the client, the server, the simulation
+    deployment the same client and server as a Flower App across machines (federation/)
     validation the held-out own-versus-other loss gap
     adapter   the task adapter: a LoRA on the frozen LLM, acting from the soft tokens on
     outcome   training on what decoding writes: sampled answers scored against the gold
-    onnx      ONNX and GGUF export and the manifest entry
+    onnx      ONNX and GGUF export, the manifest entry, publishing a trained head
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ _WHERE = {
     "outcome_loss": "outcome",
     "load_frozen_llm": "frozen",
     "load_input_encoder": "frozen",
+    "publish": "onnx",
     "resolve_device": "training",
     "resume": "training",
     "retrieve": "data",
@@ -59,13 +62,14 @@ _WHERE = {
     "save": "training",
     "setup": "training",
     "soft_tokens": "validation",
+    "task_examples": "data",
     "token_embedding_norm": "frozen",
     "token_losses": "frozen",
     "train": "training",
     "train_step": "training",
     "upgrade_state": "training",
     "validate": "validation",
-    "validation_examples": "validation",
+    "validation_examples": "data",
     "vector_cache": "data",
 }
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
@@ -462,12 +462,36 @@ def config_from_options(cls: type = TrainConfig, **values: Any) -> Any:
     )
 
 
+def configs_from_words(words: Sequence[str], *classes: type) -> tuple[Any, ...]:
+    """The configs of `classes` that `train-plug`'s option words set, each option checked
+    as the command checks it (a Flower run config carries them as one string)."""
+
+    def parsed(**values: Any) -> dict[str, Any]:
+        return values
+
+    command: Callable[..., Any] = parsed
+    for cls in reversed(classes):
+        command = config_options(cls)(command)
+    try:
+        values = click.command()(command).main(
+            list(words), prog_name="options", standalone_mode=False
+        )
+    except click.ClickException as exc:
+        raise InvalidInputError(
+            f"The training options {shlex.join(words)!r} are not train-plug's: "
+            f"{exc.format_message()}",
+            field="options",
+        ) from None
+    return tuple(config_from_options(cls, **values) for cls in classes)
+
+
 __all__ = [
     "FederatedConfig",
     "TrainConfig",
     "asdict",
     "config_from_options",
     "config_options",
+    "configs_from_words",
     "flag_of",
     "option_words",
 ]

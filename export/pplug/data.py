@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_pllm.errors import InvalidInputError
 from edge_pllm.inference.bundle import Bundle
 from edge_pllm.inference.embedder import Embedder
 from edge_pllm.inference.llm import LLM
@@ -18,6 +19,8 @@ from edge_pllm.personalization.strategies import MIN_SIMILARITY
 from edge_pllm.storage.items import HistoryItem
 from edge_pllm.storage.vector_cache import VectorCache, cache_key
 from edge_pllm.tasks.lamp import TaskSpec, load_split
+
+from .config import TrainConfig
 
 
 @dataclass
@@ -83,6 +86,41 @@ def lamp_examples(
                 document = clip_text(prefix + str(entries[j][spec.input_field]), max_query_chars)
                 out.append(Example(q.id, spec.query(document), items[:j], str(gold)))
     return out
+
+
+def validation_examples(examples: Sequence[Example]) -> list[Example]:
+    """The examples validation can use (those with a history); at least two are needed."""
+    usable = [e for e in examples if e.history]
+    if len(usable) < 2:
+        raise InvalidInputError(
+            f"Validation needs at least two examples with a history (got {len(usable)}): one "
+            "user's history is the next one's @other. Validate on a split with answered "
+            "questions, or a larger --validate-limit.",
+            field="validation",
+        )
+    return usable
+
+
+def task_examples(
+    task_dir: Path, config: TrainConfig
+) -> tuple[TaskSpec, list[Example], list[Example]]:
+    """What `train-plug` takes from a LaMP-format task folder: its spec, the examples of
+    the training splits (--splits, --profile-examples, --limit) and the held-out examples of
+    --validate (none without it)."""
+    spec = load_split(task_dir, config.splits[0], config.task).spec
+    examples = [
+        e
+        for s in config.splits
+        for e in lamp_examples(
+            task_dir, s, spec, from_profiles=config.profile_examples, limit=config.limit
+        )
+    ]
+    held_out: list[Example] = []
+    if config.validate:
+        held_out = validation_examples(
+            lamp_examples(task_dir, config.validate, spec, 0, limit=config.validate_limit)
+        )
+    return spec, examples, held_out
 
 
 def vector_cache(home_dir: Path, bundle: Bundle, embedder: Embedder) -> VectorCache:

@@ -15,8 +15,9 @@ accounted by Flower's RDP accountant) behind `Guard`, which refuses and logs a r
 is malformed or of another head version and keeps the head when fewer than --min-clients
 updates arrive. After each round the server's state (the head, the round, FedAdam's
 moments, the privacy spent) is written to `federation.pt`, and a restarted run resumes
-from it. `simulate` runs both on one machine (`flwr.simulation.run_simulation`); the head
-then goes through validation, export and attachment as a centrally trained one does.
+from it. `simulate` runs both on one machine (`flwr.simulation.run_simulation`),
+`deployment` across machines (Flower's SuperLink and SuperNodes); either way the head then
+goes through validation, export and attachment as a centrally trained one does.
 
 With one client holding every example, the head is central training's with the same
 steps (the server's mean of one head is that head), within float tolerance.
@@ -32,7 +33,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -67,7 +69,16 @@ from .config import FederatedConfig, TrainConfig
 from .data import Example
 from .frozen import load_frozen_llm
 from .model import PPlugHead
-from .training import CHECKPOINT, TrainResult, device_label, resume, save, setup, train_step
+from .training import (
+    CHECKPOINT,
+    Session,
+    TrainResult,
+    device_label,
+    resume,
+    save,
+    setup,
+    train_step,
+)
 from .validation import validate, validation_examples
 
 STATE = "federation.pt"
@@ -159,8 +170,9 @@ def partition(examples: Sequence[Example], clients: int, split_by: str) -> list[
 
 @dataclass(frozen=True)
 class ClientJob:
-    """What a simulated client is given (picklable: the simulation sends it to its workers):
-    where the bundle and caches are, the run's settings, and its share of the examples."""
+    """What a client is given (picklable: the simulation sends it to its workers): where the
+    bundle and caches are, the run's settings, and the examples of each client it may be
+    (a simulation's every share; a device its own, under its partition id)."""
 
     bundle: str
     home: str
@@ -168,7 +180,7 @@ class ClientJob:
     task: str
     config: TrainConfig
     federation: FederatedConfig
-    shares: tuple[tuple[Example, ...], ...]
+    shares: dict[int, tuple[Example, ...]]
 
     def client_dir(self, client: int) -> Path:
         """Where client `client` keeps its checkpoint (a device: its own disk)."""
@@ -194,10 +206,9 @@ class ClientFailed(RuntimeError):
     may quote the client's data); the client's own log has the rest."""
 
 
-def client_round(job: ClientJob, message: Message, context: Context) -> Message:
-    """One round on client `partition-id` (see `train_round`); an error of ours is told to
-    the server as it is (it names settings, never data), any other by its kind only."""
-    client = int(context.node_config["partition-id"])
+def client_round(job: ClientJob, client: int, message: Message) -> Message:
+    """One round on client `client` (see `train_round`); an error of ours is told to the
+    server as it is (it names settings, never data), any other by its kind only."""
     try:
         return train_round(job, client, message)
     except InvalidInputError:
@@ -306,7 +317,7 @@ def client_app(job: ClientJob, mods: Sequence[Mod] = ()) -> ClientApp:
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        return client_round(job, message, context)
+        return client_round(job, int(context.node_config["partition-id"]), message)
 
     return app
 
@@ -317,12 +328,14 @@ def client_app(job: ClientJob, mods: Sequence[Mod] = ()) -> ClientApp:
 @dataclass
 class Tally:
     """What the server saw: updates refused (malformed, another head) and clients that
-    dropped (an error instead of a reply), per round; each round's mean client loss."""
+    dropped (an error instead of a reply), per round; each round's mean client loss and
+    the examples its clients hold."""
 
     refused: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     kept_rounds: list[int] = field(default_factory=list)  # too few updates: head unchanged
     losses: dict[int, float] = field(default_factory=dict)
+    examples: dict[int, int] = field(default_factory=dict)
 
 
 class Guard(Strategy):
@@ -427,6 +440,7 @@ class Guard(Strategy):
                 absolute, len(good), self.min_clients,
             )  # fmt: skip
             return None, None
+        self.tally.examples[absolute] = sum(int(r.content[METRICS][METRIC_KEYS[0]]) for r in good)
         arrays, metrics = self.inner.aggregate_train(absolute, good)
         if arrays is None:  # differential privacy releases a round only if all answered
             self.tally.kept_rounds.append(absolute)
@@ -601,13 +615,21 @@ class Federation:
     seconds: float
     tally: Tally
     epsilon: float | None = None
+    runtime: str = "simulation"  # or "deployment": Flower's SuperLink and SuperNodes
+
+    @property
+    def client_examples(self) -> int:
+        """The most examples a round's clients held (each client says its own count)."""
+        return max(getattr(self.tally, "examples", {}).values(), default=0)
 
     def as_dict(self, fed: FederatedConfig) -> dict[str, Any]:
         out: dict[str, Any] = {
+            "runtime": self.runtime,
             "clients": self.clients,
             "rounds": self.rounds,
             "strategy": fed.strategy,
-            "split_by": fed.split_by,
+            **({"split_by": fed.split_by} if self.runtime == "simulation" else {}),
+            "client_examples": self.client_examples,
             "update_bytes": self.update_bytes,
             "rounds_per_hour": round(self.rounds / self.seconds * 3600, 1) if self.seconds else 0,
             "refused": len(self.tally.refused),
@@ -622,6 +644,127 @@ class Federation:
                 "delta": fed.dp_delta,
             }
         return out
+
+
+@dataclass
+class Start:
+    """The server's start: the session its first head and centring mean come from (its
+    frozen LLM validates the head at the end), the job its rounds run, and the settings."""
+
+    session: Session
+    job: ServerJob
+    config: TrainConfig
+    setup_seconds: float
+
+
+def start_server(
+    bundle_dir: str | Path,
+    examples: list[Example],
+    spec: TaskSpec,
+    out_dir: str | Path,
+    config: TrainConfig,
+    fed: FederatedConfig,
+    home_dir: Path,
+    validation: Sequence[Example] = (),
+    log_line: Callable[[str], None] | None = None,
+) -> Start:
+    """Set the server up as central training starts (`setup` on `examples`, without the
+    keys and values only training needs): the first head, its version and the centring mean
+    every client uses; the server's state goes to `out_dir`."""
+    fed.check_with(config)
+    clients = fed.federated_sim or 1
+    rounds = fed.rounds(config.steps)
+    out = Path(out_dir)
+    private_dir(out)
+    started = time.perf_counter()
+    session = setup(
+        bundle_dir, examples, spec, config, home_dir, validation, progress=log_line is not None,
+        log=log_line, trains=False,
+    )  # fmt: skip
+
+    def on_round(number: int, tally: Tally) -> None:
+        if log_line:
+            loss = tally.losses.get(number)
+            said = f", clients' loss {loss:.3f}" if loss is not None else ", head kept"
+            log_line(f"round {number}/{rounds}{said}")
+
+    settings = {
+        **{k: v for k, v in asdict(fed).items() if k != "round_timeout"},
+        **config.decisive(),
+    }
+    job = ServerJob(
+        fed, rounds, clients, head_arrays(session.head), session.head.history_mean.cpu().tolist(),
+        float(session.head.embed_norm), head_version(session.head), str(out), settings,
+        fed.local_steps * config.batch_size, on_round,
+    )  # fmt: skip
+    return Start(session, job, config, time.perf_counter() - started)
+
+
+def conclude(
+    start: Start,
+    runtime: str,
+    validation: Sequence[Example] = (),
+    log_line: Callable[[str], None] | None = None,
+) -> tuple[PPlugHead, TrainResult, Federation]:
+    """The federation's head from the server's state after its rounds, validated on
+    `validation` as central training's is, on the CPU; an error if the rounds did not all
+    run or none took an update. `runtime`: simulation or deployment."""
+    job, session, config = start.job, start.session, start.config
+    where = f"{job.clients} {'simulated clients' if runtime == 'simulation' else 'devices'}"
+    fed, rounds = job.federation, job.rounds
+    state = read_state(Path(job.out))
+    if state is None or state["version"] != job.version:
+        raise InvalidInputError(
+            "The federation ended without a round: see the log above for why the clients "
+            "failed (each client's error is logged).",
+            field="federated_sim",
+        )
+    if state["round"] < rounds:
+        raise InvalidInputError(
+            f"The federation stopped after round {state['round']} of {rounds} (see the log "
+            "above): run the same command again to go on from there.",
+            field="federated_sim",
+        )
+    tally: Tally = state["tally"]
+    if len(tally.kept_rounds) >= rounds:
+        raise InvalidInputError(
+            f"No round of the {rounds} took an update: every client failed or was refused "
+            "(see the log above).",
+            field="federated_sim",
+        )
+    load_arrays(session.head, ArrayRecord({k: Array(v) for k, v in state["arrays"].items()}))
+    seconds = float(state.get("seconds") or 0.0)  # every run's rounds
+    trained = (rounds - len(tally.kept_rounds)) * fed.sampled() * job.passes
+    checked = None
+    if validation:
+        checked = validate(
+            session.head, session.llm, validation_examples(validation), session.encode,
+            session.table, session.query_inputs, session.embed_scale,
+        )  # fmt: skip
+        if log_line:
+            log_line(checked.summary())
+    session.head.eval().cpu()
+    losses = [tally.losses[r] for r in sorted(tally.losses)]
+    result = TrainResult(
+        config.steps,
+        seconds,
+        (losses[-1:] or [float("nan")])[0],
+        losses,
+        f"{device_label(session.device)} × {where}",
+        checked,
+        examples_per_hour=trained / seconds * 3600 if seconds > 0 else 0.0,
+        setup_seconds=start.setup_seconds,
+    )
+    federation = Federation(
+        job.clients,
+        rounds,
+        job.initial.count_bytes(),
+        seconds,
+        tally,
+        state.get("epsilon"),
+        runtime,
+    )
+    return session.head, result, federation
 
 
 def simulate(
@@ -648,55 +791,27 @@ def simulate(
         import dp_accounting  # noqa: F401  (Flower's accountant reads ε with it)
     fed.check_with(config)
     clients = fed.federated_sim or 1
-    rounds = fed.rounds(config.steps)
     shares = partition(examples, clients, fed.split_by)
-    out = Path(out_dir)
-    private_dir(out)
-    started = time.perf_counter()
-    session = setup(
-        bundle_dir, examples, spec, config, home_dir, validation, progress=log_line is not None,
-        log=log_line, trains=False,
-    )  # fmt: skip
-    setup_seconds = time.perf_counter() - started
-    initial = head_arrays(session.head)
-    version = head_version(session.head)
+    start = start_server(
+        bundle_dir, examples, spec, out_dir, config, fed, home_dir, validation, log_line
+    )
     threads = config.threads or max(1, (os.cpu_count() or 1) // min(clients, os.cpu_count() or 1))
     client_job = ClientJob(
-        str(bundle_dir), str(home_dir), str(out), spec.name, replace(config, threads=threads),
-        fed, tuple(tuple(s) for s in shares),
-    )  # fmt: skip
-
-    def on_round(number: int, tally: Tally) -> None:
-        if log_line:
-            loss = tally.losses.get(number)
-            said = f", clients' loss {loss:.3f}" if loss is not None else ", head kept"
-            log_line(f"round {number}/{rounds}{said}")
-
-    settings = {
-        **{k: v for k, v in asdict(fed).items() if k != "round_timeout"},
-        **config.decisive(),
-    }
-    passes = fed.local_steps * config.batch_size
-    server_job = ServerJob(
-        fed, rounds, clients, initial, session.head.history_mean.cpu().tolist(),
-        float(session.head.embed_norm), version, str(out), settings, passes, on_round,
+        str(bundle_dir), str(home_dir), start.job.out, spec.name,
+        replace(config, threads=threads), fed, {n: tuple(s) for n, s in enumerate(shares)},
     )  # fmt: skip
     # On a GPU the clients share it (Ray hides it from a worker that asks for none).
-    gpus = 1.0 / clients if session.device.type == "cuda" else 0.0
+    gpus = 1.0 / clients if start.session.device.type == "cuda" else 0.0
     if log_line:
         log_line(
             f"federation: {clients} clients ({', '.join(str(len(s)) for s in shares)} "
-            f"examples), {rounds} rounds of {fed.local_steps} steps, {fed.strategy}"
+            f"examples), {start.job.rounds} rounds of {fed.local_steps} steps, {fed.strategy}"
         )
     # Flower's own warnings (run_simulation's deprecation, evaluation skipped) say nothing
     # about this run; a client's failure is an error, and Guard says what it refused.
-    flower = logging.getLogger("flwr")
-    level = flower.level
-    flower.setLevel(logging.ERROR)
-    began = time.perf_counter()
-    try:
+    with quiet_flower():
         run_simulation(
-            server_app=server_app(server_job),
+            server_app=server_app(start.job),
             client_app=client_app(client_job, mods),
             num_supernodes=clients,
             backend_config={
@@ -704,60 +819,19 @@ def simulate(
                 "init_args": {"num_cpus": max(threads, os.cpu_count() or 1)},
             },
         )
+    return conclude(start, "simulation", validation, log_line)
+
+
+@contextmanager
+def quiet_flower() -> Iterator[None]:
+    """Flower's log at errors only, for the block."""
+    flower = logging.getLogger("flwr")
+    level = flower.level
+    flower.setLevel(logging.ERROR)
+    try:
+        yield
     finally:
         flower.setLevel(level)
-    state = read_state(out)
-    if state is None or state["version"] != version:
-        raise InvalidInputError(
-            "The federation ended without a round: see the log above for why the clients "
-            "failed (each client's error is logged).",
-            field="federated_sim",
-        )
-    if state["round"] < rounds:
-        raise InvalidInputError(
-            f"The federation stopped after round {state['round']} of {rounds} (see the log "
-            "above): run the same command again to go on from there.",
-            field="federated_sim",
-        )
-    tally: Tally = state["tally"]
-    if len(tally.kept_rounds) >= rounds:
-        raise InvalidInputError(
-            f"No round of the {rounds} took an update: every client failed or was refused "
-            "(see the log above).",
-            field="federated_sim",
-        )
-    load_arrays(session.head, ArrayRecord({k: Array(v) for k, v in state["arrays"].items()}))
-    seconds = float(state.get("seconds") or time.perf_counter() - began)  # every run's rounds
-    trained = (rounds - len(tally.kept_rounds)) * fed.sampled() * passes
-    checked = None
-    if validation:
-        checked = validate(
-            session.head, session.llm, validation_examples(validation), session.encode,
-            session.table, session.query_inputs, session.embed_scale,
-        )  # fmt: skip
-        if log_line:
-            log_line(checked.summary())
-    session.head.eval().cpu()
-    final = [tally.losses[r] for r in sorted(tally.losses)][-1:] or [float("nan")]
-    result = TrainResult(
-        config.steps,
-        seconds,
-        final[0],
-        [tally.losses[r] for r in sorted(tally.losses)],
-        f"{device_label(session.device)} × {clients} simulated clients",
-        checked,
-        examples_per_hour=trained / seconds * 3600 if seconds > 0 else 0.0,
-        setup_seconds=setup_seconds,
-    )
-    federation = Federation(
-        clients,
-        rounds,
-        initial.count_bytes(),
-        seconds,
-        tally,
-        state.get("epsilon"),
-    )
-    return session.head, result, federation
 
 
 __all__ = [
@@ -765,12 +839,16 @@ __all__ = [
     "Federation",
     "Guard",
     "ServerJob",
+    "Start",
     "Tally",
     "client_app",
+    "client_round",
+    "conclude",
     "head_arrays",
     "head_version",
     "load_arrays",
     "partition",
     "server_app",
     "simulate",
+    "start_server",
 ]

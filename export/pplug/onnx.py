@@ -3,16 +3,20 @@ and its manifest entry."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from edge_pllm.files import replacing
-from edge_pllm.inference.bundle import HEAD_FILE, Bundle, PlugSpec
+from edge_pllm.files import atomic_write, replacing
+from edge_pllm.inference.bundle import ADAPTER_FILE, HEAD_FILE, Bundle, PlugSpec, load_bundle
 
 from ..embedder import quiet_third_party
+from .config import TrainConfig
 from .model import PPlugHead
+from .training import TrainResult
 
 
 def export_onnx(head: PPlugHead, path: str | Path) -> Path:
@@ -90,3 +94,59 @@ def head_spec(head: PPlugHead, bundle: Bundle, info: dict[str, Any]) -> PlugSpec
         placement=head.config.placement,  # type: ignore[arg-type]
         extra={**extra, **info},
     )
+
+
+def publish(
+    head: PPlugHead,
+    bundle_dir: str | Path,
+    out: Path,
+    *,
+    task: str,
+    examples: int,
+    config: TrainConfig,
+    result: TrainResult,
+    command: str,
+    world_size: int = 1,
+    federation: dict[str, Any] | None = None,
+    attach: bool = True,
+    say: Callable[[str], None] = print,
+) -> PlugSpec:
+    """Export a trained head as the device runs it (`plug.onnx`, the task adapter's GGUF),
+    write its manifest entry to `<out>/plug.json` (the settings, the results, `command`,
+    which trains it again) and, with `attach`, put it into the bundle."""
+    bundle = load_bundle(bundle_dir)
+    onnx_path = export_onnx(head, out / "plug.onnx")
+    adapter_path = export_adapter(head, out / ADAPTER_FILE, bundle)
+    info: dict[str, Any] = {
+        "task": task,
+        "examples": examples,
+        "config": config.record(),
+        "train_seconds": round(result.seconds, 1),
+        "setup_seconds": round(result.setup_seconds, 1),
+        "examples_per_hour": round(result.examples_per_hour),
+        "final_loss": round(result.final_loss, 4),
+        **(
+            {"final_rouge1": round(result.final_score, 4)} if result.final_score is not None else {}
+        ),
+        "device": result.device,
+        "world_size": world_size,  # processes that shared each step of --batch-size examples
+        **(
+            {"validation": {"split": config.validate, **result.validation.as_dict()}}
+            if result.validation
+            else {}
+        ),
+        **({"federation": federation} if federation else {}),
+        "command": command,
+    }
+    spec = head_spec(head, bundle, info)
+    atomic_write(out / "plug.json", json.dumps(spec.to_manifest(), indent=2))
+    say(
+        f"Trained in {result.seconds:.0f} s; final loss {result.final_loss:.3f}; "
+        f"head at {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB)."
+    )
+    if attach:
+        from ..bundle import attach_head
+
+        attach_head(bundle_dir, onnx_path, spec, adapter_path)
+        say(f"Head attached to the bundle {bundle_dir}.")
+    return spec

@@ -12,10 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_pllm.errors import InvalidInputError
 from edge_pllm.tasks import metrics
 
-from .data import Encoded, Example
+from .data import Encoded, Example, validation_examples
 from .distributed import World
 from .frozen import FrozenPrefix, token_losses
 from .model import PPlugHead
@@ -53,19 +52,6 @@ class Validation:
             f"{self.plug:.3f}, plug@other {self.plug_other:.3f} (own history better by "
             f"{g.value:+.4f} [{g.low:+.4f}, {g.high:+.4f}] nats/token)"
         )
-
-
-def validation_examples(examples: Sequence[Example]) -> list[Example]:
-    """The examples validation can use (those with a history); at least two are needed."""
-    usable = [e for e in examples if e.history]
-    if len(usable) < 2:
-        raise InvalidInputError(
-            f"Validation needs at least two examples with a history (got {len(usable)}): one "
-            "user's history is the next one's @other. Validate on a split with answered "
-            "questions, or a larger --validate-limit.",
-            field="validation",
-        )
-    return usable
 
 
 def soft_tokens(
