@@ -12,6 +12,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -365,13 +366,15 @@ def _wait_for(port: int, seconds: float = 60) -> None:
 
 
 @pytest.mark.slow
-def test_the_flower_app_trains_across_a_superlink_and_two_supernodes(tiny_bundle, tmp_path):  # noqa: F811
-    """Flower's own deployment, on one machine: `flower-superlink`, two `flower-supernode`s
-    each holding its own people in its own folder, and `flwr run federation/`. The server
-    starts from its own data, runs both rounds, validates and writes the head as train-plug
-    does; each device kept its checkpoints in its own folder."""
+def test_the_flower_app_trains_across_a_superlink_and_three_supernodes(tiny_bundle, tmp_path):  # noqa: F811
+    """Flower's own deployment, on one machine: `flower-superlink`, three
+    `flower-supernode`s each holding its own people in its own folder, and `flwr run
+    federation/` with secure aggregation (SecAgg+'s four stages a round, each device's
+    protocol state kept by its SuperNode between them). The server starts from its own
+    data, runs both rounds, validates and writes the head as train-plug does; each device
+    kept its checkpoints in its own folder."""
     tiny, bundle = tiny_bundle
-    link, *node_ports = _free_ports(3)
+    link, *node_ports = _free_ports(4)
     flwr_home = tmp_path / "flwr"
     flwr_home.mkdir()
     (flwr_home / "config.toml").write_text(
@@ -397,7 +400,7 @@ def test_the_flower_app_trains_across_a_superlink_and_two_supernodes(tiny_bundle
             "--disable-runtime-dependency-installation", "--port", str(link),
         )  # fmt: skip
         _wait_for(link)
-        for n, people in enumerate((("git-1", "git-2"), ("vim-1", "vim-2"))):
+        for n, people in enumerate((("git-1",), ("git-2",), ("vim-1", "vim-2"))):
             device = tmp_path / f"device-{n}"
             write_people(device / "task", ("train",), people)
             node = {"task-dir": device / "task", "home": device / "home", "bundle": bundle,
@@ -408,7 +411,7 @@ def test_the_flower_app_trains_across_a_superlink_and_two_supernodes(tiny_bundle
                 " ".join(f'{k}="{v}"' for k, v in node.items()) + f" partition-id={n}",
             )  # fmt: skip
         options = "--steps 2 --local-steps 1 --batch-size 2 --dropout-copies 1 --persona-tokens 2"
-        options += f" --llm-source {tiny} --validate dev"
+        options += f" --llm-source {tiny} --validate dev --secure-aggregation"
         run = {
             "options": options,
             "task-dir": write_people(tmp_path / "server-task"),
@@ -416,7 +419,7 @@ def test_the_flower_app_trains_across_a_superlink_and_two_supernodes(tiny_bundle
             "home": tmp_path / "server-home",
             "out": tmp_path / "out",
         }
-        run_config = " ".join(f'{k}="{v}"' for k, v in run.items()) + " clients=2 attach=false"
+        run_config = " ".join(f'{k}="{v}"' for k, v in run.items()) + " clients=3 attach=false"
         done = subprocess.run(
             [bin_dir / "flwr", "run", REPO / "federation", "here", "--run-config", run_config,
              "--stream"],
@@ -427,9 +430,65 @@ def test_the_flower_app_trains_across_a_superlink_and_two_supernodes(tiny_bundle
         assert done.returncode == 0, said
         entry = json.loads((tmp_path / "out" / "plug.json").read_text())
         assert entry["federation"]["runtime"] == "deployment", said
-        assert entry["federation"]["clients"] == 2 and entry["federation"]["rounds"] == 2
+        assert entry["federation"]["clients"] == 3 and entry["federation"]["rounds"] == 2
+        assert entry["federation"]["secure_aggregation"] == "SecAgg+"
+        assert entry["federation"]["rounds_kept"] == [] and entry["federation"]["dropped"] == 0
         assert entry["examples"] == entry["federation"]["client_examples"] > 0
         assert entry["validation"]["split"] == "dev"
         assert entry["command"].startswith("flwr run federation SUPERLINK --run-config")
-        for n in (0, 1):
+        for n in (0, 1, 2):
             assert (tmp_path / f"device-{n}" / "out" / "clients" / str(n) / "round-2").is_dir()
+
+
+def test_secure_aggregation_sends_only_masked_heads_and_trains_the_plain_mean(
+    tiny_bundle,  # noqa: F811
+    tmp_path,
+):
+    """SecAgg+ (3 clients holding one person each, so the plain mean weighs them as
+    FedAvg does): no reply carries a head the server could read (no array leaves a client,
+    and the bytes of the head it trained, as its checkpoint keeps it, are not in what it
+    sends); the head the server assembles is FedAvg's without secure aggregation, within
+    SecAgg+'s quantization."""
+    task = write_people(tmp_path / "task", ("train",), ("git-1", "git-2", "vim-1"))
+    tiny, bundle = tiny_bundle
+    examples, cfg = examples_of(task), config(tiny)
+    plain_fed = pplug.FederatedConfig(federated_sim=3, local_steps=2)
+    plain, _, _ = federated.simulate(
+        bundle, examples, SPEC, tmp_path / "plain", cfg, plain_fed, tmp_path
+    )
+    sent_dir = tmp_path / "sent"
+    sent_dir.mkdir()
+
+    def spy(message, context, call_next):  # outermost: what leaves the client (in a worker)
+        reply = call_next(message, context)
+        client = int(context.node_config["partition-id"])
+        (sent_dir / f"{client}-{uuid.uuid4().hex}.pkl").write_bytes(pickle.dumps(reply.content))
+        return reply
+
+    secure_fed = pplug.FederatedConfig(federated_sim=3, local_steps=2, secure_aggregation=True)
+    secure, _, federation = federated.simulate(
+        bundle, examples, SPEC, tmp_path / "secure", cfg, secure_fed, tmp_path, mods=[spy]
+    )
+    assert federation.as_dict(secure_fed)["secure_aggregation"] == "SecAgg+"
+    assert federation.tally.kept_rounds == [] and len(federation.tally.losses) == 2
+    assert federation.tally.refused == [] and federation.tally.dropped == []
+    replies: dict[int, list[bytes]] = {}
+    for path in sent_dir.glob("*.pkl"):
+        replies.setdefault(int(path.stem.split("-")[0]), []).append(path.read_bytes())
+    assert sorted(replies) == [0, 1, 2] and all(len(r) == 2 * 4 for r in replies.values())
+    for raw in (r for sent in replies.values() for r in sent):
+        assert all(len(record) == 0 for record in pickle.loads(raw).array_records.values())
+    names = federated.shared_names(secure)
+    for client, sent in replies.items():
+        for number in (1, 2):
+            saved = torch.load(
+                tmp_path / "secure" / "clients" / str(client) / f"round-{number}" / "checkpoint.pt",
+                weights_only=False,
+            )["head"]
+            for name in names:
+                chunk = saved[name].float().numpy().tobytes()[:64]
+                assert not any(chunk in raw for raw in sent), (client, number, name)
+    a, b = plain.state_dict(), secure.state_dict()
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"SecAgg+ vs FedAvg: max abs weight difference {diff:.2e}")
+    assert diff < 1e-4

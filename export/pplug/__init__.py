@@ -11,6 +11,7 @@ Rooms:
     training  set up, resume, step, save
     distributed  several processes (torchrun, accelerate launch): each its share of a step
     federated  training across devices on Flower: the client, the server, the simulation
+    secure    secure aggregation (Flower's SecAgg+): the server sees only the clients' mean
     deployment the same client and server as a Flower App across machines (federation/)
     validation the held-out own-versus-other loss gap
     adapter   the task adapter: a LoRA on the frozen LLM, acting from the soft tokens on

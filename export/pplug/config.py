@@ -344,6 +344,12 @@ class FederatedConfig:
         "With --dp-noise: the δ at which ε is reported.",
         type=click.FloatRange(0, 1, min_open=True, max_open=True),
     )
+    secure_aggregation: bool = option(
+        False,
+        "Secure aggregation (Flower's SecAgg+): each client masks its head, so the server "
+        "learns the mean of a round's heads and no one client's. fedavg only, every client "
+        "weighing the same; at least 3 clients a round; not with --dp-noise.",
+    )
     round_timeout: float = option(
         3600.0,
         "Seconds the server waits for a round's updates; a client not done by then is left "
@@ -373,6 +379,22 @@ class FederatedConfig:
                 not self.dp_noise or self.strategy != "fedadam",
                 "strategy",
                 "fedavg or fedprox with --dp-noise (Flower accounts ε for a plain mean)",
+            ),
+            (
+                not self.secure_aggregation or self.strategy == "fedavg",
+                "strategy",
+                "fedavg with --secure-aggregation (SecAgg+ releases only the mean)",
+            ),
+            (
+                not (self.secure_aggregation and self.dp_noise),
+                "dp_noise",
+                "0 with --secure-aggregation (Flower adds its noise to updates it can see)",
+            ),
+            (
+                not self.secure_aggregation or not self.federated_sim or self.sampled() >= 3,
+                "secure_aggregation",
+                "off with fewer than 3 clients a round (SecAgg+ shares each client's key "
+                "among at least 3)",
             ),
         ]
         refuse_unmet(self, check)

@@ -38,6 +38,7 @@ from .config import FederatedConfig, TrainConfig, configs_from_words, option_wor
 from .data import task_examples
 from .federated import ClientJob, client_round, conclude, run_server, start_server
 from .onnx import publish
+from .secure import secure_when_asked
 
 APP_DIR = "federation"  # the Flower App's folder in the repository
 
@@ -158,22 +159,22 @@ def clip_when_private(message: Message, context: Context, call_next: ClientAppCa
     return call_next(message, context)
 
 
-client = ClientApp(mods=[clip_when_private])
+client = ClientApp(mods=[secure_when_asked, clip_when_private])
 
 
 @client.train()
 def _train(message: Message, context: Context) -> Message:
     job, number = device_job(context)
-    return client_round(job, number, message)
+    return client_round(job, number, message, context)
 
 
 # --- the server -------------------------------------------------------------------------------
 
 
-def run_federation(grid: Grid, run: Mapping[str, Any]) -> Path:
+def run_federation(grid: Grid, context: Context) -> Path:
     """The server's whole run: set up from its own task folder, run the rounds on `grid`,
     then validate, export and attach the head as train-plug does; returns the output folder."""
-    settings = RunSettings.of(run)
+    settings = RunSettings.of(context.run_config)
     config, fed = settings.configs()
     fed.check_with(config)
     fed.rounds(config.steps)
@@ -188,7 +189,7 @@ def run_federation(grid: Grid, run: Mapping[str, Any]) -> Path:
         f"{fed.federated_sim} clients"
     )
     start = start_server(bundle, examples, spec, out, config, fed, home_dir, held_out, say)
-    run_server(start.job, grid)
+    run_server(start.job, grid, context)
     head, result, federation = conclude(start, "deployment", held_out, say)
     publish(
         head,
@@ -215,7 +216,7 @@ server = ServerApp()
 
 @server.main()
 def _main(grid: Grid, context: Context) -> None:
-    run_federation(grid, context.run_config)
+    run_federation(grid, context)
 
 
 __all__ = ["APP_DIR", "RunSettings", "client", "device_job", "run_federation", "server"]

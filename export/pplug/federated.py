@@ -33,7 +33,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -69,6 +69,7 @@ from .config import FederatedConfig, TrainConfig
 from .data import Example
 from .frozen import load_frozen_llm
 from .model import PPlugHead
+from .secure import SecureMean, asks_legacy, legacy_round, run_rounds, secure_when_asked
 from .training import (
     CHECKPOINT,
     Session,
@@ -206,10 +207,15 @@ class ClientFailed(RuntimeError):
     may quote the client's data); the client's own log has the rest."""
 
 
-def client_round(job: ClientJob, client: int, message: Message) -> Message:
-    """One round on client `client` (see `train_round`); an error of ours is told to the
+def client_round(job: ClientJob, client: int, message: Message, context: Context) -> Message:
+    """One round on client `client` (see `train_round`; under secure aggregation in
+    SecAgg+'s legacy dialect, `secure.legacy_round`); an error of ours is told to the
     server as it is (it names settings, never data), any other by its kind only."""
     try:
+        if asks_legacy(message):
+            return legacy_round(
+                message, context, lambda weights, sent: train_on(job, client, weights, sent)
+            )
         return train_round(job, client, message)
     except InvalidInputError:
         raise
@@ -235,15 +241,30 @@ def _newest_before(root: Path, number: int) -> int:
 
 
 def train_round(job: ClientJob, client: int, message: Message) -> Message:
+    """One round of the Message API (see `train_on`): the reply holds the head's weights,
+    its metrics and its version, nothing else."""
+    arrays, metrics, version = train_on(
+        job, client, message.content["arrays"], message.content["config"]
+    )
+    reply = RecordDict({ARRAYS: arrays, METRICS: metrics, HEAD: ConfigRecord({"version": version})})
+    return Message(content=reply, reply_to=message)
+
+
+def train_on(
+    job: ClientJob,
+    client: int,
+    weights: ArrayRecord | Sequence[np.ndarray],
+    sent: Mapping[str, Any],
+) -> tuple[ArrayRecord, MetricRecord, str]:
     """Set up as central training does, resume this client's checkpoint of its newest
     round before this one (a round trained again after a cut starts where it started),
-    take the server's head, train --local-steps steps, save this round's checkpoint, and
-    reply with the head's weights, the example count, the passes and the mean loss."""
+    take the server's head (`weights`: by name, or in parameter order) and the settings it
+    `sent`, train --local-steps steps and save this round's checkpoint. Returns the head's
+    weights, the metrics (example count, passes, mean loss) and the head's version."""
     examples = list(job.shares[client])
     # each client its own random stream; client 0's is central training's
     config = replace(job.config, seed=job.config.seed + client)
     root = job.client_dir(client)
-    sent = message.content["config"]
     number = int(sent["server-round"])
     before = _newest_before(root, number)
     session = setup(
@@ -257,9 +278,23 @@ def train_round(job: ClientJob, client: int, message: Message) -> Message:
             f"The server trains head {sent['head-version']}; this client's is {version}.",
             field="head_version",
         )
-    load_arrays(session.head, message.content["arrays"])
+    if not isinstance(weights, ArrayRecord):
+        names = shared_names(session.head)
+        if len(weights) != len(names):
+            raise InvalidInputError(
+                f"The server sent {len(weights)} weights; this client's head has "
+                f"{len(names)}: train with the same head settings and bundle.",
+                field="arrays",
+            )
+        pairs = zip(names, weights, strict=True)
+        weights = ArrayRecord({n: Array(np.asarray(w)) for n, w in pairs})
+    load_arrays(session.head, weights)
     with torch.no_grad():  # the server's buffers: the centring mean, the embedding norm
-        mean = torch.tensor(np.asarray(sent["history-mean"], dtype=np.float32))
+        given = sent["history-mean"]  # a list, or float32 bytes (SecAgg+'s legacy config)
+        if isinstance(given, bytes):
+            mean = torch.tensor(np.frombuffer(given, dtype=np.float32).copy())
+        else:
+            mean = torch.tensor(np.asarray(given, dtype=np.float32))
         session.head.history_mean.copy_(mean.to(session.head.history_mean.device))
         session.head.embed_norm.fill_(float(sent["embed-norm"]))
     mu = float(sent.get("proximal-mu", 0.0))  # FedProx's configure_train sends it
@@ -299,25 +334,18 @@ def train_round(job: ClientJob, client: int, message: Message) -> Message:
             METRIC_KEYS[2]: float(np.mean(losses)),
         }
     )
-    reply = RecordDict(
-        {
-            ARRAYS: head_arrays(session.head),
-            METRICS: metrics,
-            HEAD: ConfigRecord({"version": version}),
-        }
-    )
-    return Message(content=reply, reply_to=message)
+    return head_arrays(session.head), metrics, version
 
 
 def client_app(job: ClientJob, mods: Sequence[Mod] = ()) -> ClientApp:
     """The Flower client for `job`; `mods` wrap it (outermost first), and with differential
     privacy Flower's `fixedclipping_mod` clips each update on the client."""
     dp = [fixedclipping_mod] if job.federation.dp_noise else []
-    app = ClientApp(mods=[*mods, *dp])
+    app = ClientApp(mods=[*mods, secure_when_asked, *dp])
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        return client_round(job, int(context.node_config["partition-id"]), message)
+        return client_round(job, int(context.node_config["partition-id"]), message, context)
 
     return app
 
@@ -521,7 +549,7 @@ def read_state(out: Path) -> dict[str, Any] | None:
     return torch.load(path, weights_only=False) if path.is_file() else None
 
 
-def run_server(job: ServerJob, grid: Grid) -> None:
+def run_server(job: ServerJob, grid: Grid, context: Context) -> None:
     """The federation's rounds from where its state says (all, on a fresh start)."""
     out = Path(job.out)
     state = read_state(out)
@@ -547,9 +575,6 @@ def run_server(job: ServerJob, grid: Grid) -> None:
             accountant.load_state_dict(state["privacy"])
     if done >= job.rounds:
         return
-    guard = Guard(
-        strategy, job.initial, job.version, job.passes, job.federation.min_clients, tally, done
-    )
     earlier = state.get("seconds", 0.0) if state else 0.0
     began = time.perf_counter()
     config: dict[str, Any] = {
@@ -581,6 +606,19 @@ def run_server(job: ServerJob, grid: Grid) -> None:
             job.on_round(absolute, tally)
         return None
 
+    fed = job.federation
+    if fed.secure_aggregation:
+        secure = SecureMean(
+            initial=arrays, config=config, version=job.version, passes=job.passes,
+            sampled=fed.sampled(), clients=job.clients, fraction=fed.fraction,
+            min_clients=fed.min_clients, first_round=done, tally=tally, after=after,
+        )  # fmt: skip
+        run_rounds(
+            grid, context, secure, job.rounds - done, fed.round_timeout, fed.min_clients,
+            fed.sampled(),
+        )  # fmt: skip
+        return
+    guard = Guard(strategy, job.initial, job.version, job.passes, fed.min_clients, tally, done)
     guard.start(
         grid,
         arrays,
@@ -597,7 +635,7 @@ def server_app(job: ServerJob) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(job, grid)
+        run_server(job, grid, context)
 
     return app
 
@@ -636,6 +674,8 @@ class Federation:
             "dropped": len(self.tally.dropped),
             "rounds_kept": self.tally.kept_rounds,
         }
+        if fed.secure_aggregation:
+            out["secure_aggregation"] = "SecAgg+"
         if fed.dp_noise:
             out["dp"] = {
                 "noise_multiplier": fed.dp_noise,
