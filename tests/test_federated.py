@@ -306,12 +306,14 @@ def test_a_federation_cut_in_a_round_goes_on_from_there(tiny_bundle, task, tmp_p
         federated.simulate(bundle, examples, SPEC, tmp_path / "cut", cfg, other, tmp_path)
 
 
-def test_the_flower_app_reads_its_run_config_as_train_plug_reads_its_options():
+def test_the_flower_app_reads_its_run_config_as_train_plug_reads_its_options(tmp_path):
     """The deployed app's run config: its defaults are the app's pyproject's, its options
-    are train-plug's (checked as the command checks them), and the command it records runs
-    the same federation again."""
+    are train-plug's (checked as the command checks them), every value of its type, and the
+    command it records, read by Flower's own parser, runs the same federation again."""
     import shlex
     import tomllib
+
+    from flwr.common.config import parse_config_args
 
     from export.pplug.deployment import APP_DIR, RunSettings
 
@@ -321,21 +323,58 @@ def test_the_flower_app_reads_its_run_config_as_train_plug_reads_its_options():
         "serverapp": "export.pplug.deployment:server",
         "clientapp": "export.pplug.deployment:client",
     }
-    given = RunSettings(options="--steps 4 --local-steps 2 --strategy fedprox", clients=3)
+    given = RunSettings(
+        options="--steps 4 --local-steps 2 --strategy fedprox --llm-source '.'",
+        clients=3,
+        task_dir=str(tmp_path),
+        attach=False,
+    )
     config, fed = given.configs()
     assert (config.steps, fed.local_steps, fed.strategy, fed.federated_sim) == (4, 2, "fedprox", 3)
     words = shlex.split(given.command())
     assert words[:4] == ["flwr", "run", APP_DIR, "SUPERLINK"] and words[4] == "--run-config"
-    again = RunSettings.of(tomllib.loads(words[5].replace('" ', '"\n').replace("3 ", "3\n")))
+    again = RunSettings.of(parse_config_args([words[5]]))
     assert again.configs() == (config, fed)
+    assert (again.task_dir, again.attach, again.clients) == (str(tmp_path), False, 3)
+    assert given.configs(llm_source=str(tmp_path))[0].llm_source == str(tmp_path)
     with pytest.raises(InvalidInputError, match="--federated-sim is for one machine"):
         RunSettings(options="--federated-sim 2").configs()
     with pytest.raises(InvalidInputError, match="not train-plug's: No such option '--stepz'"):
         RunSettings(options="--stepz 2").configs()
+    with pytest.raises(InvalidInputError, match="not train-plug's: No such option '--help'"):
+        RunSettings(options="--help").configs()
+    with pytest.raises(InvalidInputError, match="do not split into words"):
+        RunSettings(options="--task 'open").configs()
     with pytest.raises(InvalidInputError, match="keys this app does not know: task"):
         RunSettings.of({"task": "x"})
+    with pytest.raises(InvalidInputError, match="attach must be a TOML boolean"):
+        RunSettings.of({"attach": "false"})
+    with pytest.raises(InvalidInputError, match="clients must be a TOML integer"):
+        RunSettings.of({"clients": True})
     with pytest.raises(InvalidInputError, match="at most the 2 clients"):
         RunSettings(options="--min-clients 3", clients=2).configs()
+
+
+def test_a_device_tells_the_server_what_failed_never_its_folders(tmp_path):
+    """A SuperNode whose node config names a folder that is not there (or a value of the
+    wrong type) fails its round saying the kind and the setting: the folder's name, which
+    could name the device's owner, stays in the device's own log."""
+    from flwr.app import Context, RecordDict
+
+    from export.pplug import deployment
+
+    private = str(tmp_path / "alice-private-notes")
+    run = {"options": "--steps 2 --local-steps 1", "clients": 2}
+    message = object()  # never read: the device fails before its round
+    for node, field in (
+        ({"task-dir": private}, "task_dir"),
+        ({"partition-id": "x"}, "partition_id"),
+    ):
+        context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=run)
+        with pytest.raises(federated.ClientFailed) as failed:
+            deployment.device_round(message, context)
+        assert f"InvalidInputError in its {field}" in str(failed.value)
+        assert "alice" not in str(failed.value)
 
 
 def _free_ports(n: int) -> list[int]:
@@ -433,11 +472,13 @@ def test_the_flower_app_trains_across_a_superlink_and_three_supernodes(tiny_bund
         assert entry["federation"]["clients"] == 3 and entry["federation"]["rounds"] == 2
         assert entry["federation"]["secure_aggregation"] == "SecAgg+"
         assert entry["federation"]["rounds_kept"] == [] and entry["federation"]["dropped"] == 0
-        assert entry["examples"] == entry["federation"]["client_examples"] > 0
+        held = sum(len(examples_of(tmp_path / f"device-{n}" / "task")) for n in range(3))
+        assert entry["examples"] == held
         assert entry["validation"]["split"] == "dev"
         assert entry["command"].startswith("flwr run federation SUPERLINK --run-config")
-        for n in (0, 1, 2):
-            assert (tmp_path / f"device-{n}" / "out" / "clients" / str(n) / "round-2").is_dir()
+        for n in (0, 1, 2):  # under a folder of this run config's own
+            kept = list((tmp_path / f"device-{n}" / "out").glob(f"*/clients/{n}/round-2"))
+            assert len(kept) == 1, sorted((tmp_path / f"device-{n}").rglob("*"))
 
 
 def test_secure_aggregation_sends_only_masked_heads_and_trains_the_plain_mean(

@@ -495,7 +495,7 @@ def configs_from_words(words: Sequence[str], *classes: type) -> tuple[Any, ...]:
     for cls in reversed(classes):
         command = config_options(cls)(command)
     try:
-        values = click.command()(command).main(
+        values = click.command(add_help_option=False)(command).main(
             list(words), prog_name="options", standalone_mode=False
         )
     except click.ClickException as exc:

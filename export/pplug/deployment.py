@@ -18,6 +18,10 @@ replies with the head's weights alone, as a simulated client does.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import logging
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -36,11 +40,12 @@ from edge_pllm.paths import home as edge_home
 
 from .config import FederatedConfig, TrainConfig, configs_from_words, option_words
 from .data import task_examples
-from .federated import ClientJob, client_round, conclude, run_server, start_server
+from .federated import ClientFailed, ClientJob, client_round, conclude, run_server, start_server
 from .onnx import publish
 from .secure import secure_when_asked
 
 APP_DIR = "federation"  # the Flower App's folder in the repository
+log = logging.getLogger("edge_pllm.federated")
 
 
 @dataclass(frozen=True)
@@ -58,8 +63,9 @@ class RunSettings:
 
     @classmethod
     def of(cls, run: Mapping[str, Any]) -> RunSettings:
-        """The settings from a run config (keys spelled with dashes, as TOML keys are)."""
-        names = {f.name.replace("_", "-"): f.name for f in fields(cls)}
+        """The settings from a run config (keys spelled with dashes, as TOML keys are),
+        each of its default's type."""
+        names = {f.name.replace("_", "-"): f for f in fields(cls)}
         unknown = sorted(set(run) - set(names))
         if unknown:
             raise InvalidInputError(
@@ -67,44 +73,89 @@ class RunSettings:
                 f"(it knows {', '.join(names)}).",
                 field="run_config",
             )
-        settings = cls(**{names[k]: v for k, v in run.items()})
+        for key, value in run.items():
+            _check_type("run config", key, value, type(names[key].default))
+        settings = cls(**{names[k].name: v for k, v in run.items()})
         if settings.clients < 1:
             raise InvalidInputError(
                 f"clients must be at least 1 (got {settings.clients}).", field="clients"
             )
         return settings
 
-    def configs(self) -> tuple[TrainConfig, FederatedConfig]:
-        """train-plug's settings from `options`, the federation's clients those it waits for."""
-        config, fed = configs_from_words(shlex.split(self.options), TrainConfig, FederatedConfig)
-        if fed.federated_sim:
-            raise InvalidInputError(
-                "--federated-sim is for one machine: a deployed federation's clients are its "
-                "SuperNodes; set their number with the run config's clients.",
-                field="federated_sim",
-            )
-        return config, replace(fed, federated_sim=self.clients)
+    def configs(self, llm_source: str = "") -> tuple[TrainConfig, FederatedConfig]:
+        """train-plug's settings from `options` (`llm_source`: a device's own copy of the
+        LLM's source, in place of --llm-source), the federation's clients those it waits
+        for."""
+        return _configs(self.options, self.clients, llm_source)
 
     def command(self, app: str = APP_DIR) -> str:
-        """The `flwr run` command that trains this federation's head again: every option
-        spelled out, so a later change of a default does not change what it reproduces."""
+        """The `flwr run` command that trains this federation's head again (SUPERLINK: the
+        name of your SuperLink connection): every option spelled out, so a later change of
+        a default does not change what it reproduces; the server's folders absolute."""
         config, fed = self.configs()
         words = option_words(config) + option_words(replace(fed, federated_sim=None))
+        given = {
+            "options": shlex.join(words),
+            **{
+                k: str(Path(getattr(self, k)).resolve())
+                for k in ("task_dir", "home", "bundle", "out")
+                if getattr(self, k)
+            },
+        }
         pairs = [
-            f"{f.name.replace('_', '-')}={_toml(v)}"
+            f"{f.name.replace('_', '-')}={_toml(given.get(f.name, getattr(self, f.name)))}"
             for f in fields(self)
-            if (v := shlex.join(words) if f.name == "options" else getattr(self, f.name))
-            != f.default
-            or f.name in ("options", "clients", "task_dir")
+            if f.name in given or f.name == "clients" or getattr(self, f.name) != f.default
         ]
         return shlex.join(["flwr", "run", app, "SUPERLINK", "--run-config", " ".join(pairs)])
 
 
+@functools.lru_cache(maxsize=8)
+def _configs(options: str, clients: int, llm_source: str) -> tuple[TrainConfig, FederatedConfig]:
+    try:
+        words = shlex.split(options)
+    except ValueError as exc:
+        raise InvalidInputError(
+            f"The run config's options do not split into words ({exc}): close their quotes.",
+            field="options",
+        ) from None
+    if llm_source:  # the last of an option's values counts, and only it is checked
+        words += ["--llm-source", llm_source]
+    config, fed = configs_from_words(words, TrainConfig, FederatedConfig)
+    if fed.federated_sim:
+        raise InvalidInputError(
+            "--federated-sim is for one machine: a deployed federation's clients are its "
+            "SuperNodes; set their number with the run config's clients.",
+            field="federated_sim",
+        )
+    return config, replace(fed, federated_sim=clients)
+
+
+def _check_type(where: str, key: str, value: Any, wanted: type) -> None:
+    ok = isinstance(value, wanted) and (wanted is bool or not isinstance(value, bool))
+    if not ok:
+        raise InvalidInputError(
+            f"The {where}'s {key} must be a TOML {_TOML_TYPES[wanted]} (got {value!r}).",
+            field=key.replace("-", "_"),
+        )
+
+
+_TOML_TYPES = {str: "string in double quotes", int: "integer", bool: "boolean (true, false)"}
+
+
 def _toml(value: Any) -> str:
+    """A run-config value as `flwr run --run-config` reads it (a string in double quotes,
+    which Flower reads up to the next double quote)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if '"' in value:
+            raise InvalidInputError(
+                f"A run-config string cannot hold a double quote (Flower reads it up to the "
+                f"next one): {value!r}; use single quotes inside options.",
+                field="run_config",
+            )
+        return f'"{value}"'
     return str(value)
 
 
@@ -126,34 +177,60 @@ def _folder(given: Any, what: str) -> Path:
 
 # --- the device -------------------------------------------------------------------------------
 
+NODE_KEYS = {"task-dir": str, "home": str, "bundle": str, "out": str, "llm-source": str,
+             "partition-id": int}  # fmt: skip
+
 
 def device_job(context: Context) -> tuple[ClientJob, int]:
     """This SuperNode's client: the run's settings, the device's own examples, and its
-    number (its node config's partition-id, else 0)."""
-    config, fed = RunSettings.of(context.run_config).configs()
+    number (its node config's partition-id, else 0). Its checkpoints go to `<out>/<run
+    config's digest>/`: another federation on the same device keeps its own."""
     node = context.node_config
-    unknown = sorted(set(node) - {"task-dir", "home", "bundle", "out", "partition-id"})
+    unknown = sorted(set(node) - set(NODE_KEYS))
     if unknown:
         raise InvalidInputError(
             f"The node config has keys a device does not use: {', '.join(unknown)} (it reads "
-            "task-dir, home, bundle, out and partition-id).",
+            f"{', '.join(NODE_KEYS)}).",
             field="node_config",
         )
+    for key, value in node.items():
+        _check_type("node config", key, value, NODE_KEYS[key])
+    settings = RunSettings.of(context.run_config)
+    config, fed = settings.configs(str(node.get("llm-source", "")))
     task_dir = _folder(node.get("task-dir"), "The node config's task-dir")
     home_dir = _home(str(node.get("home", "")))
     bundle = _bundle(str(node.get("bundle", "")), home_dir)
     spec, examples, _ = task_examples(task_dir, replace(config, validate=None))
     number = int(node.get("partition-id", 0))
-    out = str(node.get("out") or home_dir / "plug-federated")
-    job = ClientJob(
-        str(bundle), str(home_dir), out, spec.name, config, fed, {number: tuple(examples)}
-    )
-    return job, number
+    digest = hashlib.sha256(json.dumps(dict(context.run_config), sort_keys=True).encode())
+    out = Path(str(node.get("out") or home_dir / "plug-federated")) / digest.hexdigest()[:16]
+    shares = {number: tuple(examples)}
+    return ClientJob(str(bundle), str(home_dir), str(out), spec.name, config, fed, shares), number
+
+
+def device_round(message: Message, context: Context) -> Message:
+    """One round on this device. What goes wrong here is said to the server by its kind and
+    setting only (its text could name the device's folders or quote its data); the
+    device's own log has the rest."""
+    try:
+        job, number = device_job(context)
+    except Exception as exc:
+        log.exception("this device cannot train in this federation")
+        field = getattr(exc, "field", None)
+        raise ClientFailed(
+            f"a device could not set up: {type(exc).__name__}"
+            + (f" in its {field}" if field else "")
+            + " (its own log says why)"
+        ) from None
+    return client_round(job, number, message, context)
 
 
 def clip_when_private(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower's client-side clipping when the run trains with differential privacy."""
-    _, fed = RunSettings.of(context.run_config).configs()
+    try:
+        _, fed = RunSettings.of(context.run_config).configs()
+    except InvalidInputError:
+        return call_next(message, context)  # the round says what is wrong, redacted
     if fed.dp_noise:
         return fixedclipping_mod(message, context, call_next)
     return call_next(message, context)
@@ -164,8 +241,7 @@ client = ClientApp(mods=[secure_when_asked, clip_when_private])
 
 @client.train()
 def _train(message: Message, context: Context) -> Message:
-    job, number = device_job(context)
-    return client_round(job, number, message, context)
+    return device_round(message, context)
 
 
 # --- the server -------------------------------------------------------------------------------

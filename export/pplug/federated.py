@@ -209,21 +209,33 @@ class ClientFailed(RuntimeError):
 
 def client_round(job: ClientJob, client: int, message: Message, context: Context) -> Message:
     """One round on client `client` (see `train_round`; under secure aggregation in
-    SecAgg+'s legacy dialect, `secure.legacy_round`); an error of ours is told to the
-    server as it is (it names settings, never data), any other by its kind only."""
+    SecAgg+'s legacy dialect, `secure.legacy_round`). The server is told an error about
+    what it sent as it is (the head, the task, the steps: no data in them), any other by
+    its kind and setting only (its text could name the client's folders or quote its
+    data); the client's own log has the rest."""
     try:
         if asks_legacy(message):
             return legacy_round(
                 message, context, lambda weights, sent: train_on(job, client, weights, sent)
             )
         return train_round(job, client, message)
-    except InvalidInputError:
-        raise
+    except InvalidInputError as exc:
+        if exc.field in TOLD:
+            raise
+        log.exception("client %d failed", client)
+        raise ClientFailed(
+            f"client {client} failed with {type(exc).__name__} in its {exc.field} (its own "
+            "log says why)"
+        ) from None
     except Exception as exc:
         log.exception("client %d failed", client)  # on the client: its own log
         raise ClientFailed(
             f"client {client} failed with {type(exc).__name__} (its own log says why)"
         ) from None
+
+
+# errors about what the server sent, told to it whole
+TOLD = frozenset({"head_version", "task", "steps", "arrays", "secure_aggregation"})
 
 
 def _round_dir(root: Path, number: int) -> Path:
@@ -272,6 +284,11 @@ def train_on(
         llm=_frozen_llm(job),
     )  # fmt: skip
     resume(session, _round_dir(root, before))  # round 0 is never written: a fresh start
+    if sent.get("task", job.task) != job.task:
+        raise InvalidInputError(
+            f"The server trains task {sent['task']}; this client's examples are of {job.task}.",
+            field="task",
+        )
     version = head_version(session.head)
     if sent["head-version"] != version:
         raise InvalidInputError(
@@ -495,6 +512,7 @@ class ServerJob:
     settings: dict[str, Any]  # what decides the federation's head: a resume keeps them
     passes: int  # examples a client trains on in a round
     on_round: Callable[[int, Tally], None] | None = None
+    task: str = ""  # the task every client trains
 
 
 def _strategy(fed: FederatedConfig, clients: int) -> tuple[Strategy, Any]:
@@ -567,6 +585,8 @@ def run_server(job: ServerJob, grid: Grid, context: Context) -> None:
                 field="out_dir",
             )
         done, tally = state["round"], state["tally"]
+        if not hasattr(tally, "examples"):  # a state written before tallies counted them
+            tally.examples = {}
         arrays = ArrayRecord({k: Array(v) for k, v in state["arrays"].items()})
         inner = getattr(strategy, "strategy", strategy)
         for key, value in state.get("optimizer", {}).items():
@@ -578,6 +598,7 @@ def run_server(job: ServerJob, grid: Grid, context: Context) -> None:
     earlier = state.get("seconds", 0.0) if state else 0.0
     began = time.perf_counter()
     config: dict[str, Any] = {
+        "task": job.task,
         "head-version": job.version,
         "history-mean": job.history_mean,
         "embed-norm": job.embed_norm,
@@ -735,7 +756,7 @@ def start_server(
     job = ServerJob(
         fed, rounds, clients, head_arrays(session.head), session.head.history_mean.cpu().tolist(),
         float(session.head.embed_norm), head_version(session.head), str(out), settings,
-        fed.local_steps * config.batch_size, on_round,
+        fed.local_steps * config.batch_size, on_round, spec.name,
     )  # fmt: skip
     return Start(session, job, config, time.perf_counter() - started)
 
