@@ -66,15 +66,7 @@ class RunSettings:
         """The settings from a run config (keys spelled with dashes, as TOML keys are),
         each of its default's type."""
         names = {f.name.replace("_", "-"): f for f in fields(cls)}
-        unknown = sorted(set(run) - set(names))
-        if unknown:
-            raise InvalidInputError(
-                f"The run config has keys this app does not know: {', '.join(unknown)} "
-                f"(it knows {', '.join(names)}).",
-                field="run_config",
-            )
-        for key, value in run.items():
-            _check_type("run config", key, value, type(names[key].default))
+        _check_keys("run config", run, {k: type(f.default) for k, f in names.items()})
         settings = cls(**{names[k].name: v for k, v in run.items()})
         if settings.clients < 1:
             raise InvalidInputError(
@@ -131,13 +123,22 @@ def _configs(options: str, clients: int, llm_source: str) -> tuple[TrainConfig, 
     return config, replace(fed, federated_sim=clients)
 
 
-def _check_type(where: str, key: str, value: Any, wanted: type) -> None:
-    ok = isinstance(value, wanted) and (wanted is bool or not isinstance(value, bool))
-    if not ok:
+def _check_keys(where: str, given: Mapping[str, Any], types: Mapping[str, type]) -> None:
+    """Refuse a key of `given` not in `types`, or a value not of its type."""
+    unknown = sorted(set(given) - set(types))
+    if unknown:
         raise InvalidInputError(
-            f"The {where}'s {key} must be a TOML {_TOML_TYPES[wanted]} (got {value!r}).",
-            field=key.replace("-", "_"),
+            f"The {where} has keys this app does not know: {', '.join(unknown)} (it knows "
+            f"{', '.join(types)}).",
+            field=where.replace(" ", "_"),
         )
+    for key, value in given.items():
+        wanted = types[key]
+        if not isinstance(value, wanted) or (wanted is not bool and isinstance(value, bool)):
+            raise InvalidInputError(
+                f"The {where}'s {key} must be a TOML {_TOML_TYPES[wanted]} (got {value!r}).",
+                field=key.replace("-", "_"),
+            )
 
 
 _TOML_TYPES = {str: "string in double quotes", int: "integer", bool: "boolean (true, false)"}
@@ -186,15 +187,7 @@ def device_job(context: Context) -> tuple[ClientJob, int]:
     number (its node config's partition-id, else 0). Its checkpoints go to `<out>/<run
     config's digest>/`: another federation on the same device keeps its own."""
     node = context.node_config
-    unknown = sorted(set(node) - set(NODE_KEYS))
-    if unknown:
-        raise InvalidInputError(
-            f"The node config has keys a device does not use: {', '.join(unknown)} (it reads "
-            f"{', '.join(NODE_KEYS)}).",
-            field="node_config",
-        )
-    for key, value in node.items():
-        _check_type("node config", key, value, NODE_KEYS[key])
+    _check_keys("node config", node, NODE_KEYS)
     settings = RunSettings.of(context.run_config)
     config, fed = settings.configs(str(node.get("llm-source", "")))
     task_dir = _folder(node.get("task-dir"), "The node config's task-dir")
