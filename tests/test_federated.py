@@ -518,7 +518,10 @@ def test_secure_aggregation_sends_only_masked_heads_and_trains_the_plain_mean(
         replies.setdefault(int(path.stem.split("-")[0]), []).append(path.read_bytes())
     assert sorted(replies) == [0, 1, 2] and all(len(r) == 2 * 4 for r in replies.values())
     for raw in (r for sent in replies.values() for r in sent):
-        assert all(len(record) == 0 for record in pickle.loads(raw).array_records.values())
+        content = pickle.loads(raw)
+        assert all(len(record) == 0 for record in content.array_records.values())
+        said = content.config_records.get("fitres.metrics", {})
+        assert set(said) <= {"version", "passes"}  # no loss, no example count in the clear
     names = federated.shared_names(secure)
     for client, sent in replies.items():
         for number in (1, 2):
@@ -533,3 +536,22 @@ def test_secure_aggregation_sends_only_masked_heads_and_trains_the_plain_mean(
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     print(f"SecAgg+ vs FedAvg: max abs weight difference {diff:.2e}")
     assert diff < 1e-4
+    assert federation.tally.examples == {1: len(examples), 2: len(examples)}
+
+    def two_fail_in_round_1(message, context, call_next):
+        records = message.content.config_records
+        stage = records.get("secaggplus_configs", {}).get("stage")
+        number = records.get("fitins.config", {}).get("server-round")
+        client = int(context.node_config["partition-id"])
+        if stage == "collect_masked_vectors" and number == 1 and client in (1, 2):
+            raise RuntimeError("lost its connection")
+        return call_next(message, context)
+
+    # Two of three clients lost in round 1: SecAgg+ stops the round (too few to unmask),
+    # which keeps the head and counts as such; round 2 goes on.
+    _, _, cut = federated.simulate(
+        bundle, examples, SPEC, tmp_path / "cut", cfg, secure_fed, tmp_path,
+        mods=[two_fail_in_round_1],
+    )  # fmt: skip
+    assert cut.tally.kept_rounds == [1] and list(cut.tally.losses) == [2]
+    assert any("SecAgg+ stopped the round" in d for d in cut.tally.dropped)

@@ -69,7 +69,16 @@ from .config import FederatedConfig, TrainConfig
 from .data import Example
 from .frozen import load_frozen_llm
 from .model import PPlugHead
-from .secure import SecureMean, asks_legacy, legacy_round, run_rounds, secure_when_asked
+from .secure import (
+    METRIC_KEYS,
+    SecureMean,
+    asks_legacy,
+    clipping_range,
+    is_secure,
+    legacy_round,
+    run_rounds,
+    secure_when_asked,
+)
 from .training import (
     CHECKPOINT,
     Session,
@@ -84,7 +93,6 @@ from .validation import validate, validation_examples
 
 STATE = "federation.pt"
 ARRAYS, METRICS, HEAD = "arrays", "metrics", "head"  # the records of a reply
-METRIC_KEYS = ("num-examples", "passes", "train-loss")  # what a reply's metrics hold
 log = logging.getLogger("edge_pllm.federated")
 
 Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
@@ -214,6 +222,12 @@ def client_round(job: ClientJob, client: int, message: Message, context: Context
     its kind and setting only (its text could name the client's folders or quote its
     data); the client's own log has the rest."""
     try:
+        if job.federation.secure_aggregation and not is_secure(message):
+            raise InvalidInputError(
+                "This federation trains with --secure-aggregation: the server asked for a "
+                "head outside SecAgg+, and this client does not send one unmasked.",
+                field="secure_aggregation",
+            )
         if asks_legacy(message):
             return legacy_round(
                 message, context, lambda weights, sent: train_on(job, client, weights, sent)
@@ -633,6 +647,7 @@ def run_server(job: ServerJob, grid: Grid, context: Context) -> None:
             initial=arrays, config=config, version=job.version, passes=job.passes,
             sampled=fed.sampled(), clients=job.clients, fraction=fed.fraction,
             min_clients=fed.min_clients, first_round=done, tally=tally, after=after,
+            clip=clipping_range(job.initial),
         )  # fmt: skip
         run_rounds(
             grid, context, secure, job.rounds - done, fed.round_timeout, fed.min_clients,

@@ -50,6 +50,8 @@ from flwr.serverapp import Grid
 
 from edge_pllm.errors import InvalidInputError
 
+METRIC_KEYS = ("num-examples", "passes", "train-loss")  # what a client's metrics hold
+
 log = logging.getLogger("edge_pllm.federated")
 
 MIN_CLIENTS = 3  # SecAgg+ shares each client's key among at least 3
@@ -91,23 +93,36 @@ def secure_when_asked(
 Train = Callable[[Sequence[np.ndarray], Mapping[str, Any]], tuple[ArrayRecord, MetricRecord, str]]
 
 
+# The loss and the example count ride in the masked sum, scaled into its range (±8 at
+# least, 2²² steps): a loss to 800 nats within 4e-4, a count to 80,000 within 0.04.
+LOSS_SCALE, COUNT_SCALE = 1e-2, 1e-4
+
+
 def legacy_round(message: Message, context: Context, train: Train) -> Message:
     """The round's training in SecAgg+'s dialect: `train(weights, config)` on the
-    `FitIns`, its result as a `FitRes` of weight 1, refused when a weight lies outside the
-    range SecAgg+ quantizes (it would be clipped silently)."""
+    `FitIns`, its result as a `FitRes` of weight 1. The loss and the example count travel
+    as two more (scaled) weights, so the server learns only their mean; the metrics say
+    only the head's version and the examples trained on, both settings. A head with a
+    value not finite, or outside the range SecAgg+ quantizes (it would be clipped
+    silently), is refused."""
     fitins: FitIns = compat.recorddict_to_fitins(message.content, keep_input=True)
     arrays, metrics, version = train(parameters_to_ndarrays(fitins.parameters), fitins.config)
     weights = [np.atleast_1d(a.numpy()) for a in arrays.values()]  # SecAgg+ garbles 0-d
     state = context.state.config_records.get(RECORD_KEY_STATE)
     limit = float(state["clipping_range"]) if state and "clipping_range" in state else math.inf
-    largest = max(float(np.abs(w).max()) for w in weights)
-    if largest > limit:
+    extra = [
+        np.array([float(metrics[METRIC_KEYS[2]]) * LOSS_SCALE], np.float32),
+        np.array([int(metrics[METRIC_KEYS[0]]) * COUNT_SCALE], np.float32),
+    ]
+    weights += extra
+    if not all(np.isfinite(w).all() and float(np.abs(w).max()) <= limit for w in weights):
         raise InvalidInputError(
-            f"A weight of the trained head is {largest:.3g}, outside secure aggregation's "
-            f"range ±{limit:g}: train with a lower --lr or without --secure-aggregation.",
+            f"The trained head, its loss or its example count lie outside secure "
+            f"aggregation's range ±{limit:g} (or are not finite): train it again in a new "
+            "folder with a lower --lr, or without --secure-aggregation.",
             field="secure_aggregation",
         )
-    said: dict[str, Scalar] = {**dict(metrics), "version": version}
+    said: dict[str, Scalar] = {"version": version, "passes": int(metrics[METRIC_KEYS[1]])}
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(weights), 1, said)
     return Message(content=compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=message)
 
@@ -135,8 +150,10 @@ class SecureMean(LegacyFedAvg):
         first_round: int,
         tally: Tallies,
         after: Callable[[int, ArrayRecord], object],
+        clip: float,
     ) -> None:
-        self.initial = initial
+        self.clip = clip  # the range SecAgg+ quantizes in (`clipping_range`)
+        self.handled: set[int] = set()  # rounds that reached aggregate_fit
         self.names = list(initial.keys())
         self.shapes = [tuple(a.shape) for a in initial.values()]
         self.config, self.version, self.passes = dict(config), version, passes
@@ -164,14 +181,13 @@ class SecureMean(LegacyFedAvg):
         number = self.first_round + server_round
         return {**self.config, "history-mean": mean, "server-round": number}
 
-    def problem(self, metrics: Mapping[str, Any]) -> str | None:
-        if metrics.get("version") != self.version:
-            return f"head version {metrics.get('version')!r}, not {self.version!r}"
-        if metrics.get("passes") != self.passes:
-            return f"{metrics.get('passes')!r} examples trained on, not {self.passes}"
-        loss = metrics.get("train-loss")
-        if not isinstance(loss, float | int) or not math.isfinite(loss):
-            return f"loss {loss!r}"
+    def problem(self, res: FitRes) -> str | None:
+        if res.metrics.get("version") != self.version:
+            return f"head version {res.metrics.get('version')!r}, not {self.version!r}"
+        if res.metrics.get("passes") != self.passes:
+            return f"{res.metrics.get('passes')!r} examples trained on, not {self.passes}"
+        if res.num_examples != 1:  # the weight its update was quantized with
+            return f"weight {res.num_examples!r}, not 1"
         return None
 
     def aggregate_fit(
@@ -181,39 +197,54 @@ class SecureMean(LegacyFedAvg):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         absolute = self.first_round + server_round
+        self.handled.add(absolute)
         for failure in failures:
             self.tally.dropped.append(f"round {absolute}: {failure}")
             log.warning("round %d: a client dropped: %s", absolute, failure)
-        problems = [p for _, res in results if (p := self.problem(res.metrics))]
+        problems = [p for _, res in results if (p := self.problem(res))]
         for problem in problems:
             self.tally.refused.append(f"round {absolute}: {problem}")
             log.warning("round %d: a client's update refused: %s", absolute, problem)
         mean, _ = super().aggregate_fit(server_round, results, []) if results else (None, {})
         weights = parameters_to_ndarrays(mean) if mean is not None else []
-        sizes = [int(np.prod(shape)) for shape in self.shapes]
-        shapes_ok = [w.size for w in weights] == sizes
-        if problems or len(results) < self.min_clients or not shapes_ok:
+        sizes = [int(np.prod(shape)) for shape in self.shapes] + [1, 1]
+        if problems or len(results) < self.min_clients or [w.size for w in weights] != sizes:
             self.tally.kept_rounds.append(absolute)
             log.warning("round %d: %d update(s), the head is kept", absolute, len(results))
             return None, {}
-        if not all(np.isfinite(w).all() for w in weights):
+        # a client's weight not finite comes out of SecAgg+ as a large finite one: an
+        # honest mean lies within the range every client's weights were clipped to
+        if not all(np.isfinite(w).all() and np.abs(w).max() <= self.clip for w in weights):
             self.tally.kept_rounds.append(absolute)
-            log.warning("round %d: the mean has values that are not finite: head kept", absolute)
+            log.warning("round %d: the mean lies outside the clients' range: head kept", absolute)
             return None, {}
-        losses = [float(res.metrics["train-loss"]) for _, res in results]
-        self.tally.losses[absolute] = float(np.mean(losses))
-        self.tally.examples[absolute] = sum(int(res.metrics["num-examples"]) for _, res in results)
-        return mean, {}
+        *head, loss, count = weights
+        self.tally.losses[absolute] = float(loss[0]) / LOSS_SCALE
+        self.tally.examples[absolute] = round(float(count[0]) / COUNT_SCALE * len(results))
+        return ndarrays_to_parameters(head), {}
 
     def evaluate(
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Scalar]] | None:
-        """After each round (the workflow's centralized evaluation): the server's state."""
+        """After each round (the workflow's centralized evaluation): the server's state. A
+        round SecAgg+ stopped (too few clients left for its threshold, or failures in its
+        stages) never reached `aggregate_fit`: it is counted as a round that kept the head."""
+        absolute = self.first_round + server_round
+        if server_round > 0 and absolute not in self.handled:
+            self.tally.kept_rounds.append(absolute)
+            self.tally.dropped.append(f"round {absolute}: SecAgg+ stopped the round")
+            log.warning("round %d: SecAgg+ stopped the round: the head is kept", absolute)
         weights = parameters_to_ndarrays(parameters)
         shaped = [Array(w.reshape(shape)) for w, shape in zip(weights, self.shapes, strict=True)]
         named = zip(self.names, shaped, strict=True)
         self.after(server_round, ArrayRecord(dict(named)))
         return None
+
+
+def clipping_range(initial: ArrayRecord) -> float:
+    """The range SecAgg+ quantizes the clients' weights in: ±4 × the largest weight of the
+    federation's first head (at least ±8), the same after a resume."""
+    return max(8.0, 4 * max(float(np.abs(a.numpy()).max()) for a in initial.values()))
 
 
 def run_rounds(
@@ -226,17 +257,16 @@ def run_rounds(
     sampled: int,
 ) -> None:
     """`rounds` rounds of SecAgg+ on `grid`: each client's key shared among all the round's
-    clients, any `min_clients` (at least 2, fewer than all) of which recover a dropped
-    client's masks; the clients' weights quantized in ±`strategy`'s largest weight × 4
-    (at least ±8) to 2²² steps."""
-    largest = max(float(np.abs(a.numpy()).max()) for a in strategy.initial.values())
-    threshold = min(max(2, min_clients), sampled - 1)
+    clients, a majority of which (at least `min_clients` and 2, fewer than all) recover a
+    dropped client's masks, so fewer colluding with the server cannot; the clients'
+    weights quantized in `strategy.clip` to 2²² steps."""
+    threshold = min(sampled - 1, max(2, min_clients, sampled // 2 + 1))
     workflow = DefaultWorkflow(
         fit_workflow=SecAggPlusWorkflow(
             num_shares=sampled,
             reconstruction_threshold=threshold,
             max_weight=1.0,
-            clipping_range=max(8.0, 4 * largest),
+            clipping_range=strategy.clip,
             timeout=timeout,
         )
     )
