@@ -252,14 +252,13 @@ def run_federation(grid: Grid, context: Context) -> Path:
     bundle = _bundle(settings.bundle, home_dir)
     out = Path(settings.out) if settings.out else home_dir / "plug-federated"
     spec, examples, held_out = task_examples(task_dir, config)
-    say = _say
-    say(
+    _say(
         f"server: the first head from {len(examples)} examples of its own; waiting for "
         f"{fed.federated_sim} clients"
     )
-    start = start_server(bundle, examples, spec, out, config, fed, home_dir, held_out, say)
+    start = start_server(bundle, examples, spec, out, config, fed, home_dir, held_out, _say)
     run_server(start.job, grid, context)
-    head, result, federation = conclude(start, "deployment", held_out, say)
+    head, result, federation = conclude(start, "deployment", held_out, _say)
     publish(
         head,
         bundle,
@@ -271,7 +270,7 @@ def run_federation(grid: Grid, context: Context) -> Path:
         command=settings.command(),
         federation=federation.as_dict(fed),
         attach=settings.attach,
-        say=say,
+        say=_say,
     )
     return out
 

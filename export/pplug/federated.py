@@ -215,6 +215,10 @@ class ClientFailed(RuntimeError):
     may quote the client's data); the client's own log has the rest."""
 
 
+# errors about what the server sent, told to it whole
+TOLD = frozenset({"head_version", "task", "steps", "arrays", "secure_aggregation"})
+
+
 def client_round(job: ClientJob, client: int, message: Message, context: Context) -> Message:
     """One round on client `client` (see `train_round`; under secure aggregation in
     SecAgg+'s legacy dialect, `secure.legacy_round`). The server is told an error about
@@ -246,10 +250,6 @@ def client_round(job: ClientJob, client: int, message: Message, context: Context
         raise ClientFailed(
             f"client {client} failed with {type(exc).__name__} (its own log says why)"
         ) from None
-
-
-# errors about what the server sent, told to it whole
-TOLD = frozenset({"head_version", "task", "steps", "arrays", "secure_aggregation"})
 
 
 def _round_dir(root: Path, number: int) -> Path:
