@@ -17,7 +17,7 @@ from edge_pllm.personalization.prompts import PromptStyle
 from .common import CHAT_PROMPT, Results, Row
 
 STRATEGIES = ("none", "plug", "plug+rag:1")
-APART = "plug (header apart)"
+APART = "plug (request apart)"
 TTFT_STRATEGIES = ("none", "plug", "rag:1", "plug+rag:1")
 
 
@@ -95,17 +95,17 @@ def throughput(
         runs[s], runs[f"bare:{s}"] = [], []
     runs[APART] = []
     names = list(runs)
-    rows = pllm.llm.token_rows
+    invariant = pllm.llm._rows_batch_invariant
     for r in range(repeats):  # interleaved and rotated: drift hits every variant alike
         for name in names[r % len(names) :] + names[: r % len(names)]:
             if name.startswith("bare:"):
                 runs[name].append(bare_run(bare, prompt_ids[name[5:]], max_tokens))
                 continue
-            # The header as tokens, a pass after the soft rows' (as before #32).
-            pllm.llm.__dict__["token_rows"] = None if name == APART else rows
+            # APART: the request in a pass of its own, then the soft rows and the header.
+            pllm.llm.__dict__["_rows_batch_invariant"] = invariant and name != APART
             strategy = name.split(" ")[0]
             runs[name].append(ours_run(pllm, user, CHAT_PROMPT, strategy, max_tokens))
-    pllm.llm.__dict__["token_rows"] = rows
+    pllm.llm.__dict__["_rows_batch_invariant"] = invariant
     med = {k: _median_run(v) for k, v in runs.items()}
     for s in STRATEGIES:
         ref, ours = med[f"bare:{s}"], med[s]
@@ -140,10 +140,10 @@ def throughput(
         Row(
             "throughput",
             f"prompt eval incl. persona, edge-pllm plug ({one.prompt_tokens} tokens), the "
-            "answer's header in the soft rows' pass",
+            "whole prompt in one pass",
             one.prompt_tokens / one.ttft,
             "tok/s",
-            "the header in a pass of its own",
+            "the request in a pass of its own, then the soft rows and the header",
             apart.prompt_tokens / apart.ttft,
         )
     )
@@ -304,8 +304,10 @@ def repeat_query(res: Results, pllm: PersonalLLM, user: str, prompts: list[str])
 class _OneAtATime(Drawer):
     """Draws a member's candidates one after another (consensus before one batch per step)."""
 
-    def answers(self, prepared, samplings, style):
-        return [self.answer(prepared, s, style) for s in samplings]
+    def answers_each(self, asks, style):
+        return [
+            [self.answer(prepared, s, style) for s in samplings] for prepared, samplings in asks
+        ]
 
 
 @dataclass(frozen=True)

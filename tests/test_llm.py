@@ -10,6 +10,7 @@ import pytest
 
 from edge_pllm.errors import BundleError, ContextOverflowError, SoftTokenShapeError
 from edge_pllm.inference.llm import LLM, LLMConfig, SamplingConfig
+from edge_pllm.inference.token_rows import batch_invariant
 
 TEXT = "Persona-Plug feeds a user embedding to a frozen model as a soft token."
 
@@ -147,12 +148,15 @@ def test_soft_rows_before_the_answer_reuse_the_cache_exactly(llm):
     assert complete(bob).text == other.text
 
 
-def test_the_header_travels_with_the_soft_rows_in_one_pass(llm, token_embd, monkeypatch):
-    """The answer's header goes in the soft rows' embedding batch as its own token rows
-    (read from the GGUF as llama.cpp reads them): one llama_decode fewer than decoding it
-    as tokens after them, and the very same answers, logits and cache."""
+def test_the_whole_prompt_travels_with_the_soft_rows_in_one_pass(llm, token_embd, monkeypatch):
+    """The request's uncached tokens and the answer's header go in the soft rows' embedding
+    batch as their own token rows (read from the GGUF as llama.cpp reads them): one
+    llama_decode for the whole prompt, as the bare prompt takes; the very same answers as
+    with the request decoded as tokens first (and the header too), and a repeat, whose
+    request is cached, bit-identical to the first call."""
     import llama_cpp
 
+    assert llm._one_pass  # Q4_1 weights: every row computed alone, whatever its batch
     header = llm.split_prompt(
         llm.apply_chat_template([{"role": "user", "content": "hi"}]), "before_answer"
     )[1]
@@ -169,18 +173,42 @@ def test_the_header_travels_with_the_soft_rows_in_one_pass(llm, token_embd, monk
     prompt = llm.apply_chat_template([{"role": "user", "content": "Describe your week."}])
     soft = np.random.default_rng(6).normal(0, 0.5, (3, llm.n_embd)).astype(np.float32)
     sampling = SamplingConfig(max_tokens=12)
+    llm.reset()
+    llm.llama.create_completion(llm.tokenize(prompt), max_tokens=1)  # bare llama-cpp-python
+    bare = len(calls)
     answers, passes = [], []
-    for rows in (llm.token_rows, None):
-        monkeypatch.setitem(llm.__dict__, "token_rows", rows)  # None: the header as tokens
+    # One pass; the request apart; the request and the header each apart (as tokens).
+    for one_pass, rows in ((True, llm.token_rows), (False, llm.token_rows), (False, None)):
+        monkeypatch.setitem(llm.__dict__, "_rows_batch_invariant", one_pass)
+        monkeypatch.setitem(llm.__dict__, "token_rows", rows)
         llm.reset()
         calls.clear()
         llm.complete(prompt, soft, SamplingConfig(max_tokens=1), "before_answer")
         passes.append(len(calls))
         llm.reset()
         answers.append(llm.complete(prompt, soft, sampling, "before_answer").text)
+        answers.append(llm.complete(prompt, soft, sampling, "before_answer").text)  # cached
         answers.append(llm.draw(prompt, soft, [sampling] * 2, "before_answer")[1].text)
-    assert passes[0] == passes[1] - 1
+    assert passes == [bare, bare + 1, bare + 2]
     assert len(set(answers)) == 1 and answers[0]
+
+
+def test_batch_invariant_weights_are_told_by_their_type(llm, tmp_path):
+    """Q4_1 (the default model) is computed row by row in any batch; a Q4_0 copy, which
+    llama.cpp repacks on most CPUs, is not taken for it, nor is a file that is no GGUF."""
+    import llama_cpp
+
+    assert batch_invariant(llm.path, llama_cpp)
+    q4_0 = tmp_path / "q4_0.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, True
+    code = llama_cpp.llama_model_quantize(
+        str(llm.path).encode(), str(q4_0).encode(), ctypes.byref(params)
+    )
+    assert code == 0
+    assert not batch_invariant(q4_0, llama_cpp)
+    (tmp_path / "text.gguf").write_text("not a model")
+    assert not batch_invariant(tmp_path / "text.gguf", llama_cpp)
 
 
 def test_stream_equals_complete_at_temperature_zero(llm):
@@ -232,6 +260,57 @@ def test_answers_drawn_side_by_side_are_the_answers_drawn_one_at_a_time(llm, pla
     assert [c.text for c in llm.draw(prompt, None, many)] == [
         llm.complete(prompt, None, s).text for s in many
     ]
+
+
+def test_prompts_drawn_together_are_the_prompts_drawn_one_after_another(llm, monkeypatch):
+    """`draw_each` decodes the answers of several prompts side by side, a later prompt
+    sharing the first one's keys and values up to where their tokens part (a request, and
+    the same request with a retrieved item after it, as consensus's members are): each
+    answer is the one `draw` gives that prompt after the one before it, in fewer decode
+    passes, and the first prompt is what the cache keeps."""
+    from dataclasses import replace
+
+    import llama_cpp
+
+    from edge_pllm.inference.llm import Ask
+
+    request = "Write a subject line for: fix the parser's crash on empty input."
+    plain = llm.apply_chat_template([{"role": "user", "content": request}])
+    shown = llm.apply_chat_template(
+        [{"role": "user", "content": request + "\n\nEarlier: parser: handle tabs"}]
+    )
+    rng = np.random.default_rng(7)
+    soft = [rng.normal(0, 0.02, (3, llm.n_embd)).astype(np.float32) for _ in range(2)]
+    greedy = SamplingConfig(max_tokens=16)
+    samplings = (greedy, *(replace(greedy, temperature=0.8, seed=s) for s in (1, 2, 3)))
+    asks = [
+        Ask(plain, soft[0], samplings, "before_answer"),
+        Ask(shown, soft[1], samplings[:2], "before_answer"),
+        Ask(plain, None, (), "prefix"),
+    ]
+    calls = []
+    real = llama_cpp.llama_cpp.llama_decode
+
+    def counted(ctx, batch):
+        calls.append(batch.n_tokens)
+        return real(ctx, batch)
+
+    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_decode", counted)
+    monkeypatch.setattr(llama_cpp, "llama_decode", counted)
+    llm.reset()
+    alone = [llm.draw(a.prompt, a.soft, a.samplings, a.placement) for a in asks]
+    apart = len(calls)
+    llm.reset()
+    calls.clear()
+    together = llm.draw_each(asks)
+    assert len(calls) < apart
+    assert [[c.text for c in d] for d in together] == [[c.text for c in d] for d in alone]
+    assert len({c.text for c in together[0]}) > 1 and together[2] == []
+    shared = together[1][0].cached_tokens
+    assert 0 < shared < together[1][0].prompt_tokens - len(soft[1])
+    again = llm.complete(plain, soft[0], greedy, "before_answer")
+    assert again.cached_tokens == len(llm.split_prompt(plain, "before_answer")[0])
+    assert again.text == together[0][0].text
 
 
 def test_answers_that_together_overflow_the_cache_are_drawn_in_turns(default_bundle):

@@ -89,15 +89,18 @@ class Consensus:
             replace(sampling, temperature=self.temperature, seed=seed)
             for seed in range(1, self.samples + 1)
         ]
-        for prompt in prepared:
-            # One batch per step decodes the member's candidates side by side (Drawer.answers).
-            if self.beam_width > 1 and style.one_line:
+        if self.beam_width > 1 and style.one_line:
+            for prompt in prepared:
                 best = drawer.beams(prompt, sampling, style, self.beam_width)[0]
                 candidates.append((prompt, best.text, None))
                 drawn = drawer.answers(prompt, sampled, style)
-            else:
-                drawn = drawer.answers(prompt, [sampling, *sampled], style)
-            candidates.extend((prompt, text, completion) for text, completion in drawn)
+                candidates.extend((prompt, text, completion) for text, completion in drawn)
+        else:
+            # One batch per step decodes every member's candidates side by side, the members
+            # sharing their prompts' common start (Drawer.answers_each).
+            asks = [(prompt, [sampling, *sampled]) for prompt in prepared]
+            for prompt, drawn in zip(prepared, drawer.answers_each(asks, style), strict=True):
+                candidates.extend((prompt, text, completion) for text, completion in drawn)
         best = choose([style.answer(text) for _, text, _ in candidates])
         prompt, text, completion = candidates[best]
         prompt.personalization.info["consensus"] = {

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..inference.bundle import Placement
-from ..inference.llm import LLM, Completion, SamplingConfig
+from ..inference.llm import LLM, Ask, Completion, SamplingConfig
 from ..personalization.prompts import PromptStyle, first_line
 from ..personalization.strategies import Personalization, opened
 from .answers import AnswerReader
@@ -82,23 +82,35 @@ class Drawer:
         """`answer` for each of `samplings`, decoded side by side in one batch per step
         (`LLM.draw`: the same answers where llama.cpp attends a lone token in one piece),
         the prompt computed once."""
-        start = prepared.personalization.answer_start
-        readers = [
-            AnswerReader.of(self.llm, style.answer, style.one_line, s.stop) for s in samplings
-        ]
-        drawn = self.llm.draw(
-            prepared.prompt,
-            prepared.personalization.soft_tokens,
-            samplings,
-            prepared.placement,
+        return self.answers_each([(prepared, samplings)], style)[0]
+
+    def answers_each(
+        self,
+        asks: Sequence[tuple[Prepared, Sequence[SamplingConfig]]],
+        style: PromptStyle,
+    ) -> list[list[tuple[str, Completion | None]]]:
+        """`answers` for each prepared prompt, all of them side by side where they fit
+        (`LLM.draw_each`: a prompt shares the first one's keys and values up to where they
+        part)."""
+        drawn = self.llm.draw_each(
+            [
+                Ask(p.prompt, p.personalization.soft_tokens, tuple(samplings), p.placement)
+                for p, samplings in asks
+            ],
             # The stop strings are each answer's own (LLM.draw); the one-line end is the style's.
             AnswerReader.of(self.llm, style.answer, style.one_line).ended,
         )
-        out: list[tuple[str, Completion | None]] = []
-        for reader, done in zip(readers, drawn, strict=True):
-            text = reader.text(done.ids)
-            text = opened(start, text) if start else text
-            out.append((text, None if style.one_line else replace(done, text=text)))
+        out: list[list[tuple[str, Completion | None]]] = []
+        for (prepared, samplings), completions in zip(asks, drawn, strict=True):
+            start = prepared.personalization.answer_start
+            mine = []
+            for s, done in zip(samplings, completions, strict=True):
+                text = AnswerReader.of(self.llm, style.answer, style.one_line, s.stop).text(
+                    done.ids
+                )
+                text = opened(start, text) if start else text
+                mine.append((text, None if style.one_line else replace(done, text=text)))
+            out.append(mine)
         return out
 
     def beams(

@@ -34,7 +34,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ from ..errors import (
     SoftTokenShapeError,
 )
 from .bundle import PLACEMENTS, Placement
-from .token_rows import TokenRows
+from .token_rows import TokenRows, batch_invariant
 
 # Architectures whose input embeddings llama.cpp multiplies by sqrt(n_embd) for tokens
 # but not for embeddings passed in a batch: the caller must apply the scale.
@@ -133,6 +133,44 @@ class Completion:
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """`text` up to the first of the `stop` strings in it (as llama-cpp-python cuts it)."""
     return text[: min((i for s in stop if (i := text.find(s)) >= 0), default=len(text))]
+
+
+@dataclass(frozen=True)
+class Ask:
+    """A prompt to answer once per sampling (`LLM.draw_each`), soft rows where `placement`
+    puts them."""
+
+    prompt: str
+    soft: np.ndarray | None
+    samplings: tuple[SamplingConfig, ...]
+    placement: Placement = "prefix"
+
+
+@dataclass(frozen=True)
+class _Part:
+    """An Ask's checked soft rows and token ids, before and after where they go."""
+
+    soft: np.ndarray | None
+    before: list[int]
+    after: list[int]
+    placement: Placement
+    samplings: tuple[SamplingConfig, ...]
+
+    @property
+    def n_prompt(self) -> int:
+        return len(self.before) + len(self.after) + (0 if self.soft is None else len(self.soft))
+
+    @property
+    def held(self) -> list[int]:
+        """The tokens the cache holds from the start once its prompt is in, up to the soft
+        rows (all of them without)."""
+        return self.before if self.soft is not None else self.after
+
+
+def _shared(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids `a` and `b` have in common."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 def _in_turns(
@@ -377,14 +415,36 @@ class LLM:
         return np.ascontiguousarray(arr, dtype=np.float32) * np.float32(self.embed_scale)
 
     def _decode_embeddings(
-        self, rows: np.ndarray, want_logits: bool = False, token_ids: Sequence[int] = ()
+        self,
+        rows: np.ndarray,
+        want_logits: bool = False,
+        token_ids: Sequence[int] = (),
+        lead: Sequence[int] = (),
     ) -> None:
         """Decode embedding rows at the positions after the KV cache, in n_batch chunks.
-        The last `len(token_ids)` rows are those tokens' own embedding rows (`TokenRows`):
-        the cache holds them as the tokens; the rows before them are soft rows."""
-        lc, llama = self._lc, self._llama
+        The first `len(lead)` rows and the last `len(token_ids)` are those tokens' own
+        embedding rows (`TokenRows`): the cache holds them as the tokens; the rows between
+        them are soft rows."""
+        llama = self._llama
         n_past = llama.n_tokens
         llama._ctx.kv_cache_seq_rm(-1, n_past, -1)
+        self._decode_rows(rows, n_past, 0, want_logits)
+        # Advance llama-cpp-python's bookkeeping over placeholders so eval() keeps them.
+        soft_at = n_past + len(lead)
+        n_soft = len(rows) - len(lead) - len(token_ids)
+        llama.input_ids[n_past:soft_at] = lead
+        llama.input_ids[soft_at : soft_at + n_soft] = _PLACEHOLDER_ID
+        llama.input_ids[soft_at + n_soft : n_past + len(rows)] = token_ids
+        llama.n_tokens = n_past + len(rows)
+        if want_logits:
+            llama._requires_eval = False  # its next token is sampled from these logits
+        for i, row in enumerate(rows[len(lead) : len(lead) + n_soft]):
+            self._soft_at[soft_at + i] = _row_key(row)
+
+    def _decode_rows(self, rows: np.ndarray, at: int, seq: int, want_logits: bool) -> None:
+        """Decode embedding rows at positions `at`… of sequence `seq`, in n_batch chunks
+        (the last row's logits kept if `want_logits`); no bookkeeping."""
+        lc = self._lc
         n_batch = self.config.n_batch
         for start in range(0, len(rows), n_batch):
             chunk = np.ascontiguousarray(rows[start : start + n_batch])
@@ -392,25 +452,16 @@ class LLM:
             try:
                 ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
                 for i in range(len(chunk)):
-                    batch.pos[i] = n_past + start + i
+                    batch.pos[i] = at + start + i
                     batch.n_seq_id[i] = 1
-                    batch.seq_id[i][0] = 0
+                    batch.seq_id[i][0] = seq
                     batch.logits[i] = want_logits and start + i == len(rows) - 1
                 batch.n_tokens = len(chunk)
-                code = lc.llama_decode(llama.ctx, batch)
+                code = lc.llama_decode(self._llama.ctx, batch)
             finally:
                 lc.llama_batch_free(batch)
             if code != 0:
                 raise LLMError(f"llama_decode failed on soft tokens (code {code}).", code=code)
-        # Advance llama-cpp-python's bookkeeping over placeholders so eval() keeps them.
-        n_soft = len(rows) - len(token_ids)
-        llama.input_ids[n_past : n_past + n_soft] = _PLACEHOLDER_ID
-        llama.input_ids[n_past + n_soft : n_past + len(rows)] = token_ids
-        llama.n_tokens = n_past + len(rows)
-        if want_logits:
-            llama._requires_eval = False  # its next token is sampled from these logits
-        for i, row in enumerate(rows[:n_soft]):
-            self._soft_at[n_past + i] = _row_key(row)
 
     def split_prompt(
         self, prompt: str, placement: Placement = "prefix"
@@ -481,17 +532,33 @@ class LLM:
         rows = self.token_rows(after) if after and self.token_rows is not None else None
         if rows is None:
             return self._prefill_soft(before, after, soft, tail=len(after))
-        # The soft rows and the header make the last batch always, cached or not: a
+        # The soft rows and the header end the last batch always, cached or not: a
         # repeated prompt's answer is bit-identical to the first.
         llama = self._llama
         self._truncate(self._common_prefix(before) if self.config.prefix_cache else 0)
-        if llama.n_tokens < len(before):
+        lead = before[llama.n_tokens :]
+        if lead and not self._one_pass:
             self._use_adapter(False)
-            llama.eval(before[llama.n_tokens :])
+            llama.eval(lead)
+            lead = []
         self._use_adapter(True)
-        header = rows * np.float32(self.embed_scale)  # as llama.cpp scales a token's row
-        self._decode_embeddings(np.concatenate([soft, header]), True, after)
+        scale = np.float32(self.embed_scale)  # as llama.cpp scales a token's row
+        parts = [self.token_rows(lead) * scale] if lead else []  # type: ignore[misc]
+        batch = np.concatenate([*parts, soft, rows * scale])
+        self._decode_embeddings(batch, True, after, lead)
         return [*before, *([_PLACEHOLDER_ID] * len(soft)), *after]
+
+    @property
+    def _one_pass(self) -> bool:
+        """Whether the request's uncached tokens travel in the soft rows' batch too: one
+        decode pass for the whole prompt, as a bare prompt takes. Not where an adapter must
+        stay off for them, nor where a row's result may depend on the batch it is in (a
+        repeat, whose request is cached, would then not be bit-identical to the first)."""
+        return self._adapter is None and self._rows_batch_invariant
+
+    @functools.cached_property
+    def _rows_batch_invariant(self) -> bool:
+        return self.token_rows is not None and batch_invariant(self.path, self._lc)
 
     def _truncate(self, keep: int) -> None:
         """Keep the KV cache's first `keep` positions (0: empty it) for the next prompt."""
@@ -679,79 +746,141 @@ class LLM:
         end-of-generation token, cut before a stop string), except that a character
         `max_tokens` cuts in two ends as U+FFFD (llama-cpp-python generates past
         `max_tokens` to finish it)."""
-        if not samplings:
-            return []
+        return self.draw_each([Ask(prompt, soft, tuple(samplings), placement)], ended)[0]
+
+    def draw_each(
+        self, asks: Sequence[Ask], ended: Callable[[Sequence[int]], bool] | None = None
+    ) -> list[list[Completion]]:
+        """`draw` for each of `asks`, all of their answers side by side in one batch per
+        step where they fit one cache together and each prompt after the first has soft
+        rows before its answer and goes in one pass (`_one_pass`): such a prompt shares the
+        first prompt's keys and values up to where their tokens part, and computes only
+        the rest, on a sequence of its own. The answers are the ones `draw` gives each ask
+        alone after the one before it (where llama.cpp attends a lone token in one piece)."""
+        parts = []
+        for ask in asks:
+            soft = self._check_soft(ask.soft)
+            most = max((s.max_tokens for s in ask.samplings), default=1)
+            before, after = self.prompt_parts(ask.prompt, soft, ask.placement, most)
+            parts.append(_Part(soft, before, after, ask.placement, tuple(ask.samplings)))
+        drawn: list[list[Completion]] = [[] for _ in asks]
+        live = [i for i, part in enumerate(parts) if part.samplings]
+        if len(live) > 1 and self._fit_together([parts[i] for i in live]):
+            for i, completions in zip(
+                live, self._draw([parts[i] for i in live], ended), strict=True
+            ):
+                drawn[i] = completions
+            return drawn
+        for i in live:
+            part = parts[i]
+            turns = _in_turns(part.samplings, part.n_prompt, self.n_ctx, self.max_sequences)
+            for turn in turns:
+                drawn[i] += self._draw([replace(part, samplings=tuple(turn))], ended)[0]
+        return drawn
+
+    def _fit_together(self, parts: Sequence[_Part]) -> bool:
+        """Whether `parts` can be drawn in one go (`draw_each`)."""
+        if not self._one_pass or any(
+            p.soft is None or p.placement != "before_answer" for p in parts[1:]
+        ):
+            return False
+        held = parts[0].held
+        cells = parts[0].n_prompt + sum(p.n_prompt - _shared(p.before, held) for p in parts[1:])
+        answers = [s for p in parts for s in p.samplings]
+        cells += sum(s.max_tokens - 1 for s in answers)
+        return len(answers) <= self.max_sequences and cells <= self.n_ctx
+
+    def _draw(
+        self, parts: Sequence[_Part], ended: Callable[[Sequence[int]], bool] | None
+    ) -> list[list[Completion]]:
+        """The answers of `parts` (the first prompt brought into the cache as `stream`
+        does, each other one on a sequence of its own: `_fit_together`), one batch a step."""
         started = time.perf_counter()
-        checked = self._check_soft(soft)
-        most = max(s.max_tokens for s in samplings)
-        before, after = self.prompt_parts(prompt, checked, placement, most)
-        n_prompt = len(before) + len(after) + (0 if checked is None else len(checked))
-        turns = _in_turns(samplings, n_prompt, self.n_ctx, self.max_sequences)
-        if len(turns) > 1:
-            return [c for t in turns for c in self.draw(prompt, soft, t, placement, ended)]
-        soft = checked
-        tokens = self._prefill(before, after, soft, placement)
-        cached = self.cached_tokens
         llama, lc = self._llama, self._lc
+        first = parts[0]
+        tokens = self._prefill(first.before, first.after, first.soft, first.placement)
         llama.eval(tokens[llama.n_tokens :])  # what `generate` would evaluate, as it does
-        n_prompt, n = len(tokens), len(samplings)
+        n_prompts, cached = [len(tokens)], [self.cached_tokens]
+        samplings = [s for p in parts for s in p.samplings]
+        n = len(samplings)
+        prompt_of = [k for k, p in enumerate(parts) for _ in p.samplings]
         memory = lc.llama_get_memory(llama.ctx)
         samplers = [self._sampler(s) for s in samplings]
         ids: list[list[int]] = [[] for _ in samplings]
         finish = ["length"] * n
-        row = [-1] * n  # where each answer's next logits are: the prompt's last, then a batch row
+        row = [-1] * n  # where each answer's next logits are: its prompt's last, then a batch row
+
+        def sampled(seqs: Sequence[int]) -> list[int]:
+            """Sample each of `seqs`' next token; those that go on."""
+            going = []
+            for seq in seqs:
+                ids[seq].append(samplers[seq].sample(llama._ctx, row[seq]))
+                if self._stops(ids[seq], samplings[seq].stop, ended):
+                    finish[seq] = "stop"
+                elif len(ids[seq]) < samplings[seq].max_tokens:
+                    going.append(seq)
+            return going
+
         batch = lc.llama_batch_init(n, 0, 1)
-        first_at = None
+        live: list[int] = []
         try:
-            for seq in range(1, n):
-                lc.llama_memory_seq_cp(memory, 0, seq, -1, -1)
-            live = list(range(n))
+            head = 0  # the sequence that holds the prompt, its first answer's
+            for k, part in enumerate(parts):
+                if k:
+                    shared = _shared(part.before, first.held)
+                    lc.llama_memory_seq_cp(memory, 0, head, 0, shared)
+                    scale = np.float32(self.embed_scale)
+                    rows = self.token_rows(part.before[shared:]) * scale  # type: ignore[misc]
+                    header = self.token_rows(part.after) * scale  # type: ignore[misc]
+                    self._decode_rows(np.concatenate([rows, part.soft, header]), shared, head, True)
+                    n_prompts.append(part.n_prompt)
+                    cached.append(shared)
+                answers = range(head, head + len(part.samplings))
+                for seq in answers[1:]:
+                    lc.llama_memory_seq_cp(memory, head, seq, -1, -1)
+                live += sampled(answers)  # from its prompt's logits, before the next prompt's
+                head += len(part.samplings)
+            first_at = time.perf_counter()
             while live:
-                going = []
-                for seq in live:
-                    ids[seq].append(samplers[seq].sample(llama._ctx, row[seq]))
-                    if self._stops(ids[seq], samplings[seq].stop, ended):
-                        finish[seq] = "stop"
-                    elif len(ids[seq]) < samplings[seq].max_tokens:
-                        going.append(seq)
-                first_at = first_at or time.perf_counter()
-                live = going
                 for i, seq in enumerate(live):
                     batch.token[i] = ids[seq][-1]
-                    batch.pos[i] = n_prompt + len(ids[seq]) - 1
+                    batch.pos[i] = n_prompts[prompt_of[seq]] + len(ids[seq]) - 1
                     batch.n_seq_id[i] = 1
                     batch.seq_id[i][0] = seq
                     batch.logits[i] = True
                     row[seq] = i
                 batch.n_tokens = len(live)
-                if live and (code := lc.llama_decode(llama.ctx, batch)) != 0:
+                if (code := lc.llama_decode(llama.ctx, batch)) != 0:
                     raise LLMError(f"llama_decode failed on {len(live)} answers (code {code}).")
+                live = sampled(live)
         finally:
             lc.llama_batch_free(batch)
             for sampler in samplers:
                 sampler.close()
             for seq in range(1, n):
                 lc.llama_memory_seq_rm(memory, seq, -1, -1)
-            lc.llama_memory_seq_rm(memory, 0, n_prompt, -1)  # the prompt stays, as after `stream`
-            llama.n_tokens = n_prompt
+            # The first prompt stays, as after `stream`.
+            lc.llama_memory_seq_rm(memory, 0, n_prompts[0], -1)
+            llama.n_tokens = n_prompts[0]
         ended_at = time.perf_counter()
-        first_at = first_at or ended_at
-        n_soft = 0 if soft is None else len(soft)
         eog = self.eog_ids
-        return [
-            Completion(
-                text=cut_at_stop(self.detokenize([t for t in answer if t not in eog]), s.stop),
-                finish_reason=reason,
-                prompt_tokens=n_prompt,
-                soft_tokens=n_soft,
-                completion_tokens=len(answer),
-                cached_tokens=cached,
-                prefill_seconds=first_at - started,
-                decode_seconds=ended_at - first_at,
-                ids=tuple(answer),
+        drawn: list[list[Completion]] = [[] for _ in parts]
+        for seq, (answer, reason, s) in enumerate(zip(ids, finish, samplings, strict=True)):
+            k = prompt_of[seq]
+            drawn[k].append(
+                Completion(
+                    text=cut_at_stop(self.detokenize([t for t in answer if t not in eog]), s.stop),
+                    finish_reason=reason,
+                    prompt_tokens=n_prompts[k],
+                    soft_tokens=0 if parts[k].soft is None else len(parts[k].soft),
+                    completion_tokens=len(answer),
+                    cached_tokens=cached[k],
+                    prefill_seconds=first_at - started,
+                    decode_seconds=ended_at - first_at,
+                    ids=tuple(answer),
+                )
             )
-            for answer, reason, s in zip(ids, finish, samplings, strict=True)
-        ]
+        return drawn
 
     def _stops(
         self,

@@ -3,8 +3,9 @@
 A token's input embedding given to llama.cpp as a row of an embedding batch is the token
 itself, bit for bit, when the row is what llama.cpp's own lookup produces: the GGUF's
 `token_embd.weight` row dequantized by ggml's own routine for its type (`to_float`, as the
-CPU backend's row lookup does). That lets the few tokens that follow soft rows travel in
-the soft rows' batch (`LLM`: one decode pass instead of two).
+CPU backend's row lookup does). That lets the tokens around soft rows travel in the soft
+rows' batch (`LLM`: the whole prompt in one decode pass, as a bare prompt takes), where
+the model's weights are of a type computed row by row in any batch (`batch_invariant`).
 
 Only the tensor's place in the file is parsed here (the GGUF header); the rows are read
 from a memory map on demand, never the whole table. Anything this reader does not know (a
@@ -19,6 +20,7 @@ import struct
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,8 +70,8 @@ def _ggml() -> ctypes.CDLL | None:
     return lib
 
 
-def _tensor(buf: memoryview, name: str) -> tuple[int, list[int], int] | None:
-    """(ggml type, dims, absolute offset of the data) of tensor `name` in a GGUF file."""
+def _tensors(buf: memoryview) -> dict[str, tuple[int, list[int], int]] | None:
+    """(ggml type, dims, absolute offset of the data) of every tensor in a GGUF file."""
     if bytes(buf[:4]) != _MAGIC:
         return None
     version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
@@ -110,19 +112,52 @@ def _tensor(buf: memoryview, name: str) -> tuple[int, list[int], int] | None:
         if key == "general.alignment" and kind == 4:
             (alignment,) = struct.unpack_from("<I", buf, pos)
         pos = skip(kind, pos)
-    found = None
+    found = {}
     for _ in range(n_tensors):
         tensor, pos = string(pos)
         (n_dims,) = struct.unpack_from("<I", buf, pos)
         dims = list(struct.unpack_from(f"<{n_dims}Q", buf, pos + 4))
         kind, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
         pos += 4 + 8 * n_dims + 12
-        if tensor == name:
-            found = (kind, dims, offset)
-    if found is None:
-        return None
+        found[tensor] = (kind, dims, offset)
     start = (pos + alignment - 1) // alignment * alignment
-    return found[0], found[1], start + found[2]
+    return {name: (kind, dims, start + offset) for name, (kind, dims, offset) in found.items()}
+
+
+def _tensor(buf: memoryview, name: str) -> tuple[int, list[int], int] | None:
+    """(ggml type, dims, absolute offset of the data) of tensor `name` in a GGUF file."""
+    return (_tensors(buf) or {}).get(name)
+
+
+# ggml types whose matrix products llama.cpp's CPU backend computes for each row alone,
+# whatever else its batch holds: F32, F16, Q4_1, Q5_0 and Q5_1, none of which ggml repacks
+# into interleaved layouts (ggml-cpu/repack.cpp repacks Q4_0, Q8_0, IQ4_NL, MXFP4 and most
+# K-quants, with kernels that differ by CPU). Each was measured bit-identical in batches of
+# 3, 8 and 43 rows here (AVX-512); Q4_1, the default model's, in tests/test_llm.py.
+_ROW_EXACT = frozenset({_F32, _F16, 3, 6, 7})
+# Read row by row for themselves (TokenRows) or only at the rows that want logits.
+_LOOKUP = frozenset({TENSOR, "output.weight"})
+# Backends that would take such weights into kernels of their own.
+_OTHER_KERNELS = ("AMX_INT8 = 1", "KLEIDIAI = 1")
+
+
+def batch_invariant(path: str | Path, llama_cpp: Any) -> bool:
+    """Whether every weight matrix of the GGUF at `path` is of a type whose rows llama.cpp
+    (the loaded `llama_cpp` module's build) computes alike in any batch."""
+    try:
+        where = _tensors(memoryview(np.memmap(path, dtype=np.uint8, mode="r")))
+    except (OSError, ValueError, struct.error):
+        return False
+    if not where:
+        return False
+    system = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
+    if any(kernel in system for kernel in _OTHER_KERNELS):
+        return False
+    return all(
+        kind in _ROW_EXACT
+        for name, (kind, dims, _) in where.items()
+        if name not in _LOOKUP and len([d for d in dims if d > 1]) > 1
+    )
 
 
 class TokenRows:
