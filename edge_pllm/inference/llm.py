@@ -119,7 +119,9 @@ class Completion:
     prompt_tokens: int
     soft_tokens: int
     completion_tokens: int
-    cached_tokens: int = 0  # prompt positions reused from the previous call's KV cache
+    # Prompt positions not computed for it: reused from the previous call's KV cache, or
+    # (a later prompt of `LLM.draw_each`) shared with the first prompt of the same call.
+    cached_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -524,9 +526,10 @@ class LLM:
     ) -> list[int]:
         """Bring the KV cache to the prompt's tokens for generation: all of them when soft
         rows go before the answer's header and the model's token rows can be read (the
-        header's rows then travel in the soft rows' batch: one decode pass for both, its
-        last row's logits the first answer token's); else all but the last batch, which
-        `generate` evaluates (the header, whole, after soft rows; else the last token)."""
+        header's rows then travel in the soft rows' batch, and so do the request's uncached
+        tokens' where `_one_pass`: one decode pass, its last row's logits the first answer
+        token's); else all but the last batch, which `generate` evaluates (the header,
+        whole, after soft rows; else the last token)."""
         if soft is None or placement != "before_answer":
             return self._prefill_soft(before, after, soft)
         rows = self.token_rows(after) if after and self.token_rows is not None else None
@@ -756,11 +759,15 @@ class LLM:
         rows before its answer and goes in one pass (`_one_pass`): such a prompt shares the
         first prompt's keys and values up to where their tokens part, and computes only
         the rest, on a sequence of its own. The answers are the ones `draw` gives each ask
-        alone after the one before it (where llama.cpp attends a lone token in one piece)."""
+        alone after the one before it (where llama.cpp attends a lone token in one piece);
+        the prefill time of answers drawn together is that of all their prompts."""
         parts = []
         for ask in asks:
+            if not ask.samplings:
+                parts.append(_Part(None, [], [], ask.placement, ()))
+                continue
             soft = self._check_soft(ask.soft)
-            most = max((s.max_tokens for s in ask.samplings), default=1)
+            most = max(s.max_tokens for s in ask.samplings)
             before, after = self.prompt_parts(ask.prompt, soft, ask.placement, most)
             parts.append(_Part(soft, before, after, ask.placement, tuple(ask.samplings)))
         drawn: list[list[Completion]] = [[] for _ in asks]

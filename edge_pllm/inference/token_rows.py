@@ -130,15 +130,19 @@ def _tensor(buf: memoryview, name: str) -> tuple[int, list[int], int] | None:
 
 
 # ggml types whose matrix products llama.cpp's CPU backend computes for each row alone,
-# whatever else its batch holds: F32, F16, Q4_1, Q5_0 and Q5_1, none of which ggml repacks
-# into interleaved layouts (ggml-cpu/repack.cpp repacks Q4_0, Q8_0, IQ4_NL, MXFP4 and most
-# K-quants, with kernels that differ by CPU). Each was measured bit-identical in batches of
-# 3, 8 and 43 rows here (AVX-512); Q4_1, the default model's, in tests/test_llm.py.
-_ROW_EXACT = frozenset({_F32, _F16, 3, 6, 7})
-# Read row by row for themselves (TokenRows) or only at the rows that want logits.
+# whatever else its batch holds: Q4_1 and Q5_1, which ggml neither repacks into interleaved
+# layouts (ggml-cpu/repack.cpp repacks Q4_0, Q8_0, IQ4_NL, MXFP4 and most K-quants, with
+# kernels that differ by CPU) nor hands to llamafile's sgemm (it takes batches of two rows
+# or more of F32, F16, BF16, Q8_0, Q4_0, Q5_0 and IQ4_NL, and leaves a lone row to ggml's
+# own dot product). Measured bit-identical with the prompt's last batch 1, 3, 5, 6, 8 or
+# all rows long; Q4_1, the default model's type, in tests/test_llm.py.
+_ROW_EXACT = frozenset({3, 7})
+# Read row by row for themselves (TokenRows) or only at the rows that want logits (in a
+# prompt, its last row alone, whatever batch it is in).
 _LOOKUP = frozenset({TENSOR, "output.weight"})
-# Backends that would take such weights into kernels of their own.
-_OTHER_KERNELS = ("AMX_INT8 = 1", "KLEIDIAI = 1")
+# Builds whose kernels would take such weights otherwise: AMX and KleidiAI, and ARM's int8
+# matrix multiply, which computes two rows of Q4_1 together where the batch's size is even.
+_OTHER_KERNELS = ("AMX_INT8 = 1", "KLEIDIAI = 1", "MATMUL_INT8 = 1")
 
 
 def batch_invariant(path: str | Path, llama_cpp: Any) -> bool:
