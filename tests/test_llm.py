@@ -148,20 +148,12 @@ def test_soft_rows_before_the_answer_reuse_the_cache_exactly(llm):
     assert complete(bob).text == other.text
 
 
-def test_the_whole_prompt_travels_with_the_soft_rows_in_one_pass(llm, token_embd, monkeypatch):
-    """The request's uncached tokens and the answer's header go in the soft rows' embedding
-    batch as their own token rows (read from the GGUF as llama.cpp reads them): one
-    llama_decode for the whole prompt, as the bare prompt takes; the very same answers as
-    with the request decoded as tokens first (and the header too), and a repeat, whose
-    request is cached, bit-identical to the first call."""
+@pytest.fixture
+def decode_calls(monkeypatch) -> list[int]:
+    """The size of every batch llama_decode is given while the test runs, in order."""
     import llama_cpp
 
-    assert llm._one_pass  # Q4_1 weights: every row computed alone, whatever its batch
-    header = llm.split_prompt(
-        llm.apply_chat_template([{"role": "user", "content": "hi"}]), "before_answer"
-    )[1]
-    np.testing.assert_array_equal(llm.token_rows(header), token_embd[header])
-    calls = []
+    calls: list[int] = []
     real = llama_cpp.llama_cpp.llama_decode
 
     def counted(ctx, batch):
@@ -170,21 +162,38 @@ def test_the_whole_prompt_travels_with_the_soft_rows_in_one_pass(llm, token_embd
 
     monkeypatch.setattr(llama_cpp.llama_cpp, "llama_decode", counted)
     monkeypatch.setattr(llama_cpp, "llama_decode", counted)
+    return calls
+
+
+def test_the_whole_prompt_travels_with_the_soft_rows_in_one_pass(
+    llm, token_embd, monkeypatch, decode_calls
+):
+    """The request's uncached tokens and the answer's header go in the soft rows' embedding
+    batch as their own token rows (read from the GGUF as llama.cpp reads them): one
+    llama_decode for the whole prompt, as the bare prompt takes; the very same answers as
+    with the request decoded as tokens first (and the header too), and a repeat, whose
+    request is cached, bit-identical to the first call."""
+
+    assert llm._one_pass  # Q4_1 weights: every row computed alone, whatever its batch
+    header = llm.split_prompt(
+        llm.apply_chat_template([{"role": "user", "content": "hi"}]), "before_answer"
+    )[1]
+    np.testing.assert_array_equal(llm.token_rows(header), token_embd[header])
     prompt = llm.apply_chat_template([{"role": "user", "content": "Describe your week."}])
     soft = np.random.default_rng(6).normal(0, 0.5, (3, llm.n_embd)).astype(np.float32)
     sampling = SamplingConfig(max_tokens=12)
     llm.reset()
     llm.llama.create_completion(llm.tokenize(prompt), max_tokens=1)  # bare llama-cpp-python
-    bare = len(calls)
+    bare = len(decode_calls)
     answers, passes = [], []
     # One pass; the request apart; the request and the header each apart (as tokens).
     for one_pass, rows in ((True, llm.token_rows), (False, llm.token_rows), (False, None)):
         monkeypatch.setitem(llm.__dict__, "_rows_batch_invariant", one_pass)
         monkeypatch.setitem(llm.__dict__, "token_rows", rows)
         llm.reset()
-        calls.clear()
+        decode_calls.clear()
         llm.complete(prompt, soft, SamplingConfig(max_tokens=1), "before_answer")
-        passes.append(len(calls))
+        passes.append(len(decode_calls))
         llm.reset()
         answers.append(llm.complete(prompt, soft, sampling, "before_answer").text)
         answers.append(llm.complete(prompt, soft, sampling, "before_answer").text)  # cached
@@ -262,15 +271,13 @@ def test_answers_drawn_side_by_side_are_the_answers_drawn_one_at_a_time(llm, pla
     ]
 
 
-def test_prompts_drawn_together_are_the_prompts_drawn_one_after_another(llm, monkeypatch):
+def test_prompts_drawn_together_are_the_prompts_drawn_one_after_another(llm, decode_calls):
     """`draw_each` decodes the answers of several prompts side by side, a later prompt
     sharing the first one's keys and values up to where their tokens part (a request, and
     the same request with a retrieved item after it, as consensus's members are): each
     answer is the one `draw` gives that prompt after the one before it, in fewer decode
     passes, and the first prompt is what the cache keeps."""
     from dataclasses import replace
-
-    import llama_cpp
 
     from edge_pllm.inference.llm import Ask
 
@@ -288,22 +295,13 @@ def test_prompts_drawn_together_are_the_prompts_drawn_one_after_another(llm, mon
         Ask(shown, soft[1], samplings[:2], "before_answer"),
         Ask(plain, None, (), "prefix"),
     ]
-    calls = []
-    real = llama_cpp.llama_cpp.llama_decode
-
-    def counted(ctx, batch):
-        calls.append(batch.n_tokens)
-        return real(ctx, batch)
-
-    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_decode", counted)
-    monkeypatch.setattr(llama_cpp, "llama_decode", counted)
     llm.reset()
     alone = [llm.draw(a.prompt, a.soft, a.samplings, a.placement) for a in asks]
-    apart = len(calls)
+    apart = len(decode_calls)
     llm.reset()
-    calls.clear()
+    decode_calls.clear()
     together = llm.draw_each(asks)
-    assert len(calls) < apart
+    assert len(decode_calls) < apart
     assert [[c.text for c in d] for d in together] == [[c.text for c in d] for d in alone]
     assert len({c.text for c in together[0]}) > 1 and together[2] == []
     shared = together[1][0].cached_tokens
