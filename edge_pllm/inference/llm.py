@@ -49,7 +49,7 @@ from ..errors import (
     SoftTokenShapeError,
 )
 from .bundle import PLACEMENTS, Placement
-from .token_rows import TokenRows, batch_invariant
+from .token_rows import TokenRows
 
 # Architectures whose input embeddings llama.cpp multiplies by sqrt(n_embd) for tokens
 # but not for embeddings passed in a batch: the caller must apply the scale.
@@ -532,8 +532,7 @@ class LLM:
         whole, after soft rows; else the last token)."""
         if soft is None or placement != "before_answer":
             return self._prefill_soft(before, after, soft)
-        rows = self.token_rows(after) if after and self.token_rows is not None else None
-        if rows is None:
+        if not after or self.token_rows is None:
             return self._prefill_soft(before, after, soft, tail=len(after))
         # The soft rows and the header end the last batch always, cached or not: a
         # repeated prompt's answer is bit-identical to the first.
@@ -545,11 +544,16 @@ class LLM:
             llama.eval(lead)
             lead = []
         self._use_adapter(True)
-        scale = np.float32(self.embed_scale)  # as llama.cpp scales a token's row
-        parts = [self.token_rows(lead) * scale] if lead else []  # type: ignore[misc]
-        batch = np.concatenate([*parts, soft, rows * scale])
-        self._decode_embeddings(batch, True, after, lead)
+        self._decode_embeddings(self._prompt_rows(lead, soft, after), True, after, lead)
         return [*before, *([_PLACEHOLDER_ID] * len(soft)), *after]
+
+    def _prompt_rows(self, lead: list[int], soft: np.ndarray, after: list[int]) -> np.ndarray:
+        """The embedding rows of [lead tokens][soft rows][after tokens], the tokens' read as
+        llama.cpp reads and scales them (the soft rows come scaled: `_check_soft`)."""
+        scale = np.float32(self.embed_scale)
+        table = self.token_rows
+        assert table is not None  # callers read the answer's header from it first
+        return np.concatenate([table(lead) * scale, soft, table(after) * scale])
 
     @property
     def _one_pass(self) -> bool:
@@ -561,7 +565,7 @@ class LLM:
 
     @functools.cached_property
     def _rows_batch_invariant(self) -> bool:
-        return self.token_rows is not None and batch_invariant(self.path, self._lc)
+        return self.token_rows is not None and self.token_rows.batch_invariant(self._lc)
 
     def _truncate(self, keep: int) -> None:
         """Keep the KV cache's first `keep` positions (0: empty it) for the next prompt."""
@@ -836,10 +840,8 @@ class LLM:
                 if k:
                     shared = _shared(part.before, first.held)
                     lc.llama_memory_seq_cp(memory, 0, head, 0, shared)
-                    scale = np.float32(self.embed_scale)
-                    rows = self.token_rows(part.before[shared:]) * scale  # type: ignore[misc]
-                    header = self.token_rows(part.after) * scale  # type: ignore[misc]
-                    self._decode_rows(np.concatenate([rows, part.soft, header]), shared, head, True)
+                    rows = self._prompt_rows(part.before[shared:], part.soft, part.after)
+                    self._decode_rows(rows, shared, head, True)
                     n_prompts.append(part.n_prompt)
                     cached.append(shared)
                 answers = range(head, head + len(part.samplings))

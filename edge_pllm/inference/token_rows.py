@@ -124,11 +124,6 @@ def _tensors(buf: memoryview) -> dict[str, tuple[int, list[int], int]] | None:
     return {name: (kind, dims, start + offset) for name, (kind, dims, offset) in found.items()}
 
 
-def _tensor(buf: memoryview, name: str) -> tuple[int, list[int], int] | None:
-    """(ggml type, dims, absolute offset of the data) of tensor `name` in a GGUF file."""
-    return (_tensors(buf) or {}).get(name)
-
-
 # ggml types whose matrix products llama.cpp's CPU backend computes for each row alone,
 # whatever else its batch holds: Q4_1 and Q5_1, which ggml neither repacks into interleaved
 # layouts (ggml-cpu/repack.cpp repacks Q4_0, Q8_0, IQ4_NL, MXFP4 and most K-quants, with
@@ -147,32 +142,38 @@ _OTHER_KERNELS = ("AMX_INT8 = 1", "KLEIDIAI = 1", "MATMUL_INT8 = 1")
 
 def batch_invariant(path: str | Path, llama_cpp: Any) -> bool:
     """Whether every weight matrix of the GGUF at `path` is of a type whose rows llama.cpp
-    (the loaded `llama_cpp` module's build) computes alike in any batch."""
-    try:
-        where = _tensors(memoryview(np.memmap(path, dtype=np.uint8, mode="r")))
-    except (OSError, ValueError, struct.error):
-        return False
-    if not where:
-        return False
-    system = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
-    if any(kernel in system for kernel in _OTHER_KERNELS):
-        return False
-    return all(
-        kind in _ROW_EXACT
-        for name, (kind, dims, _) in where.items()
-        if name not in _LOOKUP and len([d for d in dims if d > 1]) > 1
-    )
+    (the loaded `llama_cpp` module's build) computes alike in any batch (False where its
+    table cannot be read: `TokenRows.open`)."""
+    rows = TokenRows.open(path)
+    return rows is not None and rows.batch_invariant(llama_cpp)
 
 
 class TokenRows:
     """The rows of a GGUF's token-embedding table, as llama.cpp looks them up."""
 
-    def __init__(self, data: np.ndarray, kind: int, n_embd: int, to_float, row_bytes: int):
+    def __init__(
+        self,
+        data: np.ndarray,
+        kind: int,
+        n_embd: int,
+        to_float,
+        row_bytes: int,
+        weights: frozenset[int] = frozenset(),
+    ):
         self._data = data  # the table's bytes, n_vocab × row_bytes, memory-mapped
         self._kind = kind
         self.n_embd = n_embd
         self._to_float = to_float
         self._row_bytes = row_bytes
+        self._weights = weights  # the ggml types of the file's weight matrices
+
+    def batch_invariant(self, llama_cpp: Any) -> bool:
+        """Whether every weight matrix of the file is of a type whose rows llama.cpp (the
+        loaded `llama_cpp` module's build) computes alike in any batch."""
+        system = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
+        if any(kernel in system for kernel in _OTHER_KERNELS):
+            return False
+        return bool(self._weights) and self._weights <= _ROW_EXACT
 
     @classmethod
     def open(cls, path: str | Path) -> TokenRows | None:
@@ -180,10 +181,15 @@ class TokenRows:
         try:
             lib = _ggml()
             mapped = np.memmap(path, dtype=np.uint8, mode="r")
-            where = _tensor(memoryview(mapped), TENSOR)
-            if lib is None or where is None:
+            tensors = _tensors(memoryview(mapped)) or {}
+            if lib is None or TENSOR not in tensors:
                 return None
-            kind, dims, offset = where
+            kind, dims, offset = tensors[TENSOR]
+            weights = frozenset(
+                t
+                for name, (t, shape, _) in tensors.items()
+                if name not in _LOOKUP and sum(d > 1 for d in shape) > 1
+            )
             n_embd, n_vocab = dims[0], dims[1] if len(dims) > 1 else 1
             traits = lib.ggml_get_type_traits(kind).contents
             if traits.type_size != lib.ggml_type_size(kind) or (
@@ -202,7 +208,7 @@ class TokenRows:
             data = mapped[offset : offset + n_vocab * row_bytes].reshape(n_vocab, row_bytes)
         except (OSError, ValueError, struct.error, AttributeError):
             return None
-        return cls(data, kind, n_embd, to_float, row_bytes)
+        return cls(data, kind, n_embd, to_float, row_bytes, weights)
 
     def __call__(self, ids: Sequence[int]) -> np.ndarray:
         """The float32 rows of `ids` (len(ids) × n_embd)."""
