@@ -302,41 +302,53 @@ def repeat_query(res: Results, pllm: PersonalLLM, user: str, prompts: list[str])
 
 
 class _OneAtATime(Drawer):
-    """Draws a member's candidates one after another (consensus before one batch per step)."""
+    """Draws a member's candidates one after another (consensus before one batch per step);
+    `alone`: each from an empty KV cache, as if it were the only answer asked for."""
+
+    def __init__(self, llm, alone: bool = False):
+        super().__init__(llm)
+        self.alone = alone
 
     def answers_each(self, asks, style):
-        return [
-            [self.answer(prepared, s, style) for s in samplings] for prepared, samplings in asks
-        ]
+        return [[self._one(prepared, s, style) for s in samplings] for prepared, samplings in asks]
+
+    def _one(self, prepared, sampling, style):
+        if self.alone:
+            self.llm.reset()
+        return self.answer(prepared, sampling, style)
 
 
 @dataclass(frozen=True)
 class SequentialConsensus(Consensus):
-    """`consensus` with its candidates drawn one at a time: the reference of one batch."""
+    """`consensus` with its candidates drawn one at a time: the reference of one batch. A
+    candidate after the first reuses the cached prompt but for its last token, which it
+    decodes alone: a one-row pass whose logits can differ in the last bits from the
+    prompt's own pass, so an answer can part from the batch's; `alone` draws each
+    candidate from an empty cache (untimed: the check that the batch draws the very
+    answers)."""
 
     name: str = "consensus, one at a time"
+    alone: bool = False
 
     def draw(self, drawer: Drawer, *args) -> Drawn:  # type: ignore[override]
-        return super().draw(_OneAtATime(drawer.llm), *args)
+        return super().draw(_OneAtATime(drawer.llm, self.alone), *args)
 
 
 def consensus_cost(
     res: Results, pllm: PersonalLLM, user: str, prompts: list[str], style: PromptStyle
 ) -> None:
-    """Seconds per answer of `consensus` (its members' candidates in one batch per step)
-    against one greedy answer of each member and against the same consensus drawn one
-    candidate at a time, on real task prompts; each call from an empty KV cache, the
-    variants interleaved per prompt. The batched and sequential answers must be the same."""
+    """Seconds per answer of `consensus` (its candidates in one batch per step) against one
+    greedy answer of each member and against the same consensus drawn one candidate at a
+    time, on real task prompts; each call from an empty KV cache, the variants interleaved
+    per prompt. The batched and sequential answers must be the same."""
     print("consensus against one greedy answer", flush=True)
+    pool = Consensus()
     sampling = SamplingConfig(max_tokens=48)
-    variants = {
-        "plug": "plug",
-        "plug+rag:1": "plug+rag:1",
-        "consensus": "consensus",
-        "sequential": SequentialConsensus(),
-    }
+    variants: dict[str, str | Consensus] = {m: m for m in pool.members}
+    variants |= {"consensus": "consensus", "sequential": SequentialConsensus()}
+    variants["alone"] = SequentialConsensus(alone=True)
     seconds: dict[str, list[float]] = {name: [] for name in variants}
-    same = 0
+    same = same_alone = 0
     for prompt in prompts:
         texts = {}
         for name, spec in variants.items():
@@ -346,30 +358,32 @@ def consensus_cost(
             seconds[name].append(time.perf_counter() - started)
             texts[name] = answer.text
         same += texts["consensus"] == texts["sequential"]
+        same_alone += texts["consensus"] == texts["alone"]
     ms = {name: statistics.median(s) * 1000 for name, s in seconds.items()}
-    agree = f"the same answer as one at a time on {same} of {len(prompts)} prompts"
-    res.add(
-        Row(
-            "consensus",
-            f"consensus (2 members × 5 candidates, one batch per step), {agree}",
-            ms["consensus"],
-            "ms",
-            "one greedy answer, plug+rag:1 (its longer member)",
-            ms["plug+rag:1"],
-            "≤ 1.5 × one greedy answer",
-            ms["consensus"] <= 1.5 * ms["plug+rag:1"],
-        )
+    agree = (
+        f"the same answer as each candidate drawn alone on {same_alone} of {len(prompts)} "
+        f"prompts, as one at a time reusing the prompt on {same}"
     )
-    res.add(
-        Row(
-            "consensus",
-            "consensus against one greedy answer of plug (its shorter member)",
-            ms["consensus"],
-            "ms",
-            "one greedy answer, plug",
-            ms["plug"],
+    members = len(pool.members)
+    shape = f"{members} member{'s' * (members > 1)} × {pool.samples + 1} candidates"
+    longest = pool.members[-1]  # with the retrieved item: the target's reference
+    for i, member in enumerate(reversed(pool.members)):
+        gated = member == longest
+        res.add(
+            Row(
+                "consensus",
+                f"consensus ({shape}, one batch per step), {agree}"
+                if i == 0
+                else f"consensus against one greedy answer of {member}",
+                ms["consensus"],
+                "ms",
+                f"one greedy answer, {member}"
+                + (" (its longest prompt)" if gated and members > 1 else ""),
+                ms[member],
+                "≤ 1.5 × one greedy answer" if gated else "",
+                ms["consensus"] <= 1.5 * ms[member] if gated else None,
+            )
         )
-    )
     res.add(
         Row(
             "consensus",

@@ -27,9 +27,9 @@ SECTIONS = {
         "Consensus against one greedy answer",
         "Seconds per answer on real commit-subject prompts (one-line answers, at most 48 "
         "tokens) for a user of 1,000 history items, median over the prompts, every call "
-        "from an empty KV cache, variants interleaved per prompt. `consensus` prepares both "
-        "members' prompts (`plug`, `plug+rag:1`) and decodes each member's 5 candidates side "
-        "by side, one llama.cpp batch per step.",
+        "from an empty KV cache, variants interleaved per prompt. `consensus` prepares its "
+        "member's prompt (`plug+rag:1`) and decodes its 10 candidates side by side, one "
+        "llama.cpp batch per step, one row for candidates still alike.",
     ),
     "ingest": (
         "Ingest",

@@ -49,6 +49,8 @@ def test_consensus_answers_with_the_candidate_its_members_agree_on(pllm, spec):
 
     from edge_pllm.decoding.answers import AnswerReader
     from edge_pllm.decoding.beam import beam_answers
+    from edge_pllm.decoding.consensus import BEAM_MEMBERS, DEFAULT_MEMBERS
+    from edge_pllm.decoding.decoders import resolve
     from edge_pllm.errors import InvalidInputError
     from edge_pllm.inference.llm import SamplingConfig
     from edge_pllm.personalization.prompts import PromptStyle
@@ -58,8 +60,10 @@ def test_consensus_answers_with_the_candidate_its_members_agree_on(pllm, spec):
     sampling = SamplingConfig(max_tokens=12)
     line = PromptStyle(one_line=True)
     reader = AnswerReader.of(pllm.llm, line.answer, line.one_line)
+    members = resolve(spec).decoder.members
+    assert members == {"consensus": DEFAULT_MEMBERS, "consensus-beam": BEAM_MEMBERS}[spec]
     candidates = []
-    for member in ("plug", "plug+rag:1"):
+    for member in members:
         p = pllm.prepare("ada", query, member, sampling, line)
         if spec == "consensus-beam":
             soft = p.personalization.soft_tokens
@@ -92,14 +96,14 @@ def test_consensus_answers_with_the_candidate_its_members_agree_on(pllm, spec):
     )
     assert pieces == [answer.text]
     info = seen[0].personalization.info["consensus"]
-    assert info["candidates"] == 6 and candidates[info["candidate"]] == answer.text
+    assert info["candidates"] == 3 * len(members) and candidates[info["candidate"]] == answer.text
 
     # Candidates are compared by what of them counts (the task's style says): when every
     # candidate counts the same, the first one wins the tie: for an answer that is not one
-    # line, plug's greedy answer (a beam searches one-line answers only).
+    # line, the first member's greedy answer (a beam searches one-line answers only).
     alike = PromptStyle(answer=lambda text: "the same line")
     tied = pllm.generate("ada", query, strategy=f"{spec}:2", sampling=sampling, style=alike)
-    greedy = pllm.generate("ada", query, strategy="plug", sampling=sampling, style=alike)
+    greedy = pllm.generate("ada", query, strategy=members[0], sampling=sampling, style=alike)
     assert tied.text == greedy.text
 
     with pytest.raises(InvalidInputError):

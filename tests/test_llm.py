@@ -271,6 +271,36 @@ def test_answers_drawn_side_by_side_are_the_answers_drawn_one_at_a_time(llm, pla
     ]
 
 
+def test_answers_that_sampled_alike_share_a_row_until_they_part(llm, decode_calls):
+    """Answers of one prompt with the same tokens so far are one batch row and one cell per
+    step between them (a token of several sequences): three greedy answers cost the rows
+    of one; sampled answers that part take a row each from there on, each still the answer
+    drawn alone."""
+    from dataclasses import replace
+
+    prompt = llm.apply_chat_template([{"role": "user", "content": "Name three colours."}])
+    greedy = SamplingConfig(max_tokens=12)
+    llm.reset()
+    decode_calls.clear()
+    one = llm.draw(prompt, None, [greedy])
+    rows_of_one = sum(decode_calls)
+    llm.reset()
+    decode_calls.clear()
+    three = llm.draw(prompt, None, [greedy, greedy, replace(greedy, max_tokens=6)])
+    assert sum(decode_calls) == rows_of_one
+    assert [c.text for c in three[:2]] == [one[0].text] * 2
+    assert three[2].ids == one[0].ids[:6]
+
+    sampled = [replace(greedy, temperature=1.5, seed=s) for s in range(1, 9)]
+    llm.reset()
+    decode_calls.clear()
+    drawn = llm.draw(prompt, None, sampled)
+    decoded = sum(decode_calls[1:])  # after the prompt's pass
+    assert len({c.text for c in drawn}) > 1
+    assert decoded < sum(len(c.ids) - 1 for c in drawn)  # some rows were shared
+    assert [c.text for c in drawn] == [llm.complete(prompt, None, s).text for s in sampled]
+
+
 def test_prompts_drawn_together_are_the_prompts_drawn_one_after_another(llm, decode_calls):
     """`draw_each` decodes the answers of several prompts side by side, a later prompt
     sharing the first one's keys and values up to where their tokens part (a request, and

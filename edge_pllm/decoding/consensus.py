@@ -1,20 +1,25 @@
 """Consensus decoding: several personalized answers, and the one the others agree with most.
 
 A small model's single greedy answer is a noisy draw. `consensus` asks the model several
-times — each member strategy's greedy answer plus a few sampled ones (fixed seeds, so the
-result is reproducible) — and returns the candidate with the highest summed unigram F1
-(ROUGE-1) against all the others: minimum-Bayes-risk selection under the task's own metric.
-A member's candidates are decoded side by side (`LLM.draw`): its prompt's keys and values
-computed once and shared, one llama.cpp batch per step for all of them, each candidate the
-very answer it would be drawn alone with one decode thread.
+times — its member strategy's greedy answer plus sampled ones (fixed seeds, so the result
+is reproducible) — and returns the candidate with the highest summed unigram F1 (ROUGE-1)
+against all the others: minimum-Bayes-risk selection under the task's own metric. The
+candidates are decoded side by side (`LLM.draw`): the prompt's keys and values computed
+once and shared, one llama.cpp batch per step for all of them (one row for candidates that
+sampled alike so far), each candidate the very answer it would be drawn alone with one
+decode thread.
 
-`consensus-beam` replaces each member's greedy answer by the best of a beam search
-(`beam.py`, 4 wide) for one-line answers: better on dev, not on test, at about twice the
-time (docs/EVAL.md), so it is not the default. On one KV sequence a beam's cost grows with
-the square of the answer's length, so a longer answer keeps its greedy one.
+Its one member is `plug+rag:1`: with the shipped head, ten candidates of that one prompt
+scored as well as five each of `plug` and `plug+rag:1` on dev, at one prompt's cost instead
+of two that share nothing (docs/EVAL.md). `consensus-beam` keeps the two members and
+replaces each one's greedy answer by the best of a beam search (`beam.py`, 4 wide) for
+one-line answers: better on dev, not on test, at about twice the time (docs/EVAL.md), so
+it is not the default. On one KV sequence a beam's cost grows with the square of the
+answer's length, so a longer answer keeps its greedy one.
 
-Spec strings: `consensus` (the members `plug` and `plug+rag:1`, 4 samples each),
-`consensus:N` (N samples each), and the same for `consensus-beam`.
+Spec strings: `consensus` (`plug+rag:1`, greedy and DEFAULT_SAMPLES samples),
+`consensus:N` (N samples), and `consensus-beam[:N]` (`plug` and `plug+rag:1`, N samples
+each, 4 by default).
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ if TYPE_CHECKING:
     from ..personalization.prompts import PromptStyle
     from .drawer import Drawer, Drawn, Prepared
 
-DEFAULT_MEMBERS = ("plug", "plug+rag:1")
-DEFAULT_SAMPLES = 4
+DEFAULT_MEMBERS = ("plug+rag:1",)
+DEFAULT_SAMPLES = 9
+BEAM_MEMBERS = ("plug", "plug+rag:1")  # consensus-beam's, as docs/EVAL.md measured it
+BEAM_SAMPLES = 4
 TEMPERATURE = 0.8  # of the sampled candidates
 BEAM_WIDTH = 4  # of each member's first candidate in `consensus-beam`
 MAX_SAMPLES = 16

@@ -29,7 +29,7 @@ from ..personalization.strategies import (
     get_strategy,
     spec_k,
 )
-from .consensus import BEAM_WIDTH, DEFAULT_SAMPLES, Consensus
+from .consensus import BEAM_MEMBERS, BEAM_SAMPLES, BEAM_WIDTH, DEFAULT_SAMPLES, Consensus
 from .drawer import Drawer, Drawn, Prepared
 
 
@@ -91,7 +91,10 @@ DecoderFactory = Callable[[int | None], Decoder]
 DECODERS: dict[str, DecoderFactory] = {
     "consensus": lambda k: Consensus(samples=DEFAULT_SAMPLES if k is None else k),
     "consensus-beam": lambda k: Consensus(
-        samples=DEFAULT_SAMPLES if k is None else k, beam_width=BEAM_WIDTH, name="consensus-beam"
+        samples=BEAM_SAMPLES if k is None else k,
+        members=BEAM_MEMBERS,
+        beam_width=BEAM_WIDTH,
+        name="consensus-beam",
     ),
 }
 

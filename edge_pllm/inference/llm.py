@@ -175,6 +175,20 @@ def _shared(a: Sequence[int], b: Sequence[int]) -> int:
     return next((i for i in range(n) if a[i] != b[i]), n)
 
 
+def _alike(
+    live: Sequence[int], prompt_of: Sequence[int], ids: Sequence[Sequence[int]]
+) -> list[list[int]]:
+    """`live` answers grouped by their prompt and every token they have so far, first seen
+    first: the answers of a group need one batch row between them, its keys and values one
+    cell for them all (a token of several sequences), and read the same logits. Answers
+    that sampled alike so far are the same sequence of tokens, bit for bit, so their next
+    logits are too; where they part, each goes on in its own cells after the shared ones."""
+    groups: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+    for seq in live:
+        groups.setdefault((prompt_of[seq], tuple(ids[seq])), []).append(seq)
+    return list(groups.values())
+
+
 def _in_turns(
     samplings: Sequence[SamplingConfig], n_prompt: int, n_ctx: int, most: int
 ) -> list[list[SamplingConfig]]:
@@ -746,7 +760,8 @@ class LLM:
         prompt's keys and values are computed once (reusing the cache as `stream` does) and
         shared by a sequence per answer, and each step decodes every unfinished answer's
         next token in one llama.cpp batch (as many answers at a time as the batch and the
-        cache hold: at most `max_sequences`). An answer is sampled as `stream` samples it
+        cache hold: at most `max_sequences`), one row for the answers whose tokens so far
+        are the same (`_alike`). An answer is sampled as `stream` samples it
         alone (the same sampler chain and seed) and ends at an end-of-generation token, at
         one of its stop strings, where `ended(its ids)` says, or at its `max_tokens`. Each
         Completion carries its `ids`; its text is theirs, as `complete` gives it (no
@@ -832,7 +847,7 @@ class LLM:
                     going.append(seq)
             return going
 
-        batch = lc.llama_batch_init(n, 0, 1)
+        batch = lc.llama_batch_init(n, 0, n)  # a row may stand for every answer
         live: list[int] = []
         try:
             head = 0  # the sequence that holds the prompt, its first answer's
@@ -851,14 +866,17 @@ class LLM:
                 head += len(part.samplings)
             first_at = time.perf_counter()
             while live:
-                for i, seq in enumerate(live):
+                rows = _alike(live, prompt_of, ids)
+                for i, seqs in enumerate(rows):
+                    seq = seqs[0]
                     batch.token[i] = ids[seq][-1]
                     batch.pos[i] = n_prompts[prompt_of[seq]] + len(ids[seq]) - 1
-                    batch.n_seq_id[i] = 1
-                    batch.seq_id[i][0] = seq
+                    batch.n_seq_id[i] = len(seqs)
+                    for j, each in enumerate(seqs):
+                        batch.seq_id[i][j] = each
+                        row[each] = i
                     batch.logits[i] = True
-                    row[seq] = i
-                batch.n_tokens = len(live)
+                batch.n_tokens = len(rows)
                 if (code := lc.llama_decode(llama.ctx, batch)) != 0:
                     raise LLMError(f"llama_decode failed on {len(live)} answers (code {code}).")
                 live = sampled(live)
