@@ -324,8 +324,8 @@ class SequentialConsensus(Consensus):
     candidate after the first reuses the cached prompt but for its last token, which it
     decodes alone: a one-row pass whose logits can differ in the last bits from the
     prompt's own pass, so an answer can part from the batch's; `alone` draws each
-    candidate from an empty cache (untimed: the check that the batch draws the very
-    answers)."""
+    candidate from an empty cache (its time is not reported: the check that the batch
+    draws the very answers)."""
 
     name: str = "consensus, one at a time"
     alone: bool = False
@@ -340,7 +340,8 @@ def consensus_cost(
     """Seconds per answer of `consensus` (its candidates in one batch per step) against one
     greedy answer of each member and against the same consensus drawn one candidate at a
     time, on real task prompts; each call from an empty KV cache, the variants interleaved
-    per prompt. The batched and sequential answers must be the same."""
+    per prompt; on how many prompts the batch's answer is each candidate's drawn alone (an
+    empty cache each) and the one drawn one at a time reusing the prompt."""
     print("consensus against one greedy answer", flush=True)
     pool = Consensus()
     sampling = SamplingConfig(max_tokens=48)

@@ -271,6 +271,19 @@ def test_answers_drawn_side_by_side_are_the_answers_drawn_one_at_a_time(llm, pla
     ]
 
 
+def test_only_answers_of_one_prompt_with_the_same_tokens_are_alike():
+    """`_alike` groups live answers by prompt and every token so far, first seen first:
+    answers of two prompts never share a row, even with the same tokens; an ended answer
+    (not live) is in no group."""
+    from edge_pllm.inference.llm import _alike
+
+    ids = [[5, 6], [5, 6], [5, 7], [5, 6], [5, 6], [5, 6]]
+    prompt_of = [0, 0, 0, 1, 1, 0]
+    assert _alike([0, 1, 2, 3, 4], prompt_of, ids) == [[0, 1], [2], [3, 4]]
+    assert _alike([2, 4, 1], prompt_of, ids) == [[2], [4], [1]]
+    assert _alike([], prompt_of, ids) == []
+
+
 def test_answers_that_sampled_alike_share_a_row_until_they_part(llm, decode_calls):
     """Answers of one prompt with the same tokens so far are one batch row and one cell per
     step between them (a token of several sequences): three greedy answers cost the rows
@@ -304,7 +317,7 @@ def test_answers_that_sampled_alike_share_a_row_until_they_part(llm, decode_call
 def test_prompts_drawn_together_are_the_prompts_drawn_one_after_another(llm, decode_calls):
     """`draw_each` decodes the answers of several prompts side by side, a later prompt
     sharing the first one's keys and values up to where their tokens part (a request, and
-    the same request with a retrieved item after it, as consensus's members are): each
+    the same request with a retrieved item after it): each
     answer is the one `draw` gives that prompt after the one before it, in fewer decode
     passes, and the first prompt is what the cache keeps."""
     from dataclasses import replace

@@ -847,7 +847,9 @@ class LLM:
                     going.append(seq)
             return going
 
-        batch = lc.llama_batch_init(n, 0, n)  # a row may stand for every answer
+        # A row may stand for every answer (`_alike`): a token of several sequences, which
+        # llama.cpp takes only in one unified KV cache (`_sequences`).
+        batch = lc.llama_batch_init(n, 0, n)
         live: list[int] = []
         try:
             head = 0  # the sequence that holds the prompt, its first answer's
