@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import sys
 import tempfile
 import time
 from email.message import EmailMessage
@@ -23,7 +25,8 @@ from edge_pllm import PersonalLLM, paths
 from edge_pllm.defaults import ensure_default_bundle
 from edge_pllm.storage.search import normalize
 
-from .common import DATA, Results, Row, commit_texts, peak_rss_mb
+from .common import DATA, Results, Row, commit_texts
+from .system import timed_process
 
 PEOPLE = ["Ada", "Bruno", "Chen", "Dara", "Emil", "Fatou", "Goran", "Hana", "Ivo", "Jun"]
 THINGS = ["bicycle lock code", "bakery", "train platform", "dentist", "wifi password"]
@@ -51,18 +54,38 @@ def mixed_folder(root: Path, texts: list[str], n: int) -> Path:
     return root
 
 
-def throughput(res: Results, pllm: PersonalLLM, texts: list[str], n: int, tmp: Path) -> None:
+def throughput(
+    res: Results, bundle: Path, texts: list[str], n: int, tmp: Path, threads: int
+) -> PersonalLLM:
+    """`edge-pllm import` of a folder of `n` mixed files as a person runs it (a process of
+    its own: start, imports, embedder, reading, embedding, storing), its wall time and peak
+    RSS; then the same folder again, unchanged, in this process. Returns the runtime on
+    the home the files went to."""
     folder = mixed_folder(tmp / "mixed", texts, n)
-    started = time.perf_counter()
-    first = pllm.import_paths("mixed", [folder], me=["me@example.org"])
-    took = time.perf_counter() - started
+    home = tmp / "home"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env.update(EDGE_PLLM_HOME=str(home), EDGE_PLLM_THREADS=str(threads))
+    command = [sys.executable, "-m", "edge_pllm", "--bundle", str(bundle), "import", "mixed"]
+    took, peak = timed_process([*command, str(folder), "--me", "me@example.org"], env)
+    pllm = PersonalLLM(bundle, home=home)
+    added = pllm.store.count("mixed")
     started = time.perf_counter()
     again = pllm.import_paths("mixed", [folder], me=["me@example.org"])
     took_again = time.perf_counter() - started
-    assert first.imported == n and again.unchanged == n, (first, again)
-    note = f"{first.added} items; peak RSS of the process {peak_rss_mb():.0f} MiB"
-    res.add(Row("importing", f"import {n} mixed files", n / took, "files/s", note=note))
-    res.add(Row("importing", f"import {n} mixed files: items", first.added / took, "items/s"))
+    assert added >= n and again.unchanged == n, (added, again)
+    res.add(
+        Row(
+            "importing",
+            f"edge-pllm import of {n} mixed files",
+            n / took,
+            "files/s",
+            note="the whole command: process start, imports and the embedder's load",
+        )
+    )
+    res.add(
+        Row("importing", f"edge-pllm import of {n} mixed files: items", added / took, "items/s")
+    )
+    res.add(Row("importing", f"edge-pllm import of {n} mixed files: peak RSS", peak, "MiB"))
     res.add(
         Row(
             "importing",
@@ -74,7 +97,8 @@ def throughput(res: Results, pllm: PersonalLLM, texts: list[str], n: int, tmp: P
             "≤ 0.1 ×",
             took_again <= 0.1 * took,
         )
-    )
+    )  # fmt: skip
+    return pllm
 
 
 def long_notes(res: Results, pllm: PersonalLLM, texts: list[str], tmp: Path, n: int = 50) -> None:
@@ -130,8 +154,7 @@ def long_notes(res: Results, pllm: PersonalLLM, texts: list[str], tmp: Path, n: 
 def run(res: Results, bundle: Path, threads: int, n_files: int, data: Path = DATA) -> None:
     texts = commit_texts(max(n_files, 1500), data)
     with tempfile.TemporaryDirectory(prefix="edge-pllm-import-bench-") as tmp:
-        pllm = PersonalLLM(bundle, home=tmp)
-        throughput(res, pllm, texts, n_files, Path(tmp))
+        pllm = throughput(res, bundle, texts, n_files, Path(tmp), threads)
         long_notes(res, pllm, texts, Path(tmp))
         pllm.close()
 

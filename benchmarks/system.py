@@ -199,7 +199,7 @@ print(json.dumps({"rc": done.returncode, "wall": wall, "peak": peak,
 """
 
 
-def _timed_process(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+def timed_process(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
     """(wall seconds, peak RSS in MiB) of a whole child process, from the OS's accounting."""
     out = subprocess.run(
         [sys.executable, "-c", _MEASURE, *argv], capture_output=True, text=True, env=env, check=True
@@ -231,8 +231,8 @@ def ask_process(
     for strategy in ("none", "plug"):
         ours = [sys.executable, "-m", "edge_pllm", "--bundle", str(bundle), "ask", user, request]
         ours += ["-s", strategy, "-n", "8"]
-        _timed_process(ours, env), _timed_process(bare, env)  # warm-up: bytecode, page cache
-        runs = [(_timed_process(ours, env), _timed_process(bare, env)) for _ in range(pairs)]
+        timed_process(ours, env), timed_process(bare, env)  # warm-up: bytecode, page cache
+        runs = [(timed_process(ours, env), timed_process(bare, env)) for _ in range(pairs)]
         wall = float(np.median([o[0] / b[0] for o, b in runs]))
         peak = float(np.median([o[1] for o, _ in runs]))
         peak_ref = float(np.median([b[1] for _, b in runs]))

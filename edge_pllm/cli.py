@@ -27,7 +27,14 @@ from .files import atomic_write, open_private, private_dir
 from .inference.llm import LLMConfig, SamplingConfig
 from .inference.model_registry import ENV_MODEL
 from .personal import DEFAULT_STRATEGY, PersonalLLM, Prepared, Response
-from .storage.items import NewItem, as_text, read_jsonl, validate_items, validate_user
+from .storage.items import (
+    NewItem,
+    as_text,
+    read_jsonl,
+    source_label,
+    validate_items,
+    validate_user,
+)
 from .storage.parts import vector_count
 from .terminal import shown, shown_json
 
@@ -150,6 +157,52 @@ class Context:
 pass_ctx = click.make_pass_decorator(Context)
 
 
+class ItemFile(click.File):
+    """A file to read an item from; a folder is refused with the command that reads one."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value != "-" and os.path.isdir(value):
+            self.fail(
+                f"{value!r} is a folder; import a folder's files with "
+                "`edge-pllm import USER FOLDER`.",
+                param,
+                ctx,
+            )
+        return super().convert(value, param, ctx)
+
+
+class BundleFolder(click.Path):
+    """A bundle folder; a GGUF file given instead is refused with the command that
+    registers one."""
+
+    def __init__(self) -> None:
+        super().__init__(file_okay=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and os.path.isfile(value):
+            self.fail(
+                f"{value!r} is a file, not a bundle folder; to answer with a GGUF of your own, "
+                "register it with `edge-pllm models add FILE --name NAME` and use --model NAME.",
+                param,
+                ctx,
+            )
+        return super().convert(value, param, ctx)
+
+
+def _take_model(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:  # after the command, as before it: `edge-pllm ask -m mine ...`
+        ctx.find_object(Context).model = value  # type: ignore[union-attr]
+
+
+model_option = click.option(
+    "-m",
+    "--model",
+    expose_value=False,
+    callback=_take_model,
+    help=f"A registered GGUF to answer with (as `edge-pllm --model`; also {ENV_MODEL}).",
+)
+
+
 strategy_option = click.option(
     "-s",
     "--strategy",
@@ -191,7 +244,7 @@ class PluginGroup(click.Group):
 
 @click.group(cls=PluginGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--home", envvar=paths.ENV_HOME, help="Data directory (default: platform data dir).")
-@click.option("--bundle", type=click.Path(file_okay=False), help="Model bundle folder.")
+@click.option("--bundle", type=BundleFolder(), help="Model bundle folder.")
 @click.option(
     "--model",
     envvar=ENV_MODEL,
@@ -294,7 +347,7 @@ def _add(obj: Context, user: str, items: list[NewItem | dict[str, Any]]) -> None
     "--file",
     "files",
     multiple=True,
-    type=click.File("rb"),
+    type=ItemFile("rb"),
     help="Read an item from a file ('-' for stdin); repeatable.",
 )
 @click.option(
@@ -484,6 +537,7 @@ def _import_summary(user: str, report: ImportReport) -> None:
 
 
 @cli.command()
+@model_option
 @click.argument("user")
 @click.argument("prompt")
 @strategy_option
@@ -518,6 +572,9 @@ def ask(
         for item in prepared.personalization.context:
             part = item.metadata.get("passage")
             where = f" part {part}" if part else ""
+            if source := source_label(item.metadata):
+                where += f" from {source}"
+            where = shown(where, keep="")
             click.echo(f"[context #{item.id}{where}] {shown(item.text[:200])}", err=True)
 
     done: list[Response] = []
@@ -569,6 +626,7 @@ def feedback(obj: Context, user: str, answer_id: str, rating: str | None, edit: 
 
 
 @cli.command(epilog=chat_session.COMMANDS)
+@model_option
 @click.argument("user")
 @strategy_option
 @click.option(
@@ -692,7 +750,10 @@ def search(obj: Context, user: str, query: str, k: int) -> None:
             text = hit.item.text.splitlines()[0][:100]
         else:
             text = f"(part {hit.part.number}/{hit.part.count}) {' '.join(hit.passage.text.split())}"
-        click.echo(f"{hit.item.id}\t{1 - hit.distance:.3f}\t{shown(text, keep='')}")
+        line = shown(text, keep="")
+        if source := source_label(hit.item.metadata):  # a fourth column: where it came from
+            line += "\t" + shown(source, keep="")
+        click.echo(f"{hit.item.id}\t{1 - hit.distance:.3f}\t{line}")
 
 
 @cli.command()
@@ -1009,6 +1070,7 @@ def demo(obj: Context, strategies: tuple[str, ...]) -> None:
 
 
 @cli.command()
+@model_option
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8400, show_default=True, type=click.IntRange(0, 65535))
 @click.option(
@@ -1079,6 +1141,7 @@ DEFAULT_EVAL_STRATEGIES = "none,recent:1,recent:3,rag:1,rag:3"
 
 
 @cli.command("eval")
+@model_option
 @click.argument("task_dir", type=click.Path(exists=True, file_okay=False))
 @click.option(
     "--split",
@@ -1172,9 +1235,12 @@ def eval_command(
     if merge_dirs:
         n = evaluate.merge(config, [Path(d) for d in merge_dirs])
         click.echo(f"Merged {_count(n, 'answer')} from {len(merge_dirs)} run folders.", err=True)
-    # The run keeps its own store in the run folder: eval users never mix with real ones.
+    # The run keeps its own store in the run folder: eval users never mix with real ones;
+    # a registered model (--model) answers from the person's own home.
     base = obj.pllm()
-    pllm = PersonalLLM(base.bundle.path, home=out, llm_config=base.llm_config)
+    pllm = PersonalLLM(base.base_bundle.path, home=out, llm_config=base.llm_config)
+    if base.model is not None:
+        pllm = pllm.with_model(base.model, registry=obj.home)
     results = evaluate.run(config, pllm)
     if config.shard:
         click.echo(

@@ -185,6 +185,8 @@ def run(config: RunConfig, pllm: PersonalLLM, progress: bool = True) -> list[Spl
         with open_private(pred_path, "a", field="out") as out:
             for split in config.splits:
                 task = load_split(config.task_dir, split, config.task)
+                if config.shard is None and task.spec.metric is metrics.GENERATION:
+                    metrics.require_rouge()  # before the answers, not after them
                 result = _run_split(config, pllm, cache, task, done, out, progress)
                 if result is not None:
                     results.append(result)

@@ -199,16 +199,17 @@ class PersonalLLM:
         self._owns_store = True
         self._family: list[PersonalLLM] = [self]  # the runtimes over this store
 
-    def with_model(self, model: str | None) -> PersonalLLM:
+    def with_model(self, model: str | None, registry: str | Path | None = None) -> PersonalLLM:
         """This runtime answering with the registered `model` (None: the bundle's own LLM),
         over the same store and embedder: its own LLM, loaded on first use. Closing it
-        leaves the store open (this one owns it)."""
+        leaves the store open (this one owns it). `registry`: the data directory `model`
+        was registered in (default this runtime's home; an evaluation's runtime keeps its
+        store in its run folder and takes the person's models)."""
         twin = copy.copy(self)
-        twin.bundle = (
-            model_bundle(self.home, get_model(self.home, model), self._base)
-            if model is not None
-            else self._base
-        )
+        home = self.home if registry is None else Path(registry)
+        twin.bundle = self._base
+        if model is not None:
+            twin.bundle = model_bundle(home, get_model(home, model), self._base)
         twin._llm, twin._plug, twin._llm_lock = None, None, threading.RLock()
         twin._owns_store, twin.model = False, model
         self._family.append(twin)  # the same list: a shallow copy shares it

@@ -179,3 +179,21 @@ def test_sharded_runs_merged_score_as_one_run(default_bundle, tmp_path):
     for bad in ("0/2", "3/2", "x/2", "2", "²/4"):
         with pytest.raises(InvalidInputError, match="--shard"):
             Shard.parse(bad)
+
+
+def test_a_missing_scorer_is_said_before_any_answer(default_bundle, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from edge_pllm.cli import cli
+
+    monkeypatch.setitem(sys.modules, "rouge_score", None)  # as on the device install
+    task, out = make_task(tmp_path / "task"), tmp_path / "run"
+    args = ["--home", str(tmp_path / "home"), "--bundle", str(default_bundle), "eval", str(task)]
+    done = CliRunner().invoke(cli, [*args, "-s", "none", "--no-floors", "--out", str(out)])
+    assert done.exit_code == 1 and "pip install 'edge-pllm[eval]'" in done.output
+    assert not (out / "predictions.jsonl").exists() or not (out / "predictions.jsonl").read_text()
+    sharded = CliRunner().invoke(
+        cli,
+        [*args, "-s", "none", "--no-floors", "--limit", "1", "--shard", "1/2", "--out", str(out)],
+    )  # a share is answered without scoring: it needs no scorer
+    assert sharded.exit_code == 0, sharded.output

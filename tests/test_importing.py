@@ -7,6 +7,7 @@ import email.message
 import json
 import mailbox
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from click.testing import CliRunner
 
 from edge_pllm import NewItem, SamplingConfig
 from edge_pllm.cli import cli
+from edge_pllm.personalization.strategies import TURN_DEPTH
 from edge_pllm.sources.importing import html_text, own_words, sections
 from edge_pllm.storage.parts import PART_CHARS, part_spans
 
@@ -257,6 +259,13 @@ def test_the_cli_imports_a_folder_and_says_what_it_did(default_bundle, kept, tmp
     assert "Imported 0 files for ann: 0 items added, 0 removed; 6 unchanged." in again.output
     bare = runner.invoke(cli, [*base, "import", "ann"])
     assert bare.exit_code == 2 and "Give files or folders to import" in bare.output
+    # What is found says where it came from: the file, and the message in it.
+    found = runner.invoke(cli, [*base, "search", "ann", "bring the cake", "-k", "1"]).output
+    assert found.rstrip("\n").split("\t")[3] == f"{kept / 'mail.mbox'}, message 1", found
+    shown = runner.invoke(cli, [*base, "ask", "ann", "Who brings the cake?", "-s", "rag:1",
+                                "-n", "1", "--show-context"])  # fmt: skip
+    assert re.search(rf"\[context #\d+ from {re.escape(str(kept))}/mail.mbox, message 1\] Party",
+                     shown.output), shown.output  # fmt: skip
     forget = runner.invoke(cli, [*base, "forget", "ann", "--yes"])
     assert forget.exit_code == 0, forget.output
     # Forgetting the person forgets where their files were too, in every file of the home.
@@ -288,6 +297,25 @@ def test_remembered_questions_do_not_crowd_out_the_notes_that_answer_them(pllm, 
         assert note in shown, (question, shown)
         # The turns still count when nothing the person kept is near: they fill the places.
         assert len(shown) == 3
+
+
+def test_no_number_of_remembered_questions_crowds_out_a_relevant_note(pllm):
+    """A person asked about dinner twenty ways before: all twenty turns are nearer to the
+    new question than the note that answers it, which is still shown."""
+    notes = ["My favourite dinner is mushroom risotto.", "The bike tyres are 700x32c.",
+             "Parked the car on level 3, row F.", "Dentist on Tuesday at 9.",
+             "The wifi password is on the fridge."]  # fmt: skip
+    pllm.add("cook", notes)
+    starts = ["What should I cook", "What do I cook", "What could I make", "What shall I cook"]
+    ends = [" tonight?", " for dinner tonight?", " this evening?", " for supper?", " now?"]
+    turns = [{"text": s + e, "kind": "turn"} for s in starts for e in ends]
+    pllm.add("cook", turns)
+    question = "What should I cook tonight?"
+    vec = pllm.embedder.embed_one(question)
+    ranked = [h.item.kind for h in pllm.store.search("cook", vec, 30)]
+    assert ranked.index("text") >= 3 * TURN_DEPTH  # deeper than a search of k × 4 reads
+    shown = [i.text for i in pllm.prepare("cook", question, "rag:3").personalization.context]
+    assert shown[0] == notes[0] and len(shown) == 3  # the note first, then turns fill
 
 
 def test_a_pdf_made_by_a_library_gives_its_pages_and_a_truncated_one_is_reported(pllm, tmp_path):

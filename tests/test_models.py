@@ -92,6 +92,15 @@ def test_the_cli_registers_lists_and_answers_with_a_model(default_bundle, smol, 
     assert asked.exit_code == 0, asked.output
     env = runner.invoke(cli, [*base, "ask", "ann", "hi", "-n", "2"], env={"EDGE_PLLM_MODEL": "x"})
     assert env.exit_code == 1 and "No model named 'x' is registered" in env.output
+    after = runner.invoke(cli, [*base, "ask", "-m", "y", "ann", "hi"])  # on the command too
+    assert after.exit_code == 1 and "No model named 'y' is registered" in after.output
+    assert (
+        runner.invoke(cli, [*base, "ask", "--model", "smol", "ann", "hi", "-n", "1"]).exit_code == 0
+    )
+    a_file = runner.invoke(cli, ["--bundle", str(smol), "users"])  # a GGUF is not a bundle
+    assert a_file.exit_code == 2 and "edge-pllm models add FILE --name NAME" in a_file.output
+    a_folder = runner.invoke(cli, [*base, "add", "ann", "-f", str(tmp_path)])
+    assert a_folder.exit_code == 2 and "edge-pllm import USER FOLDER" in a_folder.output
     removed = runner.invoke(cli, [*base, "models", "remove", "smol"])
     assert removed.exit_code == 0 and smol.exists()
 
@@ -116,3 +125,23 @@ def test_erased_text_stays_in_no_models_cached_prompt(default_bundle, smol, tmp_
         assert twin.llm.llama.n_tokens > 0  # the note is in the twin's cached prompt
         pllm.delete("ann", [note])
         assert twin.llm.llama.n_tokens == 0
+
+
+def test_eval_answers_with_the_model_it_is_given(default_bundle, gemma_file, tmp_path):
+    from .test_eval import make_task
+
+    pytest.importorskip("rouge_score", reason="ROUGE needs the [eval] extra")
+    template = tmp_path / "gemma.jinja"
+    template.write_text(GEMMA_TEMPLATE)
+    runner = CliRunner()
+    base = ["--home", str(tmp_path / "home"), "--bundle", str(default_bundle), "--n-ctx", "1024"]
+    add = ["models", "add", str(gemma_file), "--name", "gemma", "--chat-template", str(template)]
+    added = runner.invoke(cli, [*base, *add])
+    assert added.exit_code == 0, added.output
+    task, out = make_task(tmp_path / "task"), tmp_path / "run"
+    args = ["eval", str(task), "--limit", "1", "-s", "none", "--no-floors", "--out", str(out)]
+    done = runner.invoke(cli, [*base, "--model", "gemma", *args])
+    assert done.exit_code == 0, done.output
+    assert "bundle: gemma:" in done.output  # the registered model answered, not the bundle's
+    refused = runner.invoke(cli, [*base, "--model", "gemma", *args[:-4], "plug", "--out", str(out)])
+    assert refused.exit_code == 1 and "trained for another model" in refused.output

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import BundleError, InvalidInputError, UnknownStrategyError
 from ..storage.items import TURN_KIND, HistoryItem
+from ..storage.store import MAX_K as STORE_MAX_K
 from ..storage.store import HistoryStore, SearchHit
 from .head import PlugHead
 
@@ -115,9 +116,18 @@ def nearest(request: Request, k: int, min_similarity: float) -> list[SearchHit]:
     """The `k` relevant items nearest to the request, what the person wrote or kept before
     their own remembered questions (kind "turn"): an earlier question resembles the new
     one more than the note that answers it does, and would crowd it out. Turns fill the
-    places left."""
+    places left. The search reads `TURN_DEPTH` times deeper while turns fill what it read
+    and it has not yet passed the last relevant item, so no number of remembered turns
+    hides a relevant note."""
     query_vec = request.query_vector()
-    hits = relevant(request.store.search(request.user, query_vec, k * TURN_DEPTH), min_similarity)
+    depth = k * TURN_DEPTH
+    while True:
+        found = request.store.search(request.user, query_vec, depth)
+        hits = relevant(found, min_similarity)  # nearest first: a prefix of what was found
+        kept = sum(h.item.kind != TURN_KIND for h in hits)
+        if kept >= k or len(hits) < len(found) or len(found) < depth or depth >= STORE_MAX_K:
+            break
+        depth = min(depth * TURN_DEPTH, STORE_MAX_K)
     return sorted(hits, key=lambda h: h.item.kind == TURN_KIND)[:k]  # stable: by distance
 
 

@@ -375,3 +375,15 @@ def json_type(value: Any) -> str:
     if isinstance(value, int | float):
         return "number"
     return {list: "array", dict: "object", str: "string"}.get(type(value), type(value).__name__)
+
+
+def source_label(metadata: dict[str, Any]) -> str:
+    """Where an item came from, for a person to read: "notes/a.md, message 3", a git
+    commit's repository and short hash, or "" for an item typed by hand."""
+    source = metadata.get("source")
+    if not isinstance(source, dict):
+        return ""
+    if "git" in source:
+        return f"{source['git']} {str(source.get('commit', ''))[:10]}".strip()
+    where = [str(source[key]) for key in ("path", "in", "section") if source.get(key)]
+    return ", ".join(where)

@@ -31,12 +31,20 @@ LAMP3_LABELS = ("1", "2", "3", "4", "5")
 # --- per-example scores ---------------------------------------------------------------------
 
 
-def rouge_scores(predictions: Sequence[str], golds: Sequence[str]) -> dict[str, np.ndarray]:
-    """Per-example ROUGE-1 and ROUGE-L F-measures."""
+def require_rouge() -> None:
+    """MissingDependencyError naming the extra if `rouge-score` is not installed (an
+    evaluation asks before it answers, not after)."""
     try:
-        from rouge_score import rouge_scorer
+        import rouge_score  # noqa: F401
     except ImportError as exc:
         raise MissingDependencyError("rouge-score", "eval", "Computing ROUGE") from exc
+
+
+def rouge_scores(predictions: Sequence[str], golds: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per-example ROUGE-1 and ROUGE-L F-measures."""
+    require_rouge()
+    from rouge_score import rouge_scorer
+
     scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
     r1, rl = [], []
     for pred, gold in zip(predictions, golds, strict=True):
