@@ -487,6 +487,7 @@ class PersonalLLM:
             found.context,
             render=llm.apply_chat_template,
             count_tokens=llm.count_tokens,
+            most_tokens=llm.most_tokens,
             budget=llm.n_ctx - sampling.max_tokens - n_soft,
             n_ctx=llm.n_ctx,
             max_tokens=sampling.max_tokens,

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from edge_pllm.defaults import LLM_FILE
 from edge_pllm.errors import BundleError, MissingDependencyError
-from edge_pllm.files import atomic_write, open_private, private_dir, replacing_folder
+from edge_pllm.files import atomic_write, open_private, private_dir, replacing, replacing_folder
 from edge_pllm.inference.bundle import (
     ADAPTER_FILE,
     FORMAT,
@@ -37,7 +37,7 @@ from edge_pllm.inference.bundle import (
 )
 
 from .embedder import embedder_manifest_entry, embedder_report, export_embedder
-from .plug_graph import split_head, write_population
+from .plug_graph import heads_first, split_head, write_population
 
 
 def _version(package: str) -> str | None:
@@ -259,3 +259,26 @@ def _install_head(bundle_dir: Path, spec: PlugSpec, write: Callable[[Path], Plug
     write_manifest(bundle_dir, manifest)
     load_bundle(bundle_dir)
     return bundle_dir
+
+
+def heads_first_files(folder: str | Path) -> bool:
+    """Rewrite the split head of the bundle (or shipped parts) in `folder` with
+    `heads_first`, and its manifest's entries for the two files: the same soft tokens from
+    a faster graph. False (nothing written) for a head that is not split, or is already."""
+    import onnx
+
+    folder = Path(folder)
+    spec = load_bundle(folder, verify=False).require_plug()
+    if spec.project_file is None:
+        return False
+    paths = [folder / spec.file, folder / spec.project_file]
+    aggregate, project = (onnx.load(str(p)) for p in paths)
+    if not heads_first(aggregate, project):
+        return False
+    for model, path in zip((aggregate, project), paths, strict=True):
+        with replacing(path) as written:
+            onnx.save(model, str(written))
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"].update(file_entries(folder, [spec.file, spec.project_file]))
+    write_manifest(folder, manifest)
+    return True

@@ -436,3 +436,29 @@ def test_corrupt_gguf_is_a_bundle_error(tmp_path: Path):
         LLM(bad)
     with pytest.raises(BundleError, match="does not exist"):
         LLM(tmp_path / "missing.gguf")
+
+
+def test_the_token_bound_holds_for_any_text(llm, gemma_file):
+    """`most_tokens` bounds the token count without tokenizing (a prompt that fits by it is
+    never counted): on SmolLM2's byte-level BPE and Gemma's SentencePiece with byte
+    fallback, for text of every script, control characters, special tokens and spaces."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    from edge_pllm.inference.llm import LLM, LLMConfig
+
+    gemma = LLM(gemma_file, LLMConfig(n_ctx=256, n_threads=1))
+    pieces = st.sampled_from(["<|im_start|>", "<start_of_turn>", "<bos>", " ", "\n", "  ", "é"])
+    texts = st.lists(st.text(min_size=0, max_size=40) | pieces, max_size=12).map("".join)
+
+    @hypothesis.settings(max_examples=300, deadline=None, database=None)
+    @hypothesis.given(texts)
+    def bound_holds(text: str) -> None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return  # lone surrogates: refused by tokenize and most_tokens alike
+        for model in (llm, gemma):
+            assert len(model.tokenize(text)) <= model.most_tokens(text), (model.architecture, text)
+
+    bound_holds()

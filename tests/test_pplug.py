@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch", reason="training needs the [export] extra")
 
 from edge_pllm import BundleError, LLMConfig, PersonalLLM, SamplingConfig  # noqa: E402
 from edge_pllm.errors import InvalidInputError  # noqa: E402
-from edge_pllm.inference.bundle import load_bundle  # noqa: E402
+from edge_pllm.inference.bundle import file_entries, load_bundle  # noqa: E402
 from edge_pllm.inference.llm import LLM  # noqa: E402
 from edge_pllm.personalization.head import PlugHead, QueryTokenizer  # noqa: E402
 from edge_pllm.storage.vector_cache import VectorCache  # noqa: E402
@@ -761,6 +761,47 @@ def test_split_head_equals_the_single_graph_and_projects_once(tiny_bundle, train
     assert head.projected(history) is head.projected(history)
     writable = history.copy()
     assert head.projected(writable) is not head.projected(writable)  # may change: not kept
+
+
+def test_projections_kept_heads_first_give_the_same_soft_tokens_faster_graph(
+    tiny_bundle, trained, tmp_path
+):
+    """The split writes the projections heads first, (B, k, N, d), and sums them with one
+    MatMul; a head split before (item first, an Einsum) gives bit for bit the same soft
+    tokens, runs on the device as it is, and `heads_first_files` rewrites it in place."""
+    import onnx
+
+    from export.bundle import heads_first_files
+    from export.plug_graph import split_head
+
+    _, bundle = tiny_bundle
+    out = trained[3]
+    new = load_bundle(bundle)
+    old_dir = tmp_path / "old"
+    shutil.copytree(bundle, old_dir, symlinks=False)
+    spec = new.require_plug()
+    split_head(out / "plug.onnx", old_dir / spec.file, old_dir / spec.project_file,
+               layout_heads_first=False)  # fmt: skip
+    manifest = json.loads((old_dir / "manifest.json").read_text())
+    manifest["files"].update(file_entries(old_dir, [spec.file, spec.project_file]))
+    (old_dir / "manifest.json").write_text(json.dumps(manifest))
+    heads = {"new": PlugHead(new), "old": PlugHead(load_bundle(old_dir))}
+    rng = np.random.default_rng(7)
+    history = rng.normal(size=(40, 384)).astype(np.float32)
+    history /= np.linalg.norm(history, axis=1, keepdims=True)
+    query = history[3] + rng.normal(0, 0.1, 384).astype(np.float32)
+    d, k = spec.d_llm, 4  # small_config's persona tokens
+    assert heads["old"].projected(history).shape == (40, k * d)
+    assert heads["new"].projected(history).shape == (k, 40, d)
+    soft = {name: head.soft_tokens(query, history) for name, head in heads.items()}
+    assert np.array_equal(soft["new"], soft["old"])
+    ops = [n.op_type for n in onnx.load(str(old_dir / spec.file)).graph.node]
+    assert "Einsum" in ops and ops.count("Einsum") == 2
+    assert heads_first_files(old_dir) and not heads_first_files(old_dir)  # once
+    rewritten = load_bundle(old_dir)  # verified: the manifest names the new files
+    ops = [n.op_type for n in onnx.load(str(old_dir / spec.file)).graph.node]
+    assert ops.count("Einsum") == 1 and "MatMul" in ops
+    assert np.array_equal(PlugHead(rewritten).soft_tokens(query, history), soft["old"])
 
 
 def test_recorded_command_reproduces_the_head_exactly(tiny_bundle, tmp_path):

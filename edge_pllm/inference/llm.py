@@ -357,6 +357,16 @@ class LLM:
             ids = [bos, *ids]
         return ids
 
+    def most_tokens(self, text: str) -> int:
+        """At least `len(tokenize(text))`, without tokenizing: every token covers at least
+        one byte of the text, but a BOS and a tokenizer's leading space (SentencePiece's
+        dummy prefix). A prompt that fits by this count needs no counting."""
+        return len(text.encode("utf-8")) + 2
+
+    @functools.cached_property
+    def _header_ids(self) -> list[int]:
+        return self._llama.tokenize(self.answer_header.encode("utf-8"), add_bos=False, special=True)
+
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._llama.detokenize(list(ids)).decode("utf-8", errors="replace")
 
@@ -494,9 +504,7 @@ class LLM:
         header = self.answer_header
         fits = bool(header) and len(prompt) > len(header) and prompt.endswith(header)
         if placement == "before_answer" and fits:
-            before = self.tokenize(prompt[: -len(header)])
-            after = self._llama.tokenize(header.encode("utf-8"), add_bos=False, special=True)
-            return before, after
+            return self.tokenize(prompt[: -len(header)]), list(self._header_ids)
         ids = self.tokenize(prompt)
         if placement == "before_answer":
             return ids[:-1], ids[-1:]

@@ -101,6 +101,7 @@ def fit_prompt(
     render: Callable[[list[dict[str, str]]], str],
     count_tokens: Callable[[str], int],
     budget: int,
+    most_tokens: Callable[[str], int] | None = None,
     n_ctx: int,
     max_tokens: int,
     soft_tokens: int = 0,
@@ -110,11 +111,14 @@ def fit_prompt(
     """The templated prompt with as much of `context` as fits in `budget` tokens.
 
     Returns the prompt and the items kept. Raises ContextOverflowError when even the
-    bare request does not fit.
+    bare request does not fit. `most_tokens` (a bound on `count_tokens` that does not
+    tokenize) spares the counting of a prompt that fits by it.
     """
     kept = list(context)
     while True:
         prompt = render(with_history(messages, kept, system, style))
+        if most_tokens is not None and most_tokens(prompt) <= budget:
+            return prompt, kept
         n = count_tokens(prompt)
         if n <= budget:
             return prompt, kept
