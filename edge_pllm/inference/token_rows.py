@@ -212,11 +212,10 @@ class TokenRows:
 
     def __call__(self, ids: Sequence[int]) -> np.ndarray:
         """The float32 rows of `ids` (len(ids) × n_embd)."""
+        rows = self._data[np.asarray(ids, dtype=np.intp)]  # a contiguous copy, row after row
+        if self._to_float is None:
+            return rows.view(np.float32).reshape(len(ids), self.n_embd)
         out = np.empty((len(ids), self.n_embd), dtype=np.float32)
-        for i, token in enumerate(ids):
-            row = np.ascontiguousarray(self._data[token])
-            if self._to_float is None:
-                out[i] = row.view(np.float32)
-            else:
-                self._to_float(row.ctypes.data, out[i].ctypes.data, self.n_embd)
+        if len(ids):  # the rows are whole blocks one after another: one call for them all
+            self._to_float(rows.ctypes.data, out.ctypes.data, len(ids) * self.n_embd)
         return out
