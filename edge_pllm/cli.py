@@ -22,7 +22,7 @@ from .cpus import ENV_THREADS, MAX_THREADS, cpu_bound, library_threads, llm_thre
 from .decoding.decoders import names as decoder_names
 from .decoding.decoders import resolve
 from .defaults import default_bundle_path, ensure_default_bundle
-from .errors import EdgePLLMError, InvalidInputError
+from .errors import EdgePLLMError, InvalidInputError, ModelChangedError
 from .files import atomic_write, open_private, private_dir
 from .inference.llm import LLMConfig, SamplingConfig
 from .inference.model_registry import ENV_MODEL
@@ -902,6 +902,10 @@ def models_group(ctx: click.Context) -> None:
     for m in model_registry.list_models(home):
         fits = "yes" if head == m.sha256 else "no"
         where = m.path + ("" if m.linked else " (reference)")
+        try:
+            model_registry.model_file(home, m)
+        except ModelChangedError as exc:  # listed, with what `--model` would say
+            where += f" (cannot be used: {exc.reason}; `edge-pllm models remove {m.name}`)"
         click.echo(
             f"{m.name}\t{m.size / 2**20:.0f} MB\t{m.quantization}\t{m.context_length}\t"
             f"{m.template_source}\t{fits}\t{shown(where)}"

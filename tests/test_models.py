@@ -57,6 +57,11 @@ def test_a_changed_file_is_one_clear_error(default_bundle, smol, tmp_path):
     with pytest.raises(UnknownModelError, match="registered: smol"):
         runtime(default_bundle, home, "nope")
     assert [m.name for m in list_models(home)] == [record.name]
+    listed = CliRunner().invoke(
+        cli, ["--home", str(home), "--bundle", str(default_bundle), "models"]
+    )
+    row = next(line for line in listed.output.splitlines() if line.startswith("smol\t"))
+    assert "(cannot be used: it changed since it was added; `edge-pllm models remove smol`)" in row
 
 
 def test_a_gguf_without_a_chat_template_needs_one(default_bundle, gemma_file, tmp_path):
