@@ -56,12 +56,14 @@ SECTIONS = {
     ),
     "importing": (
         "Importing what a person keeps",
-        "`import USER FOLDER` on Markdown, HTML, mail and chat-line files of real commit "
-        "texts; then the same folder again, unchanged. Long notes: 50 made-up facts, each "
-        "at the start, middle or end of a 2–10 KB note of real text, among 500 other items; "
-        "recall@3 of the note, imported (one item, a vector for each part) against one "
-        "vector a note (the embedder reads its first 256 tokens: all a note had before "
-        "parts).",
+        "`edge-pllm import USER FOLDER` as a person runs it, a process of its own (start,"
+        " imports, the embedder's load, reading, embedding, storing; its peak RSS from "
+        "the OS), on Markdown, HTML, mail and chat-line files of real commit texts; then "
+        "the same folder again, unchanged, in the benchmark's process. Long notes: 50 "
+        "made-up facts, each at the start, middle or end of a 2–10 KB note of real text, "
+        "among 500 other items; recall@3 of the note, imported (one item, a vector for "
+        "each part) against one vector a note (the embedder reads its first 256 tokens: "
+        "all a note had before parts).",
     ),
     "limit": (
         "The physical limit of decode",
