@@ -25,7 +25,7 @@ from .defaults import default_bundle_path, ensure_default_bundle
 from .errors import EdgePLLMError, InvalidInputError, ModelChangedError
 from .files import atomic_write, open_private, private_dir
 from .inference.llm import LLMConfig, SamplingConfig
-from .inference.model_registry import ENV_MODEL
+from .inference.model_registry import ENV_MODEL, get_model
 from .personal import DEFAULT_STRATEGY, PersonalLLM, Prepared, Response
 from .storage.items import (
     NewItem,
@@ -750,9 +750,8 @@ def search(obj: Context, user: str, query: str, k: int) -> None:
             text = hit.item.text.splitlines()[0][:100]
         else:
             text = f"(part {hit.part.number}/{hit.part.count}) {' '.join(hit.passage.text.split())}"
-        line = shown(text, keep="")
-        if source := source_label(hit.item.metadata):  # a fourth column: where it came from
-            line += "\t" + shown(source, keep="")
+        source = source_label(hit.item.metadata)  # where it came from ("": typed by hand)
+        line = f"{shown(text, keep='')}\t{shown(source, keep='')}"
         click.echo(f"{hit.item.id}\t{1 - hit.distance:.3f}\t{line}")
 
 
@@ -1222,7 +1221,18 @@ def eval_command(
 
     started = time.perf_counter()
     folder = Path(task_dir)
-    out = Path(out_dir) if out_dir else obj.home / "eval" / folder.resolve().name
+    # The run keeps its own store in the run folder: eval users never mix with real ones;
+    # a registered model (--model) answers from the person's own home, in a folder of its own.
+    base = obj.pllm()
+    run_name = folder.resolve().name + (f"@{base.model}" if base.model else "")
+    out = Path(out_dir) if out_dir else obj.home / "eval" / run_name
+    if base.model is None:
+        llm_name = str(base.bundle.manifest["llm"].get("source", base.bundle.llm.file))
+        entry = base.bundle.manifest.get("files", {}).get(base.bundle.llm.file, {})
+        llm_id = f"{base.bundle.name} {entry.get('sha256', llm_name)}"
+    else:
+        record = get_model(obj.home, base.model)
+        llm_name, llm_id = Path(record.path).name, f"{record.name} {record.sha256}"
     config = evaluate.RunConfig(
         task_dir=folder,
         splits=list(splits),
@@ -1233,15 +1243,13 @@ def eval_command(
         floors=not no_floors,
         shard=evaluate.Shard.parse(shard) if shard else None,
         profile_items=profile_items,
+        llm=llm_id,
     )
     if config.shard and merge_dirs:
         raise click.UsageError("--shard answers a share; --merge scores them all: use one.")
     if merge_dirs:
         n = evaluate.merge(config, [Path(d) for d in merge_dirs])
         click.echo(f"Merged {_count(n, 'answer')} from {len(merge_dirs)} run folders.", err=True)
-    # The run keeps its own store in the run folder: eval users never mix with real ones;
-    # a registered model (--model) answers from the person's own home.
-    base = obj.pllm()
     pllm = PersonalLLM(base.base_bundle.path, home=out, llm_config=base.llm_config)
     if base.model is not None:
         pllm = pllm.with_model(base.model, registry=obj.home)
@@ -1256,7 +1264,8 @@ def eval_command(
     spec = load_split(folder, splits[0], task).spec
     b = pllm.bundle
     command = " ".join(
-        ["edge-pllm eval", task_dir, *(f"--split {s}" for s in splits), f"--strategy {strategies}"]
+        ["edge-pllm" + (f" --model {base.model}" if base.model else "") + " eval", task_dir]
+        + [*(f"--split {s}" for s in splits), f"--strategy {strategies}"]
         + ([f"--limit {limit}"] if limit else [])
         + ([f"--profile-items {profile_items}"] if profile_items is not None else [])
     )
@@ -1264,8 +1273,7 @@ def eval_command(
         results,
         spec,
         {
-            "bundle": f"{b.name}: {b.manifest['llm'].get('source', b.llm.file)} "
-            f"({b.llm.quantization}), embedder "
+            "bundle": f"{b.name}: {llm_name} ({b.llm.quantization}), embedder "
             f"{b.embedder.config.dim}-d{' int8' if b.embedder.int8 else ''}",
             "decoding": "greedy (temperature 0), repeat penalty 1.1",
             "reproduce": f"`{command}`",

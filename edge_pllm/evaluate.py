@@ -31,7 +31,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .decoding.decoders import resolve
-from .errors import InvalidInputError
+from .errors import BundleError, InvalidInputError
 from .files import atomic_write, open_private, private_dir
 from .inference.llm import SamplingConfig
 from .jsonio import parse_json
@@ -43,6 +43,27 @@ from .tasks.lamp import Question, TaskSpec, TaskSplit, load_split
 
 FLOORS = ("floor:first-line", "floor:latest")
 PREDICTIONS = "predictions.jsonl"
+RUN_LLM = "llm.json"  # which model's answers a run folder holds
+
+
+def claim(folder: Path, llm: str) -> None:
+    """Mark `folder` as holding the answers of `llm`, or InvalidInputError if it holds another
+    model's: a resumed or merged run never mixes two models' answers under one name. A
+    folder made before runs were marked is taken as it is."""
+    if not llm:
+        return
+    path = folder / RUN_LLM
+    if path.is_file():
+        found = parse_json(path.read_bytes(), str(path))
+        held = found.get("llm") if isinstance(found, dict) else None
+        if held != llm:
+            raise InvalidInputError(
+                f"{folder} holds the answers of another model ({held}, not {llm}); give this "
+                "run another --out.",
+                field="out",
+            )
+    elif folder.is_dir():
+        atomic_write(path, json.dumps({"llm": llm}))
 
 
 def floor_answer(strategy: str, spec: TaskSpec, question: Question) -> str:
@@ -101,6 +122,7 @@ class RunConfig:
     max_tokens: int | None = None
     shard: Shard | None = None  # answer this share of the queries only, and score nothing
     profile_items: int | None = None  # keep each user's newest N profile items (cold start)
+    llm: str = ""  # the model that answers (name and sha256): a run folder holds one model's
 
 
 @dataclass
@@ -169,12 +191,16 @@ def run(config: RunConfig, pllm: PersonalLLM, progress: bool = True) -> list[Spl
     again to score."""
     for s in config.strategies:
         base, _, variant = s.partition("@")
-        resolve(base)  # fail fast on a bad name
+        plan = resolve(base)  # fail fast on a bad name
         if variant not in ("", "other"):
             raise InvalidInputError(
                 f"Unknown variant @{variant} in {s!r}; the one known is @other."
             )
+        if any(p.needs_head for p in plan.prompts) and pllm.plug is None:
+            # (a head this model cannot use raises here): said before any answer
+            raise BundleError(f"{s} needs a Persona-Plug head, which this bundle lacks.")
     private_dir(config.out_dir)
+    claim(config.out_dir, config.llm)
     pred_path = config.out_dir / PREDICTIONS
     done = _load_done(pred_path)
     cache = VectorCache(
@@ -212,12 +238,15 @@ def merge(config: RunConfig, shards: list[Path]) -> int:
     Returns how many predictions were added; InvalidInputError if two shards disagree on
     an answer or one is missing (naming it)."""
     private_dir(config.out_dir)
+    claim(config.out_dir, config.llm)
     pred_path = config.out_dir / PREDICTIONS
     done = _load_done(pred_path)
     added: dict[tuple[str, str, str], dict[str, Any]] = {}
     for folder in shards:
         if not (folder / PREDICTIONS).is_file():
             raise InvalidInputError(f"{folder} holds no {PREDICTIONS}: is it a shard's run folder?")
+        if (folder / RUN_LLM).is_file():
+            claim(folder, config.llm)
         for key, row in _load_done(folder / PREDICTIONS).items():
             known = done.get(key) or added.get(key)
             if known is not None and known["output"] != row["output"]:

@@ -89,6 +89,10 @@ def heads_first(aggregate, project) -> bool:
     import onnx
     from onnx import helper, numpy_helper
 
+    originals = (aggregate, project)
+    aggregate, project = onnx.ModelProto(), onnx.ModelProto()  # rewritten on copies
+    aggregate.CopyFrom(originals[0])
+    project.CopyFrom(originals[1])
     agg, proj = aggregate.graph, project.graph
     einsum = next((n for n in agg.node if n.name == WEIGHTED_SUM_NODE), None)
     if einsum is None or einsum.op_type != "Einsum":
@@ -156,8 +160,12 @@ def heads_first(aggregate, project) -> bool:
     agg.node.extend(_live(nodes, {o.name for o in agg.output}))
     del agg.value_info[:]  # shapes of the removed chain; onnxruntime infers the rest
     del proj.value_info[:]
-    for model in (aggregate, project):
+    readers = [n.name for n in agg.node if PROJECTED in n.input]
+    if readers != ["/heads_first/MatMul"]:
+        return False  # something else read the item-first projections: not this head's shape
+    for model, original in zip((aggregate, project), originals, strict=True):
         onnx.checker.check_model(model)
+        original.CopyFrom(model)
     return True
 
 

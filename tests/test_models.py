@@ -147,6 +147,16 @@ def test_eval_answers_with_the_model_it_is_given(default_bundle, gemma_file, tmp
     args = ["eval", str(task), "--limit", "1", "-s", "none", "--no-floors", "--out", str(out)]
     done = runner.invoke(cli, [*base, "--model", "gemma", *args])
     assert done.exit_code == 0, done.output
-    assert "bundle: gemma:" in done.output  # the registered model answered, not the bundle's
-    refused = runner.invoke(cli, [*base, "--model", "gemma", *args[:-4], "plug", "--out", str(out)])
+    # The registered model answered, not the bundle's: the report names its file.
+    assert f"bundle: gemma: {gemma_file.name} (Q4_K_M)" in done.output
+    assert "`edge-pllm --model gemma eval" in done.output  # reproduce
+    plug = [*args[:-4], "none,plug", "--out", str(tmp_path / "plug")]
+    refused = runner.invoke(cli, [*base, "--model", "gemma", *plug])
     assert refused.exit_code == 1 and "trained for another model" in refused.output
+    assert not (tmp_path / "plug" / "predictions.jsonl").exists()  # said before `none`
+    # A run folder holds one model's answers: the bundle's model may not resume gemma's.
+    mixed = runner.invoke(cli, [*base, *args])
+    assert mixed.exit_code == 1 and "holds the answers of another model" in mixed.output
+    assert runner.invoke(cli, [*base, *args[:-2]]).exit_code == 0  # its own default folder
+    assert runner.invoke(cli, [*base, "eval", "-m", "gemma", *args[1:-2]]).exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "home" / "eval").iterdir()) == ["task", "task@gemma"]

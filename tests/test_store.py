@@ -283,3 +283,25 @@ def test_default_drivers_load_sqlite_vec(tmp_path):
     conn = db.connect(tmp_path / "x.db")
     assert conn.execute("SELECT vec_version()").fetchone()[0]
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+@pytest.mark.parametrize("budget", [None, 0])  # the matrix in memory; sqlite-vec's file
+def test_search_can_skip_a_kind_however_many_of_it_are_nearer(tmp_path, budget):
+    """`skip_kind`: the nearest items of other kinds, past thousands of nearer ones of that
+    kind (remembered turns); sqlite-vec answers among its nearest MAX_K."""
+    rng = np.random.default_rng(3)
+    query = unit(rng, 1)[0]
+    n = 5000
+    near = query + rng.normal(0, 0.05, (n, DIM)).astype(np.float32)
+    far = (query + rng.normal(0, 0.6, (2, DIM))).astype(np.float32)
+    with HistoryStore(tmp_path / "h.db", DIM, cache_budget=budget) as s:
+        s.add("ann", [NewItem(f"turn {i}", kind="turn") for i in range(n)], near)
+        s.add("ann", ["note a", "note b"], far)
+        s.add("bob", ["bob's note"], query[None])  # nearer, another person's
+        assert all(h.item.kind == "turn" for h in s.search("ann", query, 100))
+        found = sorted(h.item.text for h in s.search("ann", query, 2, skip_kind="turn"))
+        # In memory every vector is read; from the file, sqlite-vec's nearest 4,096 are turns.
+        assert found == (["note a", "note b"] if budget is None else [])
+        assert all(h.item.kind != "turn" for h in s.search("ann", query, 5, skip_kind="turn"))
+        first = next(iter(s.search("ann", query, 1, skip_kind="text")))
+        assert first.item.kind == "turn"

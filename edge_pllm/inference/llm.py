@@ -31,6 +31,7 @@ import functools
 import hashlib
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -51,6 +52,7 @@ from ..errors import (
 from .bundle import PLACEMENTS, Placement
 from .token_rows import TokenRows
 
+_BYTE_BOUNDED_VOCABS = (1, 2)  # llama_vocab_type: SPM, BPE (see `LLM.most_tokens`)
 # Architectures whose input embeddings llama.cpp multiplies by sqrt(n_embd) for tokens
 # but not for embeddings passed in a batch: the caller must apply the scale.
 _SCALED_INPUT_ARCHS = {"gemma", "gemma2", "gemma3", "gemma3n"}
@@ -358,9 +360,14 @@ class LLM:
         return ids
 
     def most_tokens(self, text: str) -> int:
-        """At least `len(tokenize(text))`, without tokenizing: every token covers at least
-        one byte of the text, but a BOS and a tokenizer's leading space (SentencePiece's
-        dummy prefix). A prompt that fits by this count needs no counting."""
+        """At least `len(tokenize(text))`, without tokenizing, so that a prompt that fits by
+        it needs no counting. For byte-level BPE and SentencePiece vocabularies: every token
+        covers at least one byte, but a BOS and SentencePiece's leading space, which it puts
+        before the text and after each special token (whose text is 2 bytes or more, and
+        one token). Other vocabularies (WordPiece, Unigram's normalization that can lengthen
+        text, ...) are not bounded: a number no budget reaches."""
+        if self._llama._model.vocab_type() not in _BYTE_BOUNDED_VOCABS:
+            return sys.maxsize
         return len(text.encode("utf-8")) + 2
 
     @functools.cached_property

@@ -49,6 +49,13 @@ class _TypeTraits(ctypes.Structure):
     ]
 
 
+def _type_count() -> int:
+    """How many tensor types the ggml that llama-cpp-python ships knows."""
+    from llama_cpp import llama_cpp as lc
+
+    return int(lc.GGML_TYPE_COUNT)
+
+
 def _ggml() -> ctypes.CDLL | None:
     """The ggml library llama-cpp-python loaded (the same code that dequantizes its rows)."""
     import llama_cpp
@@ -191,11 +198,15 @@ class TokenRows:
                 if name not in _LOOKUP and sum(d > 1 for d in shape) > 1
             )
             n_embd, n_vocab = dims[0], dims[1] if len(dims) > 1 else 1
+            if not 0 <= kind < _type_count():
+                return None  # a type this ggml does not know: its tables end before it
             traits = lib.ggml_get_type_traits(kind).contents
             if traits.type_size != lib.ggml_type_size(kind) or (
                 traits.blck_size != lib.ggml_blck_size(kind)
             ):
                 return None  # a ggml whose traits are laid out otherwise
+            if n_embd % traits.blck_size:
+                return None  # rows that are not whole blocks (llama.cpp loads none)
             row_bytes = lib.ggml_row_size(kind, n_embd)
             if offset + n_vocab * row_bytes > mapped.size:
                 return None

@@ -25,7 +25,6 @@ import numpy as np
 
 from ..errors import BundleError, InvalidInputError, UnknownStrategyError
 from ..storage.items import TURN_KIND, HistoryItem
-from ..storage.store import MAX_K as STORE_MAX_K
 from ..storage.store import HistoryStore, SearchHit
 from .head import PlugHead
 
@@ -116,18 +115,17 @@ def nearest(request: Request, k: int, min_similarity: float) -> list[SearchHit]:
     """The `k` relevant items nearest to the request, what the person wrote or kept before
     their own remembered questions (kind "turn"): an earlier question resembles the new
     one more than the note that answers it does, and would crowd it out. Turns fill the
-    places left. The search reads `TURN_DEPTH` times deeper while turns fill what it read
-    and it has not yet passed the last relevant item, so no number of remembered turns
-    hides a relevant note."""
+    places left. When turns fill all `TURN_DEPTH` × k read, the person's own nearest are
+    searched for past them (`HistoryStore.search`'s `skip_kind`: in memory past any number
+    of turns; from the file among the nearest MAX_K), the texts read only for those kept."""
     query_vec = request.query_vector()
     depth = k * TURN_DEPTH
-    while True:
-        found = request.store.search(request.user, query_vec, depth)
-        hits = relevant(found, min_similarity)  # nearest first: a prefix of what was found
-        kept = sum(h.item.kind != TURN_KIND for h in hits)
-        if kept >= k or len(hits) < len(found) or len(found) < depth or depth >= STORE_MAX_K:
-            break
-        depth = min(depth * TURN_DEPTH, STORE_MAX_K)
+    found = request.store.search(request.user, query_vec, depth)
+    hits = relevant(found, min_similarity)  # nearest first: a prefix of what was found
+    turns = [h for h in hits if h.item.kind == TURN_KIND]
+    if len(hits) - len(turns) < k and len(hits) == len(found) == depth:
+        own = request.store.search(request.user, query_vec, k, skip_kind=TURN_KIND)
+        return (relevant(own, min_similarity) + turns)[:k]
     return sorted(hits, key=lambda h: h.item.kind == TURN_KIND)[:k]  # stable: by distance
 
 

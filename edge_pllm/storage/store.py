@@ -922,12 +922,16 @@ class HistoryStore:
                 return
             offset += batch
 
-    def search(self, user: str, query: np.ndarray, k: int) -> list[SearchHit]:
+    def search(
+        self, user: str, query: np.ndarray, k: int, skip_kind: str | None = None
+    ) -> list[SearchHit]:
         """The `k` items of `user` nearest to `query` (cosine), nearest first (k ≤ MAX_K);
         a long item at the distance of its nearest vector, its whole text's or one of its
         parts' (the hit's `part`); vectors at the same distance in id order. Exact: the
         user's vectors are scanned in memory (read once, see `cache_budget`), or by
-        sqlite-vec when they do not fit."""
+        sqlite-vec when they do not fit. `skip_kind`: the nearest items of every other
+        kind, however many of that kind are nearer (from the file: among the nearest
+        MAX_K)."""
         try:
             query = np.asarray(query, dtype=np.float32).reshape(1, -1)
         except (TypeError, ValueError) as exc:
@@ -939,7 +943,10 @@ class HistoryStore:
         k = min(k, MAX_K)
         with self._lock:
             uid = self._user_id(user)
-            hits = self._nearest_items(uid, vec, k)
+            if skip_kind is None:
+                hits = self._nearest_items(uid, vec, k)
+            else:
+                hits = self._nearest_not_of(uid, vec, k, skip_kind)
             if not hits:
                 return []
             marks = ",".join("?" * len(hits))
@@ -975,6 +982,29 @@ class HistoryStore:
                     found[item_id] = (item_id, distance, part)
             if len(found) >= k or len(hits) < want:  # fewer: all there is, or MAX_K from the file
                 return sorted(found.values(), key=lambda hit: (hit[1], hit[0]))[:k]
+            want *= 8
+
+    def _nearest_not_of(
+        self, uid: int, vec: np.ndarray, k: int, kind: str
+    ) -> list[tuple[int, float, Part | None]]:
+        """`_nearest_items` of any kind but `kind`: reads ids eight times deeper while items
+        of `kind` fill what it read, until `k` are found or every item is read (the texts
+        are read only for the hits kept)."""
+        want = k
+        while True:
+            hits = self._nearest_items(uid, vec, want)
+            ids = [h[0] for h in hits]
+            skipped: set[int] = set()
+            for at in range(0, len(ids), _IN_BATCH):
+                batch = ids[at : at + _IN_BATCH]
+                marks = ",".join("?" * len(batch))
+                rows = self._conn.execute(
+                    f"SELECT id FROM history WHERE kind = ? AND id IN ({marks})", (kind, *batch)
+                )
+                skipped.update(r[0] for r in rows)
+            kept = [h for h in hits if h[0] not in skipped]
+            if len(kept) >= k or len(hits) < want:
+                return kept[:k]
             want *= 8
 
     def _parts_of(self, vector_ids: Sequence[int]) -> dict[int, tuple[int, Part]]:

@@ -35,7 +35,7 @@ def require_rouge() -> None:
     """MissingDependencyError naming the extra if `rouge-score` is not installed (an
     evaluation asks before it answers, not after)."""
     try:
-        import rouge_score  # noqa: F401
+        from rouge_score import rouge_scorer  # noqa: F401  (it needs nltk and absl too)
     except ImportError as exc:
         raise MissingDependencyError("rouge-score", "eval", "Computing ROUGE") from exc
 
