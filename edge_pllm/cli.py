@@ -1167,7 +1167,8 @@ DEFAULT_EVAL_STRATEGIES = "none,recent:1,recent:3,rag:1,rag:3"
     "--out",
     "out_dir",
     type=click.Path(file_okay=False),
-    help="Run folder (default: <home>/eval/<task folder>); a rerun resumes it.",
+    help="Run folder (default: <home>/eval/<task folder>, @MODEL after it for --model); a "
+    "rerun resumes it (with the same model only).",
 )
 @click.option(
     "--report",
